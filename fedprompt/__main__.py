@@ -1,0 +1,106 @@
+"""The ``fedprompt`` command line: ``fit``, ``evaluate``, ``zeroshot``, ``partition``, ``bench``.
+
+Every command takes ``--config FILE.yaml`` (flat YAML; ``class_path`` selects method and data), flags that override
+it (``--data.root``, ``--federation.rounds``, ...) and ``--print_config``.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import os
+import sys
+from typing import Optional
+
+import yaml
+
+from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
+from fedprompt.data import FederatedData, count_table
+from fedprompt.errors import FedPromptError
+from fedprompt.methods import Method
+
+
+def partition(method: Optional[Method] = None, data: Optional[FederatedData] = None,
+              backbone: BackboneArgs = BackboneArgs(), federation: FederationArgs = FederationArgs(),
+              train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(), log: LogArgs = LogArgs(),
+              fabric: FabricArgs = FabricArgs(), out_dir: Optional[str] = None, resume: Optional[str] = None,
+              seed: int = 0, json: bool = False) -> None:
+    """Print the client x class table of train samples of a config's federated split (no model is loaded).
+
+    Args:
+        method: ignored (so a full run config can be given).
+        data: the dataset and its federated split.
+        backbone: ignored.
+        federation: ignored.
+        train: ignored.
+        eval: ignored.
+        log: ignored.
+        fabric: ignored.
+        out_dir: ignored.
+        resume: ignored.
+        seed: ignored (data.seed seeds the split).
+        json: print JSON (classnames, clients with names and train/test counts per class) instead of a table.
+    """
+    if data is None:
+        raise FedPromptError("data is not set: give a config with data.class_path or --data DomainFolders.")
+    splits = data.setup()
+    n_cls = len(splits.classnames)
+    train_counts, test_counts = count_table(splits.clients, n_cls), count_table(splits.clients, n_cls, "test")
+    if json:
+        print(jsonlib.dumps({"classnames": splits.classnames, "clients": [
+            {"id": c.client_id, "name": c.name, "train": train_counts[k].tolist(), "test": test_counts[k].tolist()}
+            for k, c in enumerate(splits.clients)]}, indent=1))
+        return
+    width = min(10, max(5, *(len(n) for n in splits.classnames)))
+    short = [n[:width] for n in splits.classnames]
+    print(f"{'client':<16}" + "".join(f"{s:>{width + 1}}" for s in short) + f"{'train':>8}{'test':>7}")
+    for k, client in enumerate(splits.clients):
+        print(f"{(str(k) + ' ' + client.name)[:16]:<16}" + "".join(f"{v:>{width + 1}}" for v in train_counts[k])
+              + f"{train_counts[k].sum():>8}{test_counts[k].sum():>7}")
+    print(f"{len(splits.clients)} clients, {n_cls} classes, {int(train_counts.sum())} train / "
+          f"{int(test_counts.sum())} test samples")
+
+
+def commands() -> dict:
+    """Subcommand name -> function."""
+    from fedprompt.bench import bench
+    from fedprompt.fit import evaluate, fit, zeroshot
+
+    return {"fit": fit, "evaluate": evaluate, "zeroshot": zeroshot, "partition": partition, "bench": bench}
+
+
+def _resolved_config(parser, cfg, name: str) -> dict:
+    sub_parser = parser._subcommands_action._name_parser_map[name]
+    text = sub_parser.dump(cfg[name], skip_validation=True)
+    resolved = yaml.safe_load(text) or {}
+    resolved.pop("config", None)
+    return resolved
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``fedprompt`` console script."""
+    from jsonargparse import CLI, capture_parser
+
+    import fedprompt.fit
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
+    components = commands()
+    parser = capture_parser(lambda: CLI(components, args=argv))
+    try:
+        cfg = parser.parse_args(argv)
+        name = cfg.subcommand
+        init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+        fedprompt.fit.RESOLVED_CONFIG = _resolved_config(parser, cfg, name)
+        kwargs = {k: v for k, v in vars(init[name]).items() if k != "config"}
+        components[name](**kwargs)
+    except FedPromptError as err:
+        print(f"fedprompt: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("fedprompt: interrupted; the last checkpoint is checkpoints/last.ckpt in the run directory.",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Grouped run settings. Attribute docstrings become the ``--help`` text of the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+
+@dataclass
+class BackboneArgs:
+    """The frozen open_clip backbone shared by every client."""
+
+    model: str = "ViT-B-16"
+    """open_clip architecture name (ViT-B-16, ViT-B-32, RN50, fedprompt-tiny, ...) or hf-hub:org/repo."""
+    pretrained: Optional[str] = "openai"
+    """open_clip pretrained tag (needs network), a local checkpoint file, a local model folder
+    (open_clip_config.json + weights), or null for random init."""
+    truncate: bool = True
+    """Cut prompt batches after the longest sentence (exact; false runs all 77 positions)."""
+    cache_dir: Optional[str] = None
+    """Download cache for pretrained tags."""
+
+
+@dataclass
+class FederationArgs:
+    """The federated protocol."""
+
+    rounds: int = 10
+    """Communication rounds."""
+    fraction: float = 1.0
+    """Fraction of clients sampled each round (seeded, identical on every rank)."""
+    all_clients_first_round: bool = True
+    """Every client trains in round 1 (FedOTP/FedPGP do this), whatever the fraction."""
+    on_client_failure: Literal["raise", "skip"] = "raise"
+    """A client whose training fails or whose loss is not finite stops the run (raise; the last checkpoint is
+    kept) or is left out of that round's aggregation and listed in metrics.jsonl as failed_clients (skip)."""
+
+
+@dataclass
+class TrainArgs:
+    """Local training on each client."""
+
+    local_epochs: int = 1
+    """Passes over the client's train data per round."""
+    local_steps: Optional[int] = None
+    """If set, exactly this many optimiser steps per round instead of local_epochs."""
+    batch_size: int = 32
+    """Train batch size (the few-shot scripts use batch size = number of shots)."""
+    augment: bool = True
+    """Random resized crop + flip on train images (false: the test transform)."""
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation of every client after each evaluated round."""
+
+    every: int = 1
+    """Evaluate every N rounds (the last round is always evaluated)."""
+    batch_size: int = 128
+    """Evaluation batch size."""
+
+
+@dataclass
+class LogArgs:
+    """Logging, progress bars and checkpoints."""
+
+    logger: Literal["csv", "wandb", "tensorboard", "none"] = "csv"
+    """Experiment logger (metrics.jsonl is always written)."""
+    project: str = "fedprompt"
+    """W&B project."""
+    run_name: Optional[str] = None
+    """Run name (default: the out_dir folder name)."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """W&B mode (the WANDB_MODE environment variable wins when set)."""
+    progress: bool = True
+    """Progress bars for rounds and clients."""
+    checkpoint_every: int = 0
+    """Also keep checkpoints/round-XXXX.ckpt every N rounds (0: only last.ckpt, written every round)."""
+
+
+@dataclass
+class FabricArgs:
+    """Lightning Fabric: devices, nodes, precision."""
+
+    accelerator: str = "auto"
+    """cpu, cuda, auto, ..."""
+    devices: Union[int, str] = 1
+    """Processes per node (one per GPU), or 'auto'."""
+    num_nodes: int = 1
+    """Nodes (SLURM / torchrun launch)."""
+    strategy: str = "auto"
+    """auto, ddp (clients spread over processes; gloo on CPU, NCCL on GPU)."""
+    precision: str = "32-true"
+    """32-true, bf16-mixed (prompts stay fp32) or 16-mixed."""

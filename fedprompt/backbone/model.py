@@ -1,0 +1,317 @@
+"""The frozen backbone: one open_clip model per process, shared by every client.
+
+Methods never touch open_clip themselves. They ask the backbone for
+
+- :meth:`Backbone.prompt_tokens`: the frozen token embeddings of ``[SOS] X X .. X <class>. [EOS]`` for a list of
+  class names, with the positions of the ``n_ctx`` learnable context vectors;
+- :meth:`Backbone.encode_prompts`: text features for those sentences with the context replaced by learnable
+  vectors (any number of leading prompt dimensions, so several prompts are encoded in one call);
+- :meth:`Backbone.encode_image` and :meth:`Backbone.encode_image_tokens`: pooled image features and projected
+  patch tokens (ViT), spatial positions (timm / ModifiedResNet towers).
+
+Two kinds of text tower sit behind the same interface: open_clip's causal CLIP text transformer and a Hugging Face
+text tower (``CustomTextCLIP``), where prompts go in through ``inputs_embeds`` with the attention mask and the
+tower's own pooler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedprompt.backbone.loading import LoadedModel, load_open_clip
+from fedprompt.errors import FedPromptError
+
+PLACEHOLDER = "X"
+
+
+@dataclass
+class PromptTokens:
+    """Frozen token data of one sentence per class, with ``n_ctx`` placeholder positions after the start token.
+
+    Attributes:
+        embeddings: [C, L, D] token embeddings of the sentences (placeholders included, replaced at encode time).
+        token_ids: [C, L] token ids.
+        attention_mask: [C, L] 1 for real tokens, 0 for padding.
+        pool_index: [C] position whose output is the sentence feature (end-of-text for CLIP).
+        n_ctx: number of context positions (1 .. n_ctx).
+    """
+
+    embeddings: torch.Tensor
+    token_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pool_index: torch.Tensor
+    n_ctx: int
+
+    def to(self, device) -> "PromptTokens":
+        return PromptTokens(self.embeddings.to(device), self.token_ids.to(device), self.attention_mask.to(device),
+                            self.pool_index.to(device), self.n_ctx)
+
+    def truncated(self) -> "PromptTokens":
+        """Cut every sentence after the longest one (its last real token); exact under the masks used here."""
+        length = int(self.attention_mask.sum(1).max())
+        length = max(length, int(self.pool_index.max()) + 1)
+        return PromptTokens(self.embeddings[:, :length], self.token_ids[:, :length],
+                            self.attention_mask[:, :length], self.pool_index, self.n_ctx)
+
+
+class Backbone(nn.Module):
+    """A frozen open_clip model in eval mode with a text path that takes learnable prompt embeddings.
+
+    Args:
+        loaded: the model and tokenizer from :func:`fedprompt.backbone.loading.load_open_clip`.
+        truncate: cut each prompt batch after the longest sentence instead of running all 77 positions (exact:
+            the CLIP text transformer is causal and padding is masked in HF towers; ``False`` is the reference).
+    """
+
+    def __init__(self, loaded: LoadedModel, truncate: bool = True):
+        super().__init__()
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.preprocess_cfg = loaded.preprocess
+        self.name = loaded.name
+        self.truncate = truncate
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.is_hf_text = hasattr(self.model, "text") and hasattr(self.model.text, "transformer") and hasattr(
+            self.model.text, "pooler")
+        if not self.is_hf_text and not hasattr(self.model, "token_embedding"):
+            raise FedPromptError(f"backbone.model: '{loaded.name}' has a text tower fedprompt cannot prompt "
+                                 f"({type(self.model).__name__}); use a CLIP or HF-text open_clip model.")
+
+    def train(self, mode: bool = True):  # the backbone is frozen: it stays in eval mode (BatchNorm, dropout)
+        return super().train(False)
+
+    # ----------------------------------------------------------------------------------------------- properties
+    @property
+    def ctx_dim(self) -> int:
+        """Width of the text token embeddings (the size of one context vector)."""
+        return self.token_embedding.embedding_dim
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the joint image-text space."""
+        return int(self.model.visual.output_dim) if hasattr(self.model.visual, "output_dim") else int(
+            self.encode_text(["a"]).shape[-1])
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        if self.is_hf_text:
+            return self.model.text.transformer.get_input_embeddings()
+        return self.model.token_embedding
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale) of the pretrained model (100 for OpenAI CLIP)."""
+        return float(self.model.logit_scale.exp())
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @property
+    def truncation_is_exact(self) -> bool:
+        """Whether cutting prompt batches after the longest sentence leaves features unchanged."""
+        if self.is_hf_text:
+            return True  # padding is masked out of attention and pooling
+        pool = getattr(self.model, "text_pool_type", "argmax")
+        return self.model.attn_mask is not None and pool in ("argmax", "eos")
+
+    # --------------------------------------------------------------------------------------------- text side
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def _pad_id(self) -> int:
+        if self.is_hf_text:
+            return int(self.model.text.config.pad_token_id)
+        return int(getattr(self.model, "pad_id", 0) or 0)
+
+    def _pool_index(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.is_hf_text:
+            pooler = self.model.text.pooler
+            if hasattr(pooler, "cls_token_position"):
+                return torch.full((ids.shape[0],), pooler.cls_token_position, dtype=torch.long)
+            return (ids != self._pad_id()).sum(1) - 1
+        pool = getattr(self.model, "text_pool_type", "argmax")
+        if pool == "argmax":
+            return ids.argmax(dim=-1)
+        if pool == "eos":
+            return (ids == self.model.text_eos_id).int().argmax(dim=-1)
+        if pool == "first":
+            return torch.zeros(ids.shape[0], dtype=torch.long)
+        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long)
+
+    def _attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.is_hf_text:
+            return (ids != self._pad_id()).long()
+        mask = torch.zeros_like(ids)
+        index = self._pool_index(ids)
+        for row, end in enumerate(index.tolist()):
+            mask[row, : end + 1] = 1
+        return mask
+
+    @torch.no_grad()
+    def prompt_tokens(self, classnames: list[str], n_ctx: int, template: str = "{ctx} {name}.") -> PromptTokens:
+        """Tokenise one sentence per class with ``n_ctx`` placeholder tokens right after the start token.
+
+        ``template`` places the placeholders (``{ctx}``) and the class name (``{name}``); the CoOp default puts the
+        class token at the end: ``[SOS] X X .. X <name>. [EOS]``. Fixed words may follow the placeholders (FedMGP:
+        ``"{ctx} of a {name}."``).
+        """
+        ctx_text = " ".join([PLACEHOLDER] * n_ctx)
+        sentences = [" ".join(template.format(ctx=ctx_text, name=name.replace("_", " ")).split())
+                     for name in classnames]
+        ids = self.tokenize(sentences).cpu()
+        if n_ctx:
+            placeholder = self.tokenize([PLACEHOLDER]).cpu()[0, 1]
+            if not bool((ids[:, 1: 1 + n_ctx] == placeholder).all()):
+                raise FedPromptError(f"prompt template {template!r}: the {n_ctx} context tokens must come right "
+                                     "after the start token (the template must begin with '{ctx}').")
+        weight = self.token_embedding.weight
+        embeddings = self.token_embedding(ids.to(weight.device)).detach()
+        tokens = PromptTokens(embeddings, ids.to(weight.device), self._attention_mask(ids).to(weight.device),
+                              self._pool_index(ids).to(weight.device), n_ctx)
+        return tokens.truncated() if self.truncate and self.truncation_is_exact else tokens
+
+    @torch.no_grad()
+    def word_embeddings(self, words: str) -> torch.Tensor:
+        """Token embeddings [n, D] of the words of a phrase (e.g. ``"a photo of a"`` for context initialisation)."""
+        ids = self.tokenize([words])[0]
+        n = int(self._attention_mask(ids[None])[0].sum()) - 2  # minus start and end tokens
+        return self.token_embedding(ids[1: 1 + n].to(self.token_embedding.weight.device)).detach().clone()
+
+    def encode_prompts(self, tokens: PromptTokens, ctx: torch.Tensor, class_specific: bool = False) -> torch.Tensor:
+        """Text features for learnable context vectors placed into the sentences of ``tokens``.
+
+        Args:
+            tokens: from :meth:`prompt_tokens` (C classes).
+            ctx: [*P, n_ctx, D] unified context (shared by all classes), or with ``class_specific`` [*P, C, n_ctx, D],
+                with any leading prompt dimensions ``*P`` (e.g. FedOTP's global and local prompt, FedMGP's groups).
+            class_specific: whether ``ctx`` holds one context per class (CoOp's CSC).
+
+        Returns:
+            [*P, C, E] unnormalised text features.
+        """
+        n_cls, length, dim = tokens.embeddings.shape
+        if class_specific:
+            lead = ctx.shape[:-3]
+        else:
+            lead = ctx.shape[:-2]
+            ctx = ctx.unsqueeze(-3).expand(*lead, n_cls, tokens.n_ctx, dim)
+        emb = tokens.embeddings.to(ctx.dtype)
+        emb = emb.expand(*lead, n_cls, length, dim)
+        x = torch.cat([emb[..., :1, :], ctx, emb[..., 1 + tokens.n_ctx:, :]], dim=-2)
+        flat = x.reshape(-1, length, dim)
+        repeat = flat.shape[0] // n_cls
+        features = self._encode_embeddings(flat, tokens.attention_mask.repeat(repeat, 1),
+                                           tokens.pool_index.repeat(repeat))
+        return features.reshape(*lead, n_cls, -1)
+
+    def _encode_embeddings(self, x: torch.Tensor, mask: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+        if self.is_hf_text:
+            text = self.model.text
+            out = text.transformer(inputs_embeds=x, attention_mask=mask)
+            return text.proj(text.pooler(out, mask))
+        m = self.model
+        length = x.shape[1]
+        cast = m.transformer.get_cast_dtype()
+        x = x.to(cast) + m.positional_embedding[:length].to(cast)
+        attn_mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
+        x = m.transformer(x, attn_mask=attn_mask)
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), pool_index]
+        if m.text_projection is None:
+            return x
+        return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """open_clip's own ``encode_text`` on plain sentences (the reference the prompt path is tested against)."""
+        return self.model.encode_text(self.tokenize(texts).to(self.device))
+
+    # -------------------------------------------------------------------------------------------- image side
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled, projected, unnormalised image features [B, E]."""
+        return self.model.encode_image(images)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [B, E] and projected local features [B, M, E] from one pass of the image tower.
+
+        ViT: the patch tokens after ``ln_post`` and ``proj`` (M = grid^2). timm towers with a linear head: each
+        spatial position of the last feature map through the head (M = H*W; their mean is the pooled feature).
+        ModifiedResNet (RN50): the attention pool applied to every position, as the official FedOTP code does.
+        """
+        visual = self.model.visual
+        kind = type(visual).__name__
+        if kind == "VisionTransformer":
+            return self._vit_tokens(visual, images)
+        if kind == "TimmModel":
+            return self._timm_tokens(visual, images)
+        if kind == "ModifiedResNet":
+            return self._resnet_tokens(visual, images)
+        raise FedPromptError(f"backbone: patch tokens are not available for image tower {kind}.")
+
+    @staticmethod
+    def _vit_tokens(visual, images):
+        if visual.attn_pool is not None or visual.final_ln_after_pool:
+            raise FedPromptError("backbone: patch tokens need a ViT without attentional pooling.")
+        x = visual._embeds(images)
+        x = visual.transformer(x)
+        x = visual.ln_post(x)
+        pooled, tokens = visual._global_pool(x)
+        if visual.proj is not None:
+            pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
+        return pooled, tokens
+
+    @staticmethod
+    def _timm_tokens(visual, images):
+        head = visual.head
+        if not all(isinstance(layer, (nn.Linear, nn.Dropout, nn.Identity)) for layer in head):
+            raise FedPromptError("backbone: spatial tokens need a timm tower whose head is a linear projection.")
+        fmap = visual.trunk.forward_features(images)
+        pooled = head(visual.trunk.forward_head(fmap))
+        tokens = head(fmap.flatten(2).transpose(1, 2))
+        return pooled, tokens
+
+    @staticmethod
+    def _resnet_tokens(visual, images):
+        x = visual.stem(images.to(visual.conv1.weight.dtype))
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        pool = visual.attnpool
+        x = x.flatten(2).permute(2, 0, 1)  # [HW, B, C]
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None, :].to(x.dtype)
+        out, _ = F.multi_head_attention_forward(
+            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+            out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+        out = out.permute(1, 0, 2)
+        return out[:, 0], out[:, 1:]
+
+
+_CACHE: dict[tuple, Backbone] = {}
+
+
+def load_backbone(model: str = "ViT-B-16", pretrained: str | None = "openai", truncate: bool = True,
+                  cache_dir: str | None = None) -> Backbone:
+    """Load (once per process) the frozen backbone shared by every client.
+
+    Args:
+        model: open_clip architecture name (``ViT-B-16``, ``RN50``, ``fedprompt-tiny`` ...) or ``hf-hub:org/repo``.
+        pretrained: open_clip tag (needs network), local checkpoint file, local model folder, or ``None``
+            for random init.
+        truncate: exact end-of-text truncation of prompt batches (``False`` runs all 77 positions).
+        cache_dir: download cache for pretrained tags.
+    """
+    key = (model, pretrained, truncate)
+    if key not in _CACHE:
+        _CACHE[key] = Backbone(load_open_clip(model, pretrained, cache_dir), truncate=truncate)
+    return _CACHE[key]

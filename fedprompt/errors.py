@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+A :class:`FedPromptError` is raised for bad input (a missing folder, an unknown method, a pretrained tag that cannot
+be downloaded, ...). The CLI prints its message on one line and exits with status 2, without a traceback; the message
+always names the file, key or value at fault and says what to do.
+"""
+
+
+class FedPromptError(Exception):
+    """An error in the user's input or environment, with a message that says what to do."""
+
+
+class ClientFailure(FedPromptError):
+    """A client failed during local training or evaluation (including a non-finite loss)."""
+
+    def __init__(self, client_id: int, round_idx: int, reason: str):
+        self.client_id = client_id
+        self.round_idx = round_idx
+        self.reason = reason
+        super().__init__(f"client {client_id} failed in round {round_idx}: {reason}")

@@ -1,0 +1,96 @@
+"""Server-side merge rules for prompt state dicts.
+
+An :class:`Aggregator` sees the round as the server would:
+
+1. each participating client ``upload``\\ s part of its state (the shared keys by default);
+2. ``aggregate`` merges every upload into the new global state (it gets all uploads at once, so non-linear rules
+   such as FedMGP's similarity-guided group selection fit the same interface);
+3. each client receives ``download(global_state, client_id)`` and merges it with ``apply``.
+
+The round loop gathers the uploads of every rank (in client-id order) before calling ``aggregate``, so a run gives
+bit-identical global states for any number of processes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Exact size in bytes of the tensors of a state dict (what crosses the network)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def select_keys(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` whose key starts with one of ``prefixes``."""
+    return {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
+
+
+class Aggregator:
+    """Base merge rule: clients upload and receive the keys starting with ``shared_prefixes``."""
+
+    def __init__(self, shared_prefixes: tuple[str, ...] = ()):
+        self.shared_prefixes = tuple(shared_prefixes)
+
+    def upload(self, client_id: int, state: dict[str, torch.Tensor], round_idx: int) -> dict[str, torch.Tensor]:
+        """What a client sends to the server after local training."""
+        return select_keys(state, self.shared_prefixes)
+
+    def aggregate(self, uploads: dict[int, dict[str, torch.Tensor]], weights: dict[int, float],
+                  round_idx: int) -> dict[str, torch.Tensor]:
+        """Merge the uploads of the participating clients into the new global state."""
+        raise NotImplementedError
+
+    def download(self, global_state: dict[str, torch.Tensor], client_id: int) -> dict[str, torch.Tensor]:
+        """What a client receives from the server."""
+        return global_state
+
+    def apply(self, client_state: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
+              client_id: int) -> dict[str, torch.Tensor]:
+        """A client's new state after merging what it received (overwrite the received keys by default)."""
+        return {**client_state, **{k: v.clone() for k, v in received.items()}}
+
+    def state_dict(self) -> dict:
+        """Aggregator state to checkpoint (stateless by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class WeightedMean(Aggregator):
+    """FedAvg: the mean of the uploaded tensors weighted by the clients' train-sample counts.
+
+    Args:
+        shared_prefixes: key prefixes of the shared state.
+        weighted: ``False`` gives the unweighted mean (the official PromptFL code).
+    """
+
+    def __init__(self, shared_prefixes: tuple[str, ...] = (), weighted: bool = True):
+        super().__init__(shared_prefixes)
+        self.weighted = weighted
+
+    def aggregate(self, uploads, weights, round_idx):
+        ids = sorted(uploads)
+        if not ids:
+            return {}
+        w = torch.tensor([float(weights[i]) if self.weighted else 1.0 for i in ids], dtype=torch.float64)
+        w = w / w.sum()
+        merged = {}
+        for key, first in uploads[ids[0]].items():
+            stacked = torch.stack([uploads[i][key].to(torch.float64) for i in ids])
+            merged[key] = (w.view(-1, *[1] * first.dim()) * stacked).sum(0).to(first.dtype)
+        return merged
+
+
+class NoCommunication(Aggregator):
+    """Nothing is sent or received (local training, zero-shot)."""
+
+    def upload(self, client_id, state, round_idx):
+        return {}
+
+    def aggregate(self, uploads, weights, round_idx):
+        return {}
+
+    def download(self, global_state, client_id):
+        return {}

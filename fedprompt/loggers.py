@@ -1,0 +1,60 @@
+"""Experiment loggers: CSV (default), Weights & Biases, TensorBoard, through Lightning's logger classes.
+
+``metrics.jsonl`` in the run directory is written independently of the logger (the run-directory contract).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedprompt.args import LogArgs
+from fedprompt.errors import FedPromptError
+
+
+def build_logger(args: LogArgs, out_dir: Path, run_id: str | None = None, config: dict | None = None):
+    """A Lightning logger for Fabric (``None`` for ``logger: none``). ``run_id`` resumes a W&B run."""
+    name = args.run_name or out_dir.name
+    if args.logger == "none":
+        return None
+    if args.logger == "csv":
+        from lightning.fabric.loggers import CSVLogger
+
+        return CSVLogger(root_dir=str(out_dir), name="csv", version="")
+    if args.logger == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version="")
+    try:
+        import wandb  # noqa: F401
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:
+        raise FedPromptError("log.logger=wandb needs the wandb package: pip install 'fedprompt[wandb]'") from None
+    mode = os.environ.get("WANDB_MODE", args.wandb_mode)
+    return WandbLogger(project=args.project, name=name, save_dir=str(out_dir), id=run_id, resume="allow",
+                       mode=mode, config=config)
+
+
+def logger_run_id(logger) -> str | None:
+    """The W&B run id (to resume the same run), else ``None``."""
+    if logger is None or type(logger).__name__ != "WandbLogger":
+        return None
+    return str(logger.version)
+
+
+def numeric_metrics(row: dict) -> dict[str, float]:
+    """The scalar entries of a metrics row (what goes to the logger)."""
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k != "round"}
+
+
+def log_client_table(logger, round_idx: int, names: list[str], client_acc: list[float],
+                     num_train: list[int]) -> None:
+    """A per-client table (W&B only; CSV keeps per-client accuracies in metrics.jsonl)."""
+    if logger is None or type(logger).__name__ != "WandbLogger":
+        return
+    import wandb
+
+    table = wandb.Table(columns=["round", "client", "name", "num_train", "acc"],
+                        data=[[round_idx, i, n, t, a] for i, (n, a, t) in enumerate(zip(names, client_acc, num_train))])
+    logger.experiment.log({"clients": table}, commit=False)

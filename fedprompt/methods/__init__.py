@@ -1,0 +1,8 @@
+"""Federated prompt-learning methods, one file each. A config selects one with ``class_path``."""
+
+from fedprompt.methods.base import Method, OptimizerArgs, PromptClient
+from fedprompt.methods.coop import CoOpClient, FedPer, FedProx, LocalCoOp, PromptFL
+from fedprompt.methods.zeroshot import ZeroShot
+
+__all__ = ["CoOpClient", "FedPer", "FedProx", "LocalCoOp", "Method", "OptimizerArgs", "PromptClient", "PromptFL",
+           "ZeroShot"]

@@ -1,0 +1,51 @@
+"""Zero-shot CLIP: hand-written prompts, no training, no communication."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fedprompt.backbone import Backbone
+from fedprompt.federation.aggregators import Aggregator, NoCommunication
+from fedprompt.methods.base import Method, PromptClient
+
+
+class ZeroShotClient(PromptClient):
+    """Classifies with the text features of ``template.format(class name)``; it has no parameters."""
+
+    def __init__(self, backbone: Backbone, classnames: list[str], template: str = "a photo of a {}."):
+        super().__init__(backbone, classnames)
+        self.template = template
+        self._text = None
+
+    def text_features(self) -> torch.Tensor:
+        if self._text is None or self._text.device != self.backbone.device:
+            sentences = [self.template.format(name.replace("_", " ")) for name in self.classnames]
+            with torch.no_grad():
+                self._text = F.normalize(self.backbone.encode_text(sentences).float(), dim=-1)
+        return self._text
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.backbone.logit_scale * self.image_features(batch) @ self.text_features().t()
+
+
+class ZeroShot(Method):
+    """Zero-shot CLIP with one template (every federated prompt repo uses ``"a photo of a {}."``).
+
+    Args:
+        template: prompt template with ``{}`` for the class name.
+    """
+
+    trains = False
+    communicates = False
+    global_model = True
+
+    def __init__(self, template: str = "a photo of a {}."):
+        super().__init__()
+        self.template = template
+
+    def build_client(self, backbone, classnames):
+        return ZeroShotClient(backbone, classnames, self.template)
+
+    def build_aggregator(self) -> Aggregator:
+        return NoCommunication()

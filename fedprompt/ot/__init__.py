@@ -1,0 +1,54 @@
+"""Batched entropic optimal transport for FedOTP (torch, log domain, float32, no gradients).
+
+Public API:
+
+* :func:`sinkhorn` -- balanced entropic OT (``T 1 = a``, ``T^T 1 = b``);
+* :func:`partial_sinkhorn` -- FedOTP's unbalanced OT (``T 1 <= a``, ``T^T 1 = b``, mass ``sum(b)``);
+* :func:`uniform_plan` -- the ablation plan ``a b^T / sum(a)``;
+* :func:`transport_plan` -- dispatch on ``kind`` in ``{"unbalanced", "balanced", "uniform"}``.
+
+:mod:`fedprompt.ot.reference` holds slow literal ports of the official code, for tests and benchmarks only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sinkhorn import Marginal, partial_sinkhorn, sinkhorn, uniform_plan
+
+__all__ = ["sinkhorn", "partial_sinkhorn", "uniform_plan", "transport_plan", "PLAN_KINDS"]
+
+#: The values accepted by :func:`transport_plan`'s ``kind``.
+PLAN_KINDS = ("unbalanced", "balanced", "uniform")
+
+
+def transport_plan(
+    cost: torch.Tensor,
+    a: Marginal,
+    b: Marginal,
+    kind: str = "unbalanced",
+    eps: float = 0.1,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+) -> torch.Tensor:
+    """Transport plans ``[..., M, N]`` (float32, no grad) for costs ``[..., M, N]`` and marginals ``a``, ``b``.
+
+    ``kind``:
+
+    * ``"unbalanced"`` -- :func:`partial_sinkhorn` (FedOTP's default ``OT='COT'``): ``T 1 <= a``, ``T^T 1 = b``;
+    * ``"balanced"`` -- :func:`sinkhorn` (FedOTP's ``OT='Sinkhorn'`` ablation): ``T 1 = a``, ``T^T 1 = b``;
+    * ``"uniform"`` -- :func:`uniform_plan`: ``a b^T / sum(a)``; ``eps``, ``max_iter`` and ``tol`` are ignored.
+
+    Shapes, dtype (computed and returned in float32) and the per-problem stopping rule (checked every 10
+    iterations, L1 row-marginal error ``<= tol``, converged problems frozen) are those of the called function.
+
+    Raises:
+        ValueError: if ``kind`` is not one of ``"unbalanced"``, ``"balanced"``, ``"uniform"``.
+    """
+    if kind == "unbalanced":
+        return partial_sinkhorn(cost, a, b, eps, max_iter=max_iter, tol=tol)
+    if kind == "balanced":
+        return sinkhorn(cost, a, b, eps, max_iter=max_iter, tol=tol)
+    if kind == "uniform":
+        return uniform_plan(cost, a, b)
+    raise ValueError(f"unknown transport plan kind {kind!r}; expected one of {', '.join(map(repr, PLAN_KINDS))}")
