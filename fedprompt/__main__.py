@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json as jsonlib
 import os
+import re
 import sys
+from argparse import ArgumentError
 from typing import Optional
 
 import yaml
@@ -76,6 +78,42 @@ def _resolved_config(parser, cfg, name: str) -> dict:
     return resolved
 
 
+def _subclass_names(base: type) -> list[str]:
+    found, todo = [], list(base.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        if not cls.__name__.startswith("_"):
+            found.append(cls.__name__)
+    return sorted(set(found))
+
+
+def _argument_error_message(err: Exception, command: str | None) -> str:
+    """One readable line for a jsonargparse error (which names the key and the value at fault)."""
+    text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    key = re.search(r'Parser key "([^"]+)"', text)
+    given = re.search(r"Given value: (.*)", text)
+    if key and given:
+        message = f"{key.group(1)}: invalid value {given.group(1).strip()!r}"
+        root = key.group(1).split(".")[0]
+        known = {"method": Method, "data": FederatedData}.get(root)
+        if known is not None and key.group(1) == root:
+            message += f"; known {root} classes: {', '.join(_subclass_names(known))} (or a full class_path)"
+        else:
+            message += f" ({lines[1] if len(lines) > 1 else lines[0]})"
+    else:
+        message = " ".join(lines[:3])
+    return message + f". See: fedprompt {command or ''} --help".rstrip()
+
+
+def _no_exit_on_error(parser) -> None:
+    parser.exit_on_error = False
+    if parser._subcommands_action:
+        for sub in parser._subcommands_action._name_parser_map.values():
+            _no_exit_on_error(sub)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fedprompt`` console script."""
     from jsonargparse import CLI, capture_parser
@@ -86,8 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     components = commands()
     parser = capture_parser(lambda: CLI(components, args=argv))
+    _no_exit_on_error(parser)
     try:
-        cfg = parser.parse_args(argv)
+        try:
+            cfg = parser.parse_args(argv)
+        except ArgumentError as err:
+            command = next((a for a in argv if a in components), None)
+            raise FedPromptError(_argument_error_message(err, command)) from None
         name = cfg.subcommand
         init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
         fedprompt.fit.RESOLVED_CONFIG = _resolved_config(parser, cfg, name)

@@ -48,6 +48,9 @@ class TrainArgs:
     """Train batch size (the few-shot scripts use batch size = number of shots)."""
     augment: bool = True
     """Random resized crop + flip on train images (false: the test transform)."""
+    feature_cache: bool = False
+    """Encode each image once with the frozen image tower and reuse the outputs (exact: same metrics as the
+    uncached run). Test images are always cacheable; train images only with augment: false."""
 
 
 @dataclass

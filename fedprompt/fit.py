@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
 from fedprompt.backbone import load_backbone
 from fedprompt.data import FederatedData, clip_transforms
+from fedprompt.data.cache import FeatureCache
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.checkpoint import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl, \
     write_text
@@ -112,10 +113,6 @@ def _config_yaml(cfg: dict) -> str:
 def _prepare_run_dir(fabric, out_dir: Path, mode: str, cfg: dict, checkpoint: dict | None) -> None:
     if fabric.global_rank != 0 or mode != "fit":
         return
-    last = out_dir / "checkpoints" / "last.ckpt"
-    if checkpoint is None and last.exists():
-        raise FedPromptError(f"out_dir {out_dir} already holds a run ({last}); pass --resume {last} to continue it "
-                             "or choose another --out_dir.")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "hyperparameters.yaml", _config_yaml(cfg))
     done = checkpoint["round"] if checkpoint else 0
@@ -124,10 +121,11 @@ def _prepare_run_dir(fabric, out_dir: Path, mode: str, cfg: dict, checkpoint: di
 
 def build_federation(fabric, cfg: dict) -> tuple[Federation, list[str]]:
     """Load the backbone, read and split the data, build the method's client and aggregator."""
-    bargs: BackboneArgs = cfg["backbone"]
-    backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
     data: FederatedData = cfg["data"]
-    splits = data.setup()
+    splits = data.setup()  # before the backbone: a wrong data path fails fast, without a download attempt
+    bargs: BackboneArgs = cfg["backbone"]
+    torch.manual_seed(cfg["seed"])  # a random-init backbone is the same on every rank and every run
+    backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
     train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, cfg["train"].augment)
     method: Method = cfg["method"]
     torch.manual_seed(cfg["seed"])
@@ -137,6 +135,9 @@ def build_federation(fabric, cfg: dict) -> tuple[Federation, list[str]]:
                      train_transform=train_tf, test_transform=test_tf, federation=cfg["federation"],
                      train=cfg["train"], eval=cfg["eval"], seed=cfg["seed"],
                      progress=cfg["log"].progress and fabric.global_rank == 0, num_workers=data.num_workers)
+    if cfg["train"].feature_cache:
+        fed.cache = FeatureCache(backbone, fabric, method.image_inputs, cfg["eval"].batch_size, splits.loader,
+                                 data.num_workers)
     fed.initial_states()
     return fed, splits.classnames
 
@@ -161,8 +162,12 @@ def _checkpoint(fed: Federation, round_idx: int, cfg: dict, run_id: str | None) 
 def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
     """Run one command on this rank; returns the summary (on every rank)."""
     out_dir = _out_dir(fabric, cfg)
-    _prepare_run_dir(fabric, out_dir, mode, cfg, checkpoint)
+    existing = out_dir / "checkpoints" / "last.ckpt"
+    if mode == "fit" and checkpoint is None and existing.exists():
+        raise FedPromptError(f"out_dir {out_dir} already holds a run ({existing}); pass --resume {existing} to "
+                             "continue it or choose another --out_dir.")
     fed, classnames = build_federation(fabric, cfg)
+    _prepare_run_dir(fabric, out_dir, mode, cfg, checkpoint)
     if checkpoint is not None:
         _restore(fed, checkpoint)
     if mode == "evaluate" or not fed.method.trains:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,10 +139,24 @@ def load_open_clip(model: str, pretrained: str | None = None, cache_dir: str | N
     return LoadedModel(net, tokenizer, _preprocess_cfg(net), name=model, source=pretrained or "random init")
 
 
-def _create(name: str, pretrained: str | None, cache_dir: str | None, source: str, **kwargs):
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+@contextmanager
+def _quiet_logs():
+    """open_clip and huggingface_hub log every failed download attempt; fedprompt reports one clear error."""
+    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
-        return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _create(name: str, pretrained: str | None, cache_dir: str | None, source: str, **kwargs):
+    try:
+        with _quiet_logs():
+            return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
     except FedPromptError:
         raise
     except Exception as err:  # open_clip raises RuntimeError/OSError/HTTP errors for downloads

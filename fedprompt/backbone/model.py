@@ -311,7 +311,8 @@ def load_backbone(model: str = "ViT-B-16", pretrained: str | None = "openai", tr
         truncate: exact end-of-text truncation of prompt batches (``False`` runs all 77 positions).
         cache_dir: download cache for pretrained tags.
     """
-    key = (model, pretrained, truncate)
+    # a random-init model depends on the torch seed: cache it per seed so in-process runs stay reproducible
+    key = (model, pretrained, truncate, cache_dir, torch.initial_seed() if pretrained is None else None)
     if key not in _CACHE:
         _CACHE[key] = Backbone(load_open_clip(model, pretrained, cache_dir), truncate=truncate)
     return _CACHE[key]

@@ -187,9 +187,13 @@ class TorchvisionDownload(CoOpDataset):
         else:
             return self.resolve_root()  # raises the "data.root is not set" error
         root.mkdir(parents=True, exist_ok=True)
-        if not all((root / name).exists() for name in self.torchvision_links):
+        if not all((root / name).exists() for name in self.required_parts()):
             self.download_images(root)
         return root
+
+    def required_parts(self) -> tuple[str, ...]:
+        """What must exist under ``root`` to read the dataset (besides the split file); missing -> download."""
+        return (self.image_dir,)
 
     def download_images(self, root: Path) -> None:
         """Download with ``torchvision.datasets.<torchvision_class>`` into ``root/torchvision`` and link the parts
@@ -209,6 +213,8 @@ class TorchvisionDownload(CoOpDataset):
             if dst.exists():
                 continue
             if not src.exists():
+                if name not in self.required_parts():
+                    continue  # an extra part (e.g. annotations) this torchvision version does not ship
                 raise FedPromptError(f"{type(self).__name__}: the torchvision download has no {src}; arrange "
                                      f"{root} as CoOp's DATASETS.md says ({COOP_DATASETS_MD}).")
             try:
@@ -270,7 +276,10 @@ class Food101(TorchvisionDownload):
 
 
 class DTD(TorchvisionDownload):
-    """Describable Textures (47 classes). Layout: ``dtd/{images, imdb, labels, split_zhou_DescribableTextures.json}``."""
+    """Describable Textures (47 classes).
+
+    Layout: ``dtd/{images, imdb, labels, split_zhou_DescribableTextures.json}``.
+    """
 
     default_dirname = "dtd"
     dataset_name = "dtd"
@@ -354,6 +363,9 @@ class FGVCAircraft(TorchvisionDownload):
     _files = ("variants.txt", "images_variant_train.txt", "images_variant_val.txt", "images_variant_test.txt")
     torchvision_links = {"images": "fgvc-aircraft-2013b/data/images",
                          **{f: f"fgvc-aircraft-2013b/data/{f}" for f in _files}}
+
+    def required_parts(self) -> tuple[str, ...]:
+        return (self.image_dir, *self._files)
 
     def _lines(self, path: Path) -> list[tuple[int, str]]:
         if not path.is_file():

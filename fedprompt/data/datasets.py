@@ -187,7 +187,8 @@ class SplitFolders(FederatedData):
 
 
 class CIFAR(FederatedData):
-    """CIFAR-10 or CIFAR-100 through torchvision (``root`` holds ``cifar-10-batches-py`` / ``cifar-100-python``).
+    """CIFAR-10 or CIFAR-100 through torchvision (``root`` holds ``cifar-10-batches-py`` / ``cifar-100-python``),
+    or as image folders ``root/{train,test}/<class>/<image>`` (e.g. cifar10-mini), read like :class:`SplitFolders`.
 
     Args:
         name: ``cifar10`` or ``cifar100``.
@@ -204,6 +205,8 @@ class CIFAR(FederatedData):
     def read(self) -> DatasetSplits:
         import torchvision
 
+        if self.root and (Path(self.root) / "train").is_dir():  # image folders root/{train,test}/<class>/*
+            return SplitFolders.read(self)
         if self.download and self.root:
             os.makedirs(self.root, exist_ok=True)
         root = self.resolve_root()

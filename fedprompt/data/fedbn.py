@@ -25,7 +25,6 @@ default (:class:`~fedprompt.data.partition.ByDomain`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -229,8 +228,9 @@ class _FedBNDomains(DomainFolders):
 
 
 class DomainNet(_FedBNDomains):
-    """DomainNet, FedBN's 10-class subset over the six sites (clipart, infograph, painting, quickdraw, real,
-    sketch); ``root`` defaults to ``$FEDPROMPT_DATA/DomainNet``.
+    """DomainNet, FedBN's 10-class subset, one client per site by default.
+
+    Sites: clipart, infograph, painting, quickdraw, real, sketch; ``root`` defaults to ``$FEDPROMPT_DATA/DomainNet``.
 
     Classes (sorted): bird, feather, headphones, ice_cream, teapot, tiger, whale, windmill, wine_glass, zebra.
     """
@@ -242,8 +242,9 @@ class DomainNet(_FedBNDomains):
 
 
 class OfficeCaltech10(_FedBNDomains):
-    """Office-Caltech10 over the four sites (amazon, caltech, dslr, webcam); ``root`` defaults to
-    ``$FEDPROMPT_DATA/office_caltech_10``.
+    """Office-Caltech10, one client per site by default.
+
+    Sites: amazon, caltech, dslr, webcam; ``root`` defaults to ``$FEDPROMPT_DATA/office_caltech_10``.
 
     Classes (sorted): back_pack, bike, calculator, headphones, keyboard, laptop_computer, monitor, mouse, mug,
     projector.

@@ -96,7 +96,9 @@ class IID(Partitioner):
 
 def dirichlet_label_split(labels: np.ndarray, num_clients: int, alpha: float, min_size: int,
                           rng: np.random.Generator, max_tries: int = 1000) -> list[np.ndarray]:
-    """The papers' ``noniid-labeldir``: per class Dir(alpha) proportions, redrawn until each client has min_size."""
+    """``noniid-labeldir`` on one set of labels: per class Dir(alpha) proportions (clients over n/K get no more),
+    redrawn until each client has min_size. Used inside a domain by :class:`ByDomain` and by
+    ``Dirichlet(test_split="train_share")``; :func:`dirichlet_label_split_paired` is the papers' train+test rule."""
     n = len(labels)
     if n < num_clients * min_size:
         raise FedPromptError(f"partition: {n} samples cannot give {num_clients} clients at least {min_size} each; "
@@ -119,12 +121,12 @@ def dirichlet_label_split(labels: np.ndarray, num_clients: int, alpha: float, mi
 
 
 def dirichlet_label_split_paired(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, alpha: float,
-                                 min_size: int, rng: np.random.RandomState, max_tries: int = 1000
-                                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                                 min_size: int, rng: np.random.RandomState, max_tries: int = 1000,
+                                 num_classes: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The papers' ``noniid-labeldir`` (FedOTP ``utils/datasplit.py``), train and test together.
 
-    For each class c in increasing label order: shuffle the class's train indices, shuffle its test indices, draw
-    p ~ Dir(alpha * 1_K), zero the clients that already hold >= N_train / K train samples, renormalise, and cut the
+    For each class c = 0..C-1 (C = ``num_classes``, default max label + 1): shuffle the class's train indices,
+    shuffle its test indices, draw p ~ Dir(alpha * 1_K), zero the clients that already hold >= N_train / K train samples, renormalise, and cut the
     train indices at ``floor(cumsum(p) * n_train_c)`` and the test indices at ``floor(cumsum(p) * n_test_c)``.
     The whole draw is repeated until every client has ``min_size`` train samples and (when there is a test set)
     ``min_size`` test samples. With a ``numpy.random.RandomState`` the calls are the official code's calls in its
@@ -141,7 +143,9 @@ def dirichlet_label_split_paired(train_labels: np.ndarray, test_labels: np.ndarr
         raise FedPromptError(f"partition: {len(test_labels)} test samples cannot give {num_clients} clients at least "
                              f"{min_size} each (the papers' rule requires it of test too); lower partition.min_size "
                              "or num_clients.")
-    classes = np.unique(np.concatenate([train_labels, test_labels]))
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(initial=-1), test_labels.max(initial=-1))) + 1
+    classes = range(num_classes)
     for _ in range(max_tries):
         train_parts: list[list[int]] = [[] for _ in range(num_clients)]
         test_parts: list[list[int]] = [[] for _ in range(num_clients)]
@@ -201,7 +205,8 @@ class Dirichlet(Partitioner):
         train_labels, test_labels = _labels(data.train), _labels(data.test)
         if self.test_split == "proportions":
             parts, tests = dirichlet_label_split_paired(train_labels, test_labels, self.num_clients, self.alpha,
-                                                        self.min_size, np.random.RandomState(seed))
+                                                        self.min_size, np.random.RandomState(seed),
+                                                        num_classes=len(data.classnames))
         else:  # fedprompt 0.1, draw for draw
             rng = np.random.default_rng(seed)
             parts = dirichlet_label_split(train_labels, self.num_clients, self.alpha, self.min_size, rng)

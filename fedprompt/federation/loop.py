@@ -76,10 +76,17 @@ class Federation:
     global_state: State = field(default_factory=dict)
     progress: bool = True
     num_workers: int = 0
+    cache: object = None
+
+    def _dataset(self, samples, transform, kind: str):
+        cacheable = self.cache is not None and (kind == "test" or not self.train.augment)
+        if cacheable:
+            return self.cache.dataset(samples, transform, kind)
+        return ImageDataset(samples, transform, self.loader)
 
     # ------------------------------------------------------------------------------------------- local work
-    def _loader(self, samples, transform, batch_size, shuffle, generator=None) -> DataLoader:
-        dataset = ImageDataset(samples, transform, self.loader)
+    def _loader(self, samples, transform, batch_size, shuffle, kind: str, generator=None) -> DataLoader:
+        dataset = self._dataset(samples, transform, kind)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                           num_workers=self.num_workers)
 
@@ -89,7 +96,8 @@ class Federation:
         seed = derive_seed(self.seed, round_idx, cid)
         torch.manual_seed(seed)  # augmentation and any dropout: the same on every rank
         generator = torch.Generator().manual_seed(seed)
-        loader = self._loader(self.clients[cid].train, self.train_transform, self.train.batch_size, True, generator)
+        loader = self._loader(self.clients[cid].train, self.train_transform, self.train.batch_size, True, "train",
+                              generator)
         optimizer = fabric.setup_optimizers(client.configure_optimizers())
         client.train()
         losses, steps = [], 0
@@ -120,7 +128,7 @@ class Federation:
             return math.nan
         self.client.eval()
         metric = accuracy_metric(self.num_classes).to(self.fabric.device)
-        for batch in self._loader(samples, self.test_transform, self.eval.batch_size, False):
+        for batch in self._loader(samples, self.test_transform, self.eval.batch_size, False, "test"):
             batch = self.fabric.to_device(batch)
             with self.fabric.autocast():
                 logits = self.client.predict_logits(batch)

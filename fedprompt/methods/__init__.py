@@ -6,3 +6,6 @@ from fedprompt.methods.zeroshot import ZeroShot
 
 __all__ = ["CoOpClient", "FedPer", "FedProx", "LocalCoOp", "Method", "OptimizerArgs", "PromptClient", "PromptFL",
            "ZeroShot"]
+from fedprompt.methods.fedotp import FedOTP, FedOTPClient  # noqa: E402
+
+__all__ += ["FedOTP", "FedOTPClient"]

@@ -100,13 +100,16 @@ class Method:
         ``communicates``: whether clients talk to a server (local CoOp does not);
         ``global_model``: whether, after aggregation, every client holds the same model (then the accuracy on the
         union of the clients' test data is reported as ``global_acc``);
-        ``shared_prefixes``: state-dict key prefixes sent to the server.
+        ``shared_prefixes``: state-dict key prefixes sent to the server;
+        ``image_inputs``: the frozen image outputs the client uses (what the feature cache stores).
     """
 
     trains = True
     communicates = True
     global_model = True
     shared_prefixes: tuple[str, ...] = ()
+    #: frozen image-tower outputs the client reads: "features" (pooled) and/or "tokens" (patch tokens)
+    image_inputs: tuple[str, ...] = ("features",)
 
     def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4):
         self.optim = OptimizerArgs(lr, momentum, weight_decay)

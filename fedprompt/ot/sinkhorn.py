@@ -23,15 +23,17 @@ Implementation notes (common to both solvers)
   using ``logsumexp`` over ``-C/eps + G`` (rows) and ``-C/eps + F`` (columns); the kernel ``exp(-C/eps)`` is never
   formed. With FedOTP's costs ``C = 1 - cos`` in ``[0, 2]`` and ``eps = 0.01``, ``exp(-C/eps)`` goes down to
   ``exp(-200)``, which underflows to 0 in fp32 (smallest subnormal ~1.4e-45 = exp(-103)); the plain-kernel
-  iteration then divides by zero, while the log-domain one stays finite and exact. Only the final plan
-  ``exp(F_i + G_j - C_ij/eps)`` is exponentiated, and its entries are bounded by the marginals (at most 1 for
-  probability marginals), so it cannot overflow; entries below ~1e-45 flush to 0, as they should.
+  iteration then divides by zero, while the log-domain one stays finite and exact. The final plan is formed as
+  ``T_ij = b_j * softmax_i(F_i - C_ij/eps)`` (the column form of ``exp(F_i + G_j - C_ij/eps)``): it cannot
+  overflow, its column sums are ``b`` to fp32 summation accuracy, and entries below ~1e-45 flush to 0, as they
+  should.
 * **Memory.** Only broadcasting is used (no ``diag_embed``): the temporaries are ``O(batch x M x N)``.
 * **Stopping rule (exact per problem).** Every ``check_every`` iterations (default 10) each problem's error is
   computed on the device: ``err = sum_i |r'_i - r_i|``, the L1 amount of mass the next row (patch) update would
   move, where ``r`` are the current row sums and ``r'`` the row sums after the update (``r' = a`` for the balanced
   problem, so ``err = ||T 1 - a||_1`` as in POT; ``r' = min(a, r / u)`` for the partial problem). A problem whose
-  ``err <= tol`` is *frozen*: its potentials are masked out of every later update (``torch.where``), so its result
+  ``err <= tol`` is *frozen*: its potential ``F`` is saved at that check and restored after the loop (the batch
+  keeps iterating it, but every operation is per problem and the extra iterations are discarded), so its result
   is exactly the one it would get if it were solved alone -- the check points (iterations 10, 20, ...) do not depend
   on the batch, and other problems in the batch cannot change it. The column update is always the last update
   applied, so ``T^T 1 = b`` holds to rounding and ``T 1`` is within ``tol`` (L1) of its constraint.
@@ -101,36 +103,28 @@ def _check_args(eps: float, max_iter: int, tol: float, check_every: int) -> None
         raise ValueError(f"check_every must be >= 1, got {check_every}")
 
 
-def _log_sinkhorn(
-    cost: torch.Tensor,
-    a: Marginal,
-    b: Marginal,
-    eps: float,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    early_exit: bool,
-    partial: bool,
-    return_n_iter: bool,
-):
-    """Shared log-domain loop for the balanced (``partial=False``) and partial (``partial=True``) problems."""
-    _check_args(eps, max_iter, tol, check_every)
-    eps = float(eps)
-    cost, a, b = _prepare(cost, a, b)
-    batch = cost.shape[:-2]
-    M, N = cost.shape[-2:]
-    device = cost.device
+#: Largest per-problem kernel dynamic range ``(max C - min C) / eps`` for which the plain-kernel fast path is used.
+#: With the shifted kernel ``K = exp(-(C - min C)/eps)`` in ``[exp(-R), 1]`` the scaling vectors stay within about
+#: ``exp(+-2R)`` times marginal-size factors, far inside fp32's range (~1e+-38) for ``R <= 30``; see ``_solve``.
+KERNEL_SAFE_RANGE = 30.0
 
-    neg_c = cost / (-eps)  # [..., M, N]: log of the Gibbs kernel, never exponentiated alone
-    log_a = torch.log(a)  # [..., M]  (-inf where a_i = 0: such rows get no mass)
-    log_b = torch.log(b)  # [..., N]
 
-    # Scaled potentials F = f/eps = log u, G = g/eps = log v. FedOTP starts from v = 1 (G = 0); F = 0 (u = 1) is
-    # only a placeholder: it is overwritten by the first row update before it is used.
-    F = torch.zeros(*batch, M, dtype=torch.float32, device=device)
-    G = torch.zeros(*batch, N, dtype=torch.float32, device=device)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    n_iter = torch.zeros(batch, dtype=torch.int64, device=device) if return_n_iter else None
+def _log_loop(neg_c, a, b, max_iter, tol, check_every, early_exit, partial):
+    """Log-domain iteration on ``F = log u``, ``G = log v`` (always finite). Returns ``(plan, n_iter)``."""
+    batch, (M, N) = neg_c.shape[:-2], neg_c.shape[-2:]
+    log_a = torch.log(a)  # -inf where a_i = 0: such rows get no mass
+    log_b = torch.log(b)
+    # FedOTP starts from v = 1 (G = 0); F = 0 is a placeholder, overwritten by the first row update before use.
+    F = torch.zeros(*batch, M, dtype=torch.float32, device=neg_c.device)
+    G = torch.zeros(*batch, N, dtype=torch.float32, device=neg_c.device)
+    # Per-problem freezing without per-iteration masking: when a problem converges at a check, its F (which fully
+    # determines its plan, see below) is copied into F_frozen and restored after the loop. The problem keeps being
+    # iterated in the meantime -- every operation is per problem, so this cannot affect any other problem -- but
+    # those extra iterations are discarded, so its plan is exactly the one it gets when solved alone.
+    active = torch.ones(batch, dtype=torch.bool, device=neg_c.device)
+    F_frozen = torch.zeros_like(F)
+    n_iter = torch.zeros(batch, dtype=torch.int64, device=neg_c.device)
+    n_done = 0  # full (row + column) iterations completed by the active problems
 
     for it in range(max_iter):
         # Row (patch) update: log(K v)_i = logsumexp_j(-C_ij/eps + G_j).
@@ -143,19 +137,99 @@ def _log_sinkhorn(
             # L1 mass moved by this row update: sum_i |r'_i - r_i|, with r_i = exp(F_i + lse_r_i) the current row
             # sums (the state after `it` full iterations) and r'_i = exp(F_new_i + lse_r_i).
             err = (torch.exp(F_new + lse_r) - torch.exp(F + lse_r)).abs().sum(-1)
-            # NaN errors (degenerate inputs) compare False and freeze the problem instead of spinning forever.
-            active = active & (err > tol)
+            # `~(err > tol)`: NaN errors (degenerate inputs) freeze the problem instead of spinning forever.
+            newly = active & ~(err > tol)
+            F_frozen = torch.where(newly.unsqueeze(-1), F, F_frozen)
+            n_iter = torch.where(newly, it, n_iter)
+            active = active & ~newly
             if early_exit and not bool(active.any()):  # the only host sync: once per check, never per iteration
                 break
-        mask = active.unsqueeze(-1)
-        F = torch.where(mask, F_new, F)
+        F = F_new
         # Column (prompt) update: v = b / (K^T u)  <=>  G = log b - logsumexp_i(-C_ij/eps + F_i).
-        lse_c = torch.logsumexp(neg_c + F.unsqueeze(-1), dim=-2)  # [..., N]
-        G = torch.where(mask, log_b - lse_c, G)
-        if n_iter is not None:
-            n_iter += active
+        G = log_b - torch.logsumexp(neg_c + F.unsqueeze(-1), dim=-2)  # [..., N]
+        n_done = it + 1
 
-    plan = torch.exp(neg_c + F.unsqueeze(-1) + G.unsqueeze(-2))
+    F = torch.where(active.unsqueeze(-1), F, F_frozen)
+    n_iter = torch.where(active, n_done, n_iter)
+    # T = diag(u) K diag(v) written in the column form of the last update, v = b / (K^T u):
+    # T_ij = b_j * softmax_i(F_i - C_ij/eps). This equals exp(F_i + G_j - C_ij/eps) but avoids adding potentials of
+    # size ~C/eps (up to 200 at eps = 0.01, i.e. ~1e-5 fp32 rounding in the exponent), so the column sums are b to
+    # fp32 summation accuracy. (With max_iter = 0 this is the first column update from u = 1.)
+    plan = b.unsqueeze(-2) * torch.softmax(neg_c + F.unsqueeze(-1), dim=-2)
+    return plan, n_iter
+
+
+def _kernel_loop(neg_c, a, b, max_iter, tol, check_every, early_exit, partial):
+    """Plain-kernel (scaling) iteration, the same math as :func:`_log_loop`; only for safe problems (see _solve)."""
+    batch, (M, N) = neg_c.shape[:-2], neg_c.shape[-2:]
+    K = torch.exp(neg_c)  # [..., M, N], entries in [exp(-KERNEL_SAFE_RANGE), 1]
+    Kt = K.transpose(-1, -2)
+    u = torch.ones(*batch, M, dtype=torch.float32, device=neg_c.device)  # placeholder, as F = 0 above
+    v = torch.ones(*batch, N, dtype=torch.float32, device=neg_c.device)
+    active = torch.ones(batch, dtype=torch.bool, device=neg_c.device)
+    u_frozen = torch.ones_like(u)
+    n_iter = torch.zeros(batch, dtype=torch.int64, device=neg_c.device)
+    n_done = 0
+    for it in range(max_iter):
+        Kv = torch.matmul(K, v.unsqueeze(-1)).squeeze(-1)  # [..., M]
+        u_new = a / Kv
+        if partial:
+            u_new = u_new.clamp_max(1.0)
+        if it > 0 and it % check_every == 0:
+            err = ((u_new - u) * Kv).abs().sum(-1)  # same L1 row-update error as in _log_loop
+            newly = active & ~(err > tol)
+            u_frozen = torch.where(newly.unsqueeze(-1), u, u_frozen)
+            n_iter = torch.where(newly, it, n_iter)
+            active = active & ~newly
+            if early_exit and not bool(active.any()):
+                break
+        u = u_new
+        v = b / torch.matmul(Kt, u.unsqueeze(-1)).squeeze(-1)  # [..., N]
+        n_done = it + 1
+    u = torch.where(active.unsqueeze(-1), u, u_frozen)
+    n_iter = torch.where(active, n_done, n_iter)
+    # Column form T_ij = b_j * u_i K_ij / (K^T u)_j: column sums are b to fp32 summation accuracy.
+    uK = u.unsqueeze(-1) * K
+    plan = uK * (b / uK.sum(-2)).unsqueeze(-2)
+    return plan, n_iter
+
+
+def _solve(cost, a, b, eps, max_iter, tol, check_every, early_exit, partial, fast_path, return_n_iter):
+    """Shared driver for the balanced (``partial=False``) and partial (``partial=True``) problems.
+
+    Each problem's cost is shifted by its own minimum (``C - min C``: this does not change the optimal plan of
+    either problem, since the total transported mass is fixed, and gives a kernel with maximum entry 1). A problem
+    uses the plain-kernel fast path iff ``fast_path`` and its range ``R = (max C - min C)/eps <= KERNEL_SAFE_RANGE``,
+    otherwise the log-domain path; both run the same iteration from the same start, with the same checks, so the
+    choice (made per problem, from its own cost only) changes the plan only by fp32 rounding (~1e-7), never its
+    dependence on the rest of the batch. Choosing costs one host sync before the loop (none if ``fast_path=False``).
+    """
+    _check_args(eps, max_iter, tol, check_every)
+    eps = float(eps)
+    cost, a, b = _prepare(cost, a, b)
+    batch, (M, N) = cost.shape[:-2], cost.shape[-2:]
+    cmin = cost.amin(dim=(-2, -1), keepdim=True)
+    neg_c = (cost - cmin) / (-eps)  # [..., M, N], in [-R, 0]: log of the shifted Gibbs kernel
+    args = (max_iter, tol, check_every, early_exit, partial)
+
+    if not fast_path or neg_c.numel() == 0:
+        plan, n_iter = _log_loop(neg_c, a, b, *args)
+    else:
+        safe = neg_c.amin(dim=(-2, -1)) >= -KERNEL_SAFE_RANGE  # [...]
+        n_safe = int(safe.sum())  # one host sync, before the loop
+        if n_safe == safe.numel():
+            plan, n_iter = _kernel_loop(neg_c, a, b, *args)
+        elif n_safe == 0:
+            plan, n_iter = _log_loop(neg_c, a, b, *args)
+        else:  # mixed batch: solve the two groups separately and scatter back
+            safe = safe.reshape(-1)
+            neg_c, a, b = neg_c.reshape(-1, M, N), a.reshape(-1, M), b.reshape(-1, N)
+            plan = torch.empty_like(neg_c)
+            n_iter = torch.empty(safe.shape, dtype=torch.int64, device=neg_c.device)
+            plan[safe], n_iter[safe] = _kernel_loop(neg_c[safe], a[safe], b[safe], *args)
+            unsafe = ~safe
+            plan[unsafe], n_iter[unsafe] = _log_loop(neg_c[unsafe], a[unsafe], b[unsafe], *args)
+            plan, n_iter = plan.reshape(*batch, M, N), n_iter.reshape(batch)
     if return_n_iter:
         return plan, n_iter
     return plan
@@ -172,6 +246,7 @@ def sinkhorn(
     *,
     check_every: int = 10,
     early_exit: bool = True,
+    fast_path: bool = True,
     return_n_iter: bool = False,
 ):
     r"""Balanced entropic OT plans for a batch of problems (log-domain Sinkhorn).
@@ -197,7 +272,8 @@ def sinkhorn(
         check_every: the error is checked every ``check_every`` iterations (at 10, 20, ... by default).
         early_exit: leave the loop once every problem is frozen (one host sync per check). ``False`` runs
             ``max_iter`` iterations without any host sync and returns identical plans.
-        return_n_iter: also return the number of iterations each problem ran (int64, batch shape).
+        return_n_iter: also return, per problem, the number of (row + column) iterations its plan reflects
+            (int64, batch shape): the check at which it froze, or the iterations run if it never converged.
 
     Returns:
         ``[..., M, N]`` float32 plans (no grad) with column sums ``b`` (to rounding) and row sums within ``tol``
@@ -206,7 +282,7 @@ def sinkhorn(
     Stopping rule: per problem, exact (see :mod:`fedprompt.ot.sinkhorn`): a problem's plan does not depend on
     the other problems in the batch.
     """
-    return _log_sinkhorn(cost, a, b, eps, max_iter, tol, check_every, early_exit, False, return_n_iter)
+    return _solve(cost, a, b, eps, max_iter, tol, check_every, early_exit, False, fast_path, return_n_iter)
 
 
 @torch.no_grad()
@@ -220,6 +296,7 @@ def partial_sinkhorn(
     *,
     check_every: int = 10,
     early_exit: bool = True,
+    fast_path: bool = True,
     return_n_iter: bool = False,
 ):
     r"""FedOTP's unbalanced (partial) entropic OT plans for a batch of problems.
@@ -262,13 +339,14 @@ def partial_sinkhorn(
         check_every: the error is checked every ``check_every`` iterations (at 10, 20, ... by default).
         early_exit: leave the loop once every problem is frozen (one host sync per check). ``False`` runs
             ``max_iter`` iterations without any host sync and returns identical plans.
-        return_n_iter: also return the number of iterations each problem ran (int64, batch shape).
+        return_n_iter: also return, per problem, the number of (row + column) iterations its plan reflects
+            (int64, batch shape): the check at which it froze, or the iterations run if it never converged.
 
     Returns:
         ``[..., M, N]`` float32 plans (no grad) with column sums ``b`` (to rounding) and row sums ``<= a`` up to
         ``tol`` for converged problems; ``(plan, n_iter)`` if ``return_n_iter``.
     """
-    return _log_sinkhorn(cost, a, b, eps, max_iter, tol, check_every, early_exit, True, return_n_iter)
+    return _solve(cost, a, b, eps, max_iter, tol, check_every, early_exit, True, fast_path, return_n_iter)
 
 
 @torch.no_grad()

@@ -1,0 +1,61 @@
+"""Shared fixtures: the tiny random-init architecture, the real images in ../shared/data, an in-process CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FEDPROMPT_SHARED", ROOT.parent / "shared"))
+PACS = SHARED / "data" / "pacs-mini"
+CIFAR10 = SHARED / "data" / "cifar10-mini"
+EFFL0 = SHARED / "models" / "effl0-minilm"
+
+TINY = ["--backbone.model", "fedprompt-tiny", "--backbone.pretrained", "null"]
+
+
+def require(path: Path) -> Path:
+    """Skip the test with a clear reason when shared test data is absent."""
+    if not path.exists():
+        pytest.skip(f"shared test data not found at {path} (set FEDPROMPT_SHARED to the folder with data/ and models/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from fedprompt.backbone import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone("fedprompt-tiny", None)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``fedprompt ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from fedprompt.__main__ import main
+
+    def run(*args: str):
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in rows]

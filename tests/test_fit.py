@@ -1,0 +1,129 @@
+"""The CLI end to end: run directory contract, resume, evaluate, partition, and the error messages."""
+
+import json
+
+import torch
+import yaml
+
+from conftest import PACS, ROOT, TINY, read_rows, require, without_timings
+
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def test_smoke_run_writes_the_run_directory(cli, tmp_path):
+    code, out, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "run")
+    assert code == 0, err
+    run = tmp_path / "run"
+    rows = read_rows(run)
+    assert [r["round"] for r in rows] == [1, 2]
+    for key in ("train_loss", "local_acc", "local_acc_std", "clients", "bytes_up", "bytes_down", "round_seconds",
+                "global_acc", "client_acc"):
+        assert key in rows[0], key
+    assert rows[0]["bytes_up"] == 4 * 4 * 64 * 4  # 4 clients x (4 tokens x 64 dims x 4 bytes)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["local_acc"] == rows[-1]["local_acc"] and "last round" in summary["model_selection"]
+    config = yaml.safe_load((run / "hyperparameters.yaml").read_text())
+    assert config["method"]["class_path"] == "fedprompt.methods.PromptFL" and config["federation"]["rounds"] == 2
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["round"] == 2 and set(ckpt["clients"]) == {0, 1, 2, 3}
+    assert set(ckpt["global"]) == {"prompt.ctx"} and "sampler" in ckpt and "rng" in ckpt
+    for state in ckpt["clients"].values():  # PromptFL: every client holds the global prompt after aggregation
+        torch.testing.assert_close(state["prompt.ctx"], ckpt["global"]["prompt.ctx"])
+    assert (run / "csv" / "metrics.csv").is_file()
+    assert "local_acc" in out
+
+
+def test_rounds_flag_overrides_the_config(cli, tmp_path):
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, "--federation.rounds", "3")
+    assert code == 0, err
+    assert [r["round"] for r in read_rows(tmp_path)] == [1, 2, 3]
+
+
+def test_resume_gives_the_same_rows_as_an_uninterrupted_run(cli, tmp_path):
+    flags = ["--federation.fraction", "0.5", "--train.augment", "true"]  # sampling and augmentation must resume too
+    assert cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "full", "--federation.rounds", "4", *flags)[0] == 0
+    assert cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "cut", "--federation.rounds", "2", *flags)[0] == 0
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "cut", "--federation.rounds", "4", *flags,
+                       "--resume", tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert code == 0, err
+    full, cut = without_timings(read_rows(tmp_path / "full")), without_timings(read_rows(tmp_path / "cut"))
+    assert [r["round"] for r in cut] == [1, 2, 3, 4]
+    assert cut == full
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert torch.equal(a["global"]["prompt.ctx"], b["global"]["prompt.ctx"])
+
+
+def test_existing_run_is_not_overwritten(cli, tmp_path):
+    assert cli("fit", "--config", SMOKE, "--out_dir", tmp_path)[0] == 0
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path)
+    assert code == 2 and "already holds a run" in err and "--resume" in err
+
+
+def test_evaluate_and_zeroshot_commands(cli, tmp_path):
+    assert cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "run")[0] == 0
+    code, out, err = cli("evaluate", "--config", SMOKE, "--resume", tmp_path / "run" / "checkpoints" / "last.ckpt",
+                         "--out_dir", tmp_path / "run")
+    assert code == 0, err
+    evaluated = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evaluated["local_acc"] == read_rows(tmp_path / "run")[-1]["local_acc"]
+    code, out, err = cli("zeroshot", "--config", SMOKE, "--method", "ZeroShot", "--out_dir", tmp_path / "zs")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "zs" / "summary.json").read_text())
+    assert len(summary["client_acc"]) == 4 and 0 <= summary["local_acc"] <= 1
+    assert "client" in out and "local_acc" in out
+
+
+def test_partition_command_table_and_json(cli):
+    code, out, _ = cli("partition", "--config", SMOKE)
+    assert code == 0 and "red square" in out and "4 clients, 4 classes" in out
+    code, out, _ = cli("partition", "--config", SMOKE, "--json", "true")
+    table = json.loads(out)
+    assert len(table["clients"]) == 4 and sum(sum(c["train"]) for c in table["clients"]) == 64
+
+
+def test_print_config_round_trips(cli, tmp_path):
+    code, out, _ = cli("fit", "--config", SMOKE, "--print_config")
+    assert code == 0
+    (tmp_path / "printed.yaml").write_text(out)
+    assert yaml.safe_load(out)["backbone"]["model"] == "fedprompt-tiny"
+    code, _, err = cli("fit", "--config", tmp_path / "printed.yaml", "--out_dir", tmp_path / "run",
+                       "--federation.rounds", "1")
+    assert code == 0, err
+
+
+def test_missing_data_root_is_one_clear_error(cli):
+    code, out, err = cli("fit", "--config", str(ROOT / "configs" / "promptfl_pacs.yaml"), *TINY,
+                         "--data.root", "/does/not/exist")
+    assert code == 2 and "/does/not/exist" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_unknown_method_is_one_clear_error(cli):
+    code, _, err = cli("fit", "--config", SMOKE, "--method", "NoSuchMethod")
+    assert code == 2 and "NoSuchMethod" in err and "Traceback" not in err
+
+
+def test_unknown_domain_is_one_clear_error(cli):
+    require(PACS)
+    code, _, err = cli("fit", "--config", str(ROOT / "configs" / "promptfl_pacs.yaml"), *TINY,
+                       "--data.root", PACS, "--data.domains", "[photo,watercolor]")
+    assert code == 2 and "watercolor" in err and "art_painting" in err
+
+
+def test_undownloadable_pretrained_tag_is_one_clear_error(cli, monkeypatch):
+    import open_clip.factory
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("network unreachable")))
+    code, _, err = cli("fit", "--config", SMOKE, "--backbone.model", "ViT-B-32", "--backbone.pretrained", "openai")
+    assert code == 2 and "openai" in err and "--backbone.pretrained /path/to" in err and "Traceback" not in err
+
+
+def test_non_finite_loss_is_reported_not_dropped(cli, tmp_path):
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "a", "--method.lr", "1e30",
+                       "--federation.rounds", "3")
+    assert code == 2 and "non-finite loss" in err and "client" in err
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "b", "--method.lr", "1e30",
+                       "--federation.rounds", "3", "--federation.on_client_failure", "skip")
+    assert code == 0, err
+    assert any("failed_clients" in row for row in read_rows(tmp_path / "b"))
