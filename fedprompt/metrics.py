@@ -9,8 +9,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 
 def accuracy_metric(num_classes: int) -> MulticlassAccuracy:
-    """Top-1 accuracy over all samples (micro average)."""
-    return MulticlassAccuracy(num_classes=num_classes, average="micro")
+    """Top-1 accuracy over all samples (micro average) of ONE client on this rank.
+
+    ``sync_on_compute=False``: each rank evaluates different clients; the round loop gathers the per-client results
+    itself (torchmetrics' default would sum the counts of different clients across ranks, and hang when ranks hold
+    different numbers of clients)."""
+    return MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False)
 
 
 def summarize(client_acc: dict[int, float], client_n: dict[int, int], global_model: bool) -> dict:

@@ -218,7 +218,10 @@ class CIFAR(FederatedData):
             raise FedPromptError(f"data: {self.name} not found under {root} ({err}). Pass --data.download true "
                                  "(needs network) or put the extracted python version of the dataset there.") from None
         except Exception as err:  # network errors from the download
-            raise FedPromptError(f"data: could not download {self.name} into {root}: {err}") from None
+            raise FedPromptError(f"data: could not download {self.name} into {root} ({type(err).__name__}). "
+                                 f"Offline, copy the extracted torchvision archive into {root}, or pass --data.root "
+                                 "with image folders root/{train,test}/<class>/<image>, and --data.download false.") \
+                from None
         classnames = [c.replace("_", " ") for c in sets["train"].classes]
         samples = {split: [Sample(f"{self.name}:{split}:{i}", int(t), "") for i, t in enumerate(ds.targets)]
                    for split, ds in sets.items()}

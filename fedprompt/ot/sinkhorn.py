@@ -1,4 +1,4 @@
-"""Batched entropic optimal transport in torch (log domain, fp32, no gradients).
+"""Batched entropic optimal transport in torch (log-domain stabilised, fp32, no gradients).
 
 Three plans are provided, all for a batch of cost matrices ``cost`` of shape ``[..., M, N]`` (M patches, N prompts
 in FedOTP) with marginals ``a`` (``[..., M]`` or ``[M]``) and ``b`` (``[..., N]`` or ``[N]``) that broadcast
@@ -19,20 +19,32 @@ Implementation notes (common to both solvers)
 * **No gradients.** Everything runs under :func:`torch.no_grad` on detached inputs: the returned plan never
   requires grad, even if ``cost`` does (FedOTP treats T as a constant; gradients reach the prompts through the
   similarity matrix in ``sum(T * S)``, not through T).
-* **Stabilisation: log domain.** The iterations run on the scaled dual potentials ``F = log u`` and ``G = log v``
-  using ``logsumexp`` over ``-C/eps + G`` (rows) and ``-C/eps + F`` (columns); the kernel ``exp(-C/eps)`` is never
-  formed. With FedOTP's costs ``C = 1 - cos`` in ``[0, 2]`` and ``eps = 0.01``, ``exp(-C/eps)`` goes down to
-  ``exp(-200)``, which underflows to 0 in fp32 (smallest subnormal ~1.4e-45 = exp(-103)); the plain-kernel
-  iteration then divides by zero, while the log-domain one stays finite and exact. The final plan is formed as
-  ``T_ij = b_j * softmax_i(F_i - C_ij/eps)`` (the column form of ``exp(F_i + G_j - C_ij/eps)``): it cannot
-  overflow, its column sums are ``b`` to fp32 summation accuracy, and entries below ~1e-45 flush to 0, as they
-  should.
+* **Stabilisation: log domain, with a plain-kernel fast path only where it is provably safe.** Each problem's
+  cost is first shifted by its own minimum (``C - min C``; the optimal plan of both problems is unchanged because
+  the transported mass is fixed), so the kernel ``K = exp(-(C - min C)/eps)`` has entries in ``[exp(-R), 1]``
+  with ``R = (max C - min C)/eps``.
+
+  - *Log-domain path (the general one).* The iterations run on the scaled dual potentials ``F = log u`` and
+    ``G = log v`` using ``logsumexp`` over ``-C/eps + G`` (rows) and ``-C/eps + F`` (columns); the kernel is never
+    formed. With FedOTP's costs ``C = 1 - cos`` in ``[0, 2]`` and ``eps = 0.01``, ``R`` reaches 200 and
+    ``exp(-200)`` underflows to 0 in fp32 (smallest subnormal ~1.4e-45 = exp(-103)): the plain-kernel iteration
+    then divides by zero, while the log-domain one stays finite and exact. The final plan is formed as
+    ``T_ij = b_j * softmax_i(F_i - C_ij/eps)`` (the column form of ``exp(F_i + G_j - C_ij/eps)``): it cannot
+    overflow, its column sums are ``b`` to fp32 summation accuracy, and tiny entries flush to 0, as they should.
+  - *Kernel fast path* (``fast_path=True``, the default): problems with ``R <= KERNEL_SAFE_RANGE = 30`` (always
+    the case at FedOTP's ``eps = 0.1`` with costs in [0, 2]) run the same iteration in scaling form with batched
+    matrix-vector products, 3-5x faster per iteration on CPU. With ``R <= 30`` no kernel entry underflows and the
+    scaling vectors stay within ~exp(+-2R) times marginal-size factors, far inside fp32's range; on stress tests
+    (costs uniform, binary, block-structured, a single cheap entry; Dirichlet(0.3) marginals) it agrees with the
+    log path to ~2e-7 with identical iteration counts up to R = 30 (and still agrees at R = 80, so 30 leaves
+    margin). The path is chosen per problem from its own cost only, so it never makes one problem depend on the
+    others; choosing costs one host sync before the loop (``fast_path=False``: log path only, no sync there).
 * **Memory.** Only broadcasting is used (no ``diag_embed``): the temporaries are ``O(batch x M x N)``.
 * **Stopping rule (exact per problem).** Every ``check_every`` iterations (default 10) each problem's error is
   computed on the device: ``err = sum_i |r'_i - r_i|``, the L1 amount of mass the next row (patch) update would
   move, where ``r`` are the current row sums and ``r'`` the row sums after the update (``r' = a`` for the balanced
   problem, so ``err = ||T 1 - a||_1`` as in POT; ``r' = min(a, r / u)`` for the partial problem). A problem whose
-  ``err <= tol`` is *frozen*: its potential ``F`` is saved at that check and restored after the loop (the batch
+  ``err <= tol`` is *frozen*: its potential ``F`` (or ``u``) is saved at that check and restored after the loop (the batch
   keeps iterating it, but every operation is per problem and the extra iterations are discarded), so its result
   is exactly the one it would get if it were solved alone -- the check points (iterations 10, 20, ...) do not depend
   on the batch, and other problems in the batch cannot change it. The column update is always the last update
@@ -249,7 +261,7 @@ def sinkhorn(
     fast_path: bool = True,
     return_n_iter: bool = False,
 ):
-    r"""Balanced entropic OT plans for a batch of problems (log-domain Sinkhorn).
+    r"""Balanced entropic OT plans for a batch of problems (stabilised Sinkhorn).
 
     Solves, independently for every problem in the batch,
 
@@ -257,7 +269,8 @@ def sinkhorn(
                + \varepsilon \sum_{ij} T_{ij} (\log T_{ij} - 1),
 
     whose solution is ``T = diag(u) K diag(v)`` with ``K = exp(-C/eps)``. Iteration (FedOTP's ``OT='Sinkhorn'``
-    ablation, in log form): ``v = 1``; repeat ``u = a / (K v)``; ``v = b / (K^T u)``. The result matches
+    ablation; on the min-shifted kernel, in log form or, where safe, scaling form -- see the module notes):
+    ``v = 1``; repeat ``u = a / (K v)``; ``v = b / (K^T u)``. The result matches
     ``ot.sinkhorn(a, b, C, eps)`` when both are run to convergence. The problem needs ``sum(a) == sum(b)``; if the
     masses differ the column marginal is still ``b`` (the last update is the column one) and the row marginal
     cannot be met, so the solver runs to ``max_iter``.
@@ -271,7 +284,9 @@ def sinkhorn(
         tol: a problem stops (is frozen) at the first check where ``||T 1 - a||_1 <= tol``.
         check_every: the error is checked every ``check_every`` iterations (at 10, 20, ... by default).
         early_exit: leave the loop once every problem is frozen (one host sync per check). ``False`` runs
-            ``max_iter`` iterations without any host sync and returns identical plans.
+            ``max_iter`` iterations without any host sync in the loop and returns identical plans.
+        fast_path: use the plain-kernel iteration for the problems where it is safe
+            (``(max C - min C)/eps <= KERNEL_SAFE_RANGE``); same plans to fp32 rounding. ``False``: log domain only.
         return_n_iter: also return, per problem, the number of (row + column) iterations its plan reflects
             (int64, batch shape): the check at which it froze, or the iterations run if it never converged.
 
@@ -279,8 +294,8 @@ def sinkhorn(
         ``[..., M, N]`` float32 plans (no grad) with column sums ``b`` (to rounding) and row sums within ``tol``
         (L1) of ``a`` for converged problems; ``(plan, n_iter)`` if ``return_n_iter``.
 
-    Stopping rule: per problem, exact (see :mod:`fedprompt.ot.sinkhorn`): a problem's plan does not depend on
-    the other problems in the batch.
+    Stopping rule: per problem, exact (see the module notes of ``fedprompt/ot/sinkhorn.py``): a problem's plan
+    does not depend on the other problems in the batch (beyond fp32 rounding of batched kernels, ~1e-8).
     """
     return _solve(cost, a, b, eps, max_iter, tol, check_every, early_exit, False, fast_path, return_n_iter)
 
@@ -312,8 +327,9 @@ def partial_sinkhorn(
     POT's constraints ``T^T 1 <= b`` and ``sum(T) = m`` force ``T^T 1 = b``.
 
     Update rule: the literal FedOTP / POT-style rule, ``v = 1``; repeat ``u = min(a / (K v), 1)``;
-    ``v = b / (K^T u)``; ``T = diag(u) K diag(v)``, run in the log domain
-    (``F = min(log a - logsumexp_j(G_j - C_ij/eps), 0)``, ``G = log b - logsumexp_i(F_i - C_ij/eps)``).
+    ``v = b / (K^T u)``; ``T = diag(u) K diag(v)``, on the min-shifted kernel (which does not change the plan),
+    run in the log domain (``F = min(log a - logsumexp_j(G_j - C_ij/eps), 0)``,
+    ``G = log b - logsumexp_i(F_i - C_ij/eps)``) or, where provably safe, in scaling form (module notes).
 
     Why the literal rule is correct (and was kept): it is exact block-coordinate ascent on the dual
     ``max_{f <= 0, g} <f, a> + <g, b> - eps * sum_ij exp((f_i + g_j - C_ij)/eps)``: for fixed ``g`` the dual is
@@ -338,7 +354,9 @@ def partial_sinkhorn(
             violation of ``T 1 <= a`` and of complementary slackness (rows with ``u_i < 1`` must be tight).
         check_every: the error is checked every ``check_every`` iterations (at 10, 20, ... by default).
         early_exit: leave the loop once every problem is frozen (one host sync per check). ``False`` runs
-            ``max_iter`` iterations without any host sync and returns identical plans.
+            ``max_iter`` iterations without any host sync in the loop and returns identical plans.
+        fast_path: use the plain-kernel iteration for the problems where it is safe
+            (``(max C - min C)/eps <= KERNEL_SAFE_RANGE``); same plans to fp32 rounding. ``False``: log domain only.
         return_n_iter: also return, per problem, the number of (row + column) iterations its plan reflects
             (int64, batch shape): the check at which it froze, or the iterations run if it never converged.
 
@@ -372,7 +390,7 @@ def uniform_plan(cost_like: torch.Tensor, a: Marginal, b: Marginal) -> torch.Ten
     """
     if cost_like.dim() < 2:
         raise ValueError(f"cost_like must have shape [..., M, N], got shape {tuple(cost_like.shape)}")
-    # Only shapes are needed from cost_like: an empty stand-in avoids casting a possibly large tensor.
+    # Only the shape of cost_like is needed: a zero-stride stand-in avoids casting a possibly large tensor.
     shape_only = torch.zeros((), device=cost_like.device).expand(*cost_like.shape)
     cost, a, b = _prepare(shape_only, a, b)
     plan = a.unsqueeze(-1) * b.unsqueeze(-2) / a.sum(-1)[..., None, None]
