@@ -217,8 +217,10 @@ def test_kernel_fast_path_matches_log_domain(solver):
     kw = dict(eps=0.01, max_iter=3000, tol=1e-6, return_n_iter=True)
     fast, n_fast = solver(cost, a, b, fast_path=True, **kw)
     slow, n_slow = solver(cost, a, b, fast_path=False, **kw)
-    assert torch.equal(n_fast, n_slow)
-    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
+    # Same math, different fp32 rounding: a problem whose error is within rounding of tol at a check may stop one
+    # check (10 iterations) earlier or later, which moves its plan by about tol.
+    assert (n_fast - n_slow).abs().max() <= 10 and (n_fast == n_slow).float().mean() >= 0.5
+    torch.testing.assert_close(fast, slow, rtol=0, atol=2e-6)
     # all-safe batch (FedOTP's eps = 0.1 with costs in [0, 2]) against POT
     cost2, a2, b2 = _problem(3, 49, 3, seed=21)
     b2 = b2 if solver is partial_sinkhorn else b2 / GAMMA
@@ -252,6 +254,19 @@ def test_matches_slow_reference(dtype):
     bb = b / GAMMA
     ref_b = reference_sinkhorn(cost, a, bb, eps, max_iter=3000, tol=0.0, dtype=dtype)
     _close(sinkhorn(cost.float(), a.float(), bb.float(), eps, **TIGHT), ref_b)
+
+
+@pytest.mark.parametrize("lo,hi,eps", [(0.0, 2.0, 0.1), (0.6, 0.9, 0.01), (0.0, 2.0, 0.05)])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_same_iterates_as_official_code(lo, hi, eps, fast_path):
+    """After k iterations (converged or not) the plan equals the literal FedOTP iteration's (float64 port)."""
+    cost, a, b = _problem(4, 196, 2, lo=lo, hi=hi, seed=13)
+    bb = b / GAMMA
+    for k in (1, 5, 100):
+        p = partial_sinkhorn(cost, a, b, eps, max_iter=k, tol=0.0, fast_path=fast_path)
+        _close(p, reference_partial_sinkhorn(cost, a, b, eps, max_iter=k, tol=0.0, dtype=torch.float64), atol=1e-6)
+        p = sinkhorn(cost, a, bb, eps, max_iter=k, tol=0.0, fast_path=fast_path)
+        _close(p, reference_sinkhorn(cost, a, bb, eps, max_iter=k, tol=0.0, dtype=torch.float64), atol=1e-6)
 
 
 def test_reference_with_fedotp_defaults_is_close_to_converged_plan():

@@ -11,12 +11,14 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 from fedprompt.data.base import ClientSplit, DatasetSplits, Sample
 from fedprompt.data.partition import IID, ByDomain, Partitioner, few_shot
+from fedprompt.data.protocols import subsample_classes
 from fedprompt.errors import FedPromptError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -46,13 +48,17 @@ class FederatedData:
         num_shots: keep this many train images per class per client (``None`` keeps all).
         seed: seed of the partition, few-shot sampling and any train/test split the reader makes.
         num_workers: DataLoader worker processes per client loader.
+        subsample_classes: ``all`` classes, or the CoOp ``base`` / ``novel`` half (sorted labels; base = first ceil(C/2);
+            each half relabelled from 0).
     """
 
     default_dirname = ""
 
     def __init__(self, root: str | None = None, dirname: str | None = None, partition: Partitioner | None = None,
-                 num_shots: int | None = None, seed: int = 0, num_workers: int = 0):
+                 num_shots: int | None = None, seed: int = 0, num_workers: int = 0,
+                 subsample_classes: Literal["all", "base", "novel"] = "all"):
         self.root = root
+        self.subsample_classes = subsample_classes
         self.dirname = dirname if dirname is not None else self.default_dirname
         self.partition = partition
         self.num_shots = num_shots
@@ -86,7 +92,7 @@ class FederatedData:
 
     def setup(self) -> FederatedSplits:
         """Read, partition and few-shot sample; deterministic for a given ``seed``."""
-        source = self.read()
+        source = subsample_classes(self.read(), self.subsample_classes)
         partition = self.partition or self.default_partition()
         clients = partition.split(source, self.seed)
         if self.num_shots is not None:

@@ -122,11 +122,12 @@ class FedOTP(Method):
     personalised, so no ``global_acc`` is reported. Every client is evaluated with its own global + local prompts
     through the same OT forward as in training.
 
-    Base-to-novel: the prompts are unified (shared by all classes), so a client's state works for any class list.
-    For novel classes fedprompt uses the client's global + local prompts with the same OT forward, exactly as at
-    test time on base classes (the method's model is the pair; a global-only evaluation would be a different
-    classifier, and the third-party collapse reported by pFedMMA -- Local 97.3, Base 18.0, Novel 36.7 -- comes from
-    the local prompt overfitting the client's few base classes, which is what this protocol is meant to expose).
+    Base-to-novel (the spec leaves open which prompts score novel classes): the prompts are unified (shared by all
+    classes), so a client's state works for any list of class names, and fedprompt scores novel classes with the
+    client's global + local prompts through the same OT forward, exactly as on its own test data. The evaluated
+    model is then the one that was trained, and Base and Novel measure the same classifier as Local. A global-only
+    evaluation would be a different classifier that was never trained alone (pFedMMA's third-party runs of FedOTP
+    report Local 97.3, Base 18.0, Novel 36.7).
 
     Differences from the official code (see specs section 2): class lists are ordered (sorted), the local optimiser
     is fresh per client and round (no momentum carried across clients), the solver runs in the log domain (stable
@@ -154,8 +155,8 @@ class FedOTP(Method):
     image_inputs = ("tokens",)
 
     def __init__(self, n_ctx: int = 16, ot: Literal["unbalanced", "balanced", "uniform"] = "unbalanced",
-                 gamma: float = 0.8, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-3, lr: float = 0.001, momentum: float = 0.9,
-                 weight_decay: float = 5e-4):
+                 gamma: float = 0.8, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-3, lr: float = 0.001,
+                 momentum: float = 0.9, weight_decay: float = 5e-4):
         super().__init__(lr, momentum, weight_decay)
         if ot not in PLAN_KINDS:
             raise FedPromptError(f"method.ot: unknown transport plan {ot!r}; choose one of "

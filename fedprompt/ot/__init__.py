@@ -1,4 +1,4 @@
-"""Batched entropic optimal transport for FedOTP (torch, log domain, float32, no gradients).
+"""Batched entropic optimal transport for FedOTP (torch, log-domain stabilised, float32, no gradients).
 
 Public API:
 

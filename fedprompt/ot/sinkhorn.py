@@ -19,7 +19,7 @@ Implementation notes (common to both solvers)
 * **No gradients.** Everything runs under :func:`torch.no_grad` on detached inputs: the returned plan never
   requires grad, even if ``cost`` does (FedOTP treats T as a constant; gradients reach the prompts through the
   similarity matrix in ``sum(T * S)``, not through T).
-* **Stabilisation: log domain, with a plain-kernel fast path only where it is provably safe.** Each problem's
+* **Stabilisation: log domain, with a plain-kernel fast path only where the kernel range is bounded.** Each problem's
   cost is first shifted by its own minimum (``C - min C``; the optimal plan of both problems is unchanged because
   the transported mass is fixed), so the kernel ``K = exp(-(C - min C)/eps)`` has entries in ``[exp(-R), 1]``
   with ``R = (max C - min C)/eps``.
@@ -36,23 +36,28 @@ Implementation notes (common to both solvers)
     matrix-vector products, 3-5x faster per iteration on CPU. With ``R <= 30`` no kernel entry underflows and the
     scaling vectors stay within ~exp(+-2R) times marginal-size factors, far inside fp32's range; on stress tests
     (costs uniform, binary, block-structured, a single cheap entry; Dirichlet(0.3) marginals) it agrees with the
-    log path to ~2e-7 with identical iteration counts up to R = 30 (and still agrees at R = 80, so 30 leaves
-    margin). The path is chosen per problem from its own cost only, so it never makes one problem depend on the
-    others; choosing costs one host sync before the loop (``fast_path=False``: log path only, no sync there).
+    log path to ~2e-7 with (almost always) identical iteration counts up to R = 30 (and still agrees at R = 80,
+    so 30 leaves margin). The partial problem also needs ``min C >= -eps`` there (true for ``1 - cos``). The path
+    is chosen per problem from its own cost only, so it never makes one problem depend on the others; choosing
+    costs one host sync before the loop (``fast_path=False``: log path only, no sync there).
+* **Same iterates as FedOTP.** The start is FedOTP's ``v = 1`` on the unshifted kernel (``G = -min C / eps`` on the
+  shifted one; for the balanced problem, whose plans are invariant to rescaling ``v``, simply ``G = 0``), so the
+  plan after ``k`` iterations equals the official code's after ``k`` iterations (checked to ~1e-8 against the
+  float64 literal port in :mod:`fedprompt.ot.reference`, converged or not) -- only the stopping test differs.
 * **Memory.** Only broadcasting is used (no ``diag_embed``): the temporaries are ``O(batch x M x N)``.
 * **Stopping rule (exact per problem).** Every ``check_every`` iterations (default 10) each problem's error is
   computed on the device: ``err = sum_i |r'_i - r_i|``, the L1 amount of mass the next row (patch) update would
   move, where ``r`` are the current row sums and ``r'`` the row sums after the update (``r' = a`` for the balanced
   problem, so ``err = ||T 1 - a||_1`` as in POT; ``r' = min(a, r / u)`` for the partial problem). A problem whose
-  ``err <= tol`` is *frozen*: its potential ``F`` (or ``u``) is saved at that check and restored after the loop (the batch
-  keeps iterating it, but every operation is per problem and the extra iterations are discarded), so its result
-  is exactly the one it would get if it were solved alone -- the check points (iterations 10, 20, ...) do not depend
-  on the batch, and other problems in the batch cannot change it. The column update is always the last update
-  applied, so ``T^T 1 = b`` holds to rounding and ``T 1`` is within ``tol`` (L1) of its constraint.
+  ``err <= tol`` is *frozen*: its potential ``F`` (or ``u``) is saved at that check and restored after the loop
+  (the batch keeps iterating it, but every operation is per problem and the extra iterations are discarded), so its
+  result is exactly the one it would get if it were solved alone -- the check points (iterations 10, 20, ...) do
+  not depend on the batch, and other problems in the batch cannot change it. The column update is always the last
+  update applied, so ``T^T 1 = b`` holds to rounding and ``T 1`` is within ``tol`` (L1) of its constraint.
   Inside the loop there is no host synchronisation except, when ``early_exit=True``, one ``bool(active.any())``
   per check (every ``check_every`` iterations) to leave the loop once every problem has converged. With
   ``early_exit=False`` the loop runs ``max_iter`` iterations with no host sync at all and returns *identical*
-  plans (the frozen problems simply stop changing). Problems that have not converged after ``max_iter``
+  plans (the frozen problems' extra iterations are discarded). Problems that have not converged after ``max_iter``
   iterations return their last iterate.
 
 Note on ``tol``: it is an L1 marginal error on the plan (units of mass; the total mass is ``sum(b)``), which is
@@ -97,7 +102,12 @@ def _prepare(cost: torch.Tensor, a: Marginal, b: Marginal):
         raise ValueError(f"a must have shape [..., M] with M = {M} (cost is {tuple(cost.shape)}), got {tuple(a.shape)}")
     if b.shape[-1] != N:
         raise ValueError(f"b must have shape [..., N] with N = {N} (cost is {tuple(cost.shape)}), got {tuple(b.shape)}")
-    batch = torch.broadcast_shapes(cost.shape[:-2], a.shape[:-1], b.shape[:-1])
+    try:
+        batch = torch.broadcast_shapes(cost.shape[:-2], a.shape[:-1], b.shape[:-1])
+    except RuntimeError as e:
+        raise ValueError(
+            f"batch dims do not broadcast: cost {tuple(cost.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
+        ) from e
     cost = cost.expand(*batch, M, N)
     a = a.expand(*batch, M)
     b = b.expand(*batch, N)
@@ -121,14 +131,14 @@ def _check_args(eps: float, max_iter: int, tol: float, check_every: int) -> None
 KERNEL_SAFE_RANGE = 30.0
 
 
-def _log_loop(neg_c, a, b, max_iter, tol, check_every, early_exit, partial):
-    """Log-domain iteration on ``F = log u``, ``G = log v`` (always finite). Returns ``(plan, n_iter)``."""
+def _log_loop(neg_c, a, b, G0, max_iter, tol, check_every, early_exit, partial):
+    """Log-domain iteration on ``F = log u``, ``G = log v`` from ``G = G0`` (always finite). -> ``(plan, n_iter)``."""
     batch, (M, N) = neg_c.shape[:-2], neg_c.shape[-2:]
     log_a = torch.log(a)  # -inf where a_i = 0: such rows get no mass
     log_b = torch.log(b)
-    # FedOTP starts from v = 1 (G = 0); F = 0 is a placeholder, overwritten by the first row update before use.
+    # F = 0 is a placeholder, overwritten by the first row update before it is used.
     F = torch.zeros(*batch, M, dtype=torch.float32, device=neg_c.device)
-    G = torch.zeros(*batch, N, dtype=torch.float32, device=neg_c.device)
+    G = G0.expand(*batch, N).clone()
     # Per-problem freezing without per-iteration masking: when a problem converges at a check, its F (which fully
     # determines its plan, see below) is copied into F_frozen and restored after the loop. The problem keeps being
     # iterated in the meantime -- every operation is per problem, so this cannot affect any other problem -- but
@@ -171,22 +181,25 @@ def _log_loop(neg_c, a, b, max_iter, tol, check_every, early_exit, partial):
     return plan, n_iter
 
 
-def _kernel_loop(neg_c, a, b, max_iter, tol, check_every, early_exit, partial):
+def _kernel_loop(neg_c, a, b, G0, max_iter, tol, check_every, early_exit, partial):
     """Plain-kernel (scaling) iteration, the same math as :func:`_log_loop`; only for safe problems (see _solve)."""
     batch, (M, N) = neg_c.shape[:-2], neg_c.shape[-2:]
     K = torch.exp(neg_c)  # [..., M, N], entries in [exp(-KERNEL_SAFE_RANGE), 1]
-    Kt = K.transpose(-1, -2)
     u = torch.ones(*batch, M, dtype=torch.float32, device=neg_c.device)  # placeholder, as F = 0 above
-    v = torch.ones(*batch, N, dtype=torch.float32, device=neg_c.device)
+    v = None  # v0 = exp(G0) may under/overflow: the first row update is done in log form below
     active = torch.ones(batch, dtype=torch.bool, device=neg_c.device)
     u_frozen = torch.ones_like(u)
     n_iter = torch.zeros(batch, dtype=torch.int64, device=neg_c.device)
     n_done = 0
     for it in range(max_iter):
-        Kv = torch.matmul(K, v.unsqueeze(-1)).squeeze(-1)  # [..., M]
-        u_new = a / Kv
-        if partial:
-            u_new = u_new.clamp_max(1.0)
+        if it == 0:  # u = a / (K exp(G0)) in log form; for the partial problem u <= 1, so exp() cannot overflow
+            F1 = torch.log(a) - torch.logsumexp(neg_c + G0.unsqueeze(-2), dim=-1)
+            u_new = torch.exp(F1.clamp_max(0.0) if partial else F1)
+        else:
+            Kv = torch.matmul(K, v.unsqueeze(-1)).squeeze(-1)  # [..., M]
+            u_new = a / Kv
+            if partial:
+                u_new = u_new.clamp_max(1.0)
         if it > 0 and it % check_every == 0:
             err = ((u_new - u) * Kv).abs().sum(-1)  # same L1 row-update error as in _log_loop
             newly = active & ~(err > tol)
@@ -196,7 +209,7 @@ def _kernel_loop(neg_c, a, b, max_iter, tol, check_every, early_exit, partial):
             if early_exit and not bool(active.any()):
                 break
         u = u_new
-        v = b / torch.matmul(Kt, u.unsqueeze(-1)).squeeze(-1)  # [..., N]
+        v = b / torch.matmul(u.unsqueeze(-2), K).squeeze(-2)  # [..., N]: K^T u
         n_done = it + 1
     u = torch.where(active.unsqueeze(-1), u, u_frozen)
     n_iter = torch.where(active, n_done, n_iter)
@@ -213,7 +226,8 @@ def _solve(cost, a, b, eps, max_iter, tol, check_every, early_exit, partial, fas
     either problem, since the total transported mass is fixed, and gives a kernel with maximum entry 1). A problem
     uses the plain-kernel fast path iff ``fast_path`` and its range ``R = (max C - min C)/eps <= KERNEL_SAFE_RANGE``,
     otherwise the log-domain path; both run the same iteration from the same start, with the same checks, so the
-    choice (made per problem, from its own cost only) changes the plan only by fp32 rounding (~1e-7), never its
+    choice (made per problem, from its own cost only) changes the plan only by fp32 rounding (~1e-7; or by ~tol
+    when that rounding moves a problem whose error is within rounding of ``tol`` to the next check), never its
     dependence on the rest of the batch. Choosing costs one host sync before the loop (none if ``fast_path=False``).
     """
     _check_args(eps, max_iter, tol, check_every)
@@ -222,25 +236,38 @@ def _solve(cost, a, b, eps, max_iter, tol, check_every, early_exit, partial, fas
     batch, (M, N) = cost.shape[:-2], cost.shape[-2:]
     cmin = cost.amin(dim=(-2, -1), keepdim=True)
     neg_c = (cost - cmin) / (-eps)  # [..., M, N], in [-R, 0]: log of the shifted Gibbs kernel
+    # Start: FedOTP's v = 1 on the *unshifted* kernel, i.e. G0 = -min(C)/eps on the shifted one, so that every
+    # iterate (not only the limit) is FedOTP's. The balanced iterates are invariant to rescaling v, so G0 = 0 there
+    # gives the same plans and keeps the kernel path's u in range.
+    if partial:
+        G0 = (cmin / (-eps)).squeeze(-1)  # [..., 1], broadcasts over N
+    else:
+        G0 = torch.zeros(1, dtype=torch.float32, device=cost.device)
     args = (max_iter, tol, check_every, early_exit, partial)
 
     if not fast_path or neg_c.numel() == 0:
-        plan, n_iter = _log_loop(neg_c, a, b, *args)
+        plan, n_iter = _log_loop(neg_c, a, b, G0, *args)
     else:
+        # Safe for the kernel path: R <= KERNEL_SAFE_RANGE, and (partial) C >= -eps so that the first u = min(.., 1)
+        # is not tiny (FedOTP's costs 1 - cos are >= 0).
         safe = neg_c.amin(dim=(-2, -1)) >= -KERNEL_SAFE_RANGE  # [...]
+        if partial:
+            safe = safe & (G0.squeeze(-1) <= 1.0)
         n_safe = int(safe.sum())  # one host sync, before the loop
         if n_safe == safe.numel():
-            plan, n_iter = _kernel_loop(neg_c, a, b, *args)
+            plan, n_iter = _kernel_loop(neg_c, a, b, G0, *args)
         elif n_safe == 0:
-            plan, n_iter = _log_loop(neg_c, a, b, *args)
+            plan, n_iter = _log_loop(neg_c, a, b, G0, *args)
         else:  # mixed batch: solve the two groups separately and scatter back
             safe = safe.reshape(-1)
             neg_c, a, b = neg_c.reshape(-1, M, N), a.reshape(-1, M), b.reshape(-1, N)
+            G0 = G0.expand(*batch, G0.shape[-1]).reshape(-1, G0.shape[-1]) if partial else G0
             plan = torch.empty_like(neg_c)
             n_iter = torch.empty(safe.shape, dtype=torch.int64, device=neg_c.device)
-            plan[safe], n_iter[safe] = _kernel_loop(neg_c[safe], a[safe], b[safe], *args)
+            g0 = (lambda m: G0[m]) if partial else (lambda m: G0)
+            plan[safe], n_iter[safe] = _kernel_loop(neg_c[safe], a[safe], b[safe], g0(safe), *args)
             unsafe = ~safe
-            plan[unsafe], n_iter[unsafe] = _log_loop(neg_c[unsafe], a[unsafe], b[unsafe], *args)
+            plan[unsafe], n_iter[unsafe] = _log_loop(neg_c[unsafe], a[unsafe], b[unsafe], g0(unsafe), *args)
             plan, n_iter = plan.reshape(*batch, M, N), n_iter.reshape(batch)
     if return_n_iter:
         return plan, n_iter
@@ -329,7 +356,7 @@ def partial_sinkhorn(
     Update rule: the literal FedOTP / POT-style rule, ``v = 1``; repeat ``u = min(a / (K v), 1)``;
     ``v = b / (K^T u)``; ``T = diag(u) K diag(v)``, on the min-shifted kernel (which does not change the plan),
     run in the log domain (``F = min(log a - logsumexp_j(G_j - C_ij/eps), 0)``,
-    ``G = log b - logsumexp_i(F_i - C_ij/eps)``) or, where provably safe, in scaling form (module notes).
+    ``G = log b - logsumexp_i(F_i - C_ij/eps)``) or, where safe, in scaling form (module notes).
 
     Why the literal rule is correct (and was kept): it is exact block-coordinate ascent on the dual
     ``max_{f <= 0, g} <f, a> + <g, b> - eps * sum_ij exp((f_i + g_j - C_ij)/eps)``: for fixed ``g`` the dual is
