@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from fedprompt.methods import FedOTP, FedOTPClient
 from fedprompt.ot import transport_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("FEDPROMPT_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
 PACS = SHARED_DATA / "pacs-mini"
 CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse"]
 

@@ -32,9 +32,6 @@ from fedprompt.methods.base import Method, OptimizerArgs, PromptClient
 from fedprompt.ot import PLAN_KINDS, transport_plan
 from fedprompt.prompts import ContextVectors
 
-#: number of prompts per class: index 0 global, index 1 local
-NUM_PROMPTS = 2
-
 
 def ot_logits(patches: torch.Tensor, text: torch.Tensor, logit_scale: float, kind: str = "unbalanced",
               gamma: float = 0.8, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-3) -> torch.Tensor:
