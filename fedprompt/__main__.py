@@ -94,7 +94,11 @@ def _argument_error_message(err: Exception, command: str | None) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     key = re.search(r'Parser key "([^"]+)"', text)
     given = re.search(r"Given value: (.*)", text)
-    if key and given:
+    nested = re.search(r"NestedArg\(key='([^']+)', val='([^']*)'\)", text)
+    if key and nested:  # an invalid init argument of a class_path object, e.g. --method.ot dykstra
+        detail = next((line for line in lines if "Expected" in line or "not" in line), lines[-1])
+        message = f"{key.group(1)}.{nested.group(1)}: invalid value {nested.group(2)!r} ({detail})"
+    elif key and given:
         message = f"{key.group(1)}: invalid value {given.group(1).strip()!r}"
         root = key.group(1).split(".")[0]
         known = {"method": Method, "data": FederatedData}.get(root)
@@ -105,6 +109,17 @@ def _argument_error_message(err: Exception, command: str | None) -> str:
     else:
         message = " ".join(lines[:3])
     return message + f". See: fedprompt {command or ''} --help".rstrip()
+
+
+def _find_cause(err: BaseException | None, kind: type) -> BaseException | None:
+    """The first exception of type ``kind`` in ``err``'s cause/context chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _no_exit_on_error(parser) -> None:
@@ -132,7 +147,13 @@ def main(argv: list[str] | None = None) -> None:
             command = next((a for a in argv if a in components), None)
             raise FedPromptError(_argument_error_message(err, command)) from None
         name = cfg.subcommand
-        init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+        try:
+            init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+        except Exception as err:  # jsonargparse wraps errors raised in __init__ (e.g. a bad method.mu)
+            cause = _find_cause(err, FedPromptError)
+            if cause is None:
+                raise
+            raise cause from None
         fedprompt.fit.RESOLVED_CONFIG = _resolved_config(parser, cfg, name)
         kwargs = {k: v for k, v in vars(init[name]).items() if k != "config"}
         components[name](**kwargs)

@@ -135,11 +135,26 @@ def build_federation(fabric, cfg: dict) -> tuple[Federation, list[str]]:
                      train_transform=train_tf, test_transform=test_tf, federation=cfg["federation"],
                      train=cfg["train"], eval=cfg["eval"], seed=cfg["seed"],
                      progress=cfg["log"].progress and fabric.global_rank == 0, num_workers=data.num_workers)
+    if splits.novel is not None:
+        _attach_novel_evaluation(fed, method, backbone, splits)
     if cfg["train"].feature_cache:
         fed.cache = FeatureCache(backbone, fabric, method.image_inputs, cfg["eval"].batch_size, splits.loader,
                                  data.num_workers)
     fed.initial_states()
     return fed, splits.classnames
+
+
+def _attach_novel_evaluation(fed: Federation, method: Method, backbone, splits) -> None:
+    """Base-to-novel protocol: a second client module on the novel class names evaluates each client's prompts."""
+    novel_client = fed.fabric.to_device(method.build_client(backbone, splits.novel.classnames))
+    base_shapes = {k: tuple(v.shape) for k, v in fed.client.state_dict().items()}
+    novel_shapes = {k: tuple(v.shape) for k, v in novel_client.state_dict().items()}
+    if getattr(method, "csc", False) or base_shapes != novel_shapes:
+        raise FedPromptError("data.subsample_classes=base: novel classes are scored with each client's prompts, "
+                             f"which must not depend on the classes ({fed.method.name} here has class-specific "
+                             "tensors; use csc: false).")
+    fed.novel_client = novel_client
+    fed.base_test, fed.novel_test = splits.source.test, splits.novel.test
 
 
 def _restore(fed: Federation, checkpoint: dict) -> None:
@@ -215,7 +230,8 @@ def _log_round(out_dir: Path, logger, fed: Federation, row: dict) -> None:
 
 
 def _summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path, rounds: int) -> dict:
-    keys = ("local_acc", "local_acc_std", "global_acc", "client_acc", "train_loss")
+    keys = ("local_acc", "local_acc_std", "global_acc", "base_acc", "novel_acc", "hm", "cm", "client_acc",
+            "client_base_acc", "client_novel_acc", "train_loss")
     return {"method": fed.method.name, "rounds": rounds, "model_selection": "last round (no test-set selection)",
             **{k: row[k] for k in keys if k in row}, "clients": [c.name for c in fed.clients],
             "num_train": [len(c.train) for c in fed.clients], "num_test": [len(c.test) for c in fed.clients],
@@ -248,4 +264,7 @@ def _print_clients(fed: Federation, client_acc: list[float] | None, summary: dic
     line = f"local_acc {summary['local_acc']:.4f} +- {summary['local_acc_std']:.4f}"
     if "global_acc" in summary:
         line += f"   global_acc {summary['global_acc']:.4f}"
+    if "hm" in summary:
+        line += (f"   base {summary['base_acc']:.4f} novel {summary['novel_acc']:.4f} hm {summary['hm']:.4f} "
+                 f"cm {summary['cm']:.4f}")
     print(line + f"   -> {summary['out_dir']}")

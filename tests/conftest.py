@@ -11,6 +11,7 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network (and nothing probes it)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FEDPROMPT_SHARED", ROOT.parent / "shared"))

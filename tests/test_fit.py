@@ -127,3 +127,21 @@ def test_non_finite_loss_is_reported_not_dropped(cli, tmp_path):
                        "--federation.rounds", "3", "--federation.on_client_failure", "skip")
     assert code == 0, err
     assert any("failed_clients" in row for row in read_rows(tmp_path / "b"))
+
+
+def test_base_to_novel_protocol_reports_base_novel_hm_cm(cli, tmp_path):
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, "--data.num_classes", "8",
+                       "--data.subsample_classes", "base")
+    assert code == 0, err
+    row = read_rows(tmp_path)[-1]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["classnames"] == ["red square", "green circle", "blue triangle", "yellow cross"]  # base half
+    base, novel = row["base_acc"], row["novel_acc"]
+    assert row["hm"] == (2 * base * novel / (base + novel) if base and novel else 0.0)
+    assert abs(row["cm"] - (row["local_acc"] + row["hm"]) / 2) < 1e-12
+    assert len(row["client_novel_acc"]) == 4
+    # PromptFL: every client holds the global prompt and the clients' test sets cover the base test set
+    assert abs(base - row["global_acc"]) < 1e-6
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "csc", "--data.num_classes", "8",
+                       "--data.subsample_classes", "base", "--method.csc", "true")
+    assert code == 2 and "class-specific" in err

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -93,6 +94,19 @@ def _register_dict_config(name: str, model_cfg: dict) -> None:
     register_model_config(path)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether weights could be downloaded: fail in seconds offline instead of after a minute of retries.
+
+    With ``HF_HUB_OFFLINE=1`` nothing is probed and open_clip's own (cache-only) lookup decides."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _download_hint(model: str, pretrained: str) -> str:
     return (
         f"backbone.pretrained: could not download the open_clip weights '{pretrained}' for '{model}' "
@@ -134,6 +148,8 @@ def load_open_clip(model: str, pretrained: str | None = None, cache_dir: str | N
             f"{', '.join(open_clip.list_models()[:8])}, ... (see open_clip.list_models()); or pass a local model "
             "folder as backbone.pretrained."
         )
+    if pretrained and not os.path.exists(pretrained) and not _hub_reachable():
+        raise FedPromptError(_download_hint(model, pretrained) + " [the Hugging Face Hub is not reachable]")
     net = _create(model, pretrained, cache_dir, source=pretrained or "random init")
     tokenizer = open_clip.get_tokenizer(model)
     return LoadedModel(net, tokenizer, _preprocess_cfg(net), name=model, source=pretrained or "random init")

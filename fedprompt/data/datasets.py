@@ -32,6 +32,8 @@ class FederatedSplits:
     classnames: list[str]
     clients: list[ClientSplit]
     source: DatasetSplits
+    novel: DatasetSplits | None = None
+    """The novel half of a base-to-novel split (``subsample_classes: base``), for Base/Novel/HM evaluation."""
 
     @property
     def loader(self):
@@ -49,7 +51,8 @@ class FederatedData:
         seed: seed of the partition, few-shot sampling and any train/test split the reader makes.
         num_workers: DataLoader worker processes per client loader.
         subsample_classes: ``all`` classes, or the CoOp ``base`` / ``novel`` half (sorted labels; base = first ceil(C/2);
-            each half relabelled from 0).
+            each half relabelled from 0). With ``base``, clients train on base classes and every evaluation also
+            reports ``base_acc``, ``novel_acc``, ``hm`` and ``cm`` (base-to-novel generalisation).
     """
 
     default_dirname = ""
@@ -92,7 +95,9 @@ class FederatedData:
 
     def setup(self) -> FederatedSplits:
         """Read, partition and few-shot sample; deterministic for a given ``seed``."""
-        source = subsample_classes(self.read(), self.subsample_classes)
+        raw = self.read()
+        source = subsample_classes(raw, self.subsample_classes)
+        novel = subsample_classes(raw, "novel") if self.subsample_classes == "base" else None
         partition = self.partition or self.default_partition()
         clients = partition.split(source, self.seed)
         if self.num_shots is not None:
@@ -101,7 +106,7 @@ class FederatedData:
         if empty:
             raise FedPromptError(f"data.partition gives clients {empty} no train samples; use fewer clients or "
                                  "another partition.")
-        return FederatedSplits(source.classnames, clients, source)
+        return FederatedSplits(source.classnames, clients, source, novel)
 
 
 def _image_files(folder: Path) -> list[Path]:

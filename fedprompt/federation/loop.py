@@ -25,7 +25,7 @@ from fedprompt.errors import ClientFailure, FedPromptError
 from fedprompt.federation.aggregators import Aggregator, state_bytes
 from fedprompt.federation.sampling import derive_seed, place, sample_clients
 from fedprompt.methods.base import Method, PromptClient
-from fedprompt.metrics import accuracy_metric, summarize
+from fedprompt.metrics import accuracy_metric, base_novel_summary, summarize
 
 State = dict[str, torch.Tensor]
 
@@ -77,6 +77,9 @@ class Federation:
     progress: bool = True
     num_workers: int = 0
     cache: object = None
+    novel_client: PromptClient | None = None
+    base_test: list = field(default_factory=list)
+    novel_test: list = field(default_factory=list)
 
     def _dataset(self, samples, transform, kind: str):
         cacheable = self.cache is not None and (kind == "test" or not self.train.augment)
@@ -122,16 +125,17 @@ class Federation:
         return mean_loss, steps
 
     @torch.no_grad()
-    def evaluate_client(self, samples) -> float:
-        """Accuracy of the loaded client on ``samples``."""
+    def evaluate_client(self, samples, client: PromptClient | None = None) -> float:
+        """Accuracy of the loaded client (or of ``client``) on ``samples``."""
         if not samples:
             return math.nan
-        self.client.eval()
-        metric = accuracy_metric(self.num_classes).to(self.fabric.device)
+        client = client or self.client
+        client.eval()
+        metric = accuracy_metric(len(client.classnames)).to(self.fabric.device)
         for batch in self._loader(samples, self.test_transform, self.eval.batch_size, False, "test"):
             batch = self.fabric.to_device(batch)
             with self.fabric.autocast():
-                logits = self.client.predict_logits(batch)
+                logits = client.predict_logits(batch)
             metric.update(logits.float(), batch["label"])
         return float(metric.compute())
 
@@ -202,15 +206,27 @@ class Federation:
         for cid in tqdm(place(ids, self.fabric.global_rank, self.fabric.world_size), desc="evaluating",
                         leave=False, disable=not self.progress):
             self._load(cid)
-            local[cid] = self.evaluate_client(self.clients[cid].test)
-        accs: dict[int, float] = {}
+            local[cid] = (self.evaluate_client(self.clients[cid].test), *self._base_novel(cid))
+        results: dict[int, tuple] = {}
         for part in all_gather_objects(self.fabric, local):
-            accs.update(part)
+            results.update(part)
+        accs = {cid: r[0] for cid, r in results.items()}
         counts = {cid: len(self.clients[cid].test) for cid in ids}
         valid = {cid: a for cid, a in accs.items() if not math.isnan(a)}
         out = summarize(valid, counts, self.method.global_model)
         out["client_acc"] = [accs[cid] for cid in ids]
+        if self.novel_client is not None:
+            out.update(base_novel_summary(out["local_acc"], [results[cid][1] for cid in ids],
+                                          [results[cid][2] for cid in ids]))
         return out
+
+    def _base_novel(self, cid: int) -> tuple[float, ...]:
+        """The loaded client's accuracy on the whole base test set and, rebuilt on the novel class names with the
+        same prompt state, on the whole novel test set (empty without a base-to-novel split)."""
+        if self.novel_client is None:
+            return ()
+        self.novel_client.load_state_dict(self.states[cid])
+        return self.evaluate_client(self.base_test), self.evaluate_client(self.novel_test, self.novel_client)
 
     def initial_states(self) -> None:
         """Every client starts from the same initial prompt state (the server's initialisation)."""
