@@ -61,6 +61,9 @@ class EvalArgs:
     """Evaluate every N rounds (the last round is always evaluated)."""
     batch_size: int = 128
     """Evaluation batch size."""
+    select: Literal["last", "val"] = "last"
+    """Model selection for summary.json: the last round, or the round with the best mean validation accuracy
+    (needs data.validation: true; also keeps checkpoints/best.ckpt). Test accuracy is never used to select."""
 
 
 @dataclass

@@ -193,6 +193,9 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
     start = checkpoint["round"] + 1 if checkpoint else 1
     rounds = cfg["federation"].rounds
     row: dict = {}
+    selector = _Selector(cfg["eval"].select, out_dir)
+    if cfg["eval"].select == "val" and not getattr(cfg["data"], "validation", False):
+        raise FedPromptError("eval.select=val needs a validation set: set data.validation: true.")
     bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not fed.progress)
     for round_idx in bar:
         tic = time.perf_counter()
@@ -204,12 +207,14 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
             _log_round(out_dir, logger, fed, row)
             state = _checkpoint(fed, round_idx, cfg, run_id)
             save_checkpoint(state, out_dir / "checkpoints" / "last.ckpt")
+            selector.update(row, state)
             every = cfg["log"].checkpoint_every
             if every and round_idx % every == 0:
                 save_checkpoint(state, out_dir / "checkpoints" / f"round-{round_idx:04d}.ckpt")
         if row.get("local_acc") is not None:
             bar.set_postfix(loss=row.get("train_loss"), acc=row.get("local_acc"))
     summary = _summary(fed, classnames, row, out_dir, rounds)
+    summary.update(selector.summary(out_dir))
     if fabric.global_rank == 0:
         write_json(out_dir / "summary.json", summary)
         if logger is not None:
@@ -217,6 +222,32 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
         _print_clients(fed, row.get("client_acc"), summary)
     fabric.barrier()
     return summary
+
+
+class _Selector:
+    """Tracks the round with the best mean validation accuracy (``eval.select: val``)."""
+
+    def __init__(self, rule: str, out_dir: Path):
+        self.rule = rule
+        self.out_dir = out_dir
+
+    def update(self, row: dict, state: dict) -> None:
+        if self.rule != "val" or row.get("val_acc") is None:
+            return
+        rows = [r for r in read_jsonl(self.out_dir / "metrics.jsonl") if r.get("val_acc") is not None]
+        if max(rows, key=lambda r: r["val_acc"])["round"] == row["round"]:  # a new best (ties keep the first)
+            save_checkpoint(state, self.out_dir / "checkpoints" / "best.ckpt")
+
+    def summary(self, out_dir: Path) -> dict:
+        if self.rule != "val":
+            return {}
+        rows = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r.get("val_acc") is not None]
+        if not rows:
+            return {}
+        best = max(rows, key=lambda r: r["val_acc"])  # the first round with the best validation accuracy
+        keys = ("round", "val_acc", "local_acc", "local_acc_std", "global_acc", "base_acc", "novel_acc", "hm", "cm")
+        return {"model_selection": "round with the best mean validation accuracy (checkpoints/best.ckpt)",
+                "selected": {k: best[k] for k in keys if k in best}}
 
 
 def _log_round(out_dir: Path, logger, fed: Federation, row: dict) -> None:
@@ -230,7 +261,7 @@ def _log_round(out_dir: Path, logger, fed: Federation, row: dict) -> None:
 
 
 def _summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path, rounds: int) -> dict:
-    keys = ("local_acc", "local_acc_std", "global_acc", "base_acc", "novel_acc", "hm", "cm", "client_acc",
+    keys = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "novel_acc", "hm", "cm", "client_acc",
             "client_base_acc", "client_novel_acc", "train_loss")
     return {"method": fed.method.name, "rounds": rounds, "model_selection": "last round (no test-set selection)",
             **{k: row[k] for k in keys if k in row}, "clients": [c.name for c in fed.clients],

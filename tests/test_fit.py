@@ -145,3 +145,17 @@ def test_base_to_novel_protocol_reports_base_novel_hm_cm(cli, tmp_path):
     code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "csc", "--data.num_classes", "8",
                        "--data.subsample_classes", "base", "--method.csc", "true")
     assert code == 2 and "class-specific" in err
+
+
+def test_validation_split_and_selection_by_validation(cli, tmp_path):
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, "--federation.rounds", "3",
+                       "--data.validation", "true", "--data.num_shots", "8", "--eval.select", "val")
+    assert code == 0, err
+    rows = read_rows(tmp_path)
+    assert all(0 <= r["val_acc"] <= 1 for r in rows)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert summary["selected"]["round"] == best["round"] and summary["selected"]["local_acc"] == best["local_acc"]
+    assert torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["round"] == best["round"]
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "b", "--eval.select", "val")
+    assert code == 2 and "data.validation" in err

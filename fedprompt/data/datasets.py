@@ -18,7 +18,7 @@ from PIL import Image
 
 from fedprompt.data.base import ClientSplit, DatasetSplits, Sample
 from fedprompt.data.partition import IID, ByDomain, Partitioner, few_shot
-from fedprompt.data.protocols import subsample_classes
+from fedprompt.data.protocols import assign_validation, subsample_classes, validation_split
 from fedprompt.errors import FedPromptError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -53,14 +53,18 @@ class FederatedData:
         subsample_classes: ``all`` classes, or the CoOp ``base`` / ``novel`` half (sorted labels; base = first ceil(C/2);
             each half relabelled from 0). With ``base``, clients train on base classes and every evaluation also
             reports ``base_acc``, ``novel_acc``, ``hm`` and ``cm`` (base-to-novel generalisation).
+        validation: give each client a validation set of min(num_shots, 4) images per class (from the reader's val
+            split, else moved out of train before partitioning); every evaluation then reports ``val_acc``, and
+            ``eval.select: val`` selects the round by it (never by test accuracy).
     """
 
     default_dirname = ""
 
     def __init__(self, root: str | None = None, dirname: str | None = None, partition: Partitioner | None = None,
                  num_shots: int | None = None, seed: int = 0, num_workers: int = 0,
-                 subsample_classes: Literal["all", "base", "novel"] = "all"):
+                 subsample_classes: Literal["all", "base", "novel"] = "all", validation: bool = False):
         self.root = root
+        self.validation = validation
         self.subsample_classes = subsample_classes
         self.dirname = dirname if dirname is not None else self.default_dirname
         self.partition = partition
@@ -96,12 +100,16 @@ class FederatedData:
     def setup(self) -> FederatedSplits:
         """Read, partition and few-shot sample; deterministic for a given ``seed``."""
         raw = self.read()
+        if self.validation:
+            raw = validation_split(raw, self.num_shots, self.seed)
         source = subsample_classes(raw, self.subsample_classes)
         novel = subsample_classes(raw, "novel") if self.subsample_classes == "base" else None
         partition = self.partition or self.default_partition()
         clients = partition.split(source, self.seed)
         if self.num_shots is not None:
             clients = [few_shot(c, self.num_shots, self.seed) for c in clients]
+        if self.validation:
+            clients = assign_validation(clients, source.val)
         empty = [c.client_id for c in clients if not c.train]
         if empty:
             raise FedPromptError(f"data.partition gives clients {empty} no train samples; use fewer clients or "

@@ -206,7 +206,8 @@ class Federation:
         for cid in tqdm(place(ids, self.fabric.global_rank, self.fabric.world_size), desc="evaluating",
                         leave=False, disable=not self.progress):
             self._load(cid)
-            local[cid] = (self.evaluate_client(self.clients[cid].test), *self._base_novel(cid))
+            local[cid] = (self.evaluate_client(self.clients[cid].test), self.evaluate_client(self.clients[cid].val),
+                          *self._base_novel(cid))
         results: dict[int, tuple] = {}
         for part in all_gather_objects(self.fabric, local):
             results.update(part)
@@ -215,9 +216,12 @@ class Federation:
         valid = {cid: a for cid, a in accs.items() if not math.isnan(a)}
         out = summarize(valid, counts, self.method.global_model)
         out["client_acc"] = [accs[cid] for cid in ids]
+        val = [results[cid][1] for cid in ids if not math.isnan(results[cid][1])]
+        if val:
+            out["val_acc"] = sum(val) / len(val)
         if self.novel_client is not None:
-            out.update(base_novel_summary(out["local_acc"], [results[cid][1] for cid in ids],
-                                          [results[cid][2] for cid in ids]))
+            out.update(base_novel_summary(out["local_acc"], [results[cid][2] for cid in ids],
+                                          [results[cid][3] for cid in ids]))
         return out
 
     def _base_novel(self, cid: int) -> tuple[float, ...]:
