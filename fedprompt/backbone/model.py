@@ -16,6 +16,7 @@ tower's own pooler.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -311,6 +312,8 @@ def load_backbone(model: str = "ViT-B-16", pretrained: str | None = "openai", tr
         truncate: exact end-of-text truncation of prompt batches (``False`` runs all 77 positions).
         cache_dir: download cache for pretrained tags.
     """
+    if pretrained and os.path.isdir(pretrained):  # a local model folder defines the architecture itself
+        model, pretrained = "", os.path.realpath(pretrained)
     # a random-init model depends on the torch seed: cache it per seed so in-process runs stay reproducible
     key = (model, pretrained, truncate, cache_dir, torch.initial_seed() if pretrained is None else None)
     if key not in _CACHE:
