@@ -187,9 +187,8 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
         _restore(fed, checkpoint)
     if mode == "evaluate" or not fed.method.trains:
         return _evaluate_only(fabric, fed, mode, cfg, out_dir, checkpoint)
-    logger = build_logger(cfg["log"], out_dir, checkpoint.get("logger_run_id") if checkpoint else None) \
-        if fabric.global_rank == 0 else None
-    run_id = logger_run_id(logger)
+    logger = build_logger(cfg["log"], out_dir, checkpoint.get("logger_run_id") if checkpoint else None,
+                          RESOLVED_CONFIG) if fabric.global_rank == 0 else None
     start = checkpoint["round"] + 1 if checkpoint else 1
     rounds = cfg["federation"].rounds
     row: dict = {}
@@ -205,7 +204,7 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
         row["round_seconds"] = time.perf_counter() - tic
         if fabric.global_rank == 0:
             _log_round(out_dir, logger, fed, row)
-            state = _checkpoint(fed, round_idx, cfg, run_id)
+            state = _checkpoint(fed, round_idx, cfg, logger_run_id(logger))  # the W&B id exists once it logged
             save_checkpoint(state, out_dir / "checkpoints" / "last.ckpt")
             selector.update(row, state)
             every = cfg["log"].checkpoint_every

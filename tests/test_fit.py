@@ -159,3 +159,18 @@ def test_validation_split_and_selection_by_validation(cli, tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["round"] == best["round"]
     code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "b", "--eval.select", "val")
     assert code == 2 and "data.validation" in err
+
+
+def test_wandb_offline_logs_and_resumes_the_same_run(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run = tmp_path / "run"
+    assert cli("fit", "--config", SMOKE, "--out_dir", run, "--log.logger", "wandb", "--federation.rounds", "1")[0] == 0
+    run_id = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["logger_run_id"]
+    assert run_id and run_id != "None"
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", run, "--log.logger", "wandb", "--federation.rounds", "2",
+                       "--resume", run / "checkpoints" / "last.ckpt")
+    assert code == 0, err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["logger_run_id"] == run_id
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert offline_runs and all(p.name.endswith(run_id) for p in offline_runs)
