@@ -21,7 +21,7 @@ Memory is O(B x C x M x N) (broadcasting only, never diagonal matrices); the sol
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,15 +78,18 @@ class FedOTPClient(PromptClient):
         max_iter: solver iteration limit.
         tol: solver tolerance.
         optim: local optimiser settings.
+        ctx_init: initialise both prompts from these words (e.g. ``"a photo of a"``; n_ctx must match their token
+            count) instead of N(0, 0.02^2) (the official code).
     """
 
     def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int = 16, ot: str = "unbalanced",
                  gamma: float = 0.8, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-3,
-                 optim: OptimizerArgs | None = None):
+                 optim: OptimizerArgs | None = None, ctx_init: str | None = None):
         super().__init__(backbone, classnames, optim)
+        words = backbone.word_embeddings(ctx_init).cpu() if ctx_init else None
         self.tokens = backbone.prompt_tokens(self.classnames, n_ctx)
-        self.global_prompt = ContextVectors(n_ctx, backbone.ctx_dim)
-        self.local_prompt = ContextVectors(n_ctx, backbone.ctx_dim)
+        self.global_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words)
+        self.local_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words)
         self.ot, self.gamma, self.eps, self.max_iter, self.tol = ot, gamma, eps, max_iter, tol
         self._logit_scale = backbone.logit_scale  # frozen: read once (a device sync on GPU)
         self._tokens_on: tuple[torch.device, PromptTokens] | None = None
@@ -145,6 +148,7 @@ class FedOTP(Method):
         lr: local SGD learning rate (1e-3 in every official script).
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
+        ctx_init: initialise both prompts from these words (``None``: random N(0, 0.02^2), as the official code).
     """
 
     shared_prefixes = ("global_prompt.",)
@@ -153,8 +157,9 @@ class FedOTP(Method):
 
     def __init__(self, n_ctx: int = 16, ot: Literal["unbalanced", "balanced", "uniform"] = "unbalanced",
                  gamma: float = 0.8, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-3, lr: float = 0.001,
-                 momentum: float = 0.9, weight_decay: float = 5e-4):
+                 momentum: float = 0.9, weight_decay: float = 5e-4, ctx_init: Optional[str] = None):
         super().__init__(lr, momentum, weight_decay)
+        self.ctx_init = ctx_init
         if ot not in PLAN_KINDS:
             raise FedPromptError(f"method.ot: unknown transport plan {ot!r}; choose one of "
                                  f"{', '.join(PLAN_KINDS)}.")
@@ -178,4 +183,4 @@ class FedOTP(Method):
 
     def build_client(self, backbone: Backbone, classnames: list[str]) -> FedOTPClient:
         return FedOTPClient(backbone, classnames, self.n_ctx, self.ot, self.gamma, self.eps, self.max_iter,
-                            self.tol, self.optim)
+                            self.tol, self.optim, self.ctx_init)
