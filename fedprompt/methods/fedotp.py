@@ -35,7 +35,7 @@ from fedprompt.prompts import ContextVectors
 
 def ot_logits(patches: torch.Tensor, text: torch.Tensor, logit_scale: float, kind: str = "unbalanced",
               gamma: float = 0.8, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-3,
-              early_exit: bool = False) -> torch.Tensor:
+              early_exit: bool | None = None) -> torch.Tensor:
     """FedOTP's OT logits from normalised patch tokens and prompt text features.
 
     Args:
@@ -48,8 +48,9 @@ def ot_logits(patches: torch.Tensor, text: torch.Tensor, logit_scale: float, kin
         eps: entropic regularisation.
         max_iter: solver iteration limit.
         tol: solver stopping tolerance (L1 marginal error of the plan, see :mod:`fedprompt.ot`).
-        early_exit: leave the solver loop once every problem converged (one host sync per check). The default runs
-            ``max_iter`` iterations with converged problems frozen: identical plans, no host sync in the loop.
+        early_exit: leave the solver loop once every problem converged (one host sync per check), or run
+            ``max_iter`` iterations with converged problems frozen and no host sync in the loop: identical plans.
+            ``None`` (default) exits early on CPU, where a sync is free, and never syncs on an accelerator.
 
     Returns:
         [B, C] fp32 logits; differentiable in ``patches`` and ``text`` through S only (the plan is a constant).
@@ -65,7 +66,7 @@ def ot_logits(patches: torch.Tensor, text: torch.Tensor, logit_scale: float, kin
         b = torch.full((n_prompts,), mass / n_prompts, device=sim.device)
         with torch.no_grad():
             plan = transport_plan(1.0 - sim.detach(), a, b, kind=kind, eps=eps, max_iter=max_iter, tol=tol,
-                                  early_exit=early_exit)
+                                  early_exit=sim.device.type == "cpu" if early_exit is None else early_exit)
         return logit_scale * (plan * sim).sum(dim=(-2, -1))
 
 
