@@ -91,3 +91,14 @@ def test_unknown_architecture_and_missing_file():
         load_backbone("ViT-Q-99", None)
     with pytest.raises(FedPromptError, match="no such file"):
         load_backbone("fedprompt-tiny", "/does/not/exist.safetensors")
+
+
+def test_resnet_attention_pool_tokens_include_the_pooled_feature():
+    torch.manual_seed(0)
+    backbone = load_backbone("RN50", None)  # FedOTP's few-shot backbone; random init, no download
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        pooled, tokens = backbone.encode_image_tokens(images)
+        reference = backbone.encode_image(images)
+    assert tokens.shape == (1, 49, 1024)  # 7 x 7 positions through the attention pool
+    torch.testing.assert_close(pooled, reference, atol=1e-5, rtol=1e-5)
