@@ -174,3 +174,12 @@ def test_wandb_offline_logs_and_resumes_the_same_run(cli, tmp_path, monkeypatch)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["logger_run_id"] == run_id
     offline_runs = list((run / "wandb").glob("offline-run-*"))
     assert offline_runs and all(p.name.endswith(run_id) for p in offline_runs)
+
+
+def test_fedotp_domainnet_without_data_says_what_is_missing(cli, monkeypatch):
+    monkeypatch.delenv("FEDPROMPT_DATA", raising=False)
+    code, _, err = cli("fit", "--config", ROOT / "configs" / "fedotp_domainnet.yaml")
+    assert code == 2
+    last = err.strip().splitlines()[-1]  # (earlier in-process tests can leave logging handlers on closed streams)
+    assert last.startswith("fedprompt: error: data.root is not set") and "FEDPROMPT_DATA" in last
+    assert "DomainNet" in last
