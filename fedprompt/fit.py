@@ -80,6 +80,8 @@ def setup(mode: str, cfg: dict) -> dict:
                              "fedprompt.methods.PromptFL) or --method PromptFL.")
     if cfg["data"] is None:
         raise FedPromptError("data is not set: give a config with data.class_path (e.g. fedprompt.data.DomainFolders).")
+    if cfg["eval"].select == "val" and not getattr(cfg["data"], "validation", False):
+        raise FedPromptError("eval.select=val needs a validation set: set data.validation: true.")
     if mode == "evaluate" and not cfg["resume"]:
         raise FedPromptError("evaluate needs --resume DIR/checkpoints/last.ckpt (the checkpoint to evaluate).")
     checkpoint = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
@@ -193,8 +195,6 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
     rounds = cfg["federation"].rounds
     row: dict = {}
     selector = _Selector(cfg["eval"].select, out_dir)
-    if cfg["eval"].select == "val" and not getattr(cfg["data"], "validation", False):
-        raise FedPromptError("eval.select=val needs a validation set: set data.validation: true.")
     bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not fed.progress)
     for round_idx in bar:
         tic = time.perf_counter()
