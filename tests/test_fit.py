@@ -183,3 +183,20 @@ def test_fedotp_domainnet_without_data_says_what_is_missing(cli, monkeypatch):
     last = err.strip().splitlines()[-1]  # (earlier in-process tests can leave logging handlers on closed streams)
     assert last.startswith("fedprompt: error: data.root is not set") and "FEDPROMPT_DATA" in last
     assert "DomainNet" in last
+
+
+def test_bf16_mixed_precision_keeps_prompts_fp32(cli, tmp_path):
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, "--fabric.precision", "bf16-mixed")
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global"]["prompt.ctx"].dtype == torch.float32
+    rows = read_rows(tmp_path)
+    assert all(0 <= r["local_acc"] <= 1 for r in rows) and rows[0]["bytes_up"] == 4 * 4 * 64 * 4
+
+
+def test_bench_command_prints_timings_and_an_exact_difference(cli):
+    code, out, err = cli("bench", "--model", "fedprompt-tiny", "--num_classes", "5", "--n_ctx", "4", "--repeats", "1")
+    assert code == 0, err
+    assert "truncated" in out and "77 tokens" in out
+    difference = float(out.strip().splitlines()[-1].split("difference|")[-1])
+    assert difference < 1e-4
