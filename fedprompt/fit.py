@@ -133,7 +133,7 @@ def build_federation(fabric, cfg: dict) -> tuple[Federation, list[str]]:
     torch.manual_seed(cfg["seed"])
     client = fabric.to_device(method.build_client(backbone, splits.classnames))
     fed = Federation(fabric=fabric, method=method, client=client, aggregator=method.build_aggregator(),
-                     clients=splits.clients, num_classes=len(splits.classnames), loader=splits.loader,
+                     clients=splits.clients, loader=splits.loader,
                      train_transform=train_tf, test_transform=test_tf, federation=cfg["federation"],
                      train=cfg["train"], eval=cfg["eval"], seed=cfg["seed"],
                      progress=cfg["log"].progress and fabric.global_rank == 0, num_workers=data.num_workers)
@@ -213,7 +213,7 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
         if row.get("local_acc") is not None:
             bar.set_postfix(loss=row.get("train_loss"), acc=row.get("local_acc"))
     summary = _summary(fed, classnames, row, out_dir, rounds)
-    summary.update(selector.summary(out_dir))
+    summary.update(selector.summary())
     if fabric.global_rank == 0:
         write_json(out_dir / "summary.json", summary)
         if logger is not None:
@@ -237,10 +237,10 @@ class _Selector:
         if max(rows, key=lambda r: r["val_acc"])["round"] == row["round"]:  # a new best (ties keep the first)
             save_checkpoint(state, self.out_dir / "checkpoints" / "best.ckpt")
 
-    def summary(self, out_dir: Path) -> dict:
+    def summary(self) -> dict:
         if self.rule != "val":
             return {}
-        rows = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r.get("val_acc") is not None]
+        rows = [r for r in read_jsonl(self.out_dir / "metrics.jsonl") if r.get("val_acc") is not None]
         if not rows:
             return {}
         best = max(rows, key=lambda r: r["val_acc"])  # the first round with the best validation accuracy

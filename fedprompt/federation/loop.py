@@ -64,7 +64,6 @@ class Federation:
     client: PromptClient
     aggregator: Aggregator
     clients: list[ClientSplit]
-    num_classes: int
     loader: object
     train_transform: object
     test_transform: object
