@@ -31,6 +31,11 @@ class FederationArgs:
     """Fraction of clients sampled each round (seeded, identical on every rank)."""
     all_clients_first_round: bool = True
     """Every client trains in round 1 (FedOTP/FedPGP do this), whatever the fraction."""
+    parallel_clients: Union[int, Literal["auto"]] = "auto"
+    """Clients trained together in lock-step on one device (K): their batches share one image-tower call, their
+    prompts one text-encoder call, and one optimizer step updates all of them; every client's result equals its
+    K = 1 result up to float rounding. auto: every client a process trains in a round (at most 32), halved when
+    the device runs out of memory."""
     on_client_failure: Literal["raise", "skip"] = "raise"
     """A client whose training fails or whose loss is not finite stops the run (raise; the last checkpoint is
     kept) or is left out of that round's aggregation and listed in metrics.jsonl as failed_clients (skip)."""
@@ -49,8 +54,8 @@ class TrainArgs:
     augment: bool = True
     """Random resized crop + flip on train images (false: the test transform)."""
     feature_cache: bool = False
-    """Encode each image once with the frozen image tower and reuse the outputs (exact: same metrics as the
-    uncached run). Test images are always cacheable; train images only with augment: false."""
+    """Encode each train image once with the frozen image tower and reuse the outputs (exact: same metrics as the
+    uncached run); needs augment: false. Evaluation caches test images by default (eval.feature_cache)."""
 
 
 @dataclass
@@ -61,6 +66,9 @@ class EvalArgs:
     """Evaluate every N rounds (the last round is always evaluated)."""
     batch_size: int = 128
     """Evaluation batch size."""
+    feature_cache: bool = True
+    """Encode each test/validation image once per run with the frozen image tower (the test transform is
+    deterministic, so this is exact); methods whose image tower holds trained prompts (FedMGP) always run it."""
     select: Literal["last", "val"] = "last"
     """Model selection for summary.json: the last round, or the round with the best mean validation accuracy
     (needs data.validation: true; also keeps checkpoints/best.ckpt). Test accuracy is never used to select."""

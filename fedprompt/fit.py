@@ -26,6 +26,7 @@ from fedprompt.data.cache import FeatureCache
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.checkpoint import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl, \
     write_text
+from fedprompt.federation.feed import Feed
 from fedprompt.federation.loop import Federation
 from fedprompt.loggers import build_logger, log_client_table, logger_run_id, numeric_metrics
 from fedprompt.methods import Method, ZeroShot
@@ -121,42 +122,51 @@ def _prepare_run_dir(fabric, out_dir: Path, mode: str, cfg: dict, checkpoint: di
     write_jsonl(out_dir / "metrics.jsonl", [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["round"] <= done])
 
 
-def build_federation(fabric, cfg: dict) -> tuple[Federation, list[str]]:
-    """Load the backbone, read and split the data, build the method's client and aggregator."""
+def build_federation(fabric, cfg: dict, timer=None) -> tuple[Federation, list[str]]:
+    """Load the backbone, read and split the data, build the method's client modules, feed and aggregator."""
     data: FederatedData = cfg["data"]
     splits = data.setup()  # before the backbone: a wrong data path fails fast, without a download attempt
     bargs: BackboneArgs = cfg["backbone"]
     torch.manual_seed(cfg["seed"])  # a random-init backbone is the same on every rank and every run
     backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
-    train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, cfg["train"].augment)
+    train_args: TrainArgs = cfg["train"]
+    train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, train_args.augment)
     method: Method = cfg["method"]
-    torch.manual_seed(cfg["seed"])
-    client = fabric.to_device(method.build_client(backbone, splits.classnames))
-    fed = Federation(fabric=fabric, method=method, client=client, aggregator=method.build_aggregator(),
-                     clients=splits.clients, loader=splits.loader,
-                     train_transform=train_tf, test_transform=test_tf, federation=cfg["federation"],
-                     train=cfg["train"], eval=cfg["eval"], seed=cfg["seed"],
-                     progress=cfg["log"].progress and fabric.global_rank == 0, num_workers=data.num_workers)
+    extra = {}
     if splits.novel is not None:
-        _attach_novel_evaluation(fed, method, backbone, splits)
-    if cfg["train"].feature_cache:
-        fed.cache = FeatureCache(backbone, fabric, method.image_inputs, cfg["eval"].batch_size, splits.loader,
-                                 data.num_workers)
+        extra = {"base": splits.source.test, "novel": splits.novel.test}
+    frozen = method.frozen_image_tower
+    cache_train = train_args.feature_cache and not train_args.augment
+    cache_eval = cfg["eval"].feature_cache or train_args.feature_cache
+    if train_args.feature_cache and not frozen:
+        raise FedPromptError(f"train.feature_cache: {method.name} trains prompts inside the image tower, so its "
+                             "outputs cannot be cached; set --train.feature_cache false.")
+    cache = None
+    if frozen and (cache_train or cache_eval):
+        cache = FeatureCache(backbone, fabric, method.image_inputs, cfg["eval"].batch_size, splits.loader,
+                             data.num_workers)
+    feed = Feed(splits.clients, extra, train_tf, test_tf, splits.loader, num_workers=data.num_workers,
+                pin_memory=fabric.device.type == "cuda", cache=cache, cache_train=cache_train,
+                cache_eval=cache_eval and frozen)
+    fed = Federation(fabric=fabric, method=method, backbone=backbone, classnames=splits.classnames,
+                     aggregator=method.build_aggregator(), clients=splits.clients, feed=feed,
+                     federation=cfg["federation"], train=train_args, eval=cfg["eval"], seed=cfg["seed"],
+                     progress=cfg["log"].progress and fabric.global_rank == 0, timer=timer)
+    if splits.novel is not None:
+        _attach_novel_evaluation(fed, method, splits)
     fed.initial_states()
     return fed, splits.classnames
 
 
-def _attach_novel_evaluation(fed: Federation, method: Method, backbone, splits) -> None:
-    """Base-to-novel protocol: a second client module on the novel class names evaluates each client's prompts."""
-    novel_client = fed.fabric.to_device(method.build_client(backbone, splits.novel.classnames))
+def _attach_novel_evaluation(fed: Federation, method: Method, splits) -> None:
+    """Base-to-novel protocol: a client module on the novel class names evaluates each client's prompts."""
     base_shapes = {k: tuple(v.shape) for k, v in fed.client.state_dict().items()}
-    novel_shapes = {k: tuple(v.shape) for k, v in novel_client.state_dict().items()}
+    novel_shapes = {k: tuple(v.shape) for k, v in fed.module_for(splits.novel.classnames).state_dict().items()}
     if getattr(method, "csc", False) or base_shapes != novel_shapes:
         raise FedPromptError("data.subsample_classes=base: novel classes are scored with each client's prompts, "
                              f"which must not depend on the classes ({fed.method.name} here has class-specific "
                              "tensors; use csc: false).")
-    fed.novel_client = novel_client
-    fed.base_test, fed.novel_test = splits.source.test, splits.novel.test
+    fed.novel_classnames = list(splits.novel.classnames)
 
 
 def _restore(fed: Federation, checkpoint: dict) -> None:

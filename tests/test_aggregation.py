@@ -20,19 +20,20 @@ def test_fedprox_gradient_is_mu_times_distance(tiny_backbone):
     client.on_round_start({"prompt.ctx": theta_global})
     with torch.no_grad():
         client.prompt.ctx.add_(0.3)
-    loss = client.extra_loss({}, None)
-    (grad,) = torch.autograd.grad(loss, client.prompt.ctx)
+    loss = client.extra_loss({"slots": torch.tensor([0])}, None, None)  # one loss per active client
+    assert loss.shape == (1,)
+    (grad,) = torch.autograd.grad(loss.sum(), client.prompt.ctx)
     expected = 0.7 * (client.prompt.ctx.detach() - theta_global)
     assert grad.abs().sum() > 0
     torch.testing.assert_close(grad, expected)
-    torch.testing.assert_close(loss, 0.35 * (client.prompt.ctx.detach() - theta_global).pow(2).sum())
+    torch.testing.assert_close(loss[0], 0.35 * (client.prompt.ctx.detach() - theta_global).pow(2).sum())
 
 
 def test_fedper_shares_only_the_first_tokens(tiny_backbone):
     method = FedPer(n_ctx=8)
     agg = method.build_aggregator()
     client = method.build_client(tiny_backbone, ["dog", "cat"])
-    state = {k: v.clone() for k, v in client.state_dict().items()}
+    state = client.slot_state(0)
     upload = agg.upload(0, state, 1)
     assert upload["prompt.ctx"].shape == (4, tiny_backbone.ctx_dim)
     new = agg.apply(state, {"prompt.ctx": torch.zeros(4, tiny_backbone.ctx_dim)}, 0)
@@ -42,7 +43,7 @@ def test_fedper_shares_only_the_first_tokens(tiny_backbone):
 
 def test_byte_accounting_counts_the_shared_tensors(tiny_backbone):
     client = PromptFL(n_ctx=4).build_client(tiny_backbone, ["dog", "cat"])
-    upload = PromptFL().build_aggregator().upload(0, client.state_dict(), 1)
+    upload = PromptFL().build_aggregator().upload(0, client.slot_state(0), 1)
     assert state_bytes(upload) == 4 * tiny_backbone.ctx_dim * 4  # n_ctx x D float32
     assert state_bytes({"a": torch.zeros(10, dtype=torch.bfloat16)}) == 20
-    assert NoCommunication().upload(0, client.state_dict(), 1) == {}
+    assert NoCommunication().upload(0, client.slot_state(0), 1) == {}

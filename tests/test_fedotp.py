@@ -85,9 +85,9 @@ def cli(*args) -> tuple[int, str]:
 # ------------------------------------------------------------------------------------------------- the forward
 def test_state_is_two_prompts_and_logits_have_shape_b_by_c(backbone):
     client = make_client(backbone, n_ctx=4)
-    assert set(client.state_dict()) == {"global_prompt.ctx", "local_prompt.ctx"}
+    assert set(client.slot_state(0)) == {"global_prompt.ctx", "local_prompt.ctx"}
     for key in ("global_prompt.ctx", "local_prompt.ctx"):
-        ctx = client.state_dict()[key]
+        ctx = client.slot_state(0)[key]
         assert ctx.shape == (4, backbone.ctx_dim) and 0.01 < float(ctx.std()) < 0.03  # N(0, 0.02^2)
     assert not torch.equal(client.global_prompt.ctx, client.local_prompt.ctx)
     batch = make_batch(backbone, n=3)
@@ -108,7 +108,7 @@ def test_unbalanced_logits_equal_a_per_pair_pot_loop(backbone, eps, gamma):
     batch = make_batch(backbone, n=2)
     with torch.no_grad():
         logits = client(batch).double()
-        text = client.text_features().double()  # [N, C, E]
+        text = client.text_features()[0].double()  # [N, C, E]
     patches = patch_tokens(backbone, batch)  # [B, M, E]
     n_prompts, n_patches = text.shape[0], patches.shape[1]
     a = np.full(n_patches, 1.0 / n_patches)
@@ -134,7 +134,7 @@ def test_balanced_logits_equal_a_per_pair_pot_sinkhorn_loop(backbone):
     batch = make_batch(backbone, n=2)
     with torch.no_grad():
         logits = client(batch).double()
-        text = client.text_features().double()
+        text = client.text_features()[0].double()
     patches = patch_tokens(backbone, batch)
     a = np.full(patches.shape[1], 1.0 / patches.shape[1])
     b = np.full(text.shape[0], 1.0 / text.shape[0])
@@ -152,7 +152,7 @@ def test_uniform_is_gamma_times_mean_similarity(backbone):
     batch = make_batch(backbone, n=3)
     logits = client(batch)
     with torch.no_grad():
-        text = client.text_features().double()
+        text = client.text_features()[0].double()
     sim = torch.einsum("bme,nce->bcmn", patch_tokens(backbone, batch), text)
     expected = backbone.logit_scale * gamma * sim.mean(dim=(-2, -1))
     torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
@@ -198,7 +198,7 @@ def test_gradient_reaches_both_prompts_through_the_similarity_only(backbone, mon
 
     def loss_with(plan_fn):
         client.zero_grad()
-        sim = torch.einsum("bme,nce->bcmn", patches, client.text_features().double())
+        sim = torch.einsum("bme,nce->bcmn", patches, client.text_features()[0].double())
         logits = backbone.logit_scale * (plan_fn(1.0 - sim) * sim).sum(dim=(-2, -1))
         F.cross_entropy(logits, batch["label"]).backward()
         return {name: p.grad.clone() for name, p in client.named_parameters()}

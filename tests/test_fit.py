@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -137,7 +138,7 @@ def test_base_to_novel_protocol_reports_base_novel_hm_cm(cli, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["classnames"] == ["red square", "green circle", "blue triangle", "yellow cross"]  # base half
     base, novel = row["base_acc"], row["novel_acc"]
-    assert row["hm"] == (2 * base * novel / (base + novel) if base and novel else 0.0)
+    assert row["hm"] == pytest.approx(2 * base * novel / (base + novel) if base and novel else 0.0, rel=1e-12)
     assert abs(row["cm"] - (row["local_acc"] + row["hm"]) / 2) < 1e-12
     assert len(row["client_novel_acc"]) == 4
     # PromptFL: every client holds the global prompt and the clients' test sets cover the base test set

@@ -108,7 +108,7 @@ def run(mode: str, method, data: FederatedData, out_dir, rounds: int = 1, local_
                    federation=FederationArgs(rounds=rounds),
                    train=TrainArgs(local_steps=local_steps, batch_size=batch_size, augment=False,
                                    feature_cache=feature_cache),
-                   eval=EvalArgs(every=rounds), log=LogArgs(logger="none", progress=False),
+                   eval=EvalArgs(every=rounds, feature_cache=feature_cache), log=LogArgs(logger="none", progress=False),
                    out_dir=str(out_dir), seed=seed)
 
 

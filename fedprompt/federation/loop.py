@@ -1,11 +1,12 @@
 """The round loop, written SPMD over Lightning Fabric ranks.
 
-Every rank holds the backbone once, one client module (whose prompt state is swapped per client) and the state of
-every client (prompts are kilobytes). Each round every rank computes the same client sample, trains the clients
-placed on it under ``fabric.autocast()``, and the ranks exchange the updated client states (``all_gather_object``).
-The aggregator then runs identically on every rank over the uploads in client-id order, so the global state is
-bit-identical for any number of processes. Evaluation is spread the same way; rank 0 logs and checkpoints.
-Client modules never go through ``fabric.setup`` (DDP would average different clients' gradients).
+Every rank holds the backbone once, client modules with K slots (one per class list; K =
+``federation.parallel_clients``) and the state of every client (prompts are kilobytes). Each round every rank
+computes the same client sample, takes its share of it (round-robin), and trains those clients K at a time in
+lock-step (:mod:`fedprompt.federation.engine`); the ranks then exchange the updated client states
+(``all_gather_object``). The aggregator runs identically on every rank over the uploads in client-id order, so the
+global state is bit-identical for any number of processes. Evaluation is spread the same way; rank 0 logs and
+checkpoints. Client modules never go through ``fabric.setup`` (DDP would average different clients' gradients).
 """
 
 from __future__ import annotations
@@ -16,23 +17,22 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fedprompt.args import EvalArgs, FederationArgs, TrainArgs
-from fedprompt.data.base import ClientSplit, ImageDataset
-from fedprompt.errors import ClientFailure, FedPromptError
+from fedprompt.data.base import ClientSplit
+from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, state_bytes
+from fedprompt.federation.engine import GroupResult, LockstepTrainer, NoTimer, SectionTimer, run_groups
+from fedprompt.federation.feed import Feed, LocalPlan, local_plan
 from fedprompt.federation.sampling import derive_seed, place, sample_clients
 from fedprompt.methods.base import Method, PromptClient
 from fedprompt.metrics import accuracy_metric, base_novel_summary, summarize
 
 State = dict[str, torch.Tensor]
 
-
-def cpu_state(module: torch.nn.Module) -> State:
-    """A detached CPU copy of a module's state dict."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+#: the most clients trained together by ``parallel_clients: auto``
+AUTO_MAX_PARALLEL = 32
 
 
 def all_gather_objects(fabric, obj) -> list:
@@ -44,15 +44,13 @@ def all_gather_objects(fabric, obj) -> list:
     return out
 
 
-@dataclass
-class ClientResult:
-    """What one client's local round produced."""
-
-    state: State
-    upload: State
-    loss: float = math.nan
-    steps: int = 0
-    failure: str | None = None
+def resolve_parallel_clients(setting, num_clients: int, world_size: int) -> tuple[int, bool]:
+    """(K, adaptive): K clients per lock-step group. ``auto`` takes every client a rank trains in a round (at most
+    :data:`AUTO_MAX_PARALLEL`) and halves K when the device runs out of memory."""
+    per_rank = max(1, math.ceil(num_clients / world_size))
+    if setting == "auto":
+        return min(per_rank, AUTO_MAX_PARALLEL), True
+    return max(1, min(int(setting), per_rank)), False
 
 
 @dataclass
@@ -61,12 +59,11 @@ class Federation:
 
     fabric: object
     method: Method
-    client: PromptClient
+    backbone: object
+    classnames: list[str]
     aggregator: Aggregator
     clients: list[ClientSplit]
-    loader: object
-    train_transform: object
-    test_transform: object
+    feed: Feed
     federation: FederationArgs
     train: TrainArgs
     eval: EvalArgs
@@ -74,91 +71,47 @@ class Federation:
     states: dict[int, State] = field(default_factory=dict)
     global_state: State = field(default_factory=dict)
     progress: bool = True
-    num_workers: int = 0
-    cache: object = None
-    novel_client: PromptClient | None = None
-    base_test: list = field(default_factory=list)
-    novel_test: list = field(default_factory=list)
+    novel_classnames: list[str] | None = None
+    timer: SectionTimer | None = None
+    modules: dict[tuple, PromptClient] = field(default_factory=dict)
 
-    def _dataset(self, samples, transform, kind: str):
-        cacheable = self.cache is not None and (kind == "test" or not self.train.augment)
-        if cacheable:
-            return self.cache.dataset(samples, transform, kind)
-        return ImageDataset(samples, transform, self.loader)
+    def __post_init__(self):
+        self.group_size, self.adaptive = resolve_parallel_clients(self.federation.parallel_clients,
+                                                                  len(self.clients), self.fabric.world_size)
+        self.trainer = LockstepTrainer(self.fabric, self.feed, self.timer)
 
-    # ------------------------------------------------------------------------------------------- local work
-    def _loader(self, samples, transform, batch_size, shuffle, kind: str, generator=None) -> DataLoader:
-        dataset = self._dataset(samples, transform, kind)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers)
+    # ---------------------------------------------------------------------------------------------- modules
+    def module_for(self, classnames: list[str]) -> PromptClient:
+        """The client module (``group_size`` slots) for a class list, built once."""
+        key = tuple(classnames)
+        if key not in self.modules:
+            torch.manual_seed(self.seed)  # the same initial prompts as the first module (the server's init)
+            self.modules[key] = self.fabric.to_device(
+                self.method.build_client(self.backbone, list(classnames), self.group_size))
+        return self.modules[key]
 
-    def train_client(self, cid: int, round_idx: int) -> tuple[float, int]:
-        """Local training of the client whose state is loaded in ``self.client``; returns (mean loss, steps)."""
-        fabric, client = self.fabric, self.client
-        seed = derive_seed(self.seed, round_idx, cid)
-        torch.manual_seed(seed)  # augmentation and any dropout: the same on every rank
-        generator = torch.Generator().manual_seed(seed)
-        loader = self._loader(self.clients[cid].train, self.train_transform, self.train.batch_size, True, "train",
-                              generator)
-        optimizer = fabric.setup_optimizers(client.configure_optimizers())
-        client.train()
-        losses, steps = [], 0
-        epochs = self.train.local_epochs if self.train.local_steps is None else 10**9
-        for _ in range(epochs):
-            for batch in loader:
-                batch = fabric.to_device(batch)
-                with fabric.autocast():
-                    loss = client.training_step(batch, steps)
-                if not torch.isfinite(loss):
-                    raise ClientFailure(cid, round_idx, f"non-finite loss {float(loss)} at local step {steps}")
-                fabric.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-                steps += 1
-                if self.train.local_steps is not None and steps >= self.train.local_steps:
-                    break
-            if self.train.local_steps is not None and steps >= self.train.local_steps:
-                break
-        mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
-        return mean_loss, steps
+    def client_classnames(self, cid: int) -> list[str]:
+        return getattr(self.clients[cid], "classnames", None) or self.classnames
 
-    @torch.no_grad()
-    def evaluate_client(self, samples, client: PromptClient | None = None) -> float:
-        """Accuracy of the loaded client (or of ``client``) on ``samples``."""
-        if not samples:
-            return math.nan
-        client = client or self.client
-        client.eval()
-        metric = accuracy_metric(len(client.classnames)).to(self.fabric.device)
-        for batch in self._loader(samples, self.test_transform, self.eval.batch_size, False, "test"):
-            batch = self.fabric.to_device(batch)
-            with self.fabric.autocast():
-                logits = client.predict_logits(batch)
-            metric.update(logits.float(), batch["label"])
-        return float(metric.compute())
-
-    def _load(self, cid: int) -> None:
-        self.client.load_state_dict(self.states[cid])
+    @property
+    def client(self) -> PromptClient:
+        """The module of the federation's shared class list."""
+        return self.module_for(self.classnames)
 
     # ------------------------------------------------------------------------------------------------ round
-    def run_client(self, cid: int, round_idx: int) -> ClientResult:
-        """Load client ``cid``, train it locally, return its new state and upload (failures are captured)."""
-        self._load(cid)
-        self.client.on_round_start(self.global_state or None)
-        loss, steps, failure = math.nan, 0, None
-        if self.method.trains:
-            try:
-                loss, steps = self.train_client(cid, round_idx)
-            except ClientFailure as err:
-                failure = err.reason
-            except FedPromptError:
-                raise
-            except Exception as err:  # reported with the client id, never silently dropped
-                failure = f"{type(err).__name__}: {err}"
-        state = cpu_state(self.client)
-        upload = self.aggregator.upload(cid, state, round_idx) if failure is None else {}
-        return ClientResult(state, upload, loss, steps, failure)
+    def plan(self, cid: int, round_idx: int) -> LocalPlan:
+        """Client ``cid``'s local batches in ``round_idx`` (a function of the run seed, the round and the client)."""
+        return local_plan(cid, len(self.clients[cid].train), self.train.batch_size, self.train.local_epochs,
+                          self.train.local_steps, derive_seed(self.seed, round_idx, cid))
+
+    def train_clients(self, cids: list[int], round_idx: int, bar=None) -> dict[int, GroupResult]:
+        """Train this rank's clients of the round, ``group_size`` at a time."""
+        if not self.method.trains:
+            return {cid: GroupResult(self.states[cid]) for cid in cids}
+        plans = [self.plan(cid, round_idx) for cid in cids]
+        return run_groups(self.trainer, lambda p: self.module_for(self.client_classnames(p.cid)), plans,
+                          self.group_size, self.states, self.global_state, self.adaptive,
+                          on_group=bar.update if bar is not None else None)
 
     def run_round(self, round_idx: int) -> dict:
         """One communication round; returns the metrics row (without evaluation)."""
@@ -169,27 +122,33 @@ class Federation:
         bytes_down = sum(state_bytes(self.aggregator.download(self.global_state, cid)) for cid in sampled) \
             if self.global_state else 0
         mine = place(sampled, fabric.global_rank, fabric.world_size)
-        bar = tqdm(mine, desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
-        local = {cid: self.run_client(cid, round_idx) for cid in bar}
-        results: dict[int, ClientResult] = {}
+        bar = tqdm(total=len(mine), desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
+        trained = self.train_clients(mine, round_idx, bar)
+        bar.close()
+        comm = time.perf_counter()
+        local = {cid: (r, self.aggregator.upload(cid, r.state, round_idx) if r.failure is None else {})
+                 for cid, r in trained.items()}
+        results: dict[int, tuple[GroupResult, State]] = {}
         for part in all_gather_objects(fabric, local):
             results.update(part)
-        failed = {cid: r.failure for cid, r in sorted(results.items()) if r.failure}
+        failed = {cid: r.failure for cid, (r, _) in sorted(results.items()) if r.failure}
         if failed and self.federation.on_client_failure == "raise":
             details = "; ".join(f"client {c}: {why}" for c, why in failed.items())
             raise FedPromptError(f"round {round_idx}: {details}. The last checkpoint holds the previous round; "
                                  "lower the learning rate or use --federation.on_client_failure skip.")
         ok = [cid for cid in sorted(results) if cid not in failed]
         for cid in ok:
-            self.states[cid] = results[cid].state
-        uploads = {cid: results[cid].upload for cid in ok}
+            self.states[cid] = results[cid][0].state
+        uploads = {cid: results[cid][1] for cid in ok}
         if self.method.communicates and ok:
             weights = {cid: len(self.clients[cid].train) for cid in ok}
             self.global_state = self.aggregator.aggregate(uploads, weights, round_idx)
             for cid in self.states:
                 received = self.aggregator.download(self.global_state, cid)
                 self.states[cid] = self.aggregator.apply(self.states[cid], received, cid)
-        losses = [results[cid].loss for cid in ok if not math.isnan(results[cid].loss)]
+        if self.timer is not None:
+            self.timer.add("communication", time.perf_counter() - comm)
+        losses = [results[cid][0].loss for cid in ok if not math.isnan(results[cid][0].loss)]
         row = {"round": round_idx, "train_loss": sum(losses) / len(losses) if losses else None,
                "clients": sampled, "bytes_up": sum(state_bytes(u) for u in uploads.values()),
                "bytes_down": bytes_down}
@@ -198,15 +157,68 @@ class Federation:
         row["train_seconds"] = time.perf_counter() - start
         return row
 
+    # ------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def _accuracy(self, client: PromptClient, text, slots: torch.Tensor, position: int, name: str) -> float:
+        """Accuracy of the client at ``slots[position]`` (its text side precomputed in ``text``) on list ``name``."""
+        if not self.feed.lists.get(name):
+            return math.nan
+        fabric = self.fabric
+        metric = accuracy_metric(len(client.classnames)).to(fabric.device)
+        for batch in self.feed.eval_batches(name, self.eval.batch_size):
+            batch = fabric.to_device(batch)
+            n = batch["label"].shape[0]
+            batch.update(slots=slots, owner=torch.full((n,), position, dtype=torch.long, device=fabric.device))
+            with fabric.autocast():
+                logits = client.predict_logits(batch, text)
+            metric.update(logits.float(), batch["label"])
+        return float(metric.compute())
+
+    @torch.no_grad()
+    def _text(self, client: PromptClient, slots: torch.Tensor):
+        with self.fabric.autocast():
+            return client.text_features(slots)
+
+    def _evaluate_group(self, cids: list[int]) -> dict[int, tuple]:
+        client = self.module_for(self.client_classnames(cids[0]))
+        client.eval()
+        client.timer = NoTimer()  # evaluation is timed as a whole
+        for slot, cid in enumerate(cids):
+            client.load_slot(slot, self.states[cid])
+        slots = torch.arange(len(cids), device=self.fabric.device)
+        text = self._text(client, slots)
+        out = {}
+        for pos, cid in enumerate(cids):
+            out[cid] = (self._accuracy(client, text, slots, pos, f"test:{cid}"),
+                        self._accuracy(client, text, slots, pos, f"val:{cid}"))
+        if self.novel_classnames is not None:
+            novel = self.module_for(self.novel_classnames)
+            novel.eval()
+            novel.timer = NoTimer()
+            for slot, cid in enumerate(cids):
+                novel.load_slot(slot, self.states[cid])
+            novel_text = self._text(novel, slots)
+            for pos, cid in enumerate(cids):
+                out[cid] += (self._accuracy(client, text, slots, pos, "test:base"),
+                             self._accuracy(novel, novel_text, slots, pos, "test:novel"))
+        return out
+
     def evaluate_all(self) -> dict:
         """Every client's accuracy on its own test data, spread over ranks; returns the summary metrics."""
+        start = time.perf_counter()
         ids = list(range(len(self.clients)))
+        mine = place(ids, self.fabric.global_rank, self.fabric.world_size)
+        groups: dict[tuple, list[int]] = {}
+        for cid in mine:
+            groups.setdefault(tuple(self.client_classnames(cid)), []).append(cid)
         local = {}
-        for cid in tqdm(place(ids, self.fabric.global_rank, self.fabric.world_size), desc="evaluating",
-                        leave=False, disable=not self.progress):
-            self._load(cid)
-            local[cid] = (self.evaluate_client(self.clients[cid].test), self.evaluate_client(self.clients[cid].val),
-                          *self._base_novel(cid))
+        bar = tqdm(total=len(mine), desc="evaluating", leave=False, disable=not self.progress)
+        for members in groups.values():
+            for begin in range(0, len(members), self.group_size):
+                chunk = members[begin:begin + self.group_size]
+                local.update(self._evaluate_group(chunk))
+                bar.update(len(chunk))
+        bar.close()
         results: dict[int, tuple] = {}
         for part in all_gather_objects(self.fabric, local):
             results.update(part)
@@ -218,22 +230,16 @@ class Federation:
         val = [results[cid][1] for cid in ids if not math.isnan(results[cid][1])]
         if val:
             out["val_acc"] = sum(val) / len(val)
-        if self.novel_client is not None:
+        if self.novel_classnames is not None:
             out.update(base_novel_summary(out["local_acc"], [results[cid][2] for cid in ids],
                                           [results[cid][3] for cid in ids]))
+        if self.timer is not None:
+            self.timer.add("evaluation", time.perf_counter() - start)
         return out
-
-    def _base_novel(self, cid: int) -> tuple[float, ...]:
-        """The loaded client's accuracy on the whole base test set and, rebuilt on the novel class names with the
-        same prompt state, on the whole novel test set (empty without a base-to-novel split)."""
-        if self.novel_client is None:
-            return ()
-        self.novel_client.load_state_dict(self.states[cid])
-        return self.evaluate_client(self.base_test), self.evaluate_client(self.novel_test, self.novel_client)
 
     def initial_states(self) -> None:
         """Every client starts from the same initial prompt state (the server's initialisation)."""
-        init = cpu_state(self.client)
+        init = self.client.slot_state(0)
         self.states = {cid: {k: v.clone() for k, v in init.items()} for cid in range(len(self.clients))}
         if self.method.communicates:
             self.global_state = self.aggregator.upload(-1, init, 0)

@@ -1,15 +1,39 @@
 """The client abstraction shared by every method.
 
-A :class:`PromptClient` is a ``LightningModule`` that owns only learnable prompt tensors. The frozen backbone is
-held as a plain attribute (not a registered submodule), so ``client.state_dict()`` is exactly the prompt state and
-moving a client between devices moves kilobytes. A :class:`Method` is the config object a YAML selects with
-``class_path``: it holds the method's hyperparameters, builds its client and its aggregator, and says which state
-keys are shared with the server.
+A :class:`PromptClient` is a ``LightningModule`` that owns only learnable prompt tensors, for ``slots`` clients at
+once: every persistent tensor has a leading *client dimension* (slot ``k`` holds one client's prompts), so the
+engine (:mod:`fedprompt.federation.engine`) can train K clients of a round in lock-step: one image-tower call on the
+K batches concatenated, one text-encoder call on every client's prompts, one optimizer step over the stacked
+parameters. The frozen backbone is held as a plain attribute (not a registered submodule), so the module's state is
+exactly the prompt state; :meth:`PromptClient.slot_state` and :meth:`PromptClient.load_slot` move one client's state
+(the same keys, without the client dimension) in and out of a slot.
+
+A method describes ONE step of its clients on tensors with a leading client dimension, in three parts:
+
+- :meth:`PromptClient.text_features` for the active slots (e.g. ``[A, C, E]``, FedOTP ``[A, 2, C, E]``);
+- :meth:`PromptClient.image_features` per sample (the frozen tower, or cached ``features`` / ``tokens``);
+- :meth:`PromptClient.logits` for a batch whose samples belong to different clients (``batch["owner"]``).
+
+Batches seen by a client are dicts with
+
+- ``image`` ``[n, 3, H, W]`` (or cached ``features`` ``[n, E]`` / ``tokens`` ``[n, M, E]``) and ``label`` ``[n]``;
+- ``slots`` ``[A]``: the slots taking part in this step, and ``owner`` ``[n]``: for each sample, the position of its
+  client in ``slots`` (so ``text[owner]`` is each sample's text side).
+
+A plain batch without ``slots``/``owner`` is read as belonging to slot 0 (convenient with ``slots=1``).
+
+Clients must stay independent inside a step: never combine two clients' values in one operation whose backward
+multiplies one client's values by another's (zero) gradients, since a failing client's NaN would then reach the
+others (``NaN * 0 = NaN``); gather each sample's own client instead (``text[batch["owner"]]``).
+
+A :class:`Method` is the config object a YAML selects with ``class_path``: it holds the method's hyperparameters,
+builds its client and its aggregator, and says which state keys are shared with the server.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,79 +41,175 @@ import torch.nn.functional as F
 
 from fedprompt.backbone import Backbone
 from fedprompt.federation.aggregators import Aggregator, WeightedMean
+from fedprompt.federation.engine import NoTimer, StackedSGD
+
+State = dict[str, torch.Tensor]
 
 
 @dataclass
 class OptimizerArgs:
-    """Local optimiser settings (Dassl defaults: SGD, momentum 0.9, weight decay 5e-4)."""
+    """Local optimiser settings (Dassl defaults: SGD, momentum 0.9, weight decay 5e-4, constant learning rate)."""
 
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
 
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """The learning rate of local step ``step`` (0-based) of a client that takes ``total_steps`` this round."""
+        return self.lr
+
+
+def segment_mean(values: torch.Tensor, owner: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-group means ``[groups]`` of per-sample ``values`` ``[n]`` (group of sample i: ``owner[i]``)."""
+    sums = torch.zeros(groups, dtype=values.dtype, device=values.device).index_add(0, owner, values)
+    counts = torch.bincount(owner, minlength=groups).clamp_min(1).to(values.dtype)
+    return sums / counts
+
+
+def per_owner_matmul(image: torch.Tensor, text: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """``out[i] = text[owner[i]] @ image[i]`` for image ``[n, E]`` and text ``[A, C, E]``: ``[n, C]``.
+
+    Each sample meets only its own client's text, forward and backward. (A dense product against every client's
+    text would be faster, but its backward multiplies every image by the other clients' zero gradients, and
+    ``NaN * 0 = NaN`` would carry one failing client's NaN into the others' gradients.)"""
+    if text.shape[0] == 1:
+        return image @ text[0].t()
+    return torch.einsum("ne,nce->nc", image, text[owner])
+
+
+def with_owners(batch: dict, device: torch.device | None = None) -> dict:
+    """``batch`` with ``slots`` and ``owner`` filled in (slot 0 for every sample) when it has none."""
+    if "owner" in batch:
+        return batch
+    label = batch.get("label")
+    n = next(v.shape[0] for k, v in batch.items() if k in ("image", "features", "tokens"))
+    device = device or (label.device if isinstance(label, torch.Tensor) else None)
+    return {**batch, "slots": torch.zeros(1, dtype=torch.long, device=device),
+            "owner": torch.zeros(n, dtype=torch.long, device=device)}
+
 
 class PromptClient(L.LightningModule):
-    """Base client: prompt parameters over the shared frozen backbone.
+    """Base client: prompt parameters of ``slots`` clients over the shared frozen backbone.
 
-    Subclasses define their parameters in ``__init__`` and implement :meth:`forward` (a batch -> logits over
-    ``classnames``) and, if needed, :meth:`extra_loss`. The default :meth:`training_step` is cross-entropy plus
-    that extra term.
+    Subclasses create their parameters with a leading dimension of size ``slots`` (every slot starting from the same
+    initial value, the server's initialisation) and implement :meth:`text_features` and :meth:`logits` (and
+    :meth:`image_features` when they read more than the pooled feature); :meth:`extra_loss` adds a per-client term.
+    :meth:`training_step` returns one loss per active client: the engine sums them, so every client's gradient is
+    exactly its own.
 
     Args:
         backbone: the frozen backbone shared by every client of this process.
         classnames: class names in label order.
         optim: local optimiser settings.
+        slots: how many clients this module holds (the client dimension of every prompt tensor).
     """
 
-    def __init__(self, backbone: Backbone, classnames: list[str], optim: OptimizerArgs | None = None):
+    def __init__(self, backbone: Backbone, classnames: list[str], optim: OptimizerArgs | None = None,
+                 slots: int = 1):
         super().__init__()
         self.__dict__["backbone"] = backbone  # a reference, not a submodule: state_dict() holds prompts only
         self.classnames = list(classnames)
         self.optim = optim or OptimizerArgs()
+        self.slots = int(slots)
+        self.timer = NoTimer()  # the round benchmark installs a SectionTimer
+        self._logit_scale = backbone.logit_scale  # frozen: read once (a device sync on GPU)
 
-    # --------------------------------------------------------------------------------------------- features
+    # ------------------------------------------------------------------------------------------ slot state
+    def slot_state(self, slot: int) -> State:
+        """A detached CPU copy of the state of the client in ``slot`` (keys as in ``state_dict``, no client dim)."""
+        return {k: v[slot].detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, state: State) -> None:
+        """Put one client's ``state`` (as returned by :meth:`slot_state`) into ``slot``."""
+        own = self.state_dict(keep_vars=True)
+        if set(own) != set(state):
+            raise KeyError(f"client state keys {sorted(state)} do not match the method's {sorted(own)}")
+        for key, tensor in own.items():
+            tensor[slot].copy_(state[key])
+
+    def all_slots(self) -> torch.Tensor:
+        return torch.arange(self.slots, device=self.device)
+
+    def frozen_on(self, name: str, device: torch.device):
+        """The frozen attribute ``name`` (e.g. the prompt token data) on ``device``, moved once and kept."""
+        copies = self.__dict__.setdefault("_device_copies", {})
+        if copies.get(name, (None,))[0] != device:
+            copies[name] = (device, getattr(self, name).to(device))
+        return copies[name][1]
+
+    # ---------------------------------------------------------------------------------------------- parts
+    def text_features(self, slots: torch.Tensor | None = None) -> Any:
+        """The text side of the clients in ``slots`` ``[A]`` (default: every slot), with leading dimension A
+        (e.g. L2-normalised ``[A, C, E]``)."""
+        raise NotImplementedError
+
     def image_features(self, batch: dict) -> torch.Tensor:
-        """L2-normalised pooled image features of a batch (precomputed ``features`` are used when present)."""
+        """L2-normalised pooled image features ``[n, E]`` (precomputed ``features`` are used when present)."""
         features = batch.get("features")
         if features is None:
-            with torch.no_grad():
+            with torch.no_grad(), self.timer.section("image"):
                 features = self.backbone.encode_image(batch["image"])
         return F.normalize(features.float(), dim=-1)
 
     def image_tokens(self, batch: dict) -> torch.Tensor:
-        """L2-normalised projected patch tokens [B, M, E] (precomputed ``tokens`` are used when present)."""
+        """L2-normalised projected patch tokens ``[n, M, E]`` (precomputed ``tokens`` are used when present)."""
         tokens = batch.get("tokens")
         if tokens is None:
-            with torch.no_grad():
+            with torch.no_grad(), self.timer.section("image"):
                 _, tokens = self.backbone.encode_image_tokens(batch["image"])
         return F.normalize(tokens.float(), dim=-1)
 
-    # ---------------------------------------------------------------------------------------------- steps
-    def forward(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
+    def logits(self, text: Any, image: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Logits ``[n, C]``: sample ``i`` is scored with the text side of client ``batch["owner"][i]``.
 
-    def extra_loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor | None:
-        """An additional training loss term (FedProx's proximal term, FedPGP's contrastive loss...)."""
+        The default is CLIP's ``logit_scale * cos(image, text)`` for text features ``[A, C, E]``."""
+        return self._logit_scale * per_owner_matmul(image, text, batch["owner"])
+
+    def extra_loss(self, batch: dict, logits: torch.Tensor, text: Any) -> torch.Tensor | None:
+        """An additional loss term per active client ``[A]`` (FedProx's proximal term, FedPGP's contrastive loss)."""
         return None
 
+    # ---------------------------------------------------------------------------------------------- steps
+    def forward(self, batch: dict) -> torch.Tensor:
+        batch = with_owners(batch, self.device)
+        with self.timer.section("text"):
+            text = self.text_features(batch["slots"])
+        image = self.image_features(batch)
+        with self.timer.section("logits"):
+            return self.logits(text, image, batch)
+
     def training_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
-        logits = self(batch)
-        loss = F.cross_entropy(logits.float(), batch["label"])
-        extra = self.extra_loss(batch, logits)
+        """One loss per active client ``[A]``: its mean cross-entropy over its samples plus :meth:`extra_loss`."""
+        batch = with_owners(batch, self.device)
+        with self.timer.section("text"):
+            text = self.text_features(batch["slots"])
+        image = self.image_features(batch)
+        with self.timer.section("logits"):
+            logits = self.logits(text, image, batch)
+            per_sample = F.cross_entropy(logits.float(), batch["label"], reduction="none")
+            loss = segment_mean(per_sample, batch["owner"], batch["slots"].shape[0])
+            extra = self.extra_loss(batch, logits, text)
         return loss if extra is None else loss + extra
 
     @torch.no_grad()
-    def predict_logits(self, batch: dict) -> torch.Tensor:
-        """Logits for evaluation (the same forward as training unless a method says otherwise)."""
-        return self(batch)
+    def predict_logits(self, batch: dict, text: Any = None) -> torch.Tensor:
+        """Logits for evaluation; ``text`` (from :meth:`text_features` of ``batch["slots"]``) can be passed to reuse
+        it across the batches of an evaluation."""
+        batch = with_owners(batch, self.device)
+        if text is None:
+            text = self.text_features(batch["slots"])
+        return self.logits(text, self.image_features(batch), batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """SGD over the stacked parameters; each step updates only the active clients' slices, each with its own
+        learning rate (:class:`fedprompt.federation.engine.StackedSGD`)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.SGD(params, lr=self.optim.lr, momentum=self.optim.momentum,
-                               weight_decay=self.optim.weight_decay)
+        return StackedSGD(params, lr=self.optim.lr, momentum=self.optim.momentum,
+                          weight_decay=self.optim.weight_decay)
 
-    def on_round_start(self, global_state: dict[str, torch.Tensor] | None) -> None:
-        """Hook called after the client received the server's state and before local training."""
+    def on_round_start(self, global_state: State | None) -> None:
+        """Hook called after the clients' states were loaded into their slots and before local training."""
 
 
 class Method:
@@ -101,10 +221,13 @@ class Method:
         ``global_model``: whether, after aggregation, every client holds the same model (then the accuracy on the
         union of the clients' test data is reported as ``global_acc``);
         ``shared_prefixes``: state-dict key prefixes sent to the server;
-        ``image_inputs``: the frozen image outputs the client uses (what the feature cache stores).
+        ``image_inputs``: the frozen image outputs the client uses (what the feature cache stores);
+        ``frozen_image_tower``: whether the image side is the frozen tower alone, so its outputs can be cached
+        (False for methods with visual prompts).
     """
 
     trains = True
+    frozen_image_tower = True
     communicates = True
     global_model = True
     shared_prefixes: tuple[str, ...] = ()
@@ -118,8 +241,9 @@ class Method:
     def name(self) -> str:
         return type(self).__name__
 
-    def build_client(self, backbone: Backbone, classnames: list[str]) -> PromptClient:
-        """Create this method's client module (its prompt tensors initialised from the current torch seed)."""
+    def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> PromptClient:
+        """Create this method's client module for ``slots`` clients (prompts initialised from the current torch
+        seed, the same initial value in every slot)."""
         raise NotImplementedError
 
     def build_aggregator(self) -> Aggregator:

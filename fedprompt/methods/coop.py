@@ -17,7 +17,7 @@ from fedprompt.prompts import ContextVectors
 
 
 class CoOpClient(PromptClient):
-    """A client with one CoOp context (``prompt.ctx``: [n_ctx, D], or [C, n_ctx, D] class-specific).
+    """Clients with one CoOp context each (``prompt.ctx``: [n_ctx, D], or [C, n_ctx, D] class-specific, per client).
 
     Args:
         backbone: frozen backbone.
@@ -26,24 +26,23 @@ class CoOpClient(PromptClient):
         ctx_init: initialise from these words (e.g. ``"a photo of a"``) instead of N(0, 0.02^2).
         csc: class-specific context.
         optim: local optimiser settings.
+        slots: clients held by this module.
     """
 
     def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int | None = 16, ctx_init: str | None = None,
-                 csc: bool = False, optim: OptimizerArgs | None = None):
-        super().__init__(backbone, classnames, optim)
+                 csc: bool = False, optim: OptimizerArgs | None = None, slots: int = 1):
+        super().__init__(backbone, classnames, optim, slots)
         words = backbone.word_embeddings(ctx_init).cpu() if ctx_init else None
         n_ctx = n_ctx or (words.shape[0] if words is not None else 16)
         self.tokens = backbone.prompt_tokens(self.classnames, n_ctx)
-        self.prompt = ContextVectors(n_ctx, backbone.ctx_dim, n_cls=len(classnames) if csc else None, words=words)
+        self.prompt = ContextVectors(n_ctx, backbone.ctx_dim, n_cls=len(classnames) if csc else None, words=words,
+                                     slots=slots)
 
-    def text_features(self) -> torch.Tensor:
-        """L2-normalised class text features [C, E] for the current context."""
-        tokens = self.tokens.to(self.prompt.ctx.device)
-        feats = self.backbone.encode_prompts(tokens, self.prompt.ctx, class_specific=self.prompt.class_specific)
+    def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised class text features [A, C, E] of the clients in ``slots`` (default all; one encoder call)."""
+        ctx = self.prompt.ctx if slots is None else self.prompt.ctx[slots]
+        feats = self.backbone.encode_prompts(self.frozen_on("tokens", ctx.device), ctx, class_specific=self.prompt.class_specific)
         return F.normalize(feats.float(), dim=-1)
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.backbone.logit_scale * self.image_features(batch) @ self.text_features().t()
 
 
 class _CoOpMethod(Method):
@@ -56,8 +55,8 @@ class _CoOpMethod(Method):
         self.ctx_init = ctx_init
         self.csc = csc
 
-    def build_client(self, backbone, classnames):
-        return CoOpClient(backbone, classnames, self.n_ctx, self.ctx_init, self.csc, self.optim)
+    def build_client(self, backbone, classnames, slots=1):
+        return CoOpClient(backbone, classnames, self.n_ctx, self.ctx_init, self.csc, self.optim, slots)
 
 
 class PromptFL(_CoOpMethod):
@@ -111,13 +110,17 @@ class FedProxClient(CoOpClient):
         self.register_buffer("global_ctx", self.prompt.ctx.detach().clone(), persistent=False)
 
     def on_round_start(self, global_state):
+        """The round's global context: the server's state, or (round 1, nothing aggregated yet) the clients' own."""
         if global_state and "prompt.ctx" in global_state:
-            self.global_ctx = global_state["prompt.ctx"].detach().clone().to(self.prompt.ctx.device)
+            self.global_ctx = global_state["prompt.ctx"].detach().to(self.prompt.ctx.device).expand_as(
+                self.prompt.ctx).clone()
         else:
             self.global_ctx = self.prompt.ctx.detach().clone()
 
-    def extra_loss(self, batch, logits):
-        return 0.5 * self.mu * (self.prompt.ctx - self.global_ctx).pow(2).sum()
+    def extra_loss(self, batch, logits, text):
+        slots = batch["slots"]
+        diff = self.prompt.ctx[slots] - self.global_ctx[slots]
+        return 0.5 * self.mu * diff.pow(2).flatten(1).sum(1)
 
 
 class FedProx(PromptFL):
@@ -142,8 +145,8 @@ class FedProx(PromptFL):
             raise FedPromptError(f"method.mu must be >= 0, got {mu}")
         self.mu = mu
 
-    def build_client(self, backbone, classnames):
-        return FedProxClient(backbone, classnames, self.n_ctx, self.ctx_init, self.csc, self.optim, mu=self.mu)
+    def build_client(self, backbone, classnames, slots=1):
+        return FedProxClient(backbone, classnames, self.n_ctx, self.ctx_init, self.csc, self.optim, slots, mu=self.mu)
 
 
 class FedPerAggregator(WeightedMean):

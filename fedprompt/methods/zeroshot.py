@@ -13,20 +13,19 @@ from fedprompt.methods.base import Method, PromptClient
 class ZeroShotClient(PromptClient):
     """Classifies with the text features of ``template.format(class name)``; it has no parameters."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], template: str = "a photo of a {}."):
-        super().__init__(backbone, classnames)
+    def __init__(self, backbone: Backbone, classnames: list[str], template: str = "a photo of a {}.",
+                 slots: int = 1):
+        super().__init__(backbone, classnames, slots=slots)
         self.template = template
         self._text = None
 
-    def text_features(self) -> torch.Tensor:
+    def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The template's L2-normalised text features, the same for every client: [A, C, E]."""
         if self._text is None or self._text.device != self.backbone.device:
             sentences = [self.template.format(name.replace("_", " ")) for name in self.classnames]
             with torch.no_grad():
                 self._text = F.normalize(self.backbone.encode_text(sentences).float(), dim=-1)
-        return self._text
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.backbone.logit_scale * self.image_features(batch) @ self.text_features().t()
+        return self._text.expand(self.slots if slots is None else slots.shape[0], *self._text.shape)
 
 
 class ZeroShot(Method):
@@ -44,8 +43,8 @@ class ZeroShot(Method):
         super().__init__()
         self.template = template
 
-    def build_client(self, backbone, classnames):
-        return ZeroShotClient(backbone, classnames, self.template)
+    def build_client(self, backbone, classnames, slots=1):
+        return ZeroShotClient(backbone, classnames, self.template, slots)
 
     def build_aggregator(self) -> Aggregator:
         return NoCommunication()

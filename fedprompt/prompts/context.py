@@ -20,23 +20,26 @@ def init_context(shape: tuple[int, ...], n_ctx: int, dim: int, words: torch.Tens
 
 
 class ContextVectors(nn.Module):
-    """Learnable context ``ctx`` of shape ``[*shape, n_ctx, dim]`` (unified) or ``[*shape, C, n_ctx, dim]`` (CSC).
+    """Learnable context ``ctx`` of shape ``[slots, *shape, n_ctx, dim]`` (unified) or
+    ``[slots, *shape, C, n_ctx, dim]`` (CSC), one per client slot (see :class:`fedprompt.methods.PromptClient`).
 
     Args:
         n_ctx: number of context tokens.
         dim: token embedding width of the text tower.
-        shape: leading prompt dimensions (e.g. ``(2,)`` for FedOTP's global + local pair).
+        shape: leading prompt dimensions after the slot (e.g. ``(2,)`` for a pair of prompts).
         n_cls: class-specific context for this many classes (CoOp's CSC) when given.
         words: word embeddings [n_ctx, dim] to initialise from (``"a photo of a"``), else N(0, 0.02^2).
         generator: random generator for the N(0, 0.02^2) initialisation.
+        slots: number of client slots; every slot starts from the same initial value (drawn once).
     """
 
     def __init__(self, n_ctx: int, dim: int, shape: tuple[int, ...] = (), n_cls: int | None = None,
-                 words: torch.Tensor | None = None, generator: torch.Generator | None = None):
+                 words: torch.Tensor | None = None, generator: torch.Generator | None = None, slots: int = 1):
         super().__init__()
         lead = tuple(shape) + ((n_cls,) if n_cls else ())
         self.class_specific = bool(n_cls)
-        self.ctx = nn.Parameter(init_context(lead, n_ctx, dim, words, generator=generator))
+        init = init_context(lead, n_ctx, dim, words, generator=generator)
+        self.ctx = nn.Parameter(init.unsqueeze(0).repeat(slots, *[1] * init.dim()))
 
     @property
     def n_ctx(self) -> int:

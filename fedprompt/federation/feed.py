@@ -1,0 +1,219 @@
+"""Batches for the lock-step engine: every client's local plan, and the data that fills it.
+
+A client's local round is a :class:`LocalPlan`: the indices of its train samples for each local step (a fresh
+permutation per epoch, drawn from the client's own generator) and one augmentation seed per step. Plans depend only
+on (run seed, round, client), so a client sees the same batches and the same random crops whichever clients share
+its lock-step group, on any number of processes, and after a resume.
+
+A :class:`Feed` turns the plans of a group into one concatenated batch per step (the clients that still have data at
+that step, in plan order), from one of two sources:
+
+- cached frozen image-tower outputs (:class:`fedprompt.data.cache.FeatureCache`): a gather per client;
+- image files through the CPU transforms, with one ``DataLoader`` per run whose worker processes persist across
+  clients and rounds (``persistent_workers``, ``pin_memory`` on CUDA): the whole group's schedule is handed to it at
+  once, so the workers decode ahead while the device trains. Each augmented sample is transformed under its own seed
+  (derived from the step seed and its position), so results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedprompt.data.base import Sample
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK63 = (1 << 63) - 1
+
+
+@dataclass
+class LocalPlan:
+    """One client's local round: the train-sample indices of each step and an augmentation seed per step."""
+
+    cid: int
+    batches: list[list[int]]
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.batches)
+
+
+def local_plan(cid: int, num_samples: int, batch_size: int, epochs: int, max_steps: int | None,
+               seed: int) -> LocalPlan:
+    """The batches of a client's local round: ``epochs`` passes over its ``num_samples`` train samples in a fresh
+    random order each (the last batch of a pass may be smaller), or exactly ``max_steps`` batches when set (passes
+    repeat as needed). Drawn from a generator seeded with ``seed`` only."""
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[list[int]] = []
+    epoch = 0
+    while (epoch < epochs) if max_steps is None else (len(batches) < max_steps):
+        order = torch.randperm(num_samples, generator=generator).tolist()
+        for start in range(0, num_samples, batch_size):
+            if max_steps is not None and len(batches) >= max_steps:
+                break
+            batches.append(order[start:start + batch_size])
+        epoch += 1
+    seeds = torch.randint(0, _MASK63, (len(batches),), generator=generator).tolist()
+    return LocalPlan(cid, batches, seeds)
+
+
+def sample_seed(step_seed: int, position: int) -> int:
+    """The augmentation seed of the ``position``-th sample of a client's batch."""
+    return (step_seed + (position + 1) * _GOLDEN) & _MASK63
+
+
+class SampleTable(Dataset):
+    """Every sample list this process may load, addressed by ``(list name, index, seed)``.
+
+    ``seed`` ``None`` applies the deterministic transform of the list; otherwise the list's (random) transform runs
+    under ``torch.manual_seed(seed)`` inside ``fork_rng``, so it neither reads nor moves the global random state.
+    """
+
+    def __init__(self, lists: dict[str, list[Sample]], transforms: dict[str, Callable], loader: Callable):
+        self.lists = lists
+        self.transforms = transforms
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.lists.values())
+
+    def __getitem__(self, key: tuple[str, int, int | None]) -> dict:
+        name, index, seed = key
+        sample = self.lists[name][index]
+        image = self.loader(sample)
+        transform = self.transforms[name.split(":")[0]]
+        if seed is None:
+            image = transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = transform(image)
+        return {"image": image, "label": sample.label}
+
+
+class _Schedule:
+    """A batch sampler whose batches are replaced before each pass (the DataLoader and its workers persist)."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class StepBatch:
+    """The concatenated batch of one lock-step step: ``data`` (tensors) and the plans taking part, in order, with
+    their sample counts."""
+
+    data: dict
+    members: list[int]
+    counts: list[int]
+
+
+class Feed:
+    """Serves train and evaluation batches of every client of this process.
+
+    Args:
+        clients: every client's data (``fedprompt.data.ClientSplit``), indexed by client id.
+        extra: further evaluation lists by name (e.g. ``{"base": [...], "novel": [...]}``).
+        train_transform, test_transform: the CPU transforms (PIL image -> tensor).
+        loader: sample -> PIL image.
+        num_workers: DataLoader worker processes (persistent across clients and rounds).
+        pin_memory: pin host batches (CUDA).
+        cache: a :class:`fedprompt.data.cache.FeatureCache`, or ``None``.
+        cache_train: serve train batches from the cache (needs deterministic train transforms).
+        cache_eval: serve evaluation batches from the cache.
+    """
+
+    def __init__(self, clients, extra: dict[str, list[Sample]], train_transform, test_transform, loader,
+                 num_workers: int = 0, pin_memory: bool = False, cache=None, cache_train: bool = False,
+                 cache_eval: bool = False):
+        lists: dict[str, list[Sample]] = {}
+        for split in clients:
+            lists[f"train:{split.client_id}"] = split.train
+            lists[f"test:{split.client_id}"] = split.test
+            lists[f"val:{split.client_id}"] = split.val
+        for name, samples in extra.items():
+            lists[f"test:{name}"] = samples
+        self.lists = lists
+        self.table = SampleTable(lists, {"train": train_transform, "test": test_transform, "val": test_transform},
+                                 loader)
+        self.test_transform, self.train_transform = test_transform, train_transform
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.cache = cache
+        self.cache_train = cache is not None and cache_train
+        self.cache_eval = cache is not None and cache_eval
+        self._schedule = _Schedule()
+        self._loader: DataLoader | None = None
+
+    # ------------------------------------------------------------------------------------------------ files
+    def _files(self, batches: list[list]) -> Iterator[dict]:
+        if self._loader is None:
+            self._loader = DataLoader(self.table, batch_sampler=self._schedule, num_workers=self.num_workers,
+                                      persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
+        self._schedule.batches = batches
+        yield from self._loader
+
+    # ------------------------------------------------------------------------------------------------ cache
+    def _cached(self, name: str):
+        kind = name.split(":")[0]
+        transform = self.train_transform if kind == "train" else self.test_transform
+        return self.cache.dataset(self.lists[name], transform, "train" if kind == "train" else "test")
+
+    @staticmethod
+    def _gather(cached, indices: list[int]) -> dict:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        out = {k: v[index] for k, v in cached.tensors.items()}
+        out["label"] = torch.as_tensor([cached.labels[i] for i in indices], dtype=torch.long)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train_steps(self, plans: list[LocalPlan]) -> Iterator[StepBatch]:
+        """One :class:`StepBatch` per lock-step step of ``plans`` (clients drop out when their plan ends)."""
+        steps = max(plan.steps for plan in plans)
+        layout = []
+        for step in range(steps):
+            members = [j for j, plan in enumerate(plans) if step < plan.steps]
+            layout.append((members, [len(plans[j].batches[step]) for j in members]))
+        if self.cache_train:
+            cached = {plan.cid: self._cached(f"train:{plan.cid}") for plan in plans}
+            for step, (members, counts) in enumerate(layout):
+                parts = [self._gather(cached[plans[j].cid], plans[j].batches[step]) for j in members]
+                yield StepBatch({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, members, counts)
+            return
+        batches = []
+        for step, (members, _) in enumerate(layout):
+            keys = []
+            for j in members:
+                plan = plans[j]
+                keys += [(f"train:{plan.cid}", i, sample_seed(plan.seeds[step], pos))
+                         for pos, i in enumerate(plan.batches[step])]
+            batches.append(keys)
+        for (members, counts), data in zip(layout, self._files(batches)):
+            yield StepBatch(data, members, counts)
+
+    # ------------------------------------------------------------------------------------------------- eval
+    def eval_batches(self, name: str, batch_size: int) -> Iterator[dict]:
+        """Batches of the evaluation list ``name`` (``test:<cid>``, ``val:<cid>``, ``test:base``, ...), in order."""
+        samples = self.lists[name]
+        spans = [list(range(start, min(start + batch_size, len(samples))))
+                 for start in range(0, len(samples), batch_size)]
+        if self.cache_eval:
+            cached = self._cached(name)
+            for span in spans:
+                yield self._gather(cached, span)
+            return
+        yield from self._files([[(name, i, None) for i in span] for span in spans])
+
+    def close(self) -> None:
+        """Stop the persistent DataLoader workers."""
+        self._loader = None

@@ -1,0 +1,142 @@
+"""The client-parallel engine: K clients in lock-step give the K = 1 results (every method, unequal client sizes,
+client sampling), the stacked optimizer is torch's SGD per client, plans are per client, failures stay with their
+client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fedprompt.data.cache
+from conftest import ROOT, read_rows, without_timings
+from fedprompt.data import Dirichlet, Synthetic
+from fedprompt.federation.engine import StackedSGD
+from fedprompt.federation.feed import local_plan
+
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+# unequal client sizes (Dirichlet: 15/19/14/16 train images), 3 of 4 clients sampled after round 1
+COMMON = ["--config", SMOKE, "--federation.rounds", "3", "--federation.fraction", "0.75", "--log.progress", "false"]
+METHODS = {
+    "PromptFL": [],
+    "FedProx": ["--method.mu", "0.5"],
+    "FedPer": ["--method.n_ctx", "4"],
+    "LocalCoOp": [],
+    "FedOTP": ["--method.n_ctx", "4", "--method.lr", "0.5"],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit(cli, out_dir, *extra) -> tuple[list[dict], dict]:
+    code, _, err = cli("fit", *COMMON, "--out_dir", out_dir, *extra)
+    assert code == 0, err
+    return without_timings(read_rows(out_dir)), torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def assert_same_run(rows_a, rows_b, ckpt_a, ckpt_b):
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key == "train_loss":
+                assert b[key] == pytest.approx(a[key], rel=1e-5), key
+            else:
+                assert b[key] == a[key], key  # accuracies, sampled clients, bytes: identical
+    for cid, state in ckpt_a["clients"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(ckpt_b["clients"][cid][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_k_clients_in_lockstep_equal_one_at_a_time(cli, tmp_path, method):
+    flags = ["--method", method, *METHODS[method]]
+    rows_1, ckpt_1 = fit(cli, tmp_path / "k1", *flags, "--federation.parallel_clients", "1")
+    rows_3, ckpt_3 = fit(cli, tmp_path / "k3", *flags, "--federation.parallel_clients", "3")
+    rows_auto, ckpt_auto = fit(cli, tmp_path / "auto", *flags)  # auto: all 4 clients together
+    assert_same_run(rows_1, rows_3, ckpt_1, ckpt_3)
+    assert_same_run(rows_1, rows_auto, ckpt_1, ckpt_auto)
+    assert [len(r["clients"]) for r in rows_1] == [4, 3, 3]
+    assert rows_1[-1]["train_loss"] != rows_1[0]["train_loss"]  # it trained
+
+
+def test_lockstep_with_augmentation_equals_one_at_a_time(cli, tmp_path):
+    flags = ["--train.augment", "true", "--federation.rounds", "2"]
+    rows_1, ckpt_1 = fit(cli, tmp_path / "k1", *flags, "--federation.parallel_clients", "1")
+    rows_4, ckpt_4 = fit(cli, tmp_path / "k4", *flags, "--federation.parallel_clients", "4")
+    assert_same_run(rows_1, rows_4, ckpt_1, ckpt_4)
+
+
+def test_a_failing_client_leaves_the_others_unchanged(cli, tmp_path, monkeypatch):
+    """Client 2's cached features are NaN: it is reported failed; the other clients of its group train as alone."""
+    original = fedprompt.data.cache.FeatureCache.dataset
+
+    def poisoned(self, samples, transform, kind):
+        cached = original(self, samples, transform, kind)
+        if kind == "train" and samples and all(s.path in poisoned.paths for s in samples):
+            cached.tensors = {k: torch.full_like(v, float("nan")) for k, v in cached.tensors.items()}
+        return cached
+
+    data = Synthetic(num_classes=4, train_per_class=16, test_per_class=8, image_size=32,
+                     partition=Dirichlet(num_clients=4, alpha=1.0, min_size=4))  # configs/smoke.yaml's split
+    poisoned.paths = {s.path for s in data.setup().clients[2].train}
+    monkeypatch.setattr(fedprompt.data.cache.FeatureCache, "dataset", poisoned)
+    flags = ["--train.feature_cache", "true", "--federation.on_client_failure", "skip", "--federation.fraction", "1"]
+    rows_1, ckpt_1 = fit(cli, tmp_path / "k1", *flags, "--federation.parallel_clients", "1")
+    rows_4, ckpt_4 = fit(cli, tmp_path / "k4", *flags, "--federation.parallel_clients", "4")
+    assert rows_1[0]["failed_clients"].keys() == {"2"} and "non-finite loss" in rows_1[0]["failed_clients"]["2"]
+    assert_same_run(rows_1, rows_4, ckpt_1, ckpt_4)
+    assert torch.isfinite(ckpt_4["global"]["prompt.ctx"]).all()
+
+
+# ----------------------------------------------------------------------------------------------- the optimizer
+def test_stacked_sgd_is_torch_sgd_per_slot_and_skips_inactive_slots():
+    torch.manual_seed(0)
+    start = torch.randn(3, 4, 5)
+    stacked = torch.nn.Parameter(start.clone())
+    singles = [torch.nn.Parameter(start[k].clone()) for k in range(3)]
+    opt = StackedSGD([stacked], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    rates = [0.1, 0.05, 0.2]
+    torch_opts = [torch.optim.SGD([p], lr=r, momentum=0.9, weight_decay=5e-4) for p, r in zip(singles, rates)]
+    steps_of = [4, 2, 3]  # slot 1 stops after 2 steps, slot 2 after 3
+    for step in range(4):
+        grads = torch.randn(3, 4, 5)
+        active = torch.tensor([step < n for n in steps_of])
+        stacked.grad = grads * active.view(-1, 1, 1)  # an inactive client has no loss: zero gradient
+        opt.set_slots(active, torch.tensor(rates, dtype=torch.float64))
+        opt.step()
+        for k in range(3):
+            if active[k]:
+                singles[k].grad = grads[k].clone()
+                torch_opts[k].step()
+    for k in range(3):
+        torch.testing.assert_close(stacked.data[k], singles[k].data, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(stacked.data[1], start[1])
+
+
+# ------------------------------------------------------------------------------------------------------- plans
+def test_local_plan_epochs_steps_and_determinism():
+    plan = local_plan(cid=3, num_samples=10, batch_size=4, epochs=2, max_steps=None, seed=7)
+    assert [len(b) for b in plan.batches] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(plan.batches[:3], [])) == list(range(10))  # each epoch is a permutation
+    assert plan.batches[:3] != plan.batches[3:]
+    assert local_plan(3, 10, 4, 2, None, 7).batches == plan.batches and len(set(plan.seeds)) == 6
+    steps = local_plan(3, 10, 4, 1, max_steps=5, seed=7)
+    assert [len(b) for b in steps.batches] == [4, 4, 2, 4, 4] and steps.batches[:3] == plan.batches[:3]
+
+
+def test_parallel_clients_flag_is_recorded(cli, tmp_path):
+    code, _, err = cli("fit", *COMMON, "--out_dir", tmp_path, "--federation.rounds", "1",
+                       "--federation.parallel_clients", "2")
+    assert code == 0, err
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "hyperparameters.yaml").read_text())["federation"]["parallel_clients"] == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 1
