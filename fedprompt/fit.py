@@ -126,6 +126,9 @@ def build_federation(fabric, cfg: dict, timer=None) -> tuple[Federation, list[st
     """Load the backbone, read and split the data, build the method's client modules, feed and aggregator."""
     data: FederatedData = cfg["data"]
     splits = data.setup()  # before the backbone: a wrong data path fails fast, without a download attempt
+    if any(c.classnames is not None for c in splits.clients):  # until the round loop scores per-client class lists
+        raise FedPromptError("data: the clients have their own class lists (Combined / CrossClass); the round loop "
+                             "does not support them yet. Use `fedprompt partition` to inspect the split.")
     bargs: BackboneArgs = cfg["backbone"]
     torch.manual_seed(cfg["seed"])  # a random-init backbone is the same on every rank and every run
     backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))

@@ -23,3 +23,10 @@ from fedprompt.data.protocols import (assign_validation, base_novel_split, offic
 __all__ += ["Caltech101", "DTD", "DomainNet", "EuroSAT", "FGVCAircraft", "Flowers102", "Food101", "OfficeCaltech10",
             "OxfordPets", "Pachinko", "StanfordCars", "SUN397", "UCF101", "assign_validation", "base_novel_split",
             "official_pathological_shots", "subsample_classes", "validation_split"]
+
+# multi-dataset federations, per-client class lists and evaluation sets (issue #12)
+from fedprompt.data.combined import Combined  # noqa: E402
+from fedprompt.data.datasets import EvalSet  # noqa: E402
+from fedprompt.data.partition import CrossClass  # noqa: E402
+
+__all__ += ["Combined", "CrossClass", "EvalSet"]

@@ -54,13 +54,22 @@ class DatasetSplits:
 
 @dataclass
 class ClientSplit:
-    """One client's data: its train and test samples, and a readable name (e.g. its domain)."""
+    """One client's data: its train and test samples, and a readable name (e.g. its domain).
+
+    ``classnames`` is ``None`` for a client that scores the federation's shared class list
+    (:attr:`fedprompt.data.FederatedSplits.classnames`), the usual case. A client with its own class list (FedTPG's
+    ``cross_cls`` protocol, :class:`fedprompt.data.CrossClass`) has ``classnames`` set, and then the labels of its
+    train, val and test samples index into that list, not into the shared one. ``dataset`` names the dataset the
+    client was drawn from in a multi-dataset federation (:class:`fedprompt.data.Combined`); ``""`` otherwise.
+    """
 
     client_id: int
     train: list[Sample]
     test: list[Sample]
     name: str = ""
     val: list[Sample] = field(default_factory=list)
+    classnames: list[str] | None = None
+    dataset: str = ""
 
     @property
     def num_train(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,18 +26,97 @@ DATA_ENV = "FEDPROMPT_DATA"
 
 
 @dataclass
+class EvalSet:
+    """A named evaluation set: ``samples`` classified among ``classnames`` (sample labels index ``classnames``).
+
+    The round loop can score any client state on any set: build (or reuse) a client module on ``classnames``, load
+    the state, and measure top-1 accuracy over ``samples``. Sets of one ``split`` form a metric that is the
+    unweighted mean over datasets of each set's accuracy (FedTPG's "average over datasets").
+
+    Attributes:
+        name: unique ``"<dataset>/<split>"``, e.g. ``"caltech101/base"``.
+        classnames: the class list the samples are classified among.
+        samples: test samples, labels relative to ``classnames``.
+        split: ``"base"`` (all base classes of a dataset), ``"novel"`` (all novel classes), or ``"all"`` (every class
+            of the dataset; an unseen dataset's set, or the whole test set when no base/novel split is made).
+        dataset: name of the dataset the set comes from.
+        seen: ``False`` for a dataset the federation never trains on (unseen-dataset transfer).
+    """
+
+    name: str
+    classnames: list[str]
+    samples: list[Sample]
+    split: str
+    dataset: str
+    seen: bool = True
+
+
+@dataclass
 class FederatedSplits:
-    """The result of :meth:`FederatedData.setup`: class names, every client's data and the reader's splits."""
+    """The result of :meth:`FederatedData.setup`: class names, every client's data and the reader's splits.
+
+    A client with ``classnames=None`` scores the shared list ``classnames``; a client with its own list scores that
+    (:meth:`client_classnames` gives the list of either). ``eval_sets`` are the dataset-level evaluation sets
+    (:class:`EvalSet`): with ``subsample_classes: base`` a ``base`` and a ``novel`` set per dataset, otherwise one
+    set of the dataset's (subsampled) classes; plus, for :class:`~fedprompt.data.Combined`, one ``all`` set per
+    unseen dataset.
+    """
 
     classnames: list[str]
     clients: list[ClientSplit]
     source: DatasetSplits
     novel: DatasetSplits | None = None
     """The novel half of a base-to-novel split (``subsample_classes: base``), for Base/Novel/HM evaluation."""
+    eval_sets: list[EvalSet] = field(default_factory=list)
 
     @property
     def loader(self):
         return self.source.loader
+
+    def client_classnames(self, client_id: int) -> list[str]:
+        """The class list client ``client_id`` scores (its own, or the shared one); its sample labels index it."""
+        own = self.clients[client_id].classnames
+        return self.classnames if own is None else own
+
+    def eval_set(self, name: str) -> EvalSet:
+        """The evaluation set called ``name``; an unknown name is an error listing the known ones."""
+        for item in self.eval_sets:
+            if item.name == name:
+                return item
+        raise FedPromptError(f"no evaluation set {name!r}; known: {[e.name for e in self.eval_sets]}")
+
+
+def dataset_eval_sets(source: DatasetSplits, novel: DatasetSplits | None, dataset: str,
+                      which: str) -> list[EvalSet]:
+    """A dataset's evaluation sets: ``base`` and ``novel`` sets (each half's test images among that half's classes)
+    for a base-to-novel split, else one set of the test images among the (``which``-subsampled) classes."""
+    if novel is not None:
+        return [EvalSet(f"{dataset}/base", list(source.classnames), source.test, "base", dataset),
+                EvalSet(f"{dataset}/novel", list(novel.classnames), novel.test, "novel", dataset)]
+    return [EvalSet(f"{dataset}/{which}", list(source.classnames), source.test, which, dataset)]
+
+
+def federate(raw: DatasetSplits, partition: Partitioner, num_shots: int | None, seed: int,
+             subsample: str = "all", validation: bool = False, dataset: str | None = None) -> FederatedSplits:
+    """The shared protocol on a reader's splits: validation carve-out, base/novel subsampling, partition, few-shot
+    sampling, validation assignment and the dataset's evaluation sets (named after ``dataset``, default the
+    reader's name). Deterministic for a given ``seed``."""
+    dataset = dataset or raw.name or "data"
+    if validation:
+        raw = validation_split(raw, num_shots, seed)
+    source = subsample_classes(raw, subsample)
+    novel = subsample_classes(raw, "novel") if subsample == "base" else None
+    clients = partition.split(source, seed)
+    if num_shots is not None:
+        clients = [few_shot(c, num_shots, seed) for c in clients]
+    if validation:
+        clients = assign_validation(clients, source.val, source.classnames)
+    empty = [c.client_id for c in clients if not c.train]
+    if empty:
+        raise FedPromptError(f"data.partition gives clients {empty} of {dataset} no train samples; use fewer clients "
+                             "or another partition.")
+    return FederatedSplits(source.classnames, clients, source, novel,
+                           dataset_eval_sets(source, novel, dataset, subsample))
 
 
 class FederatedData:
@@ -99,22 +178,8 @@ class FederatedData:
 
     def setup(self) -> FederatedSplits:
         """Read, partition and few-shot sample; deterministic for a given ``seed``."""
-        raw = self.read()
-        if self.validation:
-            raw = validation_split(raw, self.num_shots, self.seed)
-        source = subsample_classes(raw, self.subsample_classes)
-        novel = subsample_classes(raw, "novel") if self.subsample_classes == "base" else None
-        partition = self.partition or self.default_partition()
-        clients = partition.split(source, self.seed)
-        if self.num_shots is not None:
-            clients = [few_shot(c, self.num_shots, self.seed) for c in clients]
-        if self.validation:
-            clients = assign_validation(clients, source.val)
-        empty = [c.client_id for c in clients if not c.train]
-        if empty:
-            raise FedPromptError(f"data.partition gives clients {empty} no train samples; use fewer clients or "
-                                 "another partition.")
-        return FederatedSplits(source.classnames, clients, source, novel)
+        return federate(self.read(), self.partition or self.default_partition(), self.num_shots, self.seed,
+                        self.subsample_classes, self.validation)
 
 
 def _image_files(folder: Path) -> list[Path]:

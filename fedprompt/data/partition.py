@@ -16,6 +16,8 @@ distribution. Every partitioner is a small class so a config selects it with ``c
   with ``random.seed(class_seed)``, contiguous blocks of round(C/K) classes, the last client takes the rest);
   an integer k gives each client k classes (each class's images split among its holders). A client's test set is
   every test image of its classes.
+- :class:`CrossClass`: FedTPG's ``cross_cls``: a dataset's classes dealt in blocks of ``classes_per_client``; each
+  client gets its own class list (:attr:`~fedprompt.data.base.ClientSplit.classnames`), labels relative to it.
 - :class:`ByDomain`: one client per domain, or each domain split into ``clients_per_domain`` clients, iid or by a
   Dirichlet label draw inside the domain.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 
@@ -411,6 +414,69 @@ class Pathological(Partitioner):
         return self._clients(data, train_parts, test_parts)
 
 
+def class_blocks(num_classes: int, classes_per_client: int, class_seed: int | None = None) -> list[list[int]]:
+    """FedTPG's class assignment of one dataset: ``n = max(1, round(C / k))`` clients (Python's round, half to
+    even, as numpy's ``around`` in the official code); client j takes the classes at positions ``[j*k, (j+1)*k)``
+    of the class order, the last client everything from ``(n-1)*k``. The order is the label order (the official
+    code), or a ``random.Random(class_seed).shuffle`` of it. Each block is returned in increasing label order."""
+    if classes_per_client < 1:
+        raise FedPromptError(f"partition.classes_per_client must be >= 1, got {classes_per_client}")
+    order = list(range(num_classes))
+    if class_seed is not None:
+        random.Random(class_seed).shuffle(order)
+    k = classes_per_client
+    n = max(1, round(num_classes / k))
+    blocks = [order[j * k:(j + 1) * k] for j in range(n - 1)] + [order[(n - 1) * k:]]
+    return [sorted(block) for block in blocks]
+
+
+def own_classes_client(client_id: int, data: DatasetSplits, classes: list[int], name: str) -> ClientSplit:
+    """A client holding every train and test sample of ``classes`` (label ids of ``data``), with its own class list
+    (their names, in the given order) and the samples relabelled to positions in it."""
+    relabel = {c: i for i, c in enumerate(classes)}
+
+    def own(samples: list[Sample]) -> list[Sample]:
+        return [replace(s, label=relabel[s.label]) for s in samples if s.label in relabel]
+
+    return ClientSplit(client_id, own(data.train), own(data.test), name=name,
+                       classnames=[data.classnames[c] for c in classes])
+
+
+class CrossClass(Partitioner):
+    """FedTPG's ``cross_cls`` protocol on one dataset: its classes dealt to clients ``classes_per_client`` at a time,
+    each client scoring only its own classes.
+
+    Client j of a dataset with C classes (after ``subsample_classes``; FedTPG uses the CoOp base half) owns the block
+    of :func:`class_blocks`: ``n = max(1, round(C / classes_per_client))`` clients, blocks of ``classes_per_client``
+    classes, the last client takes the rest (the official code's rule, so a block can be larger or smaller than
+    ``classes_per_client``: 50 classes give 20 + 30, 51 give 20 + 20 + 11, 19 give one client of 19). A client's train
+    set is every train image of its classes (the few-shot step then keeps ``num_shots`` per class), its test set
+    every test image of its classes, and its class list (:attr:`ClientSplit.classnames`) the names of its classes in
+    label order; its sample labels index into that list. With :class:`fedprompt.data.Combined` the rule is applied
+    to each dataset separately.
+
+    Args:
+        classes_per_client: classes per client (20 in FedTPG).
+        class_seed: ``None`` deals the classes in label order, as the official code does (``np.arange``, no
+            shuffle); an integer shuffles the class order first with ``random.Random(class_seed)``.
+    """
+
+    def __init__(self, classes_per_client: int = 20, class_seed: int | None = None):
+        super().__init__(1)
+        if classes_per_client < 1:
+            raise FedPromptError(f"partition.classes_per_client must be >= 1, got {classes_per_client}")
+        self.classes_per_client = classes_per_client
+        self.class_seed = class_seed
+
+    def client_classes(self, num_classes: int) -> list[list[int]]:
+        """Class ids of each client."""
+        return class_blocks(num_classes, self.classes_per_client, self.class_seed)
+
+    def split(self, data: DatasetSplits, seed: int) -> list[ClientSplit]:
+        blocks = self.client_classes(len(data.classnames))
+        return [own_classes_client(k, data, block, f"client{k}") for k, block in enumerate(blocks)]
+
+
 class ByDomain(Partitioner):
     """Feature shift: one client per domain, or ``clients_per_domain`` clients per domain.
 
@@ -463,8 +529,7 @@ def few_shot(client: ClientSplit, num_shots: int, seed: int) -> ClientSplit:
     for label in sorted(by_class):
         idx = by_class[label]
         keep.extend(sorted(rng.choice(idx, size=min(num_shots, len(idx)), replace=False).tolist()))
-    return ClientSplit(client.client_id, [client.train[i] for i in sorted(keep)], client.test, client.name,
-                       client.val)
+    return replace(client, train=[client.train[i] for i in sorted(keep)])
 
 
 def count_table(clients: list[ClientSplit], num_classes: int, split: str = "train") -> np.ndarray:

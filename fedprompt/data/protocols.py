@@ -117,16 +117,35 @@ def validation_split(splits: DatasetSplits, num_shots: int | None, seed: int = 0
     return replace(splits, train=train, val=val)
 
 
-def assign_validation(clients: list[ClientSplit], val: list[Sample]) -> list[ClientSplit]:
+def assign_validation(clients: list[ClientSplit], val: list[Sample],
+                      classnames: list[str] | None = None) -> list[ClientSplit]:
     """Give each client the validation samples of the labels it trains on (and of its domains, when the samples
-    carry domains), for per-client model selection. Clients are returned as new objects; train/test unchanged."""
+    carry domains), for per-client model selection. Clients are returned as new objects; train/test unchanged.
+
+    ``val`` labels index ``classnames`` (the dataset's list). A client with its own class list
+    (:attr:`ClientSplit.classnames` set) gets the val samples of its classes, matched by name and relabelled to
+    positions in its list; ``classnames`` is then required and its names must be unique.
+    """
     out = []
     for client in clients:
+        samples = val if client.classnames is None else _to_own_labels(val, classnames, client.classnames)
         labels = {s.label for s in client.train}
         domains = {s.domain for s in client.train}
-        mine = [s for s in val if s.label in labels and (s.domain in domains or not s.domain)]
+        mine = [s for s in samples if s.label in labels and (s.domain in domains or not s.domain)]
         out.append(replace(client, val=mine))
     return out
+
+
+def _to_own_labels(samples: list[Sample], classnames: list[str] | None, own: list[str]) -> list[Sample]:
+    """The samples of the classes in ``own``, relabelled from positions in ``classnames`` to positions in ``own``."""
+    if classnames is None:
+        raise FedPromptError("data.validation: clients with their own class lists need the dataset's class names")
+    if len(set(classnames)) != len(classnames):
+        raise FedPromptError("data.validation: the dataset has duplicate class names, so validation samples cannot "
+                             "be matched to clients' own class lists; make the class names unique.")
+    position = {name: i for i, name in enumerate(own)}
+    relabel = {label: position[name] for label, name in enumerate(classnames) if name in position}
+    return [replace(s, label=relabel[s.label]) for s in samples if s.label in relabel]
 
 
 def official_pathological_shots(train_labels: Sequence[int], num_clients: int, num_shots: int,
