@@ -196,8 +196,24 @@ def test_bf16_mixed_precision_keeps_prompts_fp32(cli, tmp_path):
 
 
 def test_bench_command_prints_timings_and_an_exact_difference(cli):
-    code, out, err = cli("bench", "--model", "fedprompt-tiny", "--num_classes", "5", "--n_ctx", "4", "--repeats", "1")
+    code, out, err = cli("bench", "--truncation", "true", "--model", "fedprompt-tiny", "--num_classes", "5", "--n_ctx", "4",
+                         "--repeats", "1")
     assert code == 0, err
     assert "truncated" in out and "77 tokens" in out
     difference = float(out.strip().splitlines()[-1].split("difference|")[-1])
     assert difference < 1e-4
+
+
+def test_round_benchmark_prints_a_row_per_round(cli):
+    code, out, err = cli("bench", "--config", SMOKE, "--rounds", "2", "--json", "true")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        sections = ("data", "image", "text", "logits", "backward", "optimizer", "evaluation", "communication")
+        assert all(row[s] >= 0 for s in sections)
+        assert sum(row[s] for s in sections) <= row["seconds"] * 1.05 + 1e-3  # the sections add up to the round
+        assert row["train_images"] == 64 and row["images_per_second"] > 0 and row["parallel_clients"] == 4
+        assert row["peak_memory_gb"] > 0 and row["gpu_utilisation"] is None  # CPU: no utilisation figure
+    code, out, err = cli("bench", "--config", SMOKE, "--rounds", "1")
+    assert code == 0 and "img/s" in out and "evalua" in out

@@ -160,6 +160,7 @@ class LockstepTrainer:
         self.fabric = fabric
         self.feed = feed
         self.timer = timer or NoTimer()
+        self.samples = 0  # train samples processed (the round benchmark's images per second)
 
     def train(self, client, plans: list[LocalPlan], states: dict[int, State],
               global_state: State | None) -> dict[int, GroupResult]:
@@ -180,6 +181,7 @@ class LockstepTrainer:
         data_start = time.perf_counter()
         for step, batch in enumerate(self.feed.train_steps(plans)):
             timer.add("data", time.perf_counter() - data_start)
+            self.samples += sum(batch.counts)
             with timer.section("data"):
                 data = fabric.to_device(batch.data)
                 slots = torch.as_tensor(batch.members, dtype=torch.long, device=device)
