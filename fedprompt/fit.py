@@ -135,9 +135,9 @@ def build_federation(fabric, cfg: dict, timer=None) -> tuple[Federation, list[st
     train_args: TrainArgs = cfg["train"]
     train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, train_args.augment)
     method: Method = cfg["method"]
-    extra = {}
-    if splits.novel is not None:
-        extra = {"base": splits.source.test, "novel": splits.novel.test}
+    # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets
+    eval_sets = [e for e in splits.eval_sets if e.split in ("base", "novel") or not e.seen]
+    extra = {e.name: e.samples for e in eval_sets}
     frozen = method.frozen_image_tower
     cache_train = train_args.feature_cache and not train_args.augment
     cache_eval = cfg["eval"].feature_cache or train_args.feature_cache
@@ -155,21 +155,23 @@ def build_federation(fabric, cfg: dict, timer=None) -> tuple[Federation, list[st
                      aggregator=method.build_aggregator(), clients=splits.clients, feed=feed,
                      federation=cfg["federation"], train=train_args, eval=cfg["eval"], seed=cfg["seed"],
                      progress=cfg["log"].progress and fabric.global_rank == 0, timer=timer)
-    if splits.novel is not None:
-        _attach_novel_evaluation(fed, method, splits)
+    if eval_sets:
+        _attach_set_evaluation(fed, method, eval_sets)
     fed.initial_states()
     return fed, splits.classnames
 
 
-def _attach_novel_evaluation(fed: Federation, method: Method, splits) -> None:
-    """Base-to-novel protocol: a client module on the novel class names evaluates each client's prompts."""
-    base_shapes = {k: tuple(v.shape) for k, v in fed.client.state_dict().items()}
-    novel_shapes = {k: tuple(v.shape) for k, v in fed.module_for(splits.novel.classnames).state_dict().items()}
-    if getattr(method, "csc", False) or base_shapes != novel_shapes:
-        raise FedPromptError("data.subsample_classes=base: novel classes are scored with each client's prompts, "
-                             f"which must not depend on the classes ({fed.method.name} here has class-specific "
-                             "tensors; use csc: false).")
-    fed.novel_classnames = list(splits.novel.classnames)
+def _attach_set_evaluation(fed: Federation, method: Method, eval_sets: list) -> None:
+    """Base-to-novel and unseen-dataset protocols: each client's prompts are scored on other class lists (client
+    modules built on those lists), so the prompt state must not depend on the classes."""
+    shapes = {k: tuple(v.shape) for k, v in fed.client.state_dict().items()}
+    for eval_set in eval_sets:
+        other = {k: tuple(v.shape) for k, v in fed.module_for(eval_set.classnames).state_dict().items()}
+        if getattr(method, "csc", False) or other != shapes:
+            raise FedPromptError(f"data: the evaluation set {eval_set.name} ({len(eval_set.classnames)} classes) is "
+                                 "scored with each client's prompts, which must not depend on the classes "
+                                 f"({fed.method.name} here has class-specific tensors; use csc: false).")
+    fed.eval_sets = list(eval_sets)
 
 
 def _restore(fed: Federation, checkpoint: dict) -> None:

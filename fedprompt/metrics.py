@@ -35,13 +35,3 @@ def harmonic_mean(*values: float) -> float:
     if any(v <= 0 for v in values):
         return 0.0
     return len(values) / sum(1.0 / v for v in values)
-
-
-def base_novel_summary(local_acc: float, client_base: list[float], client_novel: list[float]) -> dict:
-    """Base-to-novel metrics (FedMGP's definitions): ``base_acc`` and ``novel_acc`` are means over clients of the
-    personalised model on the whole base / novel test set, ``hm`` = 2BN/(B+N), ``cm`` = (local + hm)/2."""
-    base = float(torch.tensor(client_base, dtype=torch.float64).mean())
-    novel = float(torch.tensor(client_novel, dtype=torch.float64).mean())
-    hm = harmonic_mean(base, novel)
-    return {"base_acc": base, "novel_acc": novel, "hm": hm, "cm": (local_acc + hm) / 2,
-            "client_base_acc": list(client_base), "client_novel_acc": list(client_novel)}

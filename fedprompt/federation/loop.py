@@ -27,7 +27,7 @@ from fedprompt.federation.engine import GroupResult, LockstepTrainer, NoTimer, S
 from fedprompt.federation.feed import Feed, LocalPlan, local_plan
 from fedprompt.federation.sampling import derive_seed, place, sample_clients
 from fedprompt.methods.base import Method, PromptClient
-from fedprompt.metrics import accuracy_metric, base_novel_summary, summarize
+from fedprompt.metrics import accuracy_metric, harmonic_mean, summarize
 
 State = dict[str, torch.Tensor]
 
@@ -71,7 +71,7 @@ class Federation:
     states: dict[int, State] = field(default_factory=dict)
     global_state: State = field(default_factory=dict)
     progress: bool = True
-    novel_classnames: list[str] | None = None
+    eval_sets: list = field(default_factory=list)
     timer: SectionTimer | None = None
     modules: dict[tuple, PromptClient] = field(default_factory=dict)
 
@@ -179,50 +179,63 @@ class Federation:
         with self.fabric.autocast():
             return client.text_features(slots)
 
-    def _evaluate_group(self, cids: list[int]) -> dict[int, tuple]:
-        client = self.module_for(self.client_classnames(cids[0]))
+    def _load_group(self, classnames: list[str], cids: list[int]) -> tuple[PromptClient, torch.Tensor, object]:
+        """The module of ``classnames`` with ``cids`` in its first slots, and their text side (computed once)."""
+        client = self.module_for(classnames)
         client.eval()
         client.timer = NoTimer()  # evaluation is timed as a whole
         for slot, cid in enumerate(cids):
             client.load_slot(slot, self.states[cid])
         slots = torch.arange(len(cids), device=self.fabric.device)
-        text = self._text(client, slots)
+        return client, slots, self._text(client, slots)
+
+    def _evaluate_own(self, cids: list[int]) -> dict[int, tuple[float, float]]:
+        """(test, validation) accuracy of each client of ``cids`` (one class list) on its own data."""
+        client, slots, text = self._load_group(self.client_classnames(cids[0]), cids)
+        return {cid: (self._accuracy(client, text, slots, pos, f"test:{cid}"),
+                      self._accuracy(client, text, slots, pos, f"val:{cid}")) for pos, cid in enumerate(cids)}
+
+    def _set_clients(self, eval_set) -> list[int]:
+        """The clients scored on an evaluation set: those drawn from its dataset (all clients for a single dataset
+        or an unseen one); one client when every client holds the same model."""
+        ids = [c.client_id for c in self.clients if getattr(c, "dataset", "") == eval_set.dataset]
+        ids = ids or list(range(len(self.clients)))
+        return ids[:1] if self.method.global_model else ids
+
+    def _evaluate_sets(self) -> dict[tuple[str, int], float]:
+        """Accuracy of the clients of each evaluation set (base / novel classes, unseen datasets) on it."""
         out = {}
-        for pos, cid in enumerate(cids):
-            out[cid] = (self._accuracy(client, text, slots, pos, f"test:{cid}"),
-                        self._accuracy(client, text, slots, pos, f"val:{cid}"))
-        if self.novel_classnames is not None:
-            novel = self.module_for(self.novel_classnames)
-            novel.eval()
-            novel.timer = NoTimer()
-            for slot, cid in enumerate(cids):
-                novel.load_slot(slot, self.states[cid])
-            novel_text = self._text(novel, slots)
-            for pos, cid in enumerate(cids):
-                out[cid] += (self._accuracy(client, text, slots, pos, "test:base"),
-                             self._accuracy(novel, novel_text, slots, pos, "test:novel"))
+        for eval_set in self.eval_sets:
+            mine = place(self._set_clients(eval_set), self.fabric.global_rank, self.fabric.world_size)
+            for begin in range(0, len(mine), self.group_size):
+                chunk = mine[begin:begin + self.group_size]
+                client, slots, text = self._load_group(eval_set.classnames, chunk)
+                for pos, cid in enumerate(chunk):
+                    out[(eval_set.name, cid)] = self._accuracy(client, text, slots, pos, f"test:{eval_set.name}")
         return out
 
     def evaluate_all(self) -> dict:
-        """Every client's accuracy on its own test data, spread over ranks; returns the summary metrics."""
+        """Every client's accuracy on its own test data (and on the evaluation sets), spread over ranks; returns the
+        summary metrics."""
         start = time.perf_counter()
         ids = list(range(len(self.clients)))
         mine = place(ids, self.fabric.global_rank, self.fabric.world_size)
         groups: dict[tuple, list[int]] = {}
         for cid in mine:
             groups.setdefault(tuple(self.client_classnames(cid)), []).append(cid)
-        local = {}
+        local: dict = {}
         bar = tqdm(total=len(mine), desc="evaluating", leave=False, disable=not self.progress)
         for members in groups.values():
             for begin in range(0, len(members), self.group_size):
                 chunk = members[begin:begin + self.group_size]
-                local.update(self._evaluate_group(chunk))
+                local.update(self._evaluate_own(chunk))
                 bar.update(len(chunk))
         bar.close()
-        results: dict[int, tuple] = {}
+        local.update(self._evaluate_sets())
+        results: dict = {}
         for part in all_gather_objects(self.fabric, local):
             results.update(part)
-        accs = {cid: r[0] for cid, r in results.items()}
+        accs = {cid: results[cid][0] for cid in ids}
         counts = {cid: len(self.clients[cid].test) for cid in ids}
         valid = {cid: a for cid, a in accs.items() if not math.isnan(a)}
         out = summarize(valid, counts, self.method.global_model)
@@ -230,11 +243,37 @@ class Federation:
         val = [results[cid][1] for cid in ids if not math.isnan(results[cid][1])]
         if val:
             out["val_acc"] = sum(val) / len(val)
-        if self.novel_classnames is not None:
-            out.update(base_novel_summary(out["local_acc"], [results[cid][2] for cid in ids],
-                                          [results[cid][3] for cid in ids]))
+        out.update(self._set_summary(results, out["local_acc"]))
         if self.timer is not None:
             self.timer.add("evaluation", time.perf_counter() - start)
+        return out
+
+    def _set_summary(self, results: dict, local_acc: float) -> dict:
+        """``base_acc`` / ``novel_acc`` (mean over datasets of the mean over their clients), ``hm``, ``cm``,
+        ``unseen_acc``; per-client base/novel accuracies for a single dataset; ``set_acc`` per evaluation set when
+        there are several datasets."""
+        if not self.eval_sets:
+            return {}
+        per_set = {}
+        for eval_set in self.eval_sets:
+            values = [results[(eval_set.name, cid)] for cid in self._set_clients(eval_set)]
+            per_set[eval_set.name] = sum(values) / len(values)
+        out = {}
+        base = [per_set[e.name] for e in self.eval_sets if e.split == "base" and e.seen]
+        novel = [per_set[e.name] for e in self.eval_sets if e.split == "novel" and e.seen]
+        if base and novel:
+            out["base_acc"], out["novel_acc"] = sum(base) / len(base), sum(novel) / len(novel)
+            out["hm"] = harmonic_mean(out["base_acc"], out["novel_acc"])
+            out["cm"] = (local_acc + out["hm"]) / 2
+        unseen = [per_set[e.name] for e in self.eval_sets if not e.seen]
+        if unseen:
+            out["unseen_acc"] = sum(unseen) / len(unseen)
+        if len(base) == 1 and len(novel) == 1 and not unseen:
+            for split in ("base", "novel"):
+                name = next(e.name for e in self.eval_sets if e.split == split)
+                out[f"client_{split}_acc"] = [results.get((name, cid), per_set[name]) for cid in range(len(self.clients))]
+        else:
+            out["set_acc"] = per_set
         return out
 
     def initial_states(self) -> None:
