@@ -13,7 +13,8 @@ FLAGS = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--federation.rounds"
 
 
 def run(out_dir, *extra):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's path
+    env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "disabled"}
     result = subprocess.run([sys.executable, "-m", "fedprompt", "fit", *FLAGS, "--out_dir", str(out_dir), *extra],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
