@@ -217,26 +217,25 @@ class LockstepTrainer:
         return GroupResult(client.slot_state(slot), float(values.mean()) if len(values) else math.nan, len(values))
 
 
-def run_groups(trainer: LockstepTrainer, client_for, plans: list[LocalPlan], group_size: int, states, global_state,
-               adaptive: bool, on_group=None) -> dict[int, GroupResult]:
+def run_groups(trainer: LockstepTrainer, client_for, classes_of, plans: list[LocalPlan], group_size: int, states,
+               global_state, adaptive: bool, on_group=None) -> dict[int, GroupResult]:
     """Train ``plans`` in lock-step groups of at most ``group_size`` clients of the same class list.
 
-    ``client_for(plan)`` gives the client module for a plan's class list (built with ``group_size`` slots);
-    ``adaptive`` halves the group size on a device out-of-memory error and retries. A group that raises anything
-    else is run again client by client, so that the failure is charged to its client (and reported as that client's
-    ``failure``); :class:`FedPromptError` (a user error) always propagates.
+    ``classes_of(plan)`` gives a plan's class list and ``client_for(classnames)`` the client module set to it (with
+    at least ``group_size`` slots); ``adaptive`` halves the group size on a device out-of-memory error and retries.
+    A group that raises anything else is run again client by client, so that the failure is charged to its client
+    (and reported as that client's ``failure``); :class:`FedPromptError` (a user error) always propagates.
     """
     results: dict[int, GroupResult] = {}
-    by_module: dict[int, tuple[object, list[LocalPlan]]] = {}
+    by_classes: dict[tuple, list[LocalPlan]] = {}
     for plan in plans:
-        module = client_for(plan)
-        by_module.setdefault(id(module), (module, []))[1].append(plan)
-    for module, members in by_module.values():
+        by_classes.setdefault(tuple(classes_of(plan)), []).append(plan)
+    for classnames, members in by_classes.items():
         start = 0
         while start < len(members):
             group = members[start:start + group_size]
             try:
-                results.update(trainer.train(module, group, states, global_state))
+                results.update(trainer.train(client_for(list(classnames)), group, states, global_state))
             except torch.cuda.OutOfMemoryError:
                 if not adaptive or group_size == 1:
                     raise
@@ -250,7 +249,8 @@ def run_groups(trainer: LockstepTrainer, client_for, plans: list[LocalPlan], gro
                     results[group[0].cid] = GroupResult({}, failure=f"{type(err).__name__}: {err}")
                 else:
                     for plan in group:
-                        results.update(run_groups(trainer, client_for, [plan], 1, states, global_state, False))
+                        results.update(run_groups(trainer, client_for, classes_of, [plan], 1, states, global_state,
+                                                  False))
             if on_group is not None:
                 on_group(len(group))
             start += len(group)

@@ -82,8 +82,13 @@ class Federation:
 
     # ---------------------------------------------------------------------------------------------- modules
     def module_for(self, classnames: list[str]) -> PromptClient:
-        """The client module (``group_size`` slots) for a class list, built once."""
+        """A client module (``group_size`` slots) set to a class list: the federation's module pointed at it, or,
+        for methods whose prompts depend on the classes, a module built for it once."""
         key = tuple(classnames)
+        first = self.modules.get(tuple(self.classnames))
+        if first is not None and first.switchable_classes:
+            first.set_classes(list(classnames))
+            return first
         if key not in self.modules:
             torch.manual_seed(self.seed)  # the same initial prompts as the first module (the server's init)
             self.modules[key] = self.fabric.to_device(
@@ -109,7 +114,7 @@ class Federation:
         if not self.method.trains:
             return {cid: GroupResult(self.states[cid]) for cid in cids}
         plans = [self.plan(cid, round_idx) for cid in cids]
-        return run_groups(self.trainer, lambda p: self.module_for(self.client_classnames(p.cid)), plans,
+        return run_groups(self.trainer, self.module_for, lambda p: self.client_classnames(p.cid), plans,
                           self.group_size, self.states, self.global_state, self.adaptive,
                           on_group=bar.update if bar is not None else None)
 

@@ -131,12 +131,35 @@ class PromptClient(L.LightningModule):
     def all_slots(self) -> torch.Tensor:
         return torch.arange(self.slots, device=self.device)
 
-    def frozen_on(self, name: str, device: torch.device):
-        """The frozen attribute ``name`` (e.g. the prompt token data) on ``device``, moved once and kept."""
-        copies = self.__dict__.setdefault("_device_copies", {})
-        if copies.get(name, (None,))[0] != device:
-            copies[name] = (device, getattr(self, name).to(device))
-        return copies[name][1]
+    # ----------------------------------------------------------------------------------------- class lists
+    #: whether :meth:`set_classes` may point the module at another class list (False when a prompt tensor has a
+    #: class dimension, e.g. CoOp's class-specific context)
+    switchable_classes = True
+
+    def class_data(self, classnames: list[str]) -> dict[str, Any]:
+        """The frozen data this method derives from a class list (e.g. ``{"tokens": backbone.prompt_tokens(...)}``),
+        read with :meth:`frozen`; computed once per class list."""
+        return {}
+
+    def set_classes(self, classnames: list[str]) -> None:
+        """Point the module at another class list (the prompts do not depend on it; see ``switchable_classes``)."""
+        if list(classnames) != self.classnames and not self.switchable_classes:
+            raise ValueError(f"{type(self).__name__} has class-specific tensors: build one module per class list")
+        self.classnames = list(classnames)
+
+    def frozen(self, name: str, device: torch.device | None = None):
+        """The frozen per-class-list value ``name`` of :meth:`class_data` for the current class list, on ``device``
+        (moved once and kept)."""
+        cache = self.__dict__.setdefault("_frozen", {})
+        names = tuple(self.classnames)
+        if (names, None) not in cache:
+            cache[(names, None)] = self.class_data(self.classnames)
+        value = cache[(names, None)][name]
+        if device is None:
+            return value
+        if (names, name, device) not in cache:
+            cache[(names, name, device)] = value.to(device)
+        return cache[(names, name, device)]
 
     # ---------------------------------------------------------------------------------------------- parts
     def text_features(self, slots: torch.Tensor | None = None) -> Any:

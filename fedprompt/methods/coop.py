@@ -33,15 +33,19 @@ class CoOpClient(PromptClient):
                  csc: bool = False, optim: OptimizerArgs | None = None, slots: int = 1):
         super().__init__(backbone, classnames, optim, slots)
         words = backbone.word_embeddings(ctx_init).cpu() if ctx_init else None
-        n_ctx = n_ctx or (words.shape[0] if words is not None else 16)
-        self.tokens = backbone.prompt_tokens(self.classnames, n_ctx)
-        self.prompt = ContextVectors(n_ctx, backbone.ctx_dim, n_cls=len(classnames) if csc else None, words=words,
-                                     slots=slots)
+        self.n_ctx = n_ctx or (words.shape[0] if words is not None else 16)
+        self.switchable_classes = not csc
+        self.prompt = ContextVectors(self.n_ctx, backbone.ctx_dim, n_cls=len(classnames) if csc else None,
+                                     words=words, slots=slots)
+
+    def class_data(self, classnames: list[str]) -> dict:
+        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx)}
 
     def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised class text features [A, C, E] of the clients in ``slots`` (default all; one encoder call)."""
         ctx = self.prompt.ctx if slots is None else self.prompt.ctx[slots]
-        feats = self.backbone.encode_prompts(self.frozen_on("tokens", ctx.device), ctx, class_specific=self.prompt.class_specific)
+        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx,
+                                             class_specific=self.prompt.class_specific)
         return F.normalize(feats.float(), dim=-1)
 
 

@@ -99,11 +99,14 @@ class FedOTPClient(PromptClient):
                  early_exit: bool | None = True):
         super().__init__(backbone, classnames, optim, slots)
         words = backbone.word_embeddings(ctx_init).cpu() if ctx_init else None
-        self.tokens = backbone.prompt_tokens(self.classnames, n_ctx)
+        self.n_ctx = n_ctx
         self.global_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
         self.local_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
         self.ot, self.gamma, self.eps, self.max_iter, self.tol = ot, gamma, eps, max_iter, tol
         self.early_exit = early_exit
+
+    def class_data(self, classnames: list[str]) -> dict:
+        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx)}
 
     def prompts(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """[A, 2, n_ctx, D]: each client's global prompt (index 0) and local prompt (index 1)."""
@@ -114,7 +117,7 @@ class FedOTPClient(PromptClient):
         """L2-normalised text features [A, 2, C, E] of both prompts of the clients in ``slots`` (default all; one
         encoder call)."""
         ctx = self.prompts(slots)
-        feats = self.backbone.encode_prompts(self.frozen_on("tokens", ctx.device), ctx)
+        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx)
         return F.normalize(feats.float(), dim=-1)
 
     def image_features(self, batch: dict) -> torch.Tensor:

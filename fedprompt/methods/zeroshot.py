@@ -17,15 +17,16 @@ class ZeroShotClient(PromptClient):
                  slots: int = 1):
         super().__init__(backbone, classnames, slots=slots)
         self.template = template
-        self._text = None
+
+    @torch.no_grad()
+    def class_data(self, classnames: list[str]) -> dict:
+        sentences = [self.template.format(name.replace("_", " ")) for name in classnames]
+        return {"text": F.normalize(self.backbone.encode_text(sentences).float(), dim=-1)}
 
     def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """The template's L2-normalised text features, the same for every client: [A, C, E]."""
-        if self._text is None or self._text.device != self.backbone.device:
-            sentences = [self.template.format(name.replace("_", " ")) for name in self.classnames]
-            with torch.no_grad():
-                self._text = F.normalize(self.backbone.encode_text(sentences).float(), dim=-1)
-        return self._text.expand(self.slots if slots is None else slots.shape[0], *self._text.shape)
+        text = self.frozen("text", self.backbone.device)
+        return text.expand(self.slots if slots is None else slots.shape[0], *text.shape)
 
 
 class ZeroShot(Method):
