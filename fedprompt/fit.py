@@ -126,9 +126,6 @@ def build_federation(fabric, cfg: dict, timer=None) -> tuple[Federation, list[st
     """Load the backbone, read and split the data, build the method's client modules, feed and aggregator."""
     data: FederatedData = cfg["data"]
     splits = data.setup()  # before the backbone: a wrong data path fails fast, without a download attempt
-    if any(c.classnames is not None for c in splits.clients):  # until the round loop scores per-client class lists
-        raise FedPromptError("data: the clients have their own class lists (Combined / CrossClass); the round loop "
-                             "does not support them yet. Use `fedprompt partition` to inspect the split.")
     bargs: BackboneArgs = cfg["backbone"]
     torch.manual_seed(cfg["seed"])  # a random-init backbone is the same on every rank and every run
     backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
@@ -225,8 +222,9 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
             every = cfg["log"].checkpoint_every
             if every and round_idx % every == 0:
                 save_checkpoint(state, out_dir / "checkpoints" / f"round-{round_idx:04d}.ckpt")
-        if row.get("local_acc") is not None:
-            bar.set_postfix(loss=row.get("train_loss"), acc=row.get("local_acc"))
+        acc = row.get("local_acc", row.get("own_classes_acc"))
+        if acc is not None:
+            bar.set_postfix(loss=row.get("train_loss"), acc=acc)
     summary = _summary(fed, classnames, row, out_dir, rounds)
     summary.update(selector.summary())
     if fabric.global_rank == 0:
@@ -259,7 +257,8 @@ class _Selector:
         if not rows:
             return {}
         best = max(rows, key=lambda r: r["val_acc"])  # the first round with the best validation accuracy
-        keys = ("round", "val_acc", "local_acc", "local_acc_std", "global_acc", "base_acc", "novel_acc", "hm", "cm")
+        keys = ("round", "val_acc", "local_acc", "local_acc_std", "own_classes_acc", "global_acc", "base_acc",
+                "novel_acc", "hm", "cm", "unseen_acc")
         return {"model_selection": "round with the best mean validation accuracy (checkpoints/best.ckpt)",
                 "selected": {k: best[k] for k in keys if k in best}}
 
@@ -275,7 +274,8 @@ def _log_round(out_dir: Path, logger, fed: Federation, row: dict) -> None:
 
 
 def _summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path, rounds: int) -> dict:
-    keys = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "novel_acc", "hm", "cm", "client_acc",
+    keys = ("local_acc", "local_acc_std", "own_classes_acc", "own_classes_acc_std", "global_acc", "val_acc",
+            "base_acc", "novel_acc", "hm", "cm", "unseen_acc", "set_acc", "client_acc",
             "client_base_acc", "client_novel_acc", "train_loss")
     return {"method": fed.method.name, "rounds": rounds, "model_selection": "last round (no test-set selection)",
             **{k: row[k] for k in keys if k in row}, "clients": [c.name for c in fed.clients],
@@ -306,7 +306,8 @@ def _print_clients(fed: Federation, client_acc: list[float] | None, summary: dic
     for cid, (client, acc) in enumerate(zip(fed.clients, client_acc)):
         acc_text = "n/a" if math.isnan(acc) else f"{acc:.4f}"
         print(f"{cid:>6}  {client.name:<16} {len(client.train):>6} {len(client.test):>6}  {acc_text}")
-    line = f"local_acc {summary['local_acc']:.4f} +- {summary['local_acc_std']:.4f}"
+    local = "local_acc" if "local_acc" in summary else "own_classes_acc"
+    line = f"{local} {summary[local]:.4f} +- {summary[local + '_std']:.4f}"
     if "global_acc" in summary:
         line += f"   global_acc {summary['global_acc']:.4f}"
     if "hm" in summary:

@@ -340,19 +340,3 @@ def test_fedtpg_cross_cls_config_prints_and_names_missing_data(cli, monkeypatch)
 def test_eval_set_is_a_plain_record():
     item = EvalSet("x/base", ["a", "b"], [Sample("p", 1)], "base", "x")
     assert item.seen and item.classnames[item.samples[0].label] == "b"
-
-
-def test_fit_refuses_own_class_lists_until_the_loop_supports_them(cli, tmp_path):
-    config = tmp_path / "combined.yaml"
-    config.write_text("""
-method: {class_path: fedprompt.methods.PromptFL, init_args: {n_ctx: 4}}
-data:
-  class_path: fedprompt.data.Combined
-  init_args:
-    datasets:
-      - {class_path: fedprompt.data.Synthetic, init_args: {num_classes: 2}}
-      - {class_path: fedprompt.data.Synthetic, init_args: {num_classes: 3}}
-backbone: {model: fedprompt-tiny, pretrained: null}
-""")
-    code, _, err = cli("fit", "--config", config, "--out_dir", tmp_path / "run")
-    assert code == 2 and "own class lists" in err and "does not support them yet" in err

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, read_rows, without_timings
@@ -21,8 +22,10 @@ def run(out_dir, *extra):
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    run(tmp_path / "one")
-    run(tmp_path / "two", "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp")
+    """Bit-identical when the lock-step groups are the same (one client at a time): only the placement differs."""
+    run(tmp_path / "one", "--federation.parallel_clients", "1")
+    run(tmp_path / "two", "--federation.parallel_clients", "1", "--fabric.accelerator", "cpu", "--fabric.devices", "2",
+        "--fabric.strategy", "ddp")
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(one["global"]["prompt.ctx"], two["global"]["prompt.ctx"])  # bit-identical
@@ -31,3 +34,21 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     rows_one, rows_two = without_timings(read_rows(tmp_path / "one")), without_timings(read_rows(tmp_path / "two"))
     assert rows_one == rows_two
     assert [len(r["clients"]) for r in rows_one] == [4, 3, 3]  # round 1 everyone, then 3 of 4 (uneven ranks)
+
+
+def test_fedtpg_reduce_path_two_processes_match_one(tmp_path):
+    """FedTPG merges by an all-reduce of per-process float64 sums (no client state is gathered). With the default
+    parallel_clients (auto) one process trains its 4 clients in one lock-step group and each of two processes 2,
+    so the runs agree up to float rounding."""
+    extra = ["--method", "FedTPG", "--method.lr", "0.01"]
+    run(tmp_path / "one", *extra)
+    run(tmp_path / "two", *extra, "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp")
+    one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
+    for key, value in one["global"].items():
+        torch.testing.assert_close(value, two["global"][key], rtol=1e-4, atol=1e-6)
+    rows_one, rows_two = without_timings(read_rows(tmp_path / "one")), without_timings(read_rows(tmp_path / "two"))
+    assert [r["client_acc"] for r in rows_one] == [r["client_acc"] for r in rows_two]
+    assert [r["bytes_up"] for r in rows_one] == [r["bytes_up"] for r in rows_two]
+    for a, b in zip(rows_one, rows_two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)

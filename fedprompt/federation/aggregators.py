@@ -64,11 +64,38 @@ class WeightedMean(Aggregator):
     Args:
         shared_prefixes: key prefixes of the shared state.
         weighted: ``False`` gives the unweighted mean (the official PromptFL code).
+        reduce: let the round loop merge by an all-reduce of per-process float64 sums (:meth:`partial_sum`,
+            :meth:`finish`) instead of gathering every upload on every process; for large states that are shared
+            whole (FedTPG's generator). Received tensors are then shared, not copied, between clients.
     """
 
-    def __init__(self, shared_prefixes: tuple[str, ...] = (), weighted: bool = True):
+    def __init__(self, shared_prefixes: tuple[str, ...] = (), weighted: bool = True, reduce: bool = False):
         super().__init__(shared_prefixes)
         self.weighted = weighted
+        self.reduce = reduce
+
+    def partial_sum(self, uploads: dict[int, dict[str, torch.Tensor]], weights: dict[int, float],
+                    template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This process's share of the mean: float64 sums of ``w_k * upload_k`` (in client-id order) and of ``w_k``
+        (key ``""``); ``template`` (the global state) gives the keys and shapes when this process has no upload."""
+        sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in template.items()}
+        total = torch.zeros((), dtype=torch.float64)
+        for cid in sorted(uploads):
+            w = float(weights[cid]) if self.weighted else 1.0
+            for key in sums:
+                sums[key] += w * uploads[cid][key].to(torch.float64)
+            total += w
+        return {**sums, "": total}
+
+    def finish(self, sums: dict[str, torch.Tensor], template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global state from the summed :meth:`partial_sum` of every process."""
+        total = sums[""]
+        return {k: (sums[k] / total).to(v.dtype) for k, v in template.items()}
+
+    def apply(self, client_state, received, client_id):
+        if not self.reduce:
+            return super().apply(client_state, received, client_id)
+        return {**client_state, **received}  # the global tensors are never changed in place: share them
 
     def aggregate(self, uploads, weights, round_idx):
         ids = sorted(uploads)

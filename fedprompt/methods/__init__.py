@@ -9,3 +9,6 @@ __all__ = ["CoOpClient", "FedPer", "FedProx", "LocalCoOp", "Method", "OptimizerA
 from fedprompt.methods.fedotp import FedOTP, FedOTPClient  # noqa: E402
 
 __all__ += ["FedOTP", "FedOTPClient"]
+from fedprompt.methods.fedtpg import FedTPG, FedTPGClient  # noqa: E402
+
+__all__ += ["FedTPG", "FedTPGClient"]

@@ -1,0 +1,114 @@
+"""FedTPG: the generator's context depends on the class names, only the generator leaves a client, the reduce
+aggregation equals the gather one, resume is exact, and the cross_cls protocol (clients with their own class lists
+from several datasets, base/novel sets per dataset, an unseen dataset) runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, read_rows, without_timings
+from fedprompt.federation.aggregators import WeightedMean
+from fedprompt.methods import FedTPG
+
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+TPG = ["--config", SMOKE, "--method", "FedTPG", "--method.lr", "0.01", "--log.progress", "false"]
+
+COMBINED = """
+method: {class_path: fedprompt.methods.FedTPG, init_args: {lr: 0.01}}
+data:
+  class_path: fedprompt.data.Combined
+  init_args:
+    subsample_classes: base
+    num_shots: 4
+    partition: {class_path: fedprompt.data.CrossClass, init_args: {classes_per_client: 2}}
+    datasets:
+      - {class_path: fedprompt.data.Synthetic, init_args: {num_classes: 8, train_per_class: 6, test_per_class: 3}}
+      - {class_path: fedprompt.data.Synthetic, init_args: {num_classes: 6, train_per_class: 6, test_per_class: 3}}
+    unseen:
+      - {class_path: fedprompt.data.Synthetic, init_args: {num_classes: 5, test_per_class: 2}}
+    names: [first, second, unseen]
+backbone: {model: fedprompt-tiny, pretrained: null}
+federation: {rounds: 2}
+train: {batch_size: 8, augment: false}
+fabric: {accelerator: cpu}
+log: {progress: false}
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_generated_context_depends_on_the_class_names(tiny_backbone):
+    client = FedTPG().build_client(tiny_backbone, ["dog", "cat", "bird"], slots=2)
+    ctx = client.context()
+    assert ctx.shape == (2, 4, tiny_backbone.ctx_dim)
+    torch.testing.assert_close(ctx[0], ctx[1])  # every slot starts from the same generator
+    client.set_classes(["car", "truck", "boat"])
+    assert not torch.allclose(client.context()[0], ctx[0])
+    assert client.text_features().shape == (2, 3, tiny_backbone.embed_dim)
+    state = client.slot_state(0)
+    assert all(key.startswith("generator.") for key in state) and "generator.queries" in state
+
+
+def test_only_the_generator_leaves_a_client_and_is_averaged(cli, tmp_path):
+    code, _, err = cli("fit", *TPG, "--out_dir", tmp_path, "--federation.rounds", "2")
+    assert code == 0, err
+    rows = read_rows(tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    size = sum(v.numel() * 4 for v in ckpt["global"].values())
+    assert rows[0]["bytes_up"] == 4 * size and rows[0]["bytes_down"] == 4 * size  # 4 clients, the whole generator
+    for state in ckpt["clients"].values():  # every client holds the averaged generator
+        for key, value in state.items():
+            assert torch.equal(value, ckpt["global"][key])
+    assert rows[-1]["local_acc"] >= 0 and "global_acc" in rows[-1]
+
+
+def test_reduce_aggregation_equals_gathering_every_upload(cli, tmp_path, monkeypatch):
+    code, _, err = cli("fit", *TPG, "--out_dir", tmp_path / "reduce", "--federation.fraction", "0.75",
+                       "--federation.rounds", "3")
+    assert code == 0, err
+    monkeypatch.setattr(FedTPG, "build_aggregator", lambda self: WeightedMean(self.shared_prefixes, weighted=False))
+    code, _, err = cli("fit", *TPG, "--out_dir", tmp_path / "gather", "--federation.fraction", "0.75",
+                       "--federation.rounds", "3")
+    assert code == 0, err
+    a = torch.load(tmp_path / "reduce" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "gather" / "checkpoints" / "last.ckpt", weights_only=True)
+    for key, value in a["global"].items():
+        torch.testing.assert_close(value, b["global"][key], rtol=1e-6, atol=1e-7)
+    rows_a, rows_b = without_timings(read_rows(tmp_path / "reduce")), without_timings(read_rows(tmp_path / "gather"))
+    assert [r["bytes_up"] for r in rows_a] == [r["bytes_up"] for r in rows_b]
+    assert [r["client_acc"] for r in rows_a] == [r["client_acc"] for r in rows_b]
+
+
+def test_resume_is_exact(cli, tmp_path):
+    assert cli("fit", *TPG, "--out_dir", tmp_path / "full", "--federation.rounds", "3")[0] == 0
+    assert cli("fit", *TPG, "--out_dir", tmp_path / "cut", "--federation.rounds", "2")[0] == 0
+    code, _, err = cli("fit", *TPG, "--out_dir", tmp_path / "cut", "--federation.rounds", "3", "--resume",
+                       tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert code == 0, err
+    assert without_timings(read_rows(tmp_path / "full")) == without_timings(read_rows(tmp_path / "cut"))
+
+
+def test_cross_class_protocol_across_datasets(cli, tmp_path):
+    config = tmp_path / "combined.yaml"
+    config.write_text(COMBINED)
+    code, out, err = cli("fit", "--config", config, "--out_dir", tmp_path / "run")
+    assert code == 0, err
+    row = read_rows(tmp_path / "run")[-1]
+    # clients are scored among their own classes: its own name, never local_acc or global_acc
+    assert "own_classes_acc" in row and "local_acc" not in row and "global_acc" not in row
+    assert {"base_acc", "novel_acc", "hm", "cm", "unseen_acc"} <= row.keys()
+    assert set(row["set_acc"]) == {"first/base", "first/novel", "second/base", "second/novel", "unseen/all"}
+    assert row["base_acc"] == pytest.approx((row["set_acc"]["first/base"] + row["set_acc"]["second/base"]) / 2)
+    assert row["unseen_acc"] == row["set_acc"]["unseen/all"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["clients"]) == 4  # base classes 4 of 8 -> 2 clients of 2; 3 of 6 -> round(1.5) = 2: 2 + 1
+    assert "own_classes_acc" in out
