@@ -153,3 +153,15 @@ def test_towers_without_tokens_are_refused(tmp_path, vision_cfg, tower):
         backbone.encode_image_prompted(torch.randn(1, 3, 32, 32), torch.zeros(1, 2, 8))
     with pytest.raises(FedPromptError, match="visual_width"):
         backbone.visual_width
+
+
+def test_runs_under_bf16_autocast_with_fp32_token_gradients(tiny_backbone, images):
+    tokens = prompts(2, 2, 2, WIDTH).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_backbone.encode_image_prompted(images, tokens)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 32)
+    with torch.no_grad():
+        exact = tiny_backbone.encode_image_prompted(images, tokens)
+    torch.testing.assert_close(out.float(), exact, atol=0.1, rtol=0.05)
+    out.float().square().sum().backward()
+    assert tokens.grad.dtype == torch.float32 and tokens.grad.abs().sum() > 0
