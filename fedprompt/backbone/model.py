@@ -7,7 +7,9 @@ Methods never touch open_clip themselves. They ask the backbone for
 - :meth:`Backbone.encode_prompts`: text features for those sentences with the context replaced by learnable
   vectors (any number of leading prompt dimensions, so several prompts are encoded in one call);
 - :meth:`Backbone.encode_image` and :meth:`Backbone.encode_image_tokens`: pooled image features and projected
-  patch tokens (ViT), spatial positions (timm / ModifiedResNet towers).
+  patch tokens (ViT), spatial positions (timm / ModifiedResNet towers);
+- :meth:`Backbone.encode_image_prompted`: pooled image features of a ViT tower that also sees learnable visual
+  prompt tokens (VPT / MaPLe style, shallow or deep), for several prompt sets in one call.
 
 Two kinds of text tower sit behind the same interface: open_clip's causal CLIP text transformer and a Hugging Face
 text tower (``CustomTextCLIP``), where prompts go in through ``inputs_embeds`` with the attention mask and the
@@ -258,6 +260,126 @@ class Backbone(nn.Module):
         if kind == "ModifiedResNet":
             return self._resnet_tokens(visual, images)
         raise FedPromptError(f"backbone: patch tokens are not available for image tower {kind}.")
+
+    # ------------------------------------------------------------------------------- visual prompt tokens
+    @property
+    def supports_visual_prompts(self) -> bool:
+        """Whether the image tower has a token sequence that visual prompts can join (open_clip ViT towers)."""
+        return type(self.model.visual).__name__ == "VisionTransformer"
+
+    def _prompt_tower(self, what: str):
+        visual = self.model.visual
+        if not self.supports_visual_prompts:
+            raise FedPromptError(
+                f"backbone.{what}: visual prompt tokens need a ViT image tower (open_clip VisionTransformer), but "
+                f"'{self.name}' has a {type(visual).__name__} image tower without a token sequence; use a ViT "
+                "backbone or disable the visual prompts (visual_groups: 0).")
+        return visual
+
+    @property
+    def visual_width(self) -> int:
+        """Width of the ViT image tower's tokens (the size of one visual prompt token; 768 for ViT-B/16)."""
+        return int(self._prompt_tower("visual_width").transformer.width)
+
+    @property
+    def visual_layers(self) -> int:
+        """Number of transformer layers of the ViT image tower (the largest deep-prompt depth)."""
+        return len(self._prompt_tower("visual_layers").transformer.resblocks)
+
+    @staticmethod
+    def group_index(owner: torch.Tensor, groups: int) -> torch.Tensor:
+        """The ``index`` of :meth:`encode_image_prompted` for images of several clients, G prompt groups each.
+
+        With the clients' prompts stacked as ``[K, G, V, width]`` and flattened to ``[K * G, V, width]``, row
+        ``(g, b)`` of the result is ``owner[b] * G + g``: image b seen with group g of its own client.
+
+        Args:
+            owner: [B] client position (0 .. K-1) of each image.
+            groups: prompt groups per client (G).
+
+        Returns:
+            [G, B] long tensor.
+        """
+        offsets = torch.arange(groups, device=owner.device, dtype=torch.long)
+        return owner.long().unsqueeze(0) * groups + offsets.unsqueeze(1)
+
+    def encode_image_prompted(self, images: torch.Tensor, prompts: torch.Tensor,
+                              index: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled, projected, unnormalised image features of a ViT tower that also sees learnable prompt tokens.
+
+        The images are patch-embedded once (class token, positional embedding); each row then gets the V prompt
+        tokens of its prompt set appended after the patch tokens (no positional embedding), the tower's ``ln_pre``
+        applies to them as to every input token, and the transformer runs once over all rows. Deep prompts
+        (MaPLe / VPT-deep) replace the prompt outputs of the previous layer with fresh tokens at each of the first
+        ``depth`` layers (the layer-0 tokens are the input tokens and go through ``ln_pre``; deeper ones enter as
+        they are). After the last layer the prompt outputs are dropped and the tower's own pooling runs on the
+        remaining sequence (open_clip's ``_pool``: ``ln_post`` and the class token, or the patch mean for
+        ``pool_type='avg'``, or the attentional pool), then ``proj``. With V = 0 this is exactly
+        :meth:`encode_image`. The tower stays frozen; gradients reach ``prompts``.
+
+        Args:
+            images: [B, 3, H, W] preprocessed images.
+            prompts: P prompt sets, shallow ``[P, V, width]`` or deep ``[P, depth, V, width]`` (1 <= depth <=
+                :attr:`visual_layers`; ``depth = 1`` equals the shallow form).
+            index: which prompt set each output row uses. ``None``: every image with every prompt set, output
+                ``[P, B, E]`` (FedMGP's G groups for one client's batch). A long tensor ``[*R, B]`` with values in
+                ``0 .. P-1``: output ``[*R, B, E]`` whose row ``(r, b)`` is image b with ``prompts[index[r, b]]``
+                (e.g. ``[B]`` for one prompt set per image, or :meth:`group_index` for the G groups of each
+                image's own client when several clients' images share one call).
+
+        Returns:
+            ``[P, B, E]`` (no ``index``) or ``[*R, B, E]``.
+        """
+        visual = self._prompt_tower("encode_image_prompted")
+        layers = self._layer_prompts(prompts, visual)  # [P, depth, V, width]
+        x = visual._embeds(images)  # [B, N, width]: patch embedding, class token, positions, ln_pre (per token)
+        batch, n_tokens, width = x.shape
+        if index is None:
+            index = torch.arange(layers.shape[0], device=x.device).unsqueeze(1).expand(-1, batch)
+        if index.shape[-1] != batch:
+            raise FedPromptError(f"backbone.encode_image_prompted: index has shape {tuple(index.shape)}; its last "
+                                 f"dimension must be the batch size {batch}.")
+        lead, rows = index.shape[:-1], index.reshape(-1)
+        x = x.unsqueeze(0).expand(rows.numel() // batch, batch, n_tokens, width).reshape(-1, n_tokens, width)
+        first = visual.ln_pre(layers[:, 0].to(x.dtype))[rows]  # [R*B, V, width]
+        x = torch.cat([x, first.to(x.dtype)], dim=1)
+        if layers.shape[1] == 1:
+            x = visual.transformer(x)
+        else:
+            x = self._deep_transformer(visual.transformer, x, layers[:, 1:], rows, n_tokens)
+        pooled, _ = visual._pool(x[:, :n_tokens])
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return pooled.reshape(*lead, batch, pooled.shape[-1])
+
+    @staticmethod
+    def _layer_prompts(prompts: torch.Tensor, visual) -> torch.Tensor:
+        width, n_layers = visual.transformer.width, len(visual.transformer.resblocks)
+        if prompts.dim() == 3:
+            prompts = prompts.unsqueeze(1)
+        if prompts.dim() != 4 or prompts.shape[-1] != width or not 1 <= prompts.shape[1] <= n_layers:
+            raise FedPromptError(
+                f"backbone.encode_image_prompted: prompts of shape {tuple(prompts.shape)}; expected [P, V, {width}] "
+                f"(shallow) or [P, depth, V, {width}] with 1 <= depth <= {n_layers} (deep).")
+        return prompts
+
+    @staticmethod
+    def _deep_transformer(transformer, x: torch.Tensor, deeper: torch.Tensor, rows: torch.Tensor,
+                          n_tokens: int) -> torch.Tensor:
+        """open_clip's ``Transformer.forward`` with the prompt outputs replaced by ``deeper[:, i - 1]`` before
+        layer i (1 <= i <= deeper.shape[1])."""
+        batch_first = transformer.batch_first
+        if not batch_first:
+            x = x.transpose(0, 1).contiguous()  # NLD -> LND
+        for i, block in enumerate(transformer.resblocks):
+            if 1 <= i <= deeper.shape[1]:
+                fresh = deeper[:, i - 1].to(x.dtype)[rows]  # [R*B, V, width]
+                if batch_first:
+                    x = torch.cat([x[:, :n_tokens], fresh], dim=1)
+                else:
+                    x = torch.cat([x[:n_tokens], fresh.transpose(0, 1)], dim=0)
+            x = block(x, attn_mask=None)
+        return x if batch_first else x.transpose(0, 1)
 
     @staticmethod
     def _vit_tokens(visual, images):
