@@ -148,8 +148,11 @@ def build_federation(fabric, cfg: dict, timer=None) -> tuple[Federation, list[st
     feed = Feed(splits.clients, extra, train_tf, test_tf, splits.loader, num_workers=data.num_workers,
                 pin_memory=fabric.device.type == "cuda", cache=cache, cache_train=cache_train,
                 cache_eval=cache_eval and frozen)
+    aggregator = method.build_aggregator()
+    if hasattr(aggregator, "seed"):  # aggregators with random choices (FedMGP's group selection) follow the run seed
+        aggregator.seed = cfg["seed"]
     fed = Federation(fabric=fabric, method=method, backbone=backbone, classnames=splits.classnames,
-                     aggregator=method.build_aggregator(), clients=splits.clients, feed=feed,
+                     aggregator=aggregator, clients=splits.clients, feed=feed,
                      federation=cfg["federation"], train=train_args, eval=cfg["eval"], seed=cfg["seed"],
                      progress=cfg["log"].progress and fabric.global_rank == 0, timer=timer)
     if eval_sets:

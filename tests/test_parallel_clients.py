@@ -24,6 +24,8 @@ METHODS = {
     "FedPer": ["--method.n_ctx", "4"],
     "LocalCoOp": [],
     "FedOTP": ["--method.n_ctx", "4", "--method.lr", "0.5"],
+    "FedMGP": ["--method.n_ctx", "2", "--method.lr", "0.01"],
+    "FedTPG": ["--method.lr", "0.01"],
 }
 
 

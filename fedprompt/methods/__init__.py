@@ -12,3 +12,6 @@ __all__ += ["FedOTP", "FedOTPClient"]
 from fedprompt.methods.fedtpg import FedTPG, FedTPGClient  # noqa: E402
 
 __all__ += ["FedTPG", "FedTPGClient"]
+from fedprompt.methods.fedmgp import FedMGP, FedMGPAggregator, FedMGPClient  # noqa: E402
+
+__all__ += ["FedMGP", "FedMGPAggregator", "FedMGPClient"]

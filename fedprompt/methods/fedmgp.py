@@ -2,8 +2,8 @@
 similarity-guided aggregation of a few groups per client.
 
 Paper: "FedMGP: Personalized Federated Learning with Multi-Group Text-Visual Prompts" (arXiv 2511.00480; official
-code weihao-bo/FedMGP). This module holds the method's pure functions and its server rule; the client module is
-built on top of them:
+code weihao-bo/FedMGP). This module holds the method's pure functions, its server rule, its client module
+(:class:`FedMGPClient`) and the method (:class:`FedMGP`):
 
 - prompt state: text groups ``text_prompts.ctx`` [G_t, n_ctx, D] (:func:`init_text_groups`: the embeddings of the
   first words of "a photo of a" plus N(0, 0.01^2) noise per group) and visual groups ``visual_prompts.tokens``
@@ -25,9 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedprompt.backbone import Backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator
 from fedprompt.federation.sampling import derive_seed
+from fedprompt.methods.base import Method, OptimizerArgs, PromptClient, segment_mean, with_owners
+from fedprompt.prompts import ContextVectors, VisualPrompts
 
 TEXT_KEY = "text_prompts.ctx"
 VISUAL_KEY = "visual_prompts.tokens"
@@ -274,11 +277,13 @@ class FedMGPAggregator(Aggregator):
         seed: the run's seed (selection seeds derive from it, the client id and the round).
         selection: ``similarity`` (default), ``random`` or ``fixed`` (see :func:`select_groups`).
         highest: prefer the most similar groups (the official ``AGGREGATE_HIGHEST_SIM: True``).
+        official_visual: the released code's bug: the aggregated visual prompts never reach the model, so after
+            each round every client's visual groups are the initial ones again (``FedMGP(compat="official")``).
     """
 
     def __init__(self, keys: tuple[str, ...] = (TEXT_KEY, VISUAL_KEY), groups_to_send: int = 2,
                  temperature: float = 1.0, seed: int = 0, selection: SelectionMode = "similarity",
-                 highest: bool = True):
+                 highest: bool = True, official_visual: bool = False):
         super().__init__(tuple(keys))
         self.keys = tuple(keys)
         self.groups_to_send = groups_to_send
@@ -289,6 +294,8 @@ class FedMGPAggregator(Aggregator):
         self.global_prompts: dict[str, torch.Tensor] = {}
         self.last_round = 0
         self._record: _RoundRecord | None = None
+        self.official_visual = official_visual
+        self._initial_visual: torch.Tensor | None = None
 
     def _group_keys(self, state: dict[str, torch.Tensor]) -> list[str]:
         return [k for k in self.keys if k in state and state[k].shape[0] > 0]
@@ -307,6 +314,8 @@ class FedMGPAggregator(Aggregator):
 
     def upload(self, client_id, state, round_idx):
         if round_idx < 1:  # the loop's initial "upload" of the server's initialisation: no group is selected yet
+            if VISUAL_KEY in state:
+                self._initial_visual = state[VISUAL_KEY].clone()
             return {}
         chosen = self.selection(client_id, state, round_idx)
         return {key: state[key][idx].clone() for key, idx in chosen.items()}
@@ -331,11 +340,13 @@ class FedMGPAggregator(Aggregator):
     def apply(self, client_state, received, client_id):
         record = self._record
         new = dict(client_state)
+        if self.official_visual and VISUAL_KEY in new and self._initial_visual is not None:
+            new[VISUAL_KEY] = self._initial_visual.clone()  # the released code's lost visual prompts
         if record is None or client_id not in record.senders or not received:
             return new
         chosen = self._select(client_id, client_state, record.round_idx, record.previous)
         for key, idx in chosen.items():
-            if key in received:
+            if key in received and not (self.official_visual and key == VISUAL_KEY):
                 groups = client_state[key].clone()
                 groups[idx] = received[key].to(groups.dtype)
                 new[key] = groups
@@ -352,3 +363,206 @@ class FedMGPAggregator(Aggregator):
         self.global_prompts = {k: v.clone() for k, v in state["global_prompts"].items()}
         self.last_round = int(state.get("last_round", 0))
         self._record = None
+
+
+# --------------------------------------------------------------------------------------------------- client
+def client_diversity(text: torch.Tensor, image: torch.Tensor | None, owner: torch.Tensor, variant: DiversityVariant,
+                     distance: Distance) -> torch.Tensor:
+    """:func:`diversity_loss` of each client of a lock-step step, ``[A]``: text features ``[A, G_t, C, E]`` and the
+    image features of the batch ``[n, G_v, E]`` whose sample i belongs to client ``owner[i]``.
+
+    The visual term of a client is the mean over its own images (so a client's value does not depend on the other
+    clients' images); the modalities combine as in :func:`diversity_loss`."""
+    clients = text.shape[0]
+    terms = []
+    if text.shape[-3] > 1:
+        terms.append(_pair_terms(text, variant, distance))
+    if image is not None and image.shape[1] > 1:
+        per_image = _pair_terms(image.unsqueeze(-2), variant, distance)  # [n]: one row per image
+        sums = torch.zeros(clients, dtype=per_image.dtype, device=per_image.device).index_add(0, owner, per_image)
+        counts = torch.bincount(owner, minlength=clients).clamp_min(1).to(per_image.dtype)
+        terms.append(sums / counts)
+    if not terms:
+        return torch.zeros(clients, device=text.device)
+    combined = torch.stack(terms).mean(dim=0)
+    return combined.abs() if variant == "code" else combined
+
+
+class FedMGPClient(PromptClient):
+    """FedMGP clients: G_t text groups ``text_prompts.ctx`` [G_t, n_ctx, D] and G_v visual groups
+    ``visual_prompts.tokens`` [G_v, V, width] per client (stacked over slots).
+
+    The text groups fill ``[SOS] p1 p2 of a {class}. [EOS]`` (one encoder call for every client and group); the
+    visual groups join the ViT image tower's tokens (one tower call: each image once per group of its own client).
+    Text group g pairs with visual group g; the loss is the mean over groups of the cross-entropy plus lambda times
+    the diversity term; the prediction combines the groups (``inference``).
+
+    Args:
+        backbone: frozen backbone (a ViT image tower when ``visual_groups`` > 0).
+        classnames: class names in label order.
+        method: the :class:`FedMGP` settings.
+        optim: local optimiser settings.
+        slots: clients held by this module.
+    """
+
+    def __init__(self, backbone: Backbone, classnames: list[str], method: "FedMGP",
+                 optim: OptimizerArgs | None = None, slots: int = 1):
+        super().__init__(backbone, classnames, optim, slots)
+        self.settings = method
+        words = backbone.word_embeddings(method.ctx_init)[: method.n_ctx].cpu()
+        if words.shape[0] != method.n_ctx:
+            raise FedPromptError(f"method.ctx_init {method.ctx_init!r} has fewer than n_ctx={method.n_ctx} tokens.")
+        text = init_text_groups(words, method.text_groups)
+        self.text_prompts = ContextVectors(method.n_ctx, backbone.ctx_dim, shape=(method.text_groups,), slots=slots,
+                                           initial=text)
+        if method.visual_groups:
+            if not backbone.supports_visual_prompts:
+                backbone.encode_image_prompted(torch.zeros(0), torch.zeros(0))  # raises the clear error
+            self.visual_prompts = VisualPrompts(method.visual_groups, method.visual_tokens, backbone.visual_width,
+                                                method.visual_depth, slots=slots)
+            # the released code never loads aggregated visual prompts (compat: official): keep the initial ones
+            self.register_buffer("initial_visual", self.visual_prompts.tokens.detach().clone(), persistent=False)
+
+    def class_data(self, classnames: list[str]) -> dict:
+        return {"tokens": self.backbone.prompt_tokens(classnames, self.settings.n_ctx, template="{ctx} of a {name}.")}
+
+    def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised text features [A, G_t, C, E] of every group of the clients in ``slots``."""
+        ctx = self.text_prompts.ctx if slots is None else self.text_prompts.ctx[slots]
+        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx)
+        return F.normalize(feats.float(), dim=-1)
+
+    def image_features(self, batch: dict) -> torch.Tensor:
+        """L2-normalised image features [n, G_v, E]: each image with every visual group of its own client (the
+        plain, cacheable features as one group when there are no visual prompts)."""
+        if not self.settings.visual_groups:
+            return super().image_features(batch).unsqueeze(1)
+        with self.timer.section("image"):
+            tokens = self.visual_prompts.tokens[batch["slots"]]  # [A, G_v, (depth,) V, width]
+            groups = tokens.shape[1]
+            index = self.backbone.group_index(batch["owner"], groups)  # [G_v, n]
+            feats = self.backbone.encode_image_prompted(batch["image"], tokens.flatten(0, 1), index)
+        return F.normalize(feats.float(), dim=-1).transpose(0, 1)
+
+    def group_logits(self, text: torch.Tensor, image: torch.Tensor, batch: dict) -> torch.Tensor:
+        """[n, G, C]: sample i scored by each group pair of its own client."""
+        return group_logits(image.unsqueeze(-2), text[batch["owner"]], self._logit_scale).squeeze(-2)
+
+    def logits(self, text: torch.Tensor, image: torch.Tensor, batch: dict) -> torch.Tensor:
+        mode = self.settings.inference
+        if mode == "feature_average":
+            return feature_average_logits(image.unsqueeze(-2), text[batch["owner"]], self._logit_scale).squeeze(-2)
+        return combine_group_logits(self.group_logits(text, image, batch).unsqueeze(-2), mode,
+                                    self.settings.selected_group).squeeze(-2)
+
+    def training_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
+        """Per client: mean over groups of the cross-entropy, plus lambda times the diversity term."""
+        batch = with_owners(batch, self.device)
+        clients = batch["slots"].shape[0]
+        with self.timer.section("text"):
+            text = self.text_features(batch["slots"])
+        image = self.image_features(batch)
+        with self.timer.section("logits"):
+            logits = self.group_logits(text, image, batch)  # [n, G, C]
+            n, groups, n_cls = logits.shape
+            per_sample = F.cross_entropy(logits.float().reshape(n * groups, n_cls),
+                                         batch["label"].repeat_interleave(groups), reduction="none")
+            loss = segment_mean(per_sample.view(n, groups).mean(1), batch["owner"], clients)
+            weight = self.settings.diversity_weight
+            if weight:
+                visual = image if self.settings.visual_groups else None
+                loss = loss + weight * client_diversity(text, visual, batch["owner"], self.settings.diversity,
+                                                        self.settings.distance)
+        return loss
+
+    def on_round_start(self, global_state):
+        if self.settings.visual_groups and self.settings.compat == "official":
+            with torch.no_grad():  # the released code restarts every local round from the initial visual prompts
+                self.visual_prompts.tokens.copy_(self.initial_visual)
+
+
+class FedMGP(Method):
+    """FedMGP: groups of paired text and visual prompts per client, a diversity loss between the groups, and
+    similarity-guided aggregation of a few groups (Bo et al., NeurIPS 2025; specs section 4).
+
+    Each client holds ``text_groups`` text prompts (``n_ctx`` vectors from "a photo", plus noise; the rest of the
+    sentence stays "of a {class}.") and ``visual_groups`` visual prompts (``visual_tokens`` tokens appended to the
+    ViT image tower's input). Text group g pairs with visual group g; the prediction is the mean of the group logits.
+    Each round a client sends ``groups_to_send`` groups of each kind, drawn with p = softmax(sim / T) of their best
+    cosine to the previous round's global slots (uniform in round 1); the server's slot r is the unweighted mean of
+    the clients' r-th sent groups, and each client overwrites its r-th sent group with slot r (the other groups stay
+    local). See :class:`FedMGPAggregator`.
+
+    Differences from the released code (specs section 4), each with a switch to the released behaviour:
+
+    - ``diversity: paper`` (default) minimises the mean pairwise cosine similarity between the groups' features,
+      pushing them apart as the paper intends; ``diversity: code`` reproduces the released loss, which pulls them
+      together (its sign).
+    - ``compat: fixed`` (default) loads the aggregated visual groups like the text groups; ``compat: official``
+      reproduces the released code, whose aggregated visual prompts never reach the model (every local round and
+      every evaluation uses the initial visual prompts).
+    - Everything is seeded from the run's seed (the released code seeds the visual prompts from the clock), and
+      model selection never looks at test accuracy (the released code picks best_model.pt on the test set).
+
+    The image tower sees trainable tokens, so its outputs cannot be cached (``train.feature_cache`` is refused and
+    test images go through the tower at every evaluation), except with ``visual_groups: 0`` (text groups only).
+
+    Args:
+        text_groups: text prompt groups G_t (5).
+        visual_groups: visual prompt groups G_v (5; 0: text groups only, any image tower).
+        n_ctx: learnable text tokens per group (2: "a photo" of "a photo of a").
+        visual_tokens: visual tokens per group V (2).
+        visual_depth: 1 for shallow visual prompts (input layer only, the official setting); more for deep prompts
+            replacing the prompt outputs at each of the first ``visual_depth`` layers.
+        ctx_init: the words whose first ``n_ctx`` token embeddings initialise every text group.
+        diversity: ``paper`` or ``code`` (see above).
+        diversity_weight: lambda (1.0).
+        distance: the released code's pair distance for ``diversity: code`` (``l1`` in its config; ``cos``, ``l2``).
+        inference: ``average`` of the group logits (default), ``max_logits``, ``feature_average`` or
+            ``selected_group``.
+        selected_group: the group of ``inference: selected_group``.
+        groups_to_send: groups of each kind a client sends per round (s = 2).
+        temperature: softmax temperature of the selection (1.0).
+        selection: ``similarity`` (default), ``random`` or ``fixed`` (always groups 0 .. s-1).
+        compat: ``fixed`` (default) or ``official`` (see above).
+        lr: local SGD learning rate (1e-3 in the official config).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+    """
+
+    shared_prefixes = (TEXT_KEY, VISUAL_KEY)
+    global_model = False
+
+    def __init__(self, text_groups: int = 5, visual_groups: int = 5, n_ctx: int = 2, visual_tokens: int = 2,
+                 visual_depth: int = 1, ctx_init: str = "a photo of a", diversity: DiversityVariant = "paper",
+                 diversity_weight: float = 1.0, distance: Distance = "l1",
+                 inference: Literal["average", "max_logits", "feature_average", "selected_group"] = "average",
+                 selected_group: int = 0, groups_to_send: int = 2, temperature: float = 1.0,
+                 selection: SelectionMode = "similarity", compat: Literal["fixed", "official"] = "fixed",
+                 lr: float = 0.001, momentum: float = 0.9, weight_decay: float = 5e-4):
+        super().__init__(lr, momentum, weight_decay)
+        if text_groups < 1 or visual_groups < 0 or n_ctx < 1 or visual_tokens < 1 or visual_depth < 1:
+            raise FedPromptError("method: FedMGP needs text_groups >= 1, visual_groups >= 0, n_ctx >= 1, "
+                                 f"visual_tokens >= 1 and visual_depth >= 1 (got {text_groups}, {visual_groups}, "
+                                 f"{n_ctx}, {visual_tokens}, {visual_depth}).")
+        if not 1 <= groups_to_send <= min(text_groups, visual_groups or text_groups):
+            raise FedPromptError(f"method.groups_to_send={groups_to_send} must be between 1 and the number of groups "
+                                 f"({text_groups} text, {visual_groups} visual).")
+        if diversity not in ("paper", "code") or compat not in ("fixed", "official"):
+            raise FedPromptError(f"method.diversity must be paper or code and method.compat fixed or official "
+                                 f"(got {diversity!r}, {compat!r}).")
+        self.text_groups, self.visual_groups, self.n_ctx = text_groups, visual_groups, n_ctx
+        self.visual_tokens, self.visual_depth, self.ctx_init = visual_tokens, visual_depth, ctx_init
+        self.diversity, self.diversity_weight, self.distance = diversity, diversity_weight, distance
+        self.inference, self.selected_group = inference, selected_group
+        self.groups_to_send, self.temperature, self.selection, self.compat = (groups_to_send, temperature,
+                                                                              selection, compat)
+        self.frozen_image_tower = visual_groups == 0
+
+    def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> FedMGPClient:
+        return FedMGPClient(backbone, classnames, self, self.optim, slots)
+
+    def build_aggregator(self) -> FedMGPAggregator:
+        keys = (TEXT_KEY, VISUAL_KEY) if self.visual_groups else (TEXT_KEY,)
+        return FedMGPAggregator(keys, self.groups_to_send, self.temperature, selection=self.selection,
+                                official_visual=self.compat == "official")

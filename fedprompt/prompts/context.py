@@ -31,14 +31,20 @@ class ContextVectors(nn.Module):
         words: word embeddings [n_ctx, dim] to initialise from (``"a photo of a"``), else N(0, 0.02^2).
         generator: random generator for the N(0, 0.02^2) initialisation.
         slots: number of client slots; every slot starts from the same initial value (drawn once).
+        initial: the initial value ``[*shape, n_ctx, dim]`` itself (e.g. FedMGP's noisy copies of words), instead
+            of ``words`` or N(0, 0.02^2).
     """
 
     def __init__(self, n_ctx: int, dim: int, shape: tuple[int, ...] = (), n_cls: int | None = None,
-                 words: torch.Tensor | None = None, generator: torch.Generator | None = None, slots: int = 1):
+                 words: torch.Tensor | None = None, generator: torch.Generator | None = None, slots: int = 1,
+                 initial: torch.Tensor | None = None):
         super().__init__()
         lead = tuple(shape) + ((n_cls,) if n_cls else ())
         self.class_specific = bool(n_cls)
-        init = init_context(lead, n_ctx, dim, words, generator=generator)
+        if initial is not None and tuple(initial.shape) != (*lead, n_ctx, dim):
+            raise FedPromptError(f"context: initial value of shape {tuple(initial.shape)}, expected "
+                                 f"{(*lead, n_ctx, dim)}")
+        init = initial.float() if initial is not None else init_context(lead, n_ctx, dim, words, generator=generator)
         self.ctx = nn.Parameter(init.unsqueeze(0).repeat(slots, *[1] * init.dim()))
 
     @property
