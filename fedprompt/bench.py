@@ -1,4 +1,8 @@
-"""``fedprompt bench``: timings of the exact speed-ups (figures printed, never asserted in tests)."""
+"""``fedprompt bench``: timings of the exact speed-ups (figures printed, never asserted in tests).
+
+Each step says what it is doing as it starts (building the model, warming up, each timed repetition), so a bench
+that takes minutes on a CPU is never silent.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,20 @@ import time
 import torch
 
 
-def _time(fn, repeats: int) -> float:
+def _progress(text: str) -> None:
+    print(text, flush=True)
+
+
+def _time(fn, repeats: int, label: str) -> float:
+    _progress(f"  {label}: warm-up ...")
     fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    total = 0.0
+    for i in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        total += time.perf_counter() - start
+        _progress(f"  {label}: repetition {i + 1}/{repeats}: {(time.perf_counter() - start) * 1000:.1f} ms")
+    return total / repeats
 
 
 def bench(model: str = "ViT-B-32", num_classes: int = 50, n_ctx: int = 16, repeats: int = 3,
@@ -31,7 +43,11 @@ def bench(model: str = "ViT-B-32", num_classes: int = 50, n_ctx: int = 16, repea
 
     if threads:
         torch.set_num_threads(threads)
+    _progress(f"building {model} (random init) ...")
+    tic = time.perf_counter()
     loaded = load_open_clip(model, None)
+    _progress(f"built in {time.perf_counter() - tic:.1f} s; timing the text path ({num_classes} classes, "
+              f"{n_ctx} context tokens, {repeats} repetitions after a warm-up)")
     fast, full = Backbone(loaded, truncate=True), Backbone(loaded, truncate=False)
     names = [f"class number {i}" for i in range(num_classes)]
     ctx = (torch.randn(n_ctx, fast.ctx_dim) * 0.02).requires_grad_()
@@ -43,9 +59,10 @@ def bench(model: str = "ViT-B-32", num_classes: int = 50, n_ctx: int = 16, repea
             ctx.grad = None
             bb.encode_prompts(tokens, ctx).sum().backward()
 
-        results[label] = _time(step, repeats)
+        results[label] = _time(step, repeats, label)
         print(f"text forward+backward, {label:>9}: {results[label] * 1000:8.1f} ms "
               f"({tokens.embeddings.shape[1]} positions, {num_classes} classes, {model})")
+    _progress("comparing the features of both paths ...")
     with torch.no_grad():
         diff = (fast.encode_prompts(fast.prompt_tokens(names, n_ctx), ctx)
                 - full.encode_prompts(full.prompt_tokens(names, n_ctx), ctx)).abs().max()
