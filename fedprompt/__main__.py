@@ -68,7 +68,7 @@ def _resolved_config(parser, cfg, name: str) -> dict:
     import yaml
 
     sub_parser = parser._subcommands_action._name_parser_map[name]
-    text = sub_parser.dump(cfg[name], skip_validation=True, skip_none=False)  # null (e.g. pretrained) is a value
+    text = sub_parser.dump(cfg[name], skip_validation=True, skip_unset=False)  # null (e.g. pretrained) is a value
     resolved = yaml.safe_load(text) or {}
     resolved.pop("config", None)
     return resolved

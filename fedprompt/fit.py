@@ -297,7 +297,7 @@ def _run(fabric, mode: str, cfg: dict, checkpoint: dict | None, out_dir: Path) -
     previous = _prepare_run_dir(fabric, out_dir, mode, cfg, checkpoint, splits.bad_images)
     if checkpoint is not None:
         _restore(fed, checkpoint, cfg["resume"])
-    if mode == "evaluate" or not fed.method.trains:
+    if mode != "fit" or not fed.method.trains:  # zeroshot never trains, whatever the method
         return _evaluate_only(fabric, fed, mode, cfg, out_dir, checkpoint)
     logger = build_logger(cfg["log"], out_dir, checkpoint.get("logger_run_id") if checkpoint else None,
                           RESOLVED_CONFIG, previous) if fabric.global_rank == 0 else None

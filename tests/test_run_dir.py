@@ -245,3 +245,9 @@ def test_data_and_weights_problems_are_reported_together(cli, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "(1) data.root" in err and "(2) backbone.pretrained" in err and "weights.safetensors" in err
     assert not (tmp_path / "run" / "hyperparameters.yaml").exists()
+
+
+def test_zeroshot_never_trains_even_a_trainable_method(cli, tmp_path):
+    code, _, err = cli("zeroshot", "--config", SMOKE, "--out_dir", tmp_path)  # smoke.yaml's method is PromptFL
+    assert code == 0, err
+    assert [r["round"] for r in read_rows(tmp_path)] == [0] and not (tmp_path / "checkpoints").exists()

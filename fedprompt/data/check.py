@@ -51,6 +51,8 @@ def image_problem(path: str) -> str | None:
     except UnidentifiedImageError:
         return "not an image PIL can read"
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some broken headers
+        if "truncated" in str(err).lower():
+            return "truncated file (cut inside its header)"
         return f"{type(err).__name__}: {err}"
 
 
