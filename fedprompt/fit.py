@@ -175,16 +175,15 @@ def _config_yaml(cfg: dict) -> str:
 def _prepare_run_dir(fabric, out_dir: Path, mode: str, cfg: dict, checkpoint: dict | None,
                      bad_images: list[tuple[str, str]]) -> list[dict]:
     """Rank 0 of fit: write hyperparameters.yaml and the list of left-out images, keep the metrics rows up to the
-    checkpoint; returns those rows (on every rank)."""
-    if mode != "fit":
+    checkpoint; returns those rows (empty on the other ranks, which log nothing)."""
+    if mode != "fit" or fabric.global_rank != 0:
         return []
     done = checkpoint["round"] if checkpoint else 0
     rows = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["round"] <= done]
-    if fabric.global_rank == 0:
-        write_text(out_dir / "hyperparameters.yaml", _config_yaml(cfg))
-        write_jsonl(out_dir / "metrics.jsonl", rows)
-        if bad_images:
-            write_text(out_dir / "bad_images.txt", "".join(f"{path}\t{why}\n" for path, why in bad_images))
+    write_text(out_dir / "hyperparameters.yaml", _config_yaml(cfg))
+    write_jsonl(out_dir / "metrics.jsonl", rows)
+    if bad_images:
+        write_text(out_dir / "bad_images.txt", "".join(f"{path}\t{why}\n" for path, why in bad_images))
     return rows
 
 
@@ -278,8 +277,8 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
 
 def _interrupt_message(mode: str, cfg: dict, out_dir: Path) -> str:
     last = out_dir / "checkpoints" / "last.ckpt"
-    if mode != "fit":
-        return f"interrupted; {out_dir} is incomplete. Run the same command again with --overwrite true."
+    if mode != "fit":  # zeroshot and evaluate write their files at the end
+        return f"interrupted; nothing was written to {out_dir}. Run the same command again."
     if last.is_file():
         done = torch.load(last, map_location="cpu", weights_only=True)["round"]
         return (f"interrupted; {out_dir} holds round {done} of {cfg['federation'].rounds} in checkpoints/last.ckpt. "

@@ -150,7 +150,7 @@ def _run_seed(out: Path, n: int, rounds: int, same_data: bool) -> None:
                                  "another --out_dir, or pass --overwrite true.")
     else:
         command += ["--config", str(out / "sweep.yaml"), "--seed", str(n), "--out_dir", str(run)]
-        command += [] if same_data else ["--data.init_args.seed", str(n)]
+        command += [] if same_data else ["--data.seed", str(n)]
     print(f"sweep: seed {n}: {' '.join(command[1:])}", flush=True)
     code = subprocess.run(command).returncode
     if code != 0:
