@@ -77,8 +77,12 @@ def sweep(method: Optional[Method] = None, data: Optional[FederatedData] = None,
     config.update(out_dir=None, resume=None, overwrite=False)
     out = Path(out_dir or f"runs/{method.name.lower()}-seeds")
     _prepare(out, config, seeds, overwrite)
-    for n in seeds:
-        _run_seed(out, n, federation.rounds, same_data)
+    try:
+        for n in seeds:
+            _run_seed(out, n, federation.rounds, same_data)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"sweep interrupted; run the same sweep command again to continue ({out}: finished "
+                                "seeds are kept, an interrupted seed resumes from its checkpoint).") from None
     table = seed_table({n: out / f"seed{n}" for n in seeds})
     write_json(out / "seeds.json", table)
     write_text(out / "seeds.md", markdown_table(table) + "\n")
