@@ -55,6 +55,7 @@ def test_help_shows_the_attribute_docstrings(cli):
     (["--fabric.num_nodes", "0"], "--fabric.num_nodes must be >= 1, got 0"),
     (["--data.num_shots", "0"], "--data.num_shots must be >= 1"),
     (["--data.num_workers", "-1"], "--data.num_workers must be >= 0, got -1"),
+    (["--data.train_per_class", "0"], "--data.train_per_class must be >= 1, got 0"),
     (["--federation.rounds", "0", "--federation.fraction", "2"],
      "--federation.rounds must be >= 1, got 0; --federation.fraction must be in (0, 1], got 2.0"),
 ])

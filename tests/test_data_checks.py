@@ -4,7 +4,6 @@ out and listed), a failed download that leaves nothing behind, and CoOp data roo
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -176,4 +175,5 @@ def test_coop_root_may_be_the_folder_holding_the_datasets(tmp_path, reader, imag
 
 def test_fgvc_root_may_be_the_folder_holding_the_datasets(tmp_path):
     make_aircraft(tmp_path / "fgvc_aircraft")
-    assert FGVCAircraft(root=str(tmp_path)).read().train == FGVCAircraft(root=str(tmp_path / "fgvc_aircraft")).read().train
+    own = FGVCAircraft(root=str(tmp_path / "fgvc_aircraft")).read()
+    assert FGVCAircraft(root=str(tmp_path)).read().train == own.train

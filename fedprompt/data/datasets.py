@@ -355,6 +355,10 @@ class Synthetic(FederatedData):
         super().__init__(**kwargs)
         if not 1 <= num_classes <= len(SYNTHETIC_NAMES):
             raise FedPromptError(f"data.num_classes must be in 1..{len(SYNTHETIC_NAMES)}, got {num_classes}")
+        small = {k: v for k, v in dict(train_per_class=train_per_class, test_per_class=test_per_class,
+                                       image_size=image_size, num_domains=num_domains).items() if v < 1}
+        if small:
+            raise FedPromptError("; ".join(f"--data.{k} must be >= 1, got {v}" for k, v in small.items()) + ".")
         self.num_classes = num_classes
         self.train_per_class = train_per_class
         self.test_per_class = test_per_class
