@@ -1,9 +1,45 @@
-"""Grouped run settings. Attribute docstrings become the ``--help`` text of the CLI."""
+"""Grouped run settings. Attribute docstrings become the ``--help`` text of the CLI.
+
+Each dataclass checks the ranges of its numeric fields in ``__post_init__`` (when the command line is parsed,
+before any data or model loads): every field out of range is named in one :class:`~fedprompt.errors.FedPromptError`
+line. A new field gets its rule by adding one entry to the dataclass's ``__post_init__``.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
+
+from fedprompt.errors import FedPromptError
+
+
+def check_ranges(group: str, obj, **rules: tuple) -> None:
+    """Raise one :class:`FedPromptError` naming every field of ``obj`` that breaks its rule.
+
+    Each rule is ``field=(low, high)`` with ``low <= value <= high`` (``None``: no bound), or ``field=(low, high,
+    "open")`` with ``low < value <= high``. ``None`` values (optional fields left unset) pass.
+
+    Example: ``check_ranges("federation", self, rounds=(1, None), fraction=(0, 1, "open"))``.
+    """
+    problems = []
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        low, high, *kind = rule
+        open_low = kind == ["open"]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = number and not (isinstance(value, float) and math.isnan(value))
+        ok = ok and (low is None or (value > low if open_low else value >= low)) and (high is None or value <= high)
+        if not ok:
+            if high is None:
+                wanted = f"> {low}" if open_low else f">= {low}"
+            else:
+                wanted = f"in ({low}, {high}]" if open_low else f"in [{low}, {high}]"
+            problems.append(f"--{group}.{name} must be {wanted}, got {value!r}")
+    if problems:
+        raise FedPromptError("; ".join(problems) + ".")
 
 
 @dataclass
@@ -40,6 +76,9 @@ class FederationArgs:
     """A client whose training fails or whose loss is not finite stops the run (raise; the last checkpoint is
     kept) or is left out of that round's aggregation and listed in metrics.jsonl as failed_clients (skip)."""
 
+    def __post_init__(self):
+        check_ranges("federation", self, rounds=(1, None), fraction=(0, 1, "open"))
+
 
 @dataclass
 class TrainArgs:
@@ -57,6 +96,9 @@ class TrainArgs:
     """Encode each train image once with the frozen image tower and reuse the outputs (exact: same metrics as the
     uncached run); needs augment: false. Evaluation caches test images by default (eval.feature_cache)."""
 
+    def __post_init__(self):
+        check_ranges("train", self, local_epochs=(1, None), local_steps=(1, None), batch_size=(1, None))
+
 
 @dataclass
 class EvalArgs:
@@ -72,6 +114,9 @@ class EvalArgs:
     select: Literal["last", "val"] = "last"
     """Model selection for summary.json: the last round, or the round with the best mean validation accuracy
     (needs data.validation: true; also keeps checkpoints/best.ckpt). Test accuracy is never used to select."""
+
+    def __post_init__(self):
+        check_ranges("eval", self, every=(1, None), batch_size=(1, None))
 
 
 @dataclass
@@ -91,6 +136,9 @@ class LogArgs:
     checkpoint_every: int = 0
     """Also keep checkpoints/round-XXXX.ckpt every N rounds (0: only last.ckpt, written every round)."""
 
+    def __post_init__(self):
+        check_ranges("log", self, checkpoint_every=(0, None))
+
 
 @dataclass
 class FabricArgs:
@@ -106,3 +154,8 @@ class FabricArgs:
     """auto, ddp (clients spread over processes; gloo on CPU, NCCL on GPU)."""
     precision: str = "32-true"
     """32-true, bf16-mixed (prompts stay fp32) or 16-mixed."""
+
+    def __post_init__(self):
+        check_ranges("fabric", self, num_nodes=(1, None))
+        if isinstance(self.devices, int) and not isinstance(self.devices, bool) and self.devices != -1:
+            check_ranges("fabric", self, devices=(1, None))  # -1 and strings ('auto', '0,1') are Lightning's

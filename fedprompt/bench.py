@@ -133,7 +133,7 @@ def bench_rounds(cfg: dict, show=print) -> list[dict]:
     timer = SectionTimer(sync=sync)
     show(f"bench: building the federation ({cfg['method'].name}, {type(cfg['data']).__name__}, "
           f"{cfg['backbone'].model}, {fab.precision}, {device})", flush=True)
-    fed, _ = build_federation(fabric, cfg, timer)
+    fed, _ = build_federation(fabric, cfg, timer=timer)
     fed.progress = False
     rows = []
     header = "round  total  " + "  ".join(f"{s[:6]:>6}" for s in SECTIONS) + "  img/s  peak_GB  util%  K"

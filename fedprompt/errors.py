@@ -18,3 +18,11 @@ class ClientFailure(FedPromptError):
         self.round_idx = round_idx
         self.reason = reason
         super().__init__(f"client {client_id} failed in round {round_idx}: {reason}")
+
+
+def warn(message: str) -> None:
+    """Print one ``fedprompt: warning: ...`` line on stderr (something was changed or left out on the user's
+    explicit request, e.g. ``data.on_bad_image: skip``)."""
+    import sys
+
+    print(f"fedprompt: warning: {message}", file=sys.stderr, flush=True)

@@ -1,34 +1,37 @@
 """``fedprompt fit | zeroshot | evaluate``: build Fabric, launch, wire backbone, data and method, run the rounds.
 
-Each command is ``setup`` (CLI-facing; builds Fabric and launches one process per device) followed by
-:func:`main` on every rank (loads the backbone once, reads the data, builds the method's client and aggregator,
-runs :mod:`fedprompt.federation.loop`, writes the run directory on rank 0).
+Each command is ``setup`` (CLI-facing; checks the arguments and the checkpoint, builds Fabric and launches one
+process per device) followed by :func:`main` on every rank (claims the run directory, reads the data, loads the
+backbone once, builds the method's client and aggregator, runs :mod:`fedprompt.federation.loop`, writes the run
+directory on rank 0). Everything that can be checked without loading data or a model is checked first.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
 import yaml
 from tqdm.auto import tqdm
 
+from fedprompt import rundir
 from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
 from fedprompt.backbone import load_backbone
+from fedprompt.backbone.loading import check_source
 from fedprompt.data import FederatedData, clip_transforms
 from fedprompt.data.cache import FeatureCache
 from fedprompt.errors import FedPromptError
-from fedprompt.federation.checkpoint import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl, \
-    write_text
+from fedprompt.federation.checkpoint import check_resume, check_shapes, load_checkpoint, read_jsonl, \
+    save_checkpoint, state_shapes, write_json, write_jsonl, write_text
 from fedprompt.federation.feed import Feed
 from fedprompt.federation.loop import Federation
-from fedprompt.loggers import build_logger, log_client_table, logger_run_id, numeric_metrics
+from fedprompt.loggers import build_logger, log_client_table, logger_run_id, numeric_metrics, save_logger
 from fedprompt.methods import Method, ZeroShot
 
 #: The resolved config of the current CLI call (set by ``fedprompt.__main__``), saved as hyperparameters.yaml.
@@ -44,10 +47,18 @@ ARGS_DOC = """
         eval: evaluation.
         log: logger, progress bars, checkpoints.
         fabric: devices, nodes, precision.
-        out_dir: run directory (default runs/<method>-<time>).
-        resume: a checkpoints/last.ckpt to continue from (fit) or to evaluate (evaluate).
+        out_dir: run directory (default runs/<method>-<time>; with --resume, the checkpoint's run directory).
+            A folder that holds another run is refused (see overwrite).
+        resume: a DIR/checkpoints/last.ckpt to continue from (fit) or to evaluate (evaluate). Without --config the
+            run's own DIR/hyperparameters.yaml is read.
         seed: seed of prompt initialisation, client sampling and local data order.
+        overwrite: delete the run files of out_dir (hyperparameters.yaml, metrics.jsonl, summary.json,
+            checkpoints/, logs) and start a new run there, instead of refusing to write into it (fit, zeroshot).
 """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command; its message names the run directory and the exact command that resumes it."""
 
 
 def _command(mode: str, summary: str):
@@ -55,9 +66,10 @@ def _command(mode: str, summary: str):
                 backbone: BackboneArgs = BackboneArgs(), federation: FederationArgs = FederationArgs(),
                 train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(), log: LogArgs = LogArgs(),
                 fabric: FabricArgs = FabricArgs(), out_dir: Optional[str] = None, resume: Optional[str] = None,
-                seed: int = 0) -> dict:
+                seed: int = 0, overwrite: bool = False) -> dict:
         return setup(mode, dict(method=method, data=data, backbone=backbone, federation=federation, train=train,
-                                eval=eval, log=log, fabric=fabric, out_dir=out_dir, resume=resume, seed=seed))
+                                eval=eval, log=log, fabric=fabric, out_dir=out_dir, resume=resume, seed=seed,
+                                overwrite=overwrite))
 
     command.__name__ = command.__qualname__ = mode
     command.__doc__ = summary + "\n" + ARGS_DOC
@@ -73,7 +85,29 @@ evaluate = _command("evaluate", "Evaluate every client of a checkpoint (--resume
 
 
 def setup(mode: str, cfg: dict) -> dict:
-    """Check the arguments, build Fabric and run :func:`main` on every process."""
+    """Check the arguments and the checkpoint, build Fabric and run :func:`main` on every process."""
+    _check_arguments(mode, cfg)
+    checkpoint = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
+    if checkpoint is not None:
+        check_resume(checkpoint, cfg["resume"], cfg["method"].name, cfg["method"].hparams())
+        origin = rundir.run_dir_of(cfg["resume"])
+        if cfg["out_dir"] is None and origin is not None:
+            cfg["out_dir"] = str(origin)  # a resumed run continues in its own folder
+        if mode == "fit" and checkpoint["round"] >= cfg["federation"].rounds:
+            complete = _completed_run(cfg, checkpoint)
+            if complete is not None:
+                return complete
+    import lightning as L  # here, not at import time: the CLI builds its parser without it
+
+    fab = cfg["fabric"]
+    fabric = L.Fabric(accelerator=fab.accelerator, devices=fab.devices, num_nodes=fab.num_nodes,
+                      strategy=fab.strategy, precision=fab.precision)
+    fabric.launch()
+    return main(fabric, mode, cfg, checkpoint)
+
+
+def _check_arguments(mode: str, cfg: dict) -> None:
+    """Checks that need no data and no model (the ranges of numbers are checked by the argument dataclasses)."""
     if mode == "zeroshot" and cfg["method"] is None:
         cfg["method"] = ZeroShot()
     if cfg["method"] is None:
@@ -85,12 +119,25 @@ def setup(mode: str, cfg: dict) -> dict:
         raise FedPromptError("eval.select=val needs a validation set: set data.validation: true.")
     if mode == "evaluate" and not cfg["resume"]:
         raise FedPromptError("evaluate needs --resume DIR/checkpoints/last.ckpt (the checkpoint to evaluate).")
-    checkpoint = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
-    fab = cfg["fabric"]
-    fabric = L.Fabric(accelerator=fab.accelerator, devices=fab.devices, num_nodes=fab.num_nodes,
-                      strategy=fab.strategy, precision=fab.precision)
-    fabric.launch()
-    return main(fabric, mode, cfg, checkpoint)
+    if cfg["resume"] and cfg["overwrite"]:
+        raise FedPromptError("--overwrite true deletes the run that --resume continues: pass only one of them.")
+    if mode == "zeroshot" and cfg["resume"]:
+        raise FedPromptError("zeroshot takes no --resume (it trains nothing); use fedprompt evaluate --resume.")
+
+
+def _completed_run(cfg: dict, checkpoint: dict) -> dict | None:
+    """``fit --resume`` of a run that already reached ``federation.rounds``: say so and change nothing; returns its
+    summary (``None`` when its summary.json is missing: the run then rewrites it from metrics.jsonl)."""
+    if cfg["out_dir"] is None or not (Path(cfg["out_dir"]) / "summary.json").is_file():
+        return None
+    out_dir = Path(cfg["out_dir"])
+    summary_path = out_dir / "summary.json"
+    done, rounds = checkpoint["round"], cfg["federation"].rounds
+    more = (f"it has {done} rounds, more than --federation.rounds {rounds}" if done > rounds
+            else f"round {done} of {rounds}")
+    print(f"fedprompt: the run in {out_dir} is complete ({more}); nothing changed. Raise --federation.rounds to "
+          "continue it.", flush=True)
+    return json.loads(summary_path.read_text())
 
 
 def _out_dir(fabric, cfg: dict) -> Path:
@@ -100,9 +147,22 @@ def _out_dir(fabric, cfg: dict) -> Path:
     return Path(fabric.broadcast(out, src=0))
 
 
+def _claim_run_dir(fabric, mode: str, cfg: dict, out_dir: Path) -> None:
+    """Rank 0 checks that ``out_dir`` can be written and holds no other run (deleting it with ``--overwrite``);
+    every rank raises the same one-line error."""
+    problem = None
+    if fabric.global_rank == 0:
+        problem = rundir.claim_problem(out_dir, mode, cfg["resume"], cfg["overwrite"]) or rundir.not_writable(out_dir)
+        if problem is None and cfg["overwrite"] and mode != "evaluate" and rundir.holds_run(out_dir):
+            rundir.clear(out_dir)
+    problem = fabric.broadcast(problem, src=0)
+    if problem:
+        raise FedPromptError(problem)
+
+
 def _config_yaml(cfg: dict) -> str:
     if RESOLVED_CONFIG is not None:
-        return yaml.safe_dump(RESOLVED_CONFIG, sort_keys=False)
+        return yaml.safe_dump({**RESOLVED_CONFIG, "overwrite": False}, sort_keys=False)
 
     def plain(obj):
         if hasattr(obj, "__dict__"):
@@ -110,22 +170,49 @@ def _config_yaml(cfg: dict) -> str:
                     "init_args": {k: plain(v) for k, v in vars(obj).items() if not k.startswith("_")}}
         return obj if isinstance(obj, (int, float, str, bool, type(None), list, dict)) else str(obj)
 
-    return yaml.safe_dump({k: plain(v) for k, v in cfg.items()}, sort_keys=False)
+    return yaml.safe_dump({**{k: plain(v) for k, v in cfg.items()}, "overwrite": False}, sort_keys=False)
 
 
-def _prepare_run_dir(fabric, out_dir: Path, mode: str, cfg: dict, checkpoint: dict | None) -> None:
-    if fabric.global_rank != 0 or mode != "fit":
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "hyperparameters.yaml", _config_yaml(cfg))
+def _prepare_run_dir(fabric, out_dir: Path, mode: str, cfg: dict, checkpoint: dict | None,
+                     bad_images: list[tuple[str, str]]) -> list[dict]:
+    """Rank 0 of fit: write hyperparameters.yaml and the list of left-out images, keep the metrics rows up to the
+    checkpoint; returns those rows (empty on the other ranks, which log nothing)."""
+    if mode != "fit" or fabric.global_rank != 0:
+        return []
     done = checkpoint["round"] if checkpoint else 0
-    write_jsonl(out_dir / "metrics.jsonl", [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["round"] <= done])
+    rows = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["round"] <= done]
+    write_text(out_dir / "hyperparameters.yaml", _config_yaml(cfg))
+    write_jsonl(out_dir / "metrics.jsonl", rows)
+    if bad_images:
+        write_text(out_dir / "bad_images.txt", "".join(f"{path}\t{why}\n" for path, why in bad_images))
+    return rows
 
 
-def build_federation(fabric, cfg: dict, timer=None) -> tuple[Federation, list[str]]:
-    """Load the backbone, read and split the data, build the method's client modules, feed and aggregator."""
+def _read_data_and_check_weights(cfg: dict):
+    """Read and split the data and check that the backbone's weights can be had; a problem with both is reported
+    in one message (so a first run does not stop on the data and a second on the weights)."""
+    bargs: BackboneArgs = cfg["backbone"]
+    problems, splits = [], None
+    try:
+        splits = cfg["data"].setup()  # before the backbone: a wrong data path fails fast
+    except FedPromptError as err:
+        problems.append(str(err))
+    try:
+        check_source(bargs.model, bargs.pretrained)
+    except FedPromptError as err:
+        problems.append(str(err))
+    if len(problems) == 1:
+        raise FedPromptError(problems[0])
+    if problems:
+        raise FedPromptError(" Also: ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+    return splits
+
+
+def build_federation(fabric, cfg: dict, splits=None, timer=None) -> tuple[Federation, list[str]]:
+    """Load the backbone, read and split the data (unless ``splits`` are given), build the method's client modules,
+    feed and aggregator (``timer``: the round benchmark's section timer)."""
     data: FederatedData = cfg["data"]
-    splits = data.setup()  # before the backbone: a wrong data path fails fast, without a download attempt
+    splits = splits if splits is not None else _read_data_and_check_weights(cfg)
     bargs: BackboneArgs = cfg["backbone"]
     torch.manual_seed(cfg["seed"])  # a random-init backbone is the same on every rank and every run
     backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
@@ -174,7 +261,8 @@ def _attach_set_evaluation(fed: Federation, method: Method, eval_sets: list) -> 
     fed.eval_sets = list(eval_sets)
 
 
-def _restore(fed: Federation, checkpoint: dict) -> None:
+def _restore(fed: Federation, checkpoint: dict, path: str) -> None:
+    check_shapes(checkpoint, path, state_shapes(fed.states[0]))
     clients = checkpoint["clients"]
     if len(clients) != len(fed.clients):
         raise FedPromptError(f"--resume: the checkpoint has {len(clients)} clients but this config makes "
@@ -187,6 +275,7 @@ def _restore(fed: Federation, checkpoint: dict) -> None:
 def _checkpoint(fed: Federation, round_idx: int, cfg: dict, run_id: str | None) -> dict:
     return {"round": round_idx, "global": fed.global_state, "clients": {cid: s for cid, s in fed.states.items()},
             "aggregator": fed.aggregator.state_dict(), "method": fed.method.name,
+            "method_hparams": fed.method.hparams(), "shapes": state_shapes(fed.states[min(fed.states)]),
             "sampler": {"seed": cfg["seed"], "fraction": cfg["federation"].fraction, "next_round": round_idx + 1},
             "rng": {"torch": torch.get_rng_state()}, "logger_run_id": run_id}
 
@@ -194,21 +283,41 @@ def _checkpoint(fed: Federation, round_idx: int, cfg: dict, run_id: str | None) 
 def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
     """Run one command on this rank; returns the summary (on every rank)."""
     out_dir = _out_dir(fabric, cfg)
-    existing = out_dir / "checkpoints" / "last.ckpt"
-    if mode == "fit" and checkpoint is None and existing.exists():
-        raise FedPromptError(f"out_dir {out_dir} already holds a run ({existing}); pass --resume {existing} to "
-                             "continue it or choose another --out_dir.")
-    fed, classnames = build_federation(fabric, cfg)
-    _prepare_run_dir(fabric, out_dir, mode, cfg, checkpoint)
+    _claim_run_dir(fabric, mode, cfg, out_dir)
+    try:
+        return _run(fabric, mode, cfg, checkpoint, out_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupt_message(mode, cfg, out_dir)) from None
+
+
+def _interrupt_message(mode: str, cfg: dict, out_dir: Path) -> str:
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if mode != "fit":  # zeroshot and evaluate write their files at the end
+        return f"interrupted; nothing was written to {out_dir}. Run the same command again."
+    if last.is_file():
+        done = torch.load(last, map_location="cpu", weights_only=True)["round"]
+        return (f"interrupted; {out_dir} holds round {done} of {cfg['federation'].rounds} in checkpoints/last.ckpt. "
+                f"Resume with: {rundir.resume_command(out_dir)}")
+    config = shlex.quote(str(out_dir / "hyperparameters.yaml"))
+    if not (out_dir / "hyperparameters.yaml").is_file():
+        return f"interrupted before the run started; nothing was written to {out_dir}."
+    return (f"interrupted before the first round was saved; nothing to resume in {out_dir}. Start again with: "
+            f"fedprompt fit --config {config} --out_dir {shlex.quote(str(out_dir))}")
+
+
+def _run(fabric, mode: str, cfg: dict, checkpoint: dict | None, out_dir: Path) -> dict:
+    splits = _read_data_and_check_weights(cfg)
+    fed, classnames = build_federation(fabric, cfg, splits)
+    previous = _prepare_run_dir(fabric, out_dir, mode, cfg, checkpoint, splits.bad_images)
     if checkpoint is not None:
-        _restore(fed, checkpoint)
-    if mode == "evaluate" or not fed.method.trains:
+        _restore(fed, checkpoint, cfg["resume"])
+    if mode != "fit" or not fed.method.trains:  # zeroshot never trains, whatever the method
         return _evaluate_only(fabric, fed, mode, cfg, out_dir, checkpoint)
     logger = build_logger(cfg["log"], out_dir, checkpoint.get("logger_run_id") if checkpoint else None,
-                          RESOLVED_CONFIG) if fabric.global_rank == 0 else None
+                          RESOLVED_CONFIG, previous) if fabric.global_rank == 0 else None
     start = checkpoint["round"] + 1 if checkpoint else 1
     rounds = cfg["federation"].rounds
-    row: dict = {}
+    row: dict = previous[-1] if previous else {}  # a resumed complete run rewrites its summary from its last row
     selector = _Selector(cfg["eval"].select, out_dir)
     bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not fed.progress)
     for round_idx in bar:
@@ -219,6 +328,7 @@ def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
         row["round_seconds"] = time.perf_counter() - tic
         if fabric.global_rank == 0:
             _log_round(out_dir, logger, fed, row)
+            save_logger(logger)
             state = _checkpoint(fed, round_idx, cfg, logger_run_id(logger))  # the W&B id exists once it logged
             save_checkpoint(state, out_dir / "checkpoints" / "last.ckpt")
             selector.update(row, state)
@@ -291,6 +401,8 @@ def _evaluate_only(fabric, fed: Federation, mode: str, cfg: dict, out_dir: Path,
     done = checkpoint["round"] if checkpoint else 0
     summary = _summary(fed, [], {**metrics, "round": done}, out_dir, done)
     summary.pop("classnames")
+    if mode == "evaluate":
+        summary["checkpoint"] = str(cfg["resume"])
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if mode != "evaluate":

@@ -1,6 +1,9 @@
 """Experiment loggers: CSV (default), Weights & Biases, TensorBoard, through Lightning's logger classes.
 
-``metrics.jsonl`` in the run directory is written independently of the logger (the run-directory contract).
+``metrics.jsonl`` in the run directory is written independently of the logger (the run-directory contract). Every
+logger holds every round after any interrupt and resume: :func:`save_logger` flushes it after each round (the CSV
+file and TensorBoard's event file are on disk once a round's checkpoint is), and on resume the CSV file is rebuilt
+from ``metrics.jsonl`` (the rounds up to the checkpoint) before the run continues.
 """
 
 from __future__ import annotations
@@ -12,15 +15,31 @@ from fedprompt.args import LogArgs
 from fedprompt.errors import FedPromptError
 
 
-def build_logger(args: LogArgs, out_dir: Path, run_id: str | None = None, config: dict | None = None):
-    """A Lightning logger for Fabric (``None`` for ``logger: none``). ``run_id`` resumes a W&B run."""
+def build_logger(args: LogArgs, out_dir: Path, run_id: str | None = None, config: dict | None = None,
+                 previous_rows: list[dict] | None = None):
+    """A Lightning logger for Fabric (``None`` for ``logger: none``).
+
+    Args:
+        args: the ``log`` settings.
+        out_dir: the run directory.
+        run_id: the W&B run id of a resumed run (continues the same W&B run).
+        config: the resolved config (sent to W&B).
+        previous_rows: on resume, the ``metrics.jsonl`` rows up to the checkpoint: the CSV file is rebuilt from them
+            (W&B and TensorBoard already hold them).
+    """
     name = args.run_name or out_dir.name
     if args.logger == "none":
         return None
     if args.logger == "csv":
         from lightning.fabric.loggers import CSVLogger
 
-        return CSVLogger(root_dir=str(out_dir), name="csv", version="")
+        csv_file = out_dir / "csv" / "metrics.csv"
+        if csv_file.is_file():  # rebuilt below from metrics.jsonl (it may hold rounds after the checkpoint)
+            csv_file.unlink()
+        logger = CSVLogger(root_dir=str(out_dir), name="csv", version="", flush_logs_every_n_steps=1)
+        for row in previous_rows or []:
+            logger.log_metrics(numeric_metrics(row), step=row["round"])
+        return logger
     if args.logger == "tensorboard":
         from lightning.fabric.loggers import TensorBoardLogger
 
@@ -33,6 +52,12 @@ def build_logger(args: LogArgs, out_dir: Path, run_id: str | None = None, config
     mode = os.environ.get("WANDB_MODE", args.wandb_mode)
     return WandbLogger(project=args.project, name=name, save_dir=str(out_dir), id=run_id, resume="allow",
                        mode=mode, config=config)
+
+
+def save_logger(logger) -> None:
+    """Write what the logger holds to disk (called after every round, so an interrupt loses no round)."""
+    if logger is not None:
+        logger.save()
 
 
 def logger_run_id(logger) -> str | None:

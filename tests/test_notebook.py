@@ -1,4 +1,4 @@
-"""The analysis notebook runs on a real run directory (its code cells, headless)."""
+"""The analysis notebook runs on real run directories (its code cells, headless): a fit run and a zero-shot run."""
 
 import json
 import os
@@ -7,21 +7,28 @@ import pytest
 
 from conftest import ROOT
 
+SMOKE = ROOT / "configs" / "smoke.yaml"
 
-def test_analysis_notebook_runs_on_a_run_directory(cli, tmp_path, monkeypatch):
+
+@pytest.mark.parametrize("command,rounds,method", [
+    (["fit"], 2, "PromptFL"),
+    (["zeroshot"], 1, "ZeroShot"),  # one row (round 0), no loss or communication
+])
+def test_analysis_notebook_runs_on_a_run_directory(cli, tmp_path, monkeypatch, command, rounds, method):
     matplotlib = pytest.importorskip("matplotlib", reason="the notebook plots with matplotlib (pip install -e .[dev])")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run = tmp_path / "runs" / "smoke"
-    assert cli("fit", "--config", ROOT / "configs" / "smoke.yaml", "--out_dir", run)[0] == 0
+    extra = ["--method", "ZeroShot"] if command == ["zeroshot"] else []
+    assert cli(*command, "--config", SMOKE, *extra, "--out_dir", run)[0] == 0
     monkeypatch.setenv("FEDPROMPT_RUN", str(run))
     notebook = json.loads((ROOT / "notebooks" / "analyze_run.ipynb").read_text())
     namespace: dict = {}
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
             exec("".join(cell["source"]), namespace)
-    assert len(namespace["rows"]) == 2 and namespace["summary"]["method"] == "PromptFL"
+    assert len(namespace["rows"]) == rounds and namespace["summary"]["method"] == method
     assert len(plt.get_fignums()) == 2
     plt.close("all")
     assert os.environ["FEDPROMPT_RUN"] == str(run)

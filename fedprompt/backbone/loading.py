@@ -1,7 +1,9 @@
 """Creating open_clip models: by architecture name plus a pretrained tag, a local checkpoint file or a local model
 folder (``open_clip_config.json`` + weights, the layout of open_clip's ``local-dir:``), or an ``hf-hub:`` name.
 
-This module and :mod:`fedprompt.backbone.model` are the only places that touch open_clip.
+This module and :mod:`fedprompt.backbone.model` are the only places that touch open_clip. open_clip is imported
+when a model is first registered or created, not when this module is imported (the CLI answers ``--help`` without
+it).
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import open_clip
-
 from fedprompt.errors import FedPromptError
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 _REGISTERED: set[str] = set()
+
+
+def _open_clip():
+    import open_clip
+
+    return open_clip
 
 
 def register_bundled_configs() -> None:
@@ -34,7 +40,7 @@ def register_model_config(path: str | os.PathLike) -> str:
     """Register an open_clip architecture JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``); returns its name."""
     path = Path(path)
     if path.stem not in _REGISTERED:
-        open_clip.add_model_config(path)
+        _open_clip().add_model_config(path)
         _REGISTERED.add(path.stem)
     return path.stem
 
@@ -128,31 +134,43 @@ def load_open_clip(model: str, pretrained: str | None = None, cache_dir: str | N
             a checkpoint file (``.bin``/``.pt``/``.safetensors``) or a local model folder.
         cache_dir: where open_clip caches downloaded weights.
     """
-    register_bundled_configs()
+    open_clip = _open_clip()
+    check_source(model, pretrained)
     if pretrained and os.path.isdir(pretrained):
         name, model_cfg, preprocess, weights = _local_folder_config(Path(pretrained))
-        if weights is None:
-            raise FedPromptError(f"backbone.pretrained: the folder {pretrained} has no weights file "
-                                 "(open_clip_model.safetensors or open_clip_pytorch_model.bin).")
         _register_dict_config(name, model_cfg)
         net = _create(name, weights, cache_dir, source=pretrained, pretrained_text=False)
         tokenizer = open_clip.get_tokenizer(name)
         pre = {**_preprocess_cfg(net), **preprocess}
         return LoadedModel(net, tokenizer, pre, name=name, source=pretrained)
+    net = _create(model, pretrained, cache_dir, source=pretrained or "random init")
+    tokenizer = open_clip.get_tokenizer(model)
+    return LoadedModel(net, tokenizer, _preprocess_cfg(net), name=model, source=pretrained or "random init")
+
+
+def check_source(model: str, pretrained: str | None) -> None:
+    """Check, without creating the model, that the weights can be had: a local folder has its config and a weights
+    file, a local file exists, the architecture is known, and a pretrained tag is downloadable (the Hugging Face
+    Hub answers). Raises one :class:`FedPromptError` saying what to pass instead."""
+    register_bundled_configs()
+    if pretrained and os.path.isdir(pretrained):
+        weights = _local_folder_config(Path(pretrained))[3]
+        if weights is None:
+            raise FedPromptError(f"backbone.pretrained: the folder {pretrained} has no weights file "
+                                 "(open_clip_model.safetensors or open_clip_pytorch_model.bin).")
+        return
     if pretrained and not os.path.isfile(pretrained) and ("/" in pretrained or pretrained.endswith(
             (".bin", ".pt", ".pth", ".safetensors"))):
         raise FedPromptError(f"backbone.pretrained: no such file or folder: {pretrained}")
-    if not model.startswith("hf-hub:") and model.replace("/", "-") not in open_clip.list_models():
+    known = _open_clip().list_models()
+    if not model.startswith("hf-hub:") and model.replace("/", "-") not in known:
         raise FedPromptError(
             f"backbone.model: unknown open_clip architecture '{model}'. Known names include "
-            f"{', '.join(open_clip.list_models()[:8])}, ... (see open_clip.list_models()); or pass a local model "
+            f"{', '.join(known[:8])}, ... (see open_clip.list_models()); or pass a local model "
             "folder as backbone.pretrained."
         )
     if pretrained and not os.path.exists(pretrained) and not _hub_reachable():
         raise FedPromptError(_download_hint(model, pretrained) + " [the Hugging Face Hub is not reachable]")
-    net = _create(model, pretrained, cache_dir, source=pretrained or "random init")
-    tokenizer = open_clip.get_tokenizer(model)
-    return LoadedModel(net, tokenizer, _preprocess_cfg(net), name=model, source=pretrained or "random init")
 
 
 @contextmanager
@@ -172,7 +190,7 @@ def _quiet_logs():
 def _create(name: str, pretrained: str | None, cache_dir: str | None, source: str, **kwargs):
     try:
         with _quiet_logs():
-            return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
+            return _open_clip().create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
     except FedPromptError:
         raise
     except Exception as err:  # open_clip raises RuntimeError/OSError/HTTP errors for downloads

@@ -164,7 +164,9 @@ class Combined(FederatedData):
         """Dataset ``index`` (``datasets`` then ``unseen``) read; its errors name its place in the config."""
         reader = (self.datasets + self.unseen)[index]
         try:
-            return reader.read()
+            raw, bad = reader._without_bad_images(reader.read())
+            self._bad_images.extend(bad)
+            return raw
         except FedPromptError as err:
             raise FedPromptError(f"{self._where(index)}: {err}") from None
 
@@ -180,6 +182,7 @@ class Combined(FederatedData):
 
     def setup(self) -> FederatedSplits:
         """Read every dataset, apply the protocol to each, and join their clients and evaluation sets."""
+        self._bad_images: list[tuple[str, str]] = []
         raws, names = self._read_all()
         loader = RoutedLoader(self._loaders(raws))
         clients, parts, eval_sets = [], [], []
@@ -199,4 +202,4 @@ class Combined(FederatedData):
         novel = None
         if self.subsample_classes == "base":
             novel = merge_splits([p.novel for p in parts], loader, "combined-novel")
-        return FederatedSplits(source.classnames, clients, source, novel, eval_sets)
+        return FederatedSplits(source.classnames, clients, source, novel, eval_sets, list(self._bad_images))

@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 
 from fedprompt.data.base import DatasetSplits, Sample
-from fedprompt.data.datasets import DATA_ENV, FederatedData
+from fedprompt.data.datasets import DATA_ENV, FederatedData, make_dirs, remove_if_left_empty
 from fedprompt.data.partition import Partitioner, Pathological
 from fedprompt.errors import FedPromptError
 
@@ -116,7 +116,15 @@ class CoOpDataset(FederatedData):
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _root(self) -> Path:
-        return self.resolve_root()
+        return self.dataset_folder(self.resolve_root())
+
+    def dataset_folder(self, root: Path) -> Path:
+        """``root`` itself, or ``root/<default_dirname>`` when ``root`` is the folder that holds the datasets (the
+        ``DATA`` folder of CoOp/Dassl, with ``caltech-101/``, ``oxford_pets/``, ...)."""
+        nested = root / self.default_dirname
+        if not (root / self.split_file).exists() and nested.is_dir():
+            return nested
+        return root
 
     def _image_root(self, root: Path) -> Path:
         image_root = root / self.image_dir if self.image_dir else root
@@ -179,16 +187,17 @@ class TorchvisionDownload(CoOpDataset):
 
     def _root(self) -> Path:
         if not self.download:
-            return self.resolve_root()
+            return self.dataset_folder(self.resolve_root())
         if self.root is not None:
-            root = Path(os.path.expanduser(self.root))
+            root = self.dataset_folder(Path(os.path.expanduser(self.root)))
         elif os.environ.get(DATA_ENV):
             root = Path(os.environ[DATA_ENV]) / self.dirname
         else:
             return self.resolve_root()  # raises the "data.root is not set" error
-        root.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(root)
         if not all((root / name).exists() for name in self.required_parts()):
-            self.download_images(root)
+            with remove_if_left_empty(made + [root / "torchvision"]):
+                self.download_images(root)
         return root
 
     def required_parts(self) -> tuple[str, ...]:

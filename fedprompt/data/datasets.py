@@ -8,7 +8,9 @@ A config selects one with ``class_path`` (``fedprompt.data.DomainFolders``, ``fe
 from __future__ import annotations
 
 import os
+import shutil
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,10 +18,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from fedprompt.data.base import ClientSplit, DatasetSplits, Sample
+from fedprompt.data.base import ClientSplit, DatasetSplits, Sample, load_rgb
+from fedprompt.data.check import bad_images_message, scan_images
 from fedprompt.data.partition import IID, ByDomain, Partitioner, few_shot
 from fedprompt.data.protocols import assign_validation, subsample_classes, validation_split
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import FedPromptError, warn
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DATA_ENV = "FEDPROMPT_DATA"
@@ -68,6 +71,9 @@ class FederatedSplits:
     novel: DatasetSplits | None = None
     """The novel half of a base-to-novel split (``subsample_classes: base``), for Base/Novel/HM evaluation."""
     eval_sets: list[EvalSet] = field(default_factory=list)
+    bad_images: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, reason)`` of the unreadable image files left out (``on_bad_image: skip``); written by ``fit`` to
+    the run directory's ``bad_images.txt``."""
 
     @property
     def loader(self):
@@ -135,13 +141,32 @@ class FederatedData:
         validation: give each client a validation set of min(num_shots, 4) images per class (from the reader's val
             split, else moved out of train before partitioning); every evaluation then reports ``val_acc``, and
             ``eval.select: val`` selects the round by it (never by test accuracy).
+        check_images: open every image file's header while indexing (and check that JPEG/PNG files are not cut
+            short), so a bad file stops the run at once, with every bad file named, instead of during encoding.
+        on_bad_image: ``error`` (stop, listing every bad file) or ``skip`` (leave them out; they are listed in the
+            run directory's ``bad_images.txt``).
+        empty_classes: folder readers: a class folder without any image in any split is an ``error`` naming the
+            folder, or is dropped with a warning (``drop``).
     """
 
     default_dirname = ""
 
     def __init__(self, root: str | None = None, dirname: str | None = None, partition: Partitioner | None = None,
                  num_shots: int | None = None, seed: int = 0, num_workers: int = 0,
-                 subsample_classes: Literal["all", "base", "novel"] = "all", validation: bool = False):
+                 subsample_classes: Literal["all", "base", "novel"] = "all", validation: bool = False,
+                 check_images: bool = True, on_bad_image: Literal["error", "skip"] = "error",
+                 empty_classes: Literal["error", "drop"] = "error"):
+        if num_shots is not None and num_shots < 1:
+            raise FedPromptError(f"--data.num_shots must be >= 1 (or null for every image), got {num_shots}.")
+        if num_workers < 0:
+            raise FedPromptError(f"--data.num_workers must be >= 0, got {num_workers}.")
+        if on_bad_image not in ("error", "skip"):
+            raise FedPromptError(f"--data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
+        if empty_classes not in ("error", "drop"):
+            raise FedPromptError(f"--data.empty_classes must be 'error' or 'drop', got {empty_classes!r}.")
+        self.check_images = check_images
+        self.on_bad_image = on_bad_image
+        self.empty_classes = empty_classes
         self.root = root
         self.validation = validation
         self.subsample_classes = subsample_classes
@@ -176,10 +201,68 @@ class FederatedData:
                                  f"the dataset (see README.md, 'Data').")
         return root
 
+    def keep_classes_with_images(self, classnames: list[str], counts: dict[str, int],
+                                 folders: dict[str, list[Path]]) -> list[str]:
+        """Folder readers: the classes that have at least one image (``counts``); a class without any is an error
+        naming its folders (``folders``), or is dropped with a warning when ``empty_classes: drop``."""
+        empty = [c for c in classnames if not counts.get(c)]
+        if not empty:
+            return classnames
+        where = ", ".join(str(f) for c in empty for f in folders.get(c, [])) or ", ".join(empty)
+        if self.empty_classes == "error":
+            raise FedPromptError(f"data: class folder(s) without any image in any split: {where}. An empty folder "
+                                 "would add a class; remove it, add images, or pass --data.empty_classes drop.")
+        warn(f"data: dropped {len(empty)} class(es) without any image ({where}).")
+        return [c for c in classnames if c not in empty]
+
+    def _without_bad_images(self, raw: DatasetSplits) -> tuple[DatasetSplits, list[tuple[str, str]]]:
+        if not self.check_images or raw.loader is not load_rgb:  # generated or archive-backed samples: no files
+            return raw, []
+        bad = scan_images(raw.train + raw.val + raw.test)
+        if not bad:
+            return raw, []
+        if self.on_bad_image == "error":
+            raise FedPromptError(bad_images_message(bad))
+        skip = {path for path, _ in bad}
+        warn(f"data: left out {len(bad)} unreadable image file(s) (on_bad_image: skip; listed in the run "
+             "directory's bad_images.txt).")
+        keep = [[s for s in part if s.path not in skip] for part in (raw.train, raw.val, raw.test)]
+        return DatasetSplits(raw.classnames, keep[0], keep[2], val=keep[1], name=raw.name, loader=raw.loader), bad
+
     def setup(self) -> FederatedSplits:
-        """Read, partition and few-shot sample; deterministic for a given ``seed``."""
-        return federate(self.read(), self.partition or self.default_partition(), self.num_shots, self.seed,
-                        self.subsample_classes, self.validation)
+        """Read, check the image files, partition and few-shot sample; deterministic for a given ``seed``."""
+        raw, bad = self._without_bad_images(self.read())
+        splits = federate(raw, self.partition or self.default_partition(), self.num_shots, self.seed,
+                          self.subsample_classes, self.validation)
+        splits.bad_images = bad
+        return splits
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents; returns the folders created, outermost first."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    missing.reverse()
+    if missing:
+        missing[-1].mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+@contextmanager
+def remove_if_left_empty(folders: list[Path]):
+    """If the block fails, remove the given folders (made for a download) that hold no file, so a failed download
+    leaves nothing behind that looks like a dataset."""
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(folders):
+            if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -238,12 +321,12 @@ class DomainFolders(FederatedData):
         if not classnames:
             raise FedPromptError(f"data.root {root}: no class folders under the domains {domains}; expected "
                                  "root/<domain>/<class>/<image>.")
-        samples = []
-        for domain in domains:
-            for label, name in enumerate(classnames):
-                folder = root / domain / name
-                if folder.is_dir():
-                    samples.extend(Sample(str(p), label, domain) for p in _image_files(folder))
+        files = {(d, c): _image_files(root / d / c) for d in domains for c in classnames if (root / d / c).is_dir()}
+        counts = {c: sum(len(files.get((d, c), [])) for d in domains) for c in classnames}
+        folders = {c: [root / d / c for d in domains if (d, c) in files] for c in classnames}
+        classnames = self.keep_classes_with_images(classnames, counts, folders)
+        samples = [Sample(str(p), label, domain) for domain in domains for label, name in enumerate(classnames)
+                   for p in files.get((domain, name), [])]
         train, test = stratified_split(samples, self.test_fraction, self.seed)
         return DatasetSplits(classnames, train, test, name=root.name)
 
@@ -261,10 +344,13 @@ class SplitFolders(FederatedData):
                 raise FedPromptError(f"data.root {root}: missing the '{split}' folder; expected "
                                      "root/train/<class>/<image> and root/test/<class>/<image>.")
         classnames = _class_folders(root / "train")
-        splits = {}
-        for split in ("train", "test"):
-            splits[split] = [Sample(str(p), label, "") for label, name in enumerate(classnames)
-                             for p in _image_files(root / split / name)]
+        files = {(split, c): _image_files(root / split / c) for split in ("train", "test") for c in classnames
+                 if (root / split / c).is_dir()}
+        counts = {c: len(files.get(("train", c), [])) + len(files.get(("test", c), [])) for c in classnames}
+        folders = {c: [root / split / c for split in ("train", "test") if (split, c) in files] for c in classnames}
+        classnames = self.keep_classes_with_images(classnames, counts, folders)
+        splits = {split: [Sample(str(p), label, "") for label, name in enumerate(classnames)
+                          for p in files.get((split, name), [])] for split in ("train", "test")}
         if not splits["train"]:
             raise FedPromptError(f"data.root {root}: no images under {root / 'train'}")
         return DatasetSplits(classnames, splits["train"], splits["test"], name=root.name)
@@ -291,13 +377,13 @@ class CIFAR(FederatedData):
 
         if self.root and (Path(self.root) / "train").is_dir():  # image folders root/{train,test}/<class>/*
             return SplitFolders.read(self)
-        if self.download and self.root:
-            os.makedirs(self.root, exist_ok=True)
+        made = make_dirs(Path(os.path.expanduser(self.root))) if self.download and self.root else []
         root = self.resolve_root()
         cls = torchvision.datasets.CIFAR10 if self.name == "cifar10" else torchvision.datasets.CIFAR100
         try:
-            sets = {split: cls(str(root), train=split == "train", download=self.download)
-                    for split in ("train", "test")}
+            with remove_if_left_empty(made):
+                sets = {split: cls(str(root), train=split == "train", download=self.download)
+                        for split in ("train", "test")}
         except RuntimeError as err:
             raise FedPromptError(f"data: {self.name} not found under {root} ({err}). Pass --data.download true "
                                  "(needs network) or put the extracted python version of the dataset there.") from None
@@ -337,6 +423,10 @@ class Synthetic(FederatedData):
         super().__init__(**kwargs)
         if not 1 <= num_classes <= len(SYNTHETIC_NAMES):
             raise FedPromptError(f"data.num_classes must be in 1..{len(SYNTHETIC_NAMES)}, got {num_classes}")
+        small = {k: v for k, v in dict(train_per_class=train_per_class, test_per_class=test_per_class,
+                                       image_size=image_size, num_domains=num_domains).items() if v < 1}
+        if small:
+            raise FedPromptError("; ".join(f"--data.{k} must be >= 1, got {v}" for k, v in small.items()) + ".")
         self.num_classes = num_classes
         self.train_per_class = train_per_class
         self.test_per_class = test_per_class

@@ -3,17 +3,19 @@ normalisation, as in CoOp/Dassl) and the plain test transform (resize + centre c
 
 from __future__ import annotations
 
-import open_clip
-import torchvision.transforms as T
 
-
-def clip_transforms(preprocess: dict, augment: bool = True) -> tuple[T.Compose, T.Compose]:
+def clip_transforms(preprocess: dict, augment: bool = True) -> tuple:
     """Return ``(train_transform, test_transform)`` for a backbone's preprocessing config.
 
     Args:
         preprocess: ``size``, ``mean``, ``std``, ``interpolation``, ``resize_mode`` (from the backbone).
         augment: ``False`` makes the train transform equal to the test transform (needed for feature caching).
+
+    Returns two ``torchvision.transforms.Compose`` (open_clip and torchvision are imported here, not at import time).
     """
+    import open_clip
+    import torchvision.transforms as T
+
     size = preprocess.get("size", 224)
     common = dict(mean=preprocess.get("mean"), std=preprocess.get("std"),
                   interpolation=preprocess.get("interpolation", "bicubic"),

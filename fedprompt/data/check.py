@@ -1,0 +1,81 @@
+"""A quick scan of every image file while the data is indexed, so a bad file stops a run before any encoding.
+
+Each file is opened and its header parsed with PIL (no pixel decode), and JPEG and PNG files must end with their
+end marker (``FF D9`` / the ``IEND`` chunk) within their last bytes: a file cut short by a broken download or copy
+fails here in well under a millisecond instead of after minutes of image encoding. Every bad file is reported at
+once.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image, UnidentifiedImageError
+
+from fedprompt.data.base import Sample
+
+#: how many bytes at the end of a file are searched for the end marker (some writers pad after it)
+TAIL_BYTES = 4096
+#: scans of more images than this show a progress bar
+PROGRESS_FROM = 2000
+
+
+def _tail_problem(path: str, fmt: str | None) -> str | None:
+    marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt or "")
+    if marker is None:
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - TAIL_BYTES))
+        tail = handle.read()
+    if marker not in tail:
+        return f"truncated {fmt} (no end marker)"
+    return None
+
+
+def image_problem(path: str) -> str | None:
+    """Why the image file at ``path`` cannot be used (``None`` if its header reads and it is not cut short)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            fmt = image.format
+            width, height = image.size
+        if width <= 0 or height <= 0:
+            return f"image size {width}x{height}"
+        return _tail_problem(path, fmt)
+    except FileNotFoundError:
+        return "file not found"
+    except UnidentifiedImageError:
+        return "not an image PIL can read"
+    except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some broken headers
+        if "truncated" in str(err).lower():
+            return "truncated file (cut inside its header)"
+        return f"{type(err).__name__}: {err}"
+
+
+def scan_images(samples: list[Sample], threads: int = 8) -> list[tuple[str, str]]:
+    """``(path, reason)`` of every sample whose image file is bad, in sample order (each path once).
+
+    Headers are read in ``threads`` threads (file opening dominates); more than :data:`PROGRESS_FROM` files show
+    a progress bar on a terminal.
+    """
+    from tqdm.auto import tqdm
+
+    paths = list(dict.fromkeys(s.path for s in samples))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = tqdm(pool.map(image_problem, paths, chunksize=64), total=len(paths), desc="checking images",
+                       unit="img", disable=None if len(paths) > PROGRESS_FROM else True, leave=False)
+        problems = list(results)
+    return [(path, why) for path, why in zip(paths, problems) if why is not None]
+
+
+def bad_images_message(bad: list[tuple[str, str]], limit: int = 20) -> str:
+    """One line listing the bad files (the first ``limit``; the count of the rest)."""
+    shown = "; ".join(f"{path} ({why})" for path, why in bad[:limit])
+    more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
+    return (f"data: {len(bad)} image file(s) cannot be read: {shown}{more}. Remove or replace them, or pass "
+            "--data.on_bad_image skip to leave them out (they are then listed in the run directory's "
+            "bad_images.txt).")

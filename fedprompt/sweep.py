@@ -1,0 +1,205 @@
+"""``fedprompt sweep``: run one config over several seeds and report the mean and standard deviation over seeds.
+
+The papers of this field report the mean over 3 seeds; their code (CoOp/Dassl style) runs one output folder per seed
+(``.../seed1``, ``seed2``, ``seed3``) and a script then averages the results. ``fedprompt sweep`` does the same in one
+command: each seed is an ordinary ``fedprompt fit`` run (a child process) in ``OUT/seed<N>``; then the table of every
+seed's final metrics with their mean +- std is printed and written to ``OUT/seeds.md`` and ``OUT/seeds.json``.
+
+Running the same command again continues: finished seeds are kept, an interrupted seed resumes from its
+``checkpoints/last.ckpt``, missing seeds run. So seeds can also run elsewhere (one cluster job per seed:
+``fedprompt fit --config OUT/sweep.yaml --seed N --data.seed N --out_dir OUT/seedN``) and ``fedprompt sweep`` with the
+same arguments then only writes the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from fedprompt import rundir
+from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
+from fedprompt.data import FederatedData
+from fedprompt.errors import FedPromptError
+from fedprompt.federation.checkpoint import write_json, write_text
+from fedprompt.methods import Method
+
+#: summary.json entries averaged over seeds (those a run has)
+METRICS = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "novel_acc", "hm", "cm")
+#: config keys that may differ between the seeds of one sweep
+PER_SEED_KEYS = ("seed", "out_dir", "resume", "overwrite", "federation.rounds", "data.init_args.seed")
+
+
+def sweep(method: Optional[Method] = None, data: Optional[FederatedData] = None,
+          backbone: BackboneArgs = BackboneArgs(), federation: FederationArgs = FederationArgs(),
+          train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(), log: LogArgs = LogArgs(),
+          fabric: FabricArgs = FabricArgs(), out_dir: Optional[str] = None, resume: Optional[str] = None,
+          seed: int = 0, overwrite: bool = False, seeds: list[int] = [1, 2, 3], same_data: bool = False) -> dict:
+    """Run a fit config once per seed (OUT/seed1, OUT/seed2, ...) and write the mean +- std over seeds of the final
+    metrics (OUT/seeds.md, OUT/seeds.json). Rerunning the command continues: finished seeds are kept.
+
+    Args:
+        method: the federated prompt-learning method (as for fit).
+        data: the dataset and its federated split (as for fit).
+        backbone: the frozen open_clip model.
+        federation: rounds, client sampling, failure policy.
+        train: local training.
+        eval: evaluation (with eval.select val, each seed contributes its selected round).
+        log: logger, progress bars, checkpoints.
+        fabric: devices, nodes, precision.
+        out_dir: the sweep folder (default runs/<method>-seeds).
+        resume: not used (rerun the same sweep command to continue it).
+        seed: not used (replaced by each of seeds).
+        overwrite: delete the runs of a previous sweep in out_dir and start again.
+        seeds: the seeds; each sets seed and, unless same_data, data.seed (new partition and few-shot samples
+            per seed, as the papers' seeds do).
+        same_data: keep the config's data.seed for every seed (only prompt initialisation, client sampling and data
+            order change).
+    """
+    from fedprompt.fit import _config_yaml
+
+    if method is None or data is None:
+        raise FedPromptError("sweep needs a fit config: --config FILE with method.class_path and data.class_path.")
+    if resume:
+        raise FedPromptError("sweep takes no --resume: run the same sweep command again to continue it.")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise FedPromptError(f"--seeds must be a non-empty list of distinct seeds, got {seeds}.")
+    cfg = dict(method=method, data=data, backbone=backbone, federation=federation, train=train, eval=eval, log=log,
+               fabric=fabric, out_dir=None, resume=None, seed=seed)
+    config = yaml.safe_load(_config_yaml(cfg))
+    for key in ("seeds", "same_data"):
+        config.pop(key, None)
+    config.update(out_dir=None, resume=None, overwrite=False)
+    out = Path(out_dir or f"runs/{method.name.lower()}-seeds")
+    _prepare(out, config, seeds, overwrite)
+    try:
+        for n in seeds:
+            _run_seed(out, n, federation.rounds, same_data)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"sweep interrupted; run the same sweep command again to continue ({out}: finished "
+                                "seeds are kept, an interrupted seed resumes from its checkpoint).") from None
+    table = seed_table({n: out / f"seed{n}" for n in seeds})
+    write_json(out / "seeds.json", table)
+    write_text(out / "seeds.md", markdown_table(table) + "\n")
+    print(markdown_table(table))
+    print(f"-> {out / 'seeds.md'}, {out / 'seeds.json'}")
+    return table
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    """The dotted keys (besides :data:`PER_SEED_KEYS`) whose values differ between two resolved configs."""
+    fa, fb = _flat(a), _flat(b)
+    return [k for k in sorted(set(fa) | set(fb)) if k not in PER_SEED_KEYS and fa.get(k) != fb.get(k)]
+
+
+def _prepare(out: Path, config: dict, seeds: list[int], overwrite: bool) -> None:
+    problem = rundir.not_writable(out)
+    if problem:
+        raise FedPromptError(problem)
+    saved = out / "sweep.yaml"
+    if overwrite:
+        for n in seeds:
+            if (out / f"seed{n}").is_dir():
+                rundir.clear(out / f"seed{n}")
+        for name in ("sweep.yaml", "seeds.json", "seeds.md"):
+            (out / name).unlink(missing_ok=True)
+    elif saved.is_file():
+        changed = config_differences(yaml.safe_load(saved.read_text()) or {}, config)
+        if changed:
+            raise FedPromptError(f"out_dir {out} holds a sweep of another config (it differs in {', '.join(changed)}); "
+                                 "choose another --out_dir, or pass --overwrite true to delete its runs and start "
+                                 "again.")
+    elif rundir.holds_run(out):
+        raise FedPromptError(f"out_dir {out} holds a run ({rundir.describe(out)}), not a sweep; choose another "
+                             "--out_dir.")
+    write_text(saved, yaml.safe_dump(config, sort_keys=False))
+
+
+def _seed_state(run: Path, rounds: int) -> str:
+    """``done`` (a summary of at least ``rounds`` rounds), ``resume`` (a checkpoint) or ``new``."""
+    summary = run / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("rounds", 0) >= rounds:
+        return "done"
+    return "resume" if (run / "checkpoints" / "last.ckpt").is_file() else "new"
+
+
+def _run_seed(out: Path, n: int, rounds: int, same_data: bool) -> None:
+    run = out / f"seed{n}"
+    state = _seed_state(run, rounds)
+    if state == "done":
+        print(f"sweep: seed {n}: complete in {run}", flush=True)
+        return
+    command = [sys.executable, "-m", "fedprompt", "fit"]
+    if state == "resume":
+        command += ["--resume", str(run / "checkpoints" / "last.ckpt"), "--federation.rounds", str(rounds)]
+        saved = yaml.safe_load((run / "hyperparameters.yaml").read_text()) or {}
+        changed = config_differences(saved, yaml.safe_load((out / "sweep.yaml").read_text()))
+        if changed:
+            raise FedPromptError(f"{run} was run with another config (it differs in {', '.join(changed)}); choose "
+                                 "another --out_dir, or pass --overwrite true.")
+    else:
+        command += ["--config", str(out / "sweep.yaml"), "--seed", str(n), "--out_dir", str(run)]
+        command += [] if same_data else ["--data.seed", str(n)]
+    print(f"sweep: seed {n}: {' '.join(command[1:])}", flush=True)
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise FedPromptError(f"sweep: seed {n} stopped (exit status {code}; its message is above). Run the same "
+                             "sweep command again to continue: finished seeds are kept.")
+
+
+def _final_metrics(summary: dict) -> dict:
+    chosen = summary.get("selected") or summary  # eval.select: val -> the selected round
+    return {k: chosen[k] for k in METRICS if isinstance(chosen.get(k), (int, float))}
+
+
+def seed_table(runs: dict[int, Path]) -> dict:
+    """Mean and standard deviation over seeds of each final metric of the runs ``{seed: run directory}``.
+
+    The standard deviation is the population one (``ddof=0``, numpy's default); every seed's value is kept, so any
+    other statistic can be computed from the JSON.
+    """
+    summaries = {}
+    for n, run in runs.items():
+        path = Path(run) / "summary.json"
+        if not path.is_file():
+            raise FedPromptError(f"sweep: {path} is missing; the run of seed {n} has not finished.")
+        summaries[n] = json.loads(path.read_text())
+    finals = {n: _final_metrics(s) for n, s in summaries.items()}
+    metrics = {}
+    for key in METRICS:
+        values = [finals[n].get(key) for n in runs]
+        if any(v is None for v in values):
+            continue
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        metrics[key] = {"mean": mean, "std": std, "values": values}
+    first = next(iter(summaries.values()))
+    return {"method": first.get("method"), "seeds": list(runs), "runs": {str(n): str(r) for n, r in runs.items()},
+            "model_selection": first.get("model_selection"), "std": "population standard deviation (ddof=0)",
+            "metrics": metrics}
+
+
+def markdown_table(table: dict) -> str:
+    """The seed table as Markdown: one row per metric, one column per seed, then mean +- std (in %)."""
+    seeds = table["seeds"]
+    lines = ["| metric | " + " | ".join(f"seed {n}" for n in seeds) + " | mean ± std |",
+             "|---|" + "---|" * len(seeds) + "---|"]
+    for key, entry in table["metrics"].items():
+        cells = " | ".join(f"{100 * v:.2f}" for v in entry["values"])
+        lines.append(f"| {key} | {cells} | {100 * entry['mean']:.2f} ± {100 * entry['std']:.2f} |")
+    return "\n".join(lines)

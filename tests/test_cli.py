@@ -1,0 +1,84 @@
+"""The command line itself: cheap to import, documented options, range checks before anything loads, bench progress."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import fedprompt.fit
+from conftest import ROOT
+
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+HEAVY = ("torch", "lightning", "open_clip", "transformers", "torchvision", "torchmetrics")
+
+
+def import_times(code: str) -> dict[str, int]:
+    """Cumulative import time in microseconds of every module imported by ``code`` (python -X importtime)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, check=True)
+    times = {}
+    for line in result.stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|(\s*)(\S+)", line)
+        if match:
+            times[match.group(3)] = int(match.group(1))
+    return times
+
+
+def test_importing_the_cli_is_cheap_relative_to_torch():
+    loaded = subprocess.run([sys.executable, "-c", "import sys, fedprompt.__main__; print(' '.join(sys.modules))"],
+                            capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    assert not [m for m in HEAVY if m in loaded]
+    times = import_times("import fedprompt.__main__; import torch")
+    assert times["fedprompt.__main__"] < 0.1 * times["torch"], times  # relative: the same process, the same machine
+
+
+def test_help_shows_the_attribute_docstrings(cli):
+    code, out, _ = cli("fit", "--help")
+    assert code == 0
+    for text in ("Communication rounds.", "Train batch size", "Evaluate every N rounds", "Experiment logger",
+                 "Processes per node", "open_clip architecture name", "--overwrite"):
+        assert text in " ".join(out.split()), text
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--federation.rounds", "-1"], "--federation.rounds must be >= 1, got -1"),
+    (["--federation.fraction", "1.5"], "--federation.fraction must be in (0, 1], got 1.5"),
+    (["--federation.fraction", "0"], "--federation.fraction must be in (0, 1], got 0.0"),
+    (["--train.batch_size", "0"], "--train.batch_size must be >= 1, got 0"),
+    (["--train.local_steps", "0"], "--train.local_steps must be >= 1, got 0"),
+    (["--train.local_epochs", "0"], "--train.local_epochs must be >= 1, got 0"),
+    (["--eval.every", "0"], "--eval.every must be >= 1, got 0"),
+    (["--eval.batch_size", "-3"], "--eval.batch_size must be >= 1, got -3"),
+    (["--log.checkpoint_every", "-1"], "--log.checkpoint_every must be >= 0, got -1"),
+    (["--fabric.devices", "0"], "--fabric.devices must be >= 1, got 0"),
+    (["--fabric.num_nodes", "0"], "--fabric.num_nodes must be >= 1, got 0"),
+    (["--data.num_shots", "0"], "--data.num_shots must be >= 1"),
+    (["--data.num_workers", "-1"], "--data.num_workers must be >= 0, got -1"),
+    (["--data.train_per_class", "0"], "--data.train_per_class must be >= 1, got 0"),
+    (["--federation.rounds", "0", "--federation.fraction", "2"],
+     "--federation.rounds must be >= 1, got 0; --federation.fraction must be in (0, 1], got 2.0"),
+])
+def test_numeric_arguments_are_range_checked_before_anything_runs(cli, monkeypatch, flags, expected):
+    monkeypatch.setattr(fedprompt.fit, "setup", lambda *a, **k: pytest.fail("the command ran"))
+    code, _, err = cli("fit", "--config", SMOKE, *flags)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_range_checks_accept_the_edges(cli, monkeypatch):
+    ran = []
+    monkeypatch.setattr(fedprompt.fit, "setup", lambda mode, cfg: ran.append(cfg))
+    code, _, err = cli("fit", "--config", SMOKE, "--federation.rounds", "1", "--federation.fraction", "1",
+                       "--log.checkpoint_every", "0", "--fabric.devices", "-1")
+    assert code == 0, err
+    assert ran[0]["federation"].rounds == 1 and ran[0]["fabric"].devices == -1
+
+
+def test_bench_reports_progress(cli):
+    code, out, err = cli("bench", "--model", "fedprompt-tiny", "--num_classes", "3", "--n_ctx", "2", "--repeats", "2")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "building fedprompt-tiny (random init) ..."
+    for label in ("truncated", "77 tokens"):
+        assert f"  {label}: warm-up ..." in lines and any(f"  {label}: repetition 2/2:" in x for x in lines)
+    assert "comparing the features" in out and lines[-1].startswith("speed-up")
