@@ -166,21 +166,33 @@ def bench_rounds(cfg: dict, show=print) -> list[dict]:
     return rows
 
 
-def _time(fn, repeats: int) -> float:
+def _progress(text: str) -> None:
+    print(text, flush=True)
+
+
+def _time(fn, repeats: int, label: str) -> float:
+    _progress(f"  {label}: warm-up ...")
     fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    total = 0.0
+    for i in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        total += time.perf_counter() - start
+        _progress(f"  {label}: repetition {i + 1}/{repeats}: {(time.perf_counter() - start) * 1000:.1f} ms")
+    return total / repeats
 
 
 def bench_truncation(model: str = "ViT-B-32", num_classes: int = 50, n_ctx: int = 16, repeats: int = 3) -> dict:
     """Time one forward+backward of the prompt text path with and without end-of-text truncation
-    (random-init backbone, CPU); prints both figures and the largest feature difference."""
+    (random-init backbone, CPU); prints both figures and the largest feature difference. Each step says what it
+    is doing as it starts, so a bench that takes minutes on a CPU is never silent."""
     from fedprompt.backbone import Backbone, load_open_clip
 
-    print(f"bench: building a random-init {model} ...", flush=True)
+    _progress(f"building {model} (random init) ...")
+    tic = time.perf_counter()
     loaded = load_open_clip(model, None)
+    _progress(f"built in {time.perf_counter() - tic:.1f} s; timing the text path ({num_classes} classes, "
+              f"{n_ctx} context tokens, {repeats} repetitions after a warm-up)")
     fast, full = Backbone(loaded, truncate=True), Backbone(loaded, truncate=False)
     names = [f"class number {i}" for i in range(num_classes)]
     ctx = (torch.randn(n_ctx, fast.ctx_dim) * 0.02).requires_grad_()
@@ -192,9 +204,10 @@ def bench_truncation(model: str = "ViT-B-32", num_classes: int = 50, n_ctx: int 
             ctx.grad = None
             bb.encode_prompts(tokens, ctx).sum().backward()
 
-        results[label] = _time(step, repeats)
+        results[label] = _time(step, repeats, label)
         print(f"text forward+backward, {label:>9}: {results[label] * 1000:8.1f} ms "
-              f"({tokens.embeddings.shape[1]} positions, {num_classes} classes, {model})", flush=True)
+              f"({tokens.embeddings.shape[1]} positions, {num_classes} classes, {model})")
+    _progress("comparing the features of both paths ...")
     with torch.no_grad():
         diff = (fast.encode_prompts(fast.prompt_tokens(names, n_ctx), ctx)
                 - full.encode_prompts(full.prompt_tokens(names, n_ctx), ctx)).abs().max()

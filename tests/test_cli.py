@@ -75,7 +75,8 @@ def test_range_checks_accept_the_edges(cli, monkeypatch):
 
 
 def test_bench_reports_progress(cli):
-    code, out, err = cli("bench", "--model", "fedprompt-tiny", "--num_classes", "3", "--n_ctx", "2", "--repeats", "2")
+    code, out, err = cli("bench", "--truncation", "true", "--model", "fedprompt-tiny", "--num_classes", "3", "--n_ctx",
+                         "2", "--repeats", "2")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "building fedprompt-tiny (random init) ..."

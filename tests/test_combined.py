@@ -95,7 +95,7 @@ class _toy_reader(FederatedData):
     """A reader returning fixed splits (no files)."""
 
     def __init__(self, splits: DatasetSplits, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(check_images=False, **kwargs)  # fake paths: nothing opens them
         self.splits = splits
 
     def read(self) -> DatasetSplits:
@@ -103,13 +103,25 @@ class _toy_reader(FederatedData):
 
 
 # ---------------------------------------------------------------------------------------- Combined, fake trees
+def _tiny_jpeg() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (120, 30, 200)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+TINY_JPEG = _tiny_jpeg()
+
+
 def touch(path: Path) -> None:
+    """A small valid image file (the readers check that every image opens)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
+    path.write_bytes(TINY_JPEG)
 
 
 def make_coop(root: Path, reader, num_classes: int, per_class: dict[str, int]) -> None:
-    """A fake CoOp tree for ``reader`` with ``num_classes`` classes (empty image files: nothing here opens them)."""
+    """A fake CoOp tree for ``reader`` with ``num_classes`` classes (tiny valid JPEG files)."""
     if reader is FGVCAircraft:
         root.mkdir(parents=True, exist_ok=True)
         (root / "variants.txt").write_text("".join(f"variant {c}\n" for c in range(num_classes)))
