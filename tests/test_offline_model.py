@@ -64,16 +64,16 @@ class ShotsAndRest(FederatedData):
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
-_STORE: dict = {}  # (image path, transform kind) -> encoded outputs, shared by the runs of this module
+_STORE: dict = {}  # (transform kind, transform) -> encoded outputs, shared by the runs of this module
 
 
 class SharedFeatureCache(FeatureCache):
-    """A FeatureCache whose store outlives one run (same backbone and transforms in every run of this module; pooled
+    """A FeatureCache whose tables outlive one run (same backbone and transforms in every run of this module; pooled
     features only, which is what ZeroShot, LocalCoOp and PromptFL read)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._store = _STORE
+        self._tables = _STORE
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -187,9 +187,9 @@ def test_feature_cache_gives_the_logits_of_the_image_tower(effl0):
     torch.testing.assert_close(pooled, direct[:2], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(tokens.mean(1), pooled, atol=1e-4, rtol=1e-4)
     # served again without encoding
-    stored = dict(cache._store)
+    encoded = cache.encoded
     again = cache.dataset(samples[::-1], test_tf, "test")
-    assert cache._store == stored
+    assert cache.encoded == encoded == len(samples)
     assert torch.equal(again.tensors["features"], cached.tensors["features"].flip(0))
 
 

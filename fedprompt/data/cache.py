@@ -1,18 +1,60 @@
-"""In-memory cache of frozen image-tower outputs.
+"""Cache of frozen image-tower outputs, in memory and (optionally) on disk between runs.
 
 The image tower is frozen, so for methods without visual prompts its outputs (pooled features; projected patch
 tokens for FedOTP) are a function of the transformed image alone. With deterministic transforms (the test transform,
-or ``train.augment: false``) each image is encoded once per run instead of once per step and per evaluation; the
-cached run gives the same metrics as the uncached one (the uncached path stays the reference, the cache is a
-switch: ``train.feature_cache``).
+or ``train.augment: false``) each image is encoded once instead of once per step and per evaluation; the cached run
+gives the same metrics as the uncached one (the uncached path stays the reference, the cache is a switch:
+``train.feature_cache``).
+
+Outputs are kept per transform kind as stacked chunks (one per encoding call or loaded shard) with an index map, so
+serving a client's samples is one ``index_select`` per output when they were encoded together
+(:meth:`FeatureCache.prepare` all samples of a kind first to get a single chunk).
+
+With a ``directory``, every encoded chunk is also written there as a shard
+``<directory>/features/<cache key>/<sample-set digest>.pt`` (``torch.save``; written to a temporary file and
+renamed) and a new cache object (or a new process) with the same key reads the shards (``torch.load(...,
+weights_only=True, mmap=True)``) instead of encoding. The cache key covers the backbone's weights
+(:func:`weights_fingerprint`: SHA-256 of every parameter and buffer, computed once per backbone object and process),
+its name, the outputs cached, Fabric's precision and device type, the transform
+(:func:`fedprompt.data.store.transform_key`) and the loader's identity (:func:`fedprompt.data.store.loader_key`); a
+shard maps sample identities (path, size and mtime of a file) to rows. A transform or loader without a stable identity
+is cached in memory only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import weakref
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fedprompt.data.augment import normalize
 from fedprompt.data.base import ImageDataset, Sample
+from fedprompt.data.store import (FORMAT_VERSION, ImageStore, StoreKind, _atomic_path, digest, loader_key,
+                                  sample_identity, transform_key)
+from fedprompt.errors import FedPromptError
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a module's parameters and buffers (cached per object).
+
+    The cache assumes the weights do not change in place afterwards (true of the frozen backbone).
+    """
+    if module in _FINGERPRINTS:
+        return _FINGERPRINTS[module]
+    hasher = hashlib.sha256()
+    tensors = sorted([*module.named_parameters(), *module.named_buffers()], key=lambda item: item[0])
+    for name, tensor in tensors:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        hasher.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        hasher.update(flat.view(torch.uint8).numpy())
+    _FINGERPRINTS[module] = hasher.hexdigest()
+    return _FINGERPRINTS[module]
 
 
 class CachedFeatures(Dataset):
@@ -31,6 +73,58 @@ class CachedFeatures(Dataset):
         return item
 
 
+class _Table:
+    """Stacked outputs of one (kind, transform): chunks of tensors and identity -> (chunk, row)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.chunks: list[dict[str, torch.Tensor]] = []
+        self.where: dict[str, tuple[int, int]] = {}
+        if folder is not None and folder.is_dir():
+            for shard in sorted(folder.glob("*.pt")):
+                self._load(shard)
+
+    def _load(self, shard: Path) -> None:
+        try:
+            content = torch.load(shard, weights_only=True, mmap=True)
+            identities, tensors = content["identities"], content["tensors"]
+        except Exception:  # a damaged or foreign shard is ignored (and rewritten when its samples are encoded)
+            return
+        self.add(identities, tensors)
+
+    def add(self, identities: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        chunk = len(self.chunks)
+        self.chunks.append(tensors)
+        for row, identity in enumerate(identities):
+            self.where[identity] = (chunk, row)
+
+    def save(self, identities: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{digest(identities)[:32]}.pt"
+        tmp = _atomic_path(path)
+        torch.save({"format": FORMAT_VERSION, "identities": identities, "tensors": tensors}, tmp)
+        os.replace(tmp, path)
+
+    def gather(self, identities: list[str], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The rows of ``identities``: one ``index_select`` per output when they live in one chunk."""
+        chunk_ids = torch.tensor([self.where[i][0] for i in identities], dtype=torch.int64)
+        rows = torch.tensor([self.where[i][1] for i in identities], dtype=torch.int64)
+        first = int(chunk_ids[0]) if len(identities) else 0
+        if len(identities) == 0 or bool((chunk_ids == first).all()):
+            chunk = self.chunks[first] if self.chunks else None
+            return {k: chunk[k].index_select(0, rows) for k in names} if chunk else {}
+        out = {}
+        for k in names:
+            sample = self.chunks[first][k]
+            out[k] = torch.empty((len(identities), *sample.shape[1:]), dtype=sample.dtype)
+            for c in torch.unique(chunk_ids).tolist():
+                mask = chunk_ids == c
+                out[k][mask] = self.chunks[c][k].index_select(0, rows[mask])
+        return out
+
+
 class FeatureCache:
     """Encodes each (image, transform kind) once and serves the outputs the method needs.
 
@@ -40,38 +134,118 @@ class FeatureCache:
         inputs: which outputs to cache: ``("features",)`` pooled, ``("tokens",)`` patch tokens, or both.
         batch_size: encoding batch size.
         loader: sample -> PIL image.
-        num_workers: DataLoader workers for encoding.
+        num_workers: DataLoader workers for encoding (when images are decoded here, not taken from ``images``).
+        directory: cache folder to persist outputs between runs (e.g. ``default_cache_dir()``); ``None``: memory
+            only.
+        images: an :class:`~fedprompt.data.store.ImageStore` of the ``test`` kind: samples it holds are encoded
+            from its uint8 images (normalised on the device) instead of being decoded again, when the transform
+            asked for is the store's (same PIL steps).
+
+    ``encoded`` counts the images this object has run through the image tower.
     """
 
-    def __init__(self, backbone, fabric, inputs: tuple[str, ...], batch_size: int, loader, num_workers: int = 0):
+    def __init__(self, backbone, fabric, inputs: tuple[str, ...], batch_size: int, loader, num_workers: int = 0,
+                 directory: str | Path | None = None, images: ImageStore | None = None):
         self.backbone = backbone
         self.fabric = fabric
         self.inputs = tuple(inputs)
         self.batch_size = batch_size
         self.loader = loader
         self.num_workers = num_workers
-        self._store: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self.directory = Path(directory).expanduser() if directory is not None else None
+        self.images = images
+        self.encoded = 0
+        self._tables: dict[tuple[str, str], _Table] = {}
+        self._identities: dict[str, str] = {}
+
+    # ------------------------------------------------------------------------------------------------ keys
+    def _identity(self, sample: Sample) -> str:
+        identity = self._identities.get(sample.path)
+        if identity is None:
+            identity = self._identities[sample.path] = sample_identity(sample)
+        return identity
+
+    def cache_key(self, transform) -> str | None:
+        """The digest outputs under ``transform`` are persisted under (``None``: not persistable)."""
+        tkey, lkey = transform_key(transform), loader_key(self.loader)
+        if tkey is None or lkey is None:
+            return None
+        precision = getattr(self.fabric.strategy.precision, "precision", type(self.fabric.strategy.precision).__name__)
+        return digest({"format": FORMAT_VERSION, "weights": weights_fingerprint(self.backbone),
+                       "model": getattr(self.backbone, "name", type(self.backbone).__name__),
+                       "inputs": sorted(self.inputs), "precision": str(precision),
+                       "device": self.fabric.device.type, "transform": tkey, "loader": lkey})
+
+    def _table(self, transform, kind: str) -> _Table:
+        tkey = transform_key(transform) or f"object {id(transform)}"
+        table = self._tables.get((kind, tkey))
+        if table is None:
+            folder = None
+            if self.directory is not None:
+                key = self.cache_key(transform)
+                folder = self.directory / "features" / key[:32] if key is not None else None
+            table = self._tables[(kind, tkey)] = _Table(folder)
+        return table
+
+    # ---------------------------------------------------------------------------------------------- encode
+    def _store_for(self, transform, samples: list[Sample]):
+        """``(mean, std)`` when ``samples`` can be encoded from the image store under ``transform``, else ``None``."""
+        if self.images is None or self.images.kind.name != "test":
+            return None
+        try:
+            kind = StoreKind.test(transform)
+        except FedPromptError:
+            return None
+        if kind.key != self.images.kind.key or not self.images.holds(samples):
+            return None
+        return kind.mean, kind.std
+
+    def _batches(self, samples: list[Sample], transform):
+        """Normalised image batches of ``samples``, from the image store or decoded with ``transform``."""
+        from_store = self._store_for(transform, samples)
+        if from_store is not None:
+            rows = self.images.rows(samples)
+            for start in range(0, len(samples), self.batch_size):
+                images, _ = self.images.get(rows[start: start + self.batch_size])
+                yield normalize(self.fabric.to_device(images), *from_store)
+            return
+        dataset = ImageDataset(samples, transform, self.loader)
+        for batch in DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers):
+            yield self.fabric.to_device(batch["image"])
 
     @torch.no_grad()
-    def _encode(self, samples: list[Sample], transform, kind: str) -> None:
-        dataset = ImageDataset(samples, transform, self.loader)
-        offset = 0
-        for batch in DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers):
-            images = self.fabric.to_device(batch["image"])
+    def _encode(self, samples: list[Sample], transform) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.inputs}
+        for images in self._batches(samples, transform):
             with self.fabric.autocast():
                 if "tokens" in self.inputs:
                     pooled, tokens = self.backbone.encode_image_tokens(images)
                     out = {"features": pooled, "tokens": tokens}
                 else:
                     out = {"features": self.backbone.encode_image(images)}
-            for i in range(images.shape[0]):
-                self._store[(samples[offset + i].path, kind)] = {k: out[k][i].cpu() for k in self.inputs}
-            offset += images.shape[0]
+            for k in self.inputs:
+                parts[k].append(out[k].cpu())
+            self.encoded += images.shape[0]
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def prepare(self, samples: list[Sample], transform, kind: str) -> None:
+        """Encode the samples not cached yet under ``kind`` (in one chunk, persisted when a directory is set)."""
+        table = self._table(transform, kind)
+        missing = {}
+        for s in samples:
+            identity = self._identity(s)
+            if identity not in table.where:
+                missing.setdefault(identity, s)
+        if not missing:
+            return
+        tensors = self._encode(list(missing.values()), transform)
+        identities = list(missing)
+        table.add(identities, tensors)
+        table.save(identities, tensors)
 
     def dataset(self, samples: list[Sample], transform, kind: str) -> CachedFeatures:
         """A dataset of cached outputs for ``samples`` under the transform named ``kind`` (encoded on first use)."""
-        missing = list({s.path: s for s in samples if (s.path, kind) not in self._store}.values())
-        if missing:
-            self._encode(missing, transform, kind)
-        tensors = {k: torch.stack([self._store[(s.path, kind)][k] for s in samples]) for k in self.inputs}
+        self.prepare(samples, transform, kind)
+        table = self._table(transform, kind)
+        tensors = table.gather([self._identity(s) for s in samples], self.inputs)
         return CachedFeatures(tensors, [s.label for s in samples])

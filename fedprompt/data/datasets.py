@@ -7,6 +7,7 @@ A config selects one with ``class_path`` (``fedprompt.data.DomainFolders``, ``fe
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections import defaultdict
@@ -400,7 +401,15 @@ class CIFAR(FederatedData):
             _, split, index = sample.path.split(":")
             return sets[split][int(index)][0].convert("RGB")
 
+        loader.cache_key = _folder_key(f"torchvision.{cls.__name__}", Path(root) / cls.base_folder)
         return DatasetSplits(classnames, samples["train"], samples["test"], name=self.name, loader=loader)
+
+
+def _folder_key(name: str, folder: Path) -> str:
+    """Identity of a loader reading the files of ``folder`` (names, sizes, mtimes): keys the decoded-image store."""
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()) \
+        if folder.is_dir() else []
+    return json.dumps([name, str(folder.resolve()), files])
 
 
 SYNTHETIC_NAMES = ["red square", "green circle", "blue triangle", "yellow cross", "purple ring", "orange bar",
