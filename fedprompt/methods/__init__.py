@@ -9,3 +9,7 @@ __all__ = ["CoOpClient", "FedPer", "FedProx", "LocalCoOp", "Method", "OptimizerA
 from fedprompt.methods.fedotp import FedOTP, FedOTPClient  # noqa: E402
 
 __all__ += ["FedOTP", "FedOTPClient"]
+from fedprompt.methods.fedpgp import FedPGP, FedPGPClient  # noqa: E402
+from fedprompt.methods.promptfolio import PromptFolio, PromptFolioClient  # noqa: E402
+
+__all__ += ["FedPGP", "FedPGPClient", "PromptFolio", "PromptFolioClient"]
