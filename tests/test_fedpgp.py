@@ -249,3 +249,11 @@ def test_base_to_novel_scores_novel_classes_with_each_clients_sigma_plus_uv(cli,
         with torch.no_grad():
             accuracy = float((client.predict_logits({"image": images}).argmax(1) == labels).float().mean())
         assert accuracy == pytest.approx(reported, abs=1e-6), cid
+
+
+def test_low_rank_term_stays_fp32_under_bf16_autocast(backbone):
+    client = make_client(backbone)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        uv = client.personal()
+    assert uv.dtype == torch.float32
+    torch.testing.assert_close(uv, torch.bmm(client.personal.U, client.personal.V), rtol=0, atol=0)

@@ -32,7 +32,9 @@ class LowRankContext(nn.Module):
         return self.U.shape[-1]
 
     def forward(self, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """``U @ V`` ``[A, n_ctx, dim]`` of the clients in ``slots`` (default every slot); a batched matmul, so each
-        client's product involves only its own factors."""
+        """``U @ V`` ``[A, n_ctx, dim]`` of the clients in ``slots`` (default every slot), in fp32 whatever the
+        surrounding autocast (the product is tiny); a batched matmul, so each client's product involves only its own
+        factors."""
         u, v = (self.U, self.V) if slots is None else (self.U[slots], self.V[slots])
-        return torch.bmm(u, v)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            return torch.bmm(u.float(), v.float())
