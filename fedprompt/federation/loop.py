@@ -74,6 +74,8 @@ class Federation:
     novel_classnames: list[str] | None = None
     timer: SectionTimer | None = None
     modules: dict[tuple, PromptClient] = field(default_factory=dict)
+    round_epochs: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+    """Local epochs trained in each round (all its sampled clients), for :meth:`epochs_before`."""
 
     def __post_init__(self):
         self.group_size, self.adaptive = resolve_parallel_clients(self.federation.parallel_clients,
@@ -117,17 +119,15 @@ class Federation:
         trained one after another (rounds in order, a round's clients by increasing id), as the official code's
         single trainer does (the position of its one learning-rate scheduler). A function of the run seed and the
         client sizes only, so it holds on any number of processes and after a resume."""
-        cache = self.__dict__.setdefault("_round_epochs", {})
-
         def epochs(c: int) -> int:
             return local_epoch_count(len(self.clients[c].train), self.train.batch_size, self.train.local_epochs,
                                      self.train.local_steps)
 
         total = 0
         for r in range(1, round_idx):
-            if r not in cache:
-                cache[r] = sum(epochs(c) for c in self.sampled(r))
-            total += cache[r]
+            if r not in self.round_epochs:
+                self.round_epochs[r] = sum(epochs(c) for c in self.sampled(r))
+            total += self.round_epochs[r]
         return total + sum(epochs(c) for c in self.sampled(round_idx) if c < cid)
 
     def train_clients(self, cids: list[int], round_idx: int, bar=None) -> dict[int, GroupResult]:

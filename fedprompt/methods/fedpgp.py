@@ -9,7 +9,8 @@ logits = logit_scale * cos(image, text(sigma + U V)). Only ``sigma`` is sent to 
 Loss per client: CE + mu * L_con, where for each class c the anchor is the sigma-only text feature f_sigma, the
 positive the frozen hand-crafted prompt's feature f_clip and the negative the personalised feature f_{sigma+UV}:
 
-    L_con = mean_c -log( e^{cos(f_clip, f_sigma)/tau} / (e^{cos(f_clip, f_sigma)/tau} + e^{cos(f_sigma, f_{sigma+UV})/tau}) )
+    p_c = cos(f_clip[c], f_sigma[c]) / tau,   n_c = cos(f_sigma[c], f_{sigma+UV}[c]) / tau
+    L_con = mean_c -log( e^{p_c} / (e^{p_c} + e^{n_c}) )
 
 In a training step the two learnable prompts (sigma + UV and sigma) go through the text encoder in one call
 (``[A, 2, C, E]``); f_clip is a constant, encoded once per client module (fp32, no autocast) and cached.
