@@ -26,6 +26,10 @@ METHODS = {
     "FedOTP": ["--method.n_ctx", "4", "--method.lr", "0.5"],
     "FedMGP": ["--method.n_ctx", "2", "--method.lr", "0.01"],
     "FedTPG": ["--method.lr", "0.01"],
+    "FedPGP": ["--method.n_ctx", "4", "--method.bottleneck", "2", "--method.lr", "0.5"],
+    # the official one-scheduler-per-run cosine: each client's rates depend on its place in the whole run
+    "PromptFolio": ["--method.n_ctx", "4", "--method.lr", "0.1", "--method.lr_scope", "official",
+                    "--method.cosine_epochs", "3"],
 }
 
 

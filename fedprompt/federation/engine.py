@@ -196,7 +196,8 @@ class LockstepTrainer:
                 active[batch.members] = True
                 rates = torch.zeros(client.slots, dtype=torch.float64)
                 for j in batch.members:
-                    rates[j] = client.optim.lr_at(lr_steps[j], plans[j].steps)
+                    rates[j] = client.optim.lr_at(lr_steps[j], plans[j].steps, plans[j].epoch_steps,
+                                                  plans[j].epochs_before)
                     lr_steps[j] += 1
                 stacked.set_slots(active, rates)
                 optimizer.step()

@@ -17,6 +17,7 @@ that step, in plan order), from one of two sources:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -31,15 +32,30 @@ _MASK63 = (1 << 63) - 1
 
 @dataclass
 class LocalPlan:
-    """One client's local round: the train-sample indices of each step and an augmentation seed per step."""
+    """One client's local round: the train-sample indices of each step and an augmentation seed per step.
+
+    ``epoch_steps`` is the number of steps of one pass over the client's train data (the learning-rate schedule
+    counts epochs); ``epochs_before`` is set by the round loop for the official one-scheduler-per-run schedule
+    (:class:`fedprompt.methods.OptimizerArgs`): the local epochs of every client trained before this local round.
+    """
 
     cid: int
     batches: list[list[int]]
     seeds: list[int] = field(default_factory=list)
+    epoch_steps: int = 0
+    epochs_before: int = 0
 
     @property
     def steps(self) -> int:
         return len(self.batches)
+
+
+def local_epoch_count(num_samples: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    """The passes (started) over a client's train data in one local round of :func:`local_plan`."""
+    if max_steps is None:
+        return epochs
+    per_epoch = max(1, math.ceil(num_samples / batch_size))
+    return math.ceil(max_steps / per_epoch)
 
 
 def local_plan(cid: int, num_samples: int, batch_size: int, epochs: int, max_steps: int | None,
@@ -58,7 +74,7 @@ def local_plan(cid: int, num_samples: int, batch_size: int, epochs: int, max_ste
             batches.append(order[start:start + batch_size])
         epoch += 1
     seeds = torch.randint(0, _MASK63, (len(batches),), generator=generator).tolist()
-    return LocalPlan(cid, batches, seeds)
+    return LocalPlan(cid, batches, seeds, epoch_steps=math.ceil(num_samples / batch_size))
 
 
 def sample_seed(step_seed: int, position: int) -> int:

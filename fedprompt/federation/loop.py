@@ -24,7 +24,7 @@ from fedprompt.data.base import ClientSplit
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, state_bytes
 from fedprompt.federation.engine import GroupResult, LockstepTrainer, NoTimer, SectionTimer, run_groups
-from fedprompt.federation.feed import Feed, LocalPlan, local_plan
+from fedprompt.federation.feed import Feed, LocalPlan, local_epoch_count, local_plan
 from fedprompt.federation.sampling import derive_seed, place, sample_clients
 from fedprompt.methods.base import Method, PromptClient
 from fedprompt.metrics import accuracy_metric, harmonic_mean, summarize
@@ -74,6 +74,8 @@ class Federation:
     eval_sets: list = field(default_factory=list)
     timer: SectionTimer | None = None
     modules: dict[tuple, PromptClient] = field(default_factory=dict)
+    round_epochs: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+    """Local epochs trained in each round (all its sampled clients), for :meth:`epochs_before`."""
 
     def __post_init__(self):
         self.group_size, self.adaptive = resolve_parallel_clients(self.federation.parallel_clients,
@@ -106,8 +108,32 @@ class Federation:
     # ------------------------------------------------------------------------------------------------ round
     def plan(self, cid: int, round_idx: int) -> LocalPlan:
         """Client ``cid``'s local batches in ``round_idx`` (a function of the run seed, the round and the client)."""
-        return local_plan(cid, len(self.clients[cid].train), self.train.batch_size, self.train.local_epochs,
+        plan = local_plan(cid, len(self.clients[cid].train), self.train.batch_size, self.train.local_epochs,
                           self.train.local_steps, derive_seed(self.seed, round_idx, cid))
+        if self.method.optim.counts_run_epochs:
+            plan.epochs_before = self.epochs_before(cid, round_idx)
+        return plan
+
+    def sampled(self, round_idx: int) -> list[int]:
+        """The ids of the clients that train in ``round_idx`` (the same on every rank)."""
+        return sample_clients(len(self.clients), self.federation.fraction, self.seed, round_idx,
+                              everyone=round_idx == 1 and self.federation.all_clients_first_round)
+
+    def epochs_before(self, cid: int, round_idx: int) -> int:
+        """Local epochs trained before client ``cid``'s local round in ``round_idx`` if the sampled clients were
+        trained one after another (rounds in order, a round's clients by increasing id), as the official code's
+        single trainer does (the position of its one learning-rate scheduler). A function of the run seed and the
+        client sizes only, so it holds on any number of processes and after a resume."""
+        def epochs(c: int) -> int:
+            return local_epoch_count(len(self.clients[c].train), self.train.batch_size, self.train.local_epochs,
+                                     self.train.local_steps)
+
+        total = 0
+        for r in range(1, round_idx):
+            if r not in self.round_epochs:
+                self.round_epochs[r] = sum(epochs(c) for c in self.sampled(r))
+            total += self.round_epochs[r]
+        return total + sum(epochs(c) for c in self.sampled(round_idx) if c < cid)
 
     def train_clients(self, cids: list[int], round_idx: int, bar=None) -> dict[int, GroupResult]:
         """Train this rank's clients of the round, ``group_size`` at a time."""
@@ -122,8 +148,7 @@ class Federation:
         """One communication round; returns the metrics row (without evaluation)."""
         start = time.perf_counter()
         fabric = self.fabric
-        sampled = sample_clients(len(self.clients), self.federation.fraction, self.seed, round_idx,
-                                 everyone=round_idx == 1 and self.federation.all_clients_first_round)
+        sampled = self.sampled(round_idx)
         bytes_down = sum(state_bytes(self.aggregator.download(self.global_state, cid)) for cid in sampled) \
             if self.global_state else 0
         mine = place(sampled, fabric.global_rank, fabric.world_size)

@@ -1,10 +1,11 @@
-"""Learnable prompt tensors (nothing else): CoOp context vectors, visual prompt tokens, FedTPG's generator, and a
-network stacked per client slot."""
+"""Learnable prompt tensors (nothing else): CoOp context vectors, FedPGP's low-rank term, visual prompt tokens,
+FedTPG's generator, and a network stacked per client slot."""
 
 from fedprompt.prompts.context import ContextVectors, init_context
 from fedprompt.prompts.generator import GEGLU, PromptGenerator
+from fedprompt.prompts.lowrank import LowRankContext
 from fedprompt.prompts.stacked import SlotStacked
 from fedprompt.prompts.visual import VisualPrompts, init_visual_tokens
 
-__all__ = ["ContextVectors", "GEGLU", "PromptGenerator", "SlotStacked", "VisualPrompts", "init_context",
-           "init_visual_tokens"]
+__all__ = ["ContextVectors", "GEGLU", "LowRankContext", "PromptGenerator", "SlotStacked", "VisualPrompts",
+           "init_context", "init_visual_tokens"]
