@@ -238,6 +238,11 @@ class PromptClient(L.LightningModule):
             raise ValueError(f"{type(self).__name__} has class-specific tensors: build one module per class list")
         self.classnames = list(classnames)
 
+    @property
+    def tokens(self):
+        """The prompt token data of the current class list (methods whose :meth:`class_data` has ``"tokens"``)."""
+        return self.frozen("tokens")
+
     def frozen(self, name: str, device: torch.device | None = None):
         """The frozen per-class-list value ``name`` of :meth:`class_data` for the current class list, on ``device``
         (moved once and kept)."""

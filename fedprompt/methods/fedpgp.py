@@ -69,13 +69,20 @@ class FedPGPClient(PromptClient):
                  optim: OptimizerArgs | None = None, ctx_init: str | None = None, slots: int = 1):
         super().__init__(backbone, classnames, optim, slots)
         words = backbone.word_embeddings(ctx_init).cpu() if ctx_init else None
-        self.tokens = backbone.prompt_tokens(self.classnames, n_ctx)
+        self.n_ctx = n_ctx
         # drawn in the official order: U, V, then sigma
         self.personal = LowRankContext(n_ctx, backbone.ctx_dim, bottleneck, slots=slots)
         self.sigma = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
         self.mu, self.tau = mu, tau
         self.hand_prompt = hand_prompt
-        self._hand: torch.Tensor | None = None
+
+    def class_data(self, classnames: list[str]) -> dict:
+        """The prompt tokens and the hand-crafted prompt's L2-normalised fp32 text features [C, E] (the contrastive
+        positive), encoded once per class list."""
+        sentences = [self.hand_prompt.format(name.replace("_", " ")) for name in classnames]
+        with torch.no_grad(), torch.autocast(device_type=self.backbone.device.type, enabled=False):
+            hand = F.normalize(self.backbone.encode_text(sentences).float(), dim=-1)
+        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx), "hand": hand}
 
     def contexts(self, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma + U V, sigma), each [A, n_ctx, D], of the clients in ``slots`` (default all)."""
@@ -87,16 +94,12 @@ class FedPGPClient(PromptClient):
         index 1 the sigma-only prompt (P = 2, one encoder call); in evaluation only the personalised one (P = 1)."""
         personal, sigma = self.contexts(slots)
         ctx = torch.stack([personal, sigma], dim=1) if self.training else personal.unsqueeze(1)
-        feats = self.backbone.encode_prompts(self.frozen_on("tokens", ctx.device), ctx)
+        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx)
         return F.normalize(feats.float(), dim=-1)
 
     def hand_features(self, device: torch.device) -> torch.Tensor:
         """[C, E] L2-normalised fp32 text features of ``hand_prompt`` for every class, encoded once and cached."""
-        if self._hand is None or self._hand.device != device:
-            sentences = [self.hand_prompt.format(name.replace("_", " ")) for name in self.classnames]
-            with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=False):
-                self._hand = F.normalize(self.backbone.encode_text(sentences).float(), dim=-1).to(device)
-        return self._hand
+        return self.frozen("hand", device)
 
     def logits(self, text: torch.Tensor, image: torch.Tensor, batch: dict) -> torch.Tensor:
         """``logit_scale * cos(image, text(sigma + U V))`` with each sample's own client's prompt."""

@@ -45,17 +45,20 @@ class PromptFolioClient(PromptClient):
                  optim: OptimizerArgs | None = None, ctx_init: str | None = None, slots: int = 1):
         super().__init__(backbone, classnames, optim, slots)
         words = backbone.word_embeddings(ctx_init).cpu() if ctx_init else None
-        self.tokens = backbone.prompt_tokens(self.classnames, n_ctx)
+        self.n_ctx = n_ctx
         self.global_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
         self.local_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
         self.theta = theta
+
+    def class_data(self, classnames: list[str]) -> dict:
+        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx)}
 
     def prompt_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised features ``[A, 2, C, E]`` of the global (index 0) and local (index 1) prompts of the clients
         in ``slots`` (default all), from one encoder call."""
         ctx = torch.stack([self.global_prompt.ctx, self.local_prompt.ctx], dim=1)
         ctx = ctx if slots is None else ctx[slots]
-        feats = self.backbone.encode_prompts(self.frozen_on("tokens", ctx.device), ctx)
+        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx)
         return F.normalize(feats.float(), dim=-1)
 
     def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
