@@ -78,6 +78,8 @@ class FederationArgs:
 
     def __post_init__(self):
         check_ranges("federation", self, rounds=(1, None), fraction=(0, 1, "open"))
+        if self.parallel_clients != "auto":
+            check_ranges("federation", self, parallel_clients=(1, None))
 
 
 @dataclass
@@ -95,6 +97,15 @@ class TrainArgs:
     feature_cache: bool = False
     """Encode each train image once with the frozen image tower and reuse the outputs (exact: same metrics as the
     uncached run); needs augment: false. Evaluation caches test images by default (eval.feature_cache)."""
+    device_augment: bool = False
+    """Decode every train image once into a uint8 store and run the augmentation (random resized crop, flip,
+    normalisation) batched on the device instead of on CPU workers. Same crop distribution and, for a given crop
+    box, Pillow's pixels; but another random stream, and crops come from images shrunk to a shorter side of
+    8/7 x the model size (256 px for 224), so metrics differ from the default CPU path by seed noise."""
+    cache_dir: Optional[str] = "auto"
+    """Where decoded images and image-tower features persist between runs (keyed by the weights, the files and the
+    transform), so evaluate, a resumed run and the next run of a sweep skip decoding and encoding. auto:
+    $FEDPROMPT_CACHE, else ~/.cache/fedprompt; null: memory only."""
 
     def __post_init__(self):
         check_ranges("train", self, local_epochs=(1, None), local_steps=(1, None), batch_size=(1, None))

@@ -222,19 +222,7 @@ def build_federation(fabric, cfg: dict, splits=None, timer=None) -> tuple[Federa
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets
     eval_sets = [e for e in splits.eval_sets if e.split in ("base", "novel") or not e.seen]
     extra = {e.name: e.samples for e in eval_sets}
-    frozen = method.frozen_image_tower
-    cache_train = train_args.feature_cache and not train_args.augment
-    cache_eval = cfg["eval"].feature_cache or train_args.feature_cache
-    if train_args.feature_cache and not frozen:
-        raise FedPromptError(f"train.feature_cache: {method.name} trains prompts inside the image tower, so its "
-                             "outputs cannot be cached; set --train.feature_cache false.")
-    cache = None
-    if frozen and (cache_train or cache_eval):
-        cache = FeatureCache(backbone, fabric, method.image_inputs, cfg["eval"].batch_size, splits.loader,
-                             data.num_workers)
-    feed = Feed(splits.clients, extra, train_tf, test_tf, splits.loader, num_workers=data.num_workers,
-                pin_memory=fabric.device.type == "cuda", cache=cache, cache_train=cache_train,
-                cache_eval=cache_eval and frozen)
+    feed = _build_feed(fabric, cfg, splits, extra, backbone, train_tf, test_tf)
     aggregator = method.build_aggregator()
     if hasattr(aggregator, "seed"):  # aggregators with random choices (FedMGP's group selection) follow the run seed
         aggregator.seed = cfg["seed"]
@@ -246,6 +234,83 @@ def build_federation(fabric, cfg: dict, splits=None, timer=None) -> tuple[Federa
         _attach_set_evaluation(fed, method, eval_sets)
     fed.initial_states()
     return fed, splits.classnames
+
+
+def _cache_dir(train_args: TrainArgs) -> Path | None:
+    if train_args.cache_dir is None:
+        return None
+    if train_args.cache_dir == "auto":
+        from fedprompt.data.store import default_cache_dir
+
+        return default_cache_dir()
+    return Path(train_args.cache_dir).expanduser()
+
+
+def _store(fabric, samples, loader, kind, directory: Path | None, num_workers: int, progress: bool):
+    """An ImageStore of ``samples``, built by rank 0 first when it persists (the other ranks then load it), moved
+    to the GPU when it takes under a quarter of the free memory."""
+    from fedprompt.data.store import ImageStore
+
+    folder = directory / "images" if directory is not None else None
+    store = None
+    if folder is None or fabric.global_rank == 0:
+        store = ImageStore.build(samples, loader, kind, directory=folder, num_workers=num_workers, progress=progress)
+    if folder is not None and fabric.world_size > 1:
+        fabric.barrier()
+        if store is None:
+            store = ImageStore.build(samples, loader, kind, directory=folder, num_workers=num_workers,
+                                     progress=False)
+    if fabric.device.type == "cuda" and not store.mmapped:
+        free, _ = torch.cuda.mem_get_info(fabric.device)
+        if store.nbytes < free // 4:
+            store = store.to(fabric.device)
+    return store
+
+
+def _build_feed(fabric, cfg: dict, splits, extra: dict, backbone, train_tf, test_tf) -> Feed:
+    """The data side of the run: the feature cache where the image tower is frozen, decode-once image stores where
+    images go through the tower (exact test-transform store; train store for ``train.device_augment``)."""
+    from fedprompt.data.store import StoreKind, default_store_size
+
+    method: Method = cfg["method"]
+    train_args: TrainArgs = cfg["train"]
+    data: FederatedData = cfg["data"]
+    frozen = method.frozen_image_tower
+    if train_args.feature_cache and not frozen:
+        raise FedPromptError(f"train.feature_cache: {method.name} trains prompts inside the image tower, so its "
+                             "outputs cannot be cached; set --train.feature_cache false.")
+    if train_args.feature_cache and train_args.augment:
+        raise FedPromptError("train.feature_cache needs deterministic train images: set --train.augment false (or "
+                             "--train.feature_cache false to augment).")
+    if train_args.device_augment and not train_args.augment:
+        raise FedPromptError("train.device_augment augments on the device: it needs --train.augment true.")
+    directory = _cache_dir(train_args)
+    progress = cfg["log"].progress and fabric.global_rank == 0
+    cache_train = train_args.feature_cache
+    cache_eval = frozen and cfg["eval"].feature_cache
+    eval_samples = [s for c in splits.clients for s in c.test + c.val] + [s for v in extra.values() for s in v]
+    train_samples = [s for c in splits.clients for s in c.train]
+    test_needed = ([] if cache_eval else eval_samples) + ([] if cache_train or train_args.augment else train_samples)
+    test_store = None
+    if test_needed:
+        test_store = _store(fabric, test_needed, splits.loader, StoreKind.test(test_tf), directory,
+                            data.num_workers, progress)
+    train_store = augment = None
+    if train_args.device_augment:
+        from fedprompt.data.augment import DeviceAugment
+
+        augment = DeviceAugment.from_preprocess(backbone.preprocess_cfg)
+        train_store = _store(fabric, train_samples, splits.loader, StoreKind.train(default_store_size(augment.size)),
+                             directory, data.num_workers, progress)
+    cache = None
+    if cache_train or cache_eval:
+        cache = FeatureCache(backbone, fabric, method.image_inputs, cfg["eval"].batch_size, splits.loader,
+                             data.num_workers, directory=directory)
+        if cache_eval:
+            cache.prepare(eval_samples, test_tf, "test")  # one chunk, encoded once (or loaded from the cache dir)
+    return Feed(splits.clients, extra, train_tf, test_tf, splits.loader, num_workers=data.num_workers,
+                pin_memory=fabric.device.type == "cuda", cache=cache, cache_train=cache_train, cache_eval=cache_eval,
+                test_store=test_store, train_store=train_store, augment=augment)
 
 
 def _attach_set_evaluation(fed: Federation, method: Method, eval_sets: list) -> None:

@@ -12,6 +12,10 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network (and nothing probes it)
+if "FEDPROMPT_CACHE" not in os.environ:  # decoded images and features persist here, never in ~/.cache
+    import tempfile
+
+    os.environ["FEDPROMPT_CACHE"] = tempfile.mkdtemp(prefix="fedprompt-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FEDPROMPT_SHARED", ROOT.parent / "shared"))

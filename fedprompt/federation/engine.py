@@ -183,7 +183,7 @@ class LockstepTrainer:
             timer.add("data", time.perf_counter() - data_start)
             self.samples += sum(batch.counts)
             with timer.section("data"):
-                data = fabric.to_device(batch.data)
+                data = self.feed.finish(fabric.to_device(batch.data))
                 slots = torch.as_tensor(batch.members, dtype=torch.long, device=device)
                 owner = torch.repeat_interleave(torch.arange(len(batch.members), device=device),
                                                 torch.as_tensor(batch.counts, device=device))

@@ -6,13 +6,20 @@ on (run seed, round, client), so a client sees the same batches and the same ran
 its lock-step group, on any number of processes, and after a resume.
 
 A :class:`Feed` turns the plans of a group into one concatenated batch per step (the clients that still have data at
-that step, in plan order), from one of two sources:
+that step, in plan order), from one of these sources:
 
 - cached frozen image-tower outputs (:class:`fedprompt.data.cache.FeatureCache`): a gather per client;
+- decoded images (:class:`fedprompt.data.store.ImageStore`, every image decoded once per run): the test transform's
+  uint8 images, normalised on the device (exactly the CPU transform's tensor), or, with ``train.device_augment``,
+  train images cropped, resized, flipped and normalised in one batched call on the device
+  (:class:`fedprompt.data.augment.DeviceAugment`; each client's crops from a generator seeded by its own step seed);
 - image files through the CPU transforms, with one ``DataLoader`` per run whose worker processes persist across
   clients and rounds (``persistent_workers``, ``pin_memory`` on CUDA): the whole group's schedule is handed to it at
   once, so the workers decode ahead while the device trains. Each augmented sample is transformed under its own seed
   (derived from the step seed and its position), so results do not depend on the number of workers.
+
+Batches from a store carry uint8 ``pixels`` (and crop boxes); :meth:`Feed.finish` turns them into the normalised
+``image`` once they are on the device.
 """
 
 from __future__ import annotations
@@ -147,11 +154,15 @@ class Feed:
         cache: a :class:`fedprompt.data.cache.FeatureCache`, or ``None``.
         cache_train: serve train batches from the cache (needs deterministic train transforms).
         cache_eval: serve evaluation batches from the cache.
+        test_store: an ImageStore of the test kind: evaluation batches (and train batches when the train transform
+            is the test transform) come from it instead of the files.
+        train_store: an ImageStore of the train kind, with ``augment``: train batches augmented on the device.
+        augment: the :class:`fedprompt.data.augment.DeviceAugment` of ``train_store``.
     """
 
     def __init__(self, clients, extra: dict[str, list[Sample]], train_transform, test_transform, loader,
                  num_workers: int = 0, pin_memory: bool = False, cache=None, cache_train: bool = False,
-                 cache_eval: bool = False):
+                 cache_eval: bool = False, test_store=None, train_store=None, augment=None):
         lists: dict[str, list[Sample]] = {}
         for split in clients:
             lists[f"train:{split.client_id}"] = split.train
@@ -170,6 +181,11 @@ class Feed:
         self.cache_eval = cache is not None and cache_eval
         self._schedule = _Schedule()
         self._loader: DataLoader | None = None
+        self.test_store = test_store
+        self.train_store = train_store if augment is not None else None
+        self.augment = augment
+        self.train_from_test_store = test_store is not None and train_transform is test_transform
+        self._rows: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------ files
     def _files(self, batches: list[list]) -> Iterator[dict]:
@@ -192,6 +208,47 @@ class Feed:
         out["label"] = torch.as_tensor([cached.labels[i] for i in indices], dtype=torch.long)
         return out
 
+    # ------------------------------------------------------------------------------------------------ store
+    def _store_rows(self, store, name: str) -> torch.Tensor:
+        key = f"{store.kind.name}|{name}"
+        if key not in self._rows:
+            self._rows[key] = store.rows(self.lists[name])
+        return self._rows[key]
+
+    def _from_store(self, store, name: str, indices: list[int]) -> dict:
+        rows = self._store_rows(store, name)[torch.as_tensor(indices, dtype=torch.long)]
+        pixels, sizes = store.get(rows)
+        labels = torch.as_tensor([self.lists[name][i].label for i in indices], dtype=torch.long)
+        return {"pixels": pixels, "label": labels, "sizes": sizes}
+
+    def _crops(self, part: dict, seed: int) -> dict:
+        """Crop boxes and flips of one client's batch, from a generator seeded with its step seed."""
+        params = self.augment.sample(part.pop("sizes"), torch.Generator().manual_seed(seed))
+        part["crop"] = torch.stack([params.top, params.left, params.height, params.width,
+                                    params.flip.to(params.top.dtype)], dim=1)
+        return part
+
+    def finish(self, batch: dict) -> dict:
+        """A batch on the device, with decoded ``pixels`` turned into the normalised (and, for train batches from
+        the train store, augmented) ``image``; other batches pass unchanged."""
+        if "pixels" not in batch:
+            return batch
+        batch = dict(batch)
+        pixels = batch.pop("pixels")
+        crop = batch.pop("crop", None)
+        batch.pop("sizes", None)
+        if crop is not None:
+            from fedprompt.data.augment import CropParams
+
+            top, left, height, width, flip = crop.unbind(1)
+            batch["image"] = self.augment.apply(pixels, CropParams(top, left, height, width, flip.bool()))
+        else:
+            from fedprompt.data.augment import normalize
+
+            kind = self.test_store.kind
+            batch["image"] = normalize(pixels, kind.mean, kind.std)
+        return batch
+
     # ------------------------------------------------------------------------------------------------ train
     def train_steps(self, plans: list[LocalPlan]) -> Iterator[StepBatch]:
         """One :class:`StepBatch` per lock-step step of ``plans`` (clients drop out when their plan ends)."""
@@ -204,6 +261,17 @@ class Feed:
             cached = {plan.cid: self._cached(f"train:{plan.cid}") for plan in plans}
             for step, (members, counts) in enumerate(layout):
                 parts = [self._gather(cached[plans[j].cid], plans[j].batches[step]) for j in members]
+                yield StepBatch({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, members, counts)
+            return
+        store = self.train_store or (self.test_store if self.train_from_test_store else None)
+        if store is not None:
+            for step, (members, counts) in enumerate(layout):
+                parts = [self._from_store(store, f"train:{plans[j].cid}", plans[j].batches[step]) for j in members]
+                if self.train_store is not None:
+                    parts = [self._crops(part, plans[j].seeds[step]) for part, j in zip(parts, members)]
+                else:
+                    for part in parts:
+                        part.pop("sizes")
                 yield StepBatch({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, members, counts)
             return
         batches = []
@@ -227,6 +295,12 @@ class Feed:
             cached = self._cached(name)
             for span in spans:
                 yield self._gather(cached, span)
+            return
+        if self.test_store is not None:
+            for span in spans:
+                part = self._from_store(self.test_store, name, span)
+                part.pop("sizes")
+                yield part
             return
         yield from self._files([[(name, i, None) for i in span] for span in spans])
 

@@ -237,7 +237,7 @@ class Federation:
         fabric = self.fabric
         metric = accuracy_metric(max(2, len(client.classnames))).to(fabric.device)  # one class: trivially right
         for batch in self.feed.eval_batches(name, self.eval.batch_size):
-            batch = fabric.to_device(batch)
+            batch = self.feed.finish(fabric.to_device(batch))
             n = batch["label"].shape[0]
             batch.update(slots=slots, owner=torch.full((n,), position, dtype=torch.long, device=fabric.device))
             with fabric.autocast():
