@@ -102,6 +102,10 @@ class TrainArgs:
     normalisation) batched on the device instead of on CPU workers. Same crop distribution and, for a given crop
     box, Pillow's pixels; but another random stream, and crops come from images shrunk to a shorter side of
     8/7 x the model size (256 px for 224), so metrics differ from the default CPU path by seed noise."""
+    compile: bool = False
+    """Run the prompt text path as a compiled graph (torch.compile; CUDA graphs on GPUs, so the text layers' many
+    small kernels no longer wait on launches). Same features up to float rounding; the first steps of each batch
+    shape compile (seconds to a minute). Not measured on a GPU yet: off by default."""
     cache_dir: Optional[str] = "auto"
     """Where decoded images and image-tower features persist between runs (keyed by the weights, the files and the
     transform), so evaluate, a resumed run and the next run of a sweep skip decoding and encoding. auto:

@@ -26,7 +26,7 @@ from fedprompt.backbone import load_backbone
 from fedprompt.backbone.loading import check_source
 from fedprompt.data import FederatedData, clip_transforms
 from fedprompt.data.cache import FeatureCache
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import FedPromptError, warn
 from fedprompt.federation.checkpoint import check_resume, check_shapes, load_checkpoint, read_jsonl, \
     save_checkpoint, state_shapes, write_json, write_jsonl, write_text
 from fedprompt.federation.feed import Feed
@@ -217,6 +217,7 @@ def build_federation(fabric, cfg: dict, splits=None, timer=None) -> tuple[Federa
     torch.manual_seed(cfg["seed"])  # a random-init backbone is the same on every rank and every run
     backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
     train_args: TrainArgs = cfg["train"]
+    backbone.compile_text(train_args.compile)  # the backbone is shared by the runs of a process: set, or reset
     train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, train_args.augment)
     method: Method = cfg["method"]
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets
@@ -279,14 +280,14 @@ def _build_feed(fabric, cfg: dict, splits, extra: dict, backbone, train_tf, test
     if train_args.feature_cache and not frozen:
         raise FedPromptError(f"train.feature_cache: {method.name} trains prompts inside the image tower, so its "
                              "outputs cannot be cached; set --train.feature_cache false.")
-    if train_args.feature_cache and train_args.augment:
-        raise FedPromptError("train.feature_cache needs deterministic train images: set --train.augment false (or "
-                             "--train.feature_cache false to augment).")
+    if train_args.feature_cache and train_args.augment and method.trains:
+        warn("train.feature_cache: train images are augmented (train.augment: true), so only evaluation is cached; "
+             "set --train.augment false to cache the train images too.")
     if train_args.device_augment and not train_args.augment:
         raise FedPromptError("train.device_augment augments on the device: it needs --train.augment true.")
     directory = _cache_dir(train_args)
     progress = cfg["log"].progress and fabric.global_rank == 0
-    cache_train = train_args.feature_cache
+    cache_train = train_args.feature_cache and not train_args.augment
     cache_eval = frozen and cfg["eval"].feature_cache
     eval_samples = [s for c in splits.clients for s in c.test + c.val] + [s for v in extra.values() for s in v]
     train_samples = [s for c in splits.clients for s in c.train]

@@ -102,3 +102,21 @@ def test_resnet_attention_pool_tokens_include_the_pooled_feature():
         reference = backbone.encode_image(images)
     assert tokens.shape == (1, 49, 1024)  # 7 x 7 positions through the attention pool
     torch.testing.assert_close(pooled, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_text_path_equals_the_eager_one(tiny_backbone):
+    """train.compile: the prompt text path through torch.compile (here the aot_eager backend: it traces and runs
+    the captured graph, forward and backward, without generating code) gives the eager features and gradients."""
+    tokens = tiny_backbone.prompt_tokens(["dog", "cat", "bird"], 4)
+    ctx = (torch.randn(2, 4, tiny_backbone.ctx_dim) * 0.02).requires_grad_()
+    eager = tiny_backbone.encode_prompts(tokens, ctx)
+    (grad_eager,) = torch.autograd.grad(eager.sum(), ctx)
+    tiny_backbone.compile_text(True, backend="aot_eager")
+    try:
+        compiled = tiny_backbone.encode_prompts(tokens, ctx)
+        (grad_compiled,) = torch.autograd.grad(compiled.sum(), ctx)
+    finally:
+        tiny_backbone.compile_text(False)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-5, atol=1e-6)
+    assert tiny_backbone._compiled_text is None
