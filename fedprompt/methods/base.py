@@ -112,6 +112,15 @@ class OptimizerArgs:
     cosine_epochs: int | None = None
 
     def __post_init__(self):
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"method.lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"method.momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            problems.append(f"method.weight_decay must be >= 0, got {self.weight_decay}")
+        if problems:
+            raise FedPromptError("; ".join(problems) + ".")
         if self.lr_schedule not in LR_SCHEDULES:
             raise FedPromptError(f"method.lr_schedule: unknown schedule {self.lr_schedule!r}; choose one of "
                                  f"{', '.join(LR_SCHEDULES)}.")

@@ -53,8 +53,12 @@ class _CoOpMethod(Method):
     shared_prefixes = ("prompt.",)
 
     def __init__(self, n_ctx: int | None = 16, ctx_init: str | None = None, csc: bool = False, lr: float = 0.002,
-                 momentum: float = 0.9, weight_decay: float = 5e-4):
-        super().__init__(lr, momentum, weight_decay)
+                 momentum: float = 0.9, weight_decay: float = 5e-4,
+                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
+                 lr_scope: str = "local", cosine_epochs: int | None = None):
+        super().__init__(lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
+        if n_ctx is not None and n_ctx < 1:
+            raise FedPromptError(f"method.n_ctx must be >= 1 (or null with ctx_init), got {n_ctx}")
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
         self.csc = csc
@@ -74,11 +78,19 @@ class PromptFL(_CoOpMethod):
         lr: local SGD learning rate (PromptFL's config: 0.002).
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
+        lr_schedule: ``constant`` or ``cosine`` (PromptFL's official config: cosine, 1 warm-up epoch at 1e-5).
+        warmup_epochs: cosine: warm-up epochs at ``warmup_lr``.
+        warmup_lr: cosine: the warm-up learning rate.
+        lr_scope: ``local`` (each client's local round is one schedule) or ``official`` (one schedule for the whole
+            run, as the released trainer; see :class:`fedprompt.methods.OptimizerArgs`).
+        cosine_epochs: cosine: T_max (default the local epochs).
     """
 
     def __init__(self, n_ctx: int | None = 16, ctx_init: str | None = None, csc: bool = False, weighted: bool = True,
-                 lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4):
-        super().__init__(n_ctx, ctx_init, csc, lr, momentum, weight_decay)
+                 lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
+                 lr_scope: str = "local", cosine_epochs: int | None = None):
+        super().__init__(n_ctx, ctx_init, csc, lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
         self.weighted = weighted
 
     def build_aggregator(self) -> Aggregator:
@@ -95,6 +107,12 @@ class LocalCoOp(_CoOpMethod):
         lr: SGD learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
+        lr_schedule: ``constant`` or ``cosine`` (PromptFL's official config: cosine, 1 warm-up epoch at 1e-5).
+        warmup_epochs: cosine: warm-up epochs at ``warmup_lr``.
+        warmup_lr: cosine: the warm-up learning rate.
+        lr_scope: ``local`` (each client's local round is one schedule) or ``official`` (one schedule for the whole
+            run, as the released trainer; see :class:`fedprompt.methods.OptimizerArgs`).
+        cosine_epochs: cosine: T_max (default the local epochs).
     """
 
     communicates = False
@@ -140,11 +158,19 @@ class FedProx(PromptFL):
         lr: SGD learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
+        lr_schedule: ``constant`` or ``cosine`` (PromptFL's official config: cosine, 1 warm-up epoch at 1e-5).
+        warmup_epochs: cosine: warm-up epochs at ``warmup_lr``.
+        warmup_lr: cosine: the warm-up learning rate.
+        lr_scope: ``local`` (each client's local round is one schedule) or ``official`` (one schedule for the whole
+            run, as the released trainer; see :class:`fedprompt.methods.OptimizerArgs`).
+        cosine_epochs: cosine: T_max (default the local epochs).
     """
 
     def __init__(self, mu: float = 0.5, n_ctx: int | None = 16, ctx_init: str | None = None, csc: bool = False,
-                 weighted: bool = True, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4):
-        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay)
+                 weighted: bool = True, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
+                 lr_scope: str = "local", cosine_epochs: int | None = None):
+        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
         if mu < 0:
             raise FedPromptError(f"method.mu must be >= 0, got {mu}")
         self.mu = mu
@@ -181,14 +207,22 @@ class FedPer(PromptFL):
         lr: SGD learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
+        lr_schedule: ``constant`` or ``cosine`` (PromptFL's official config: cosine, 1 warm-up epoch at 1e-5).
+        warmup_epochs: cosine: warm-up epochs at ``warmup_lr``.
+        warmup_lr: cosine: the warm-up learning rate.
+        lr_scope: ``local`` (each client's local round is one schedule) or ``official`` (one schedule for the whole
+            run, as the released trainer; see :class:`fedprompt.methods.OptimizerArgs`).
+        cosine_epochs: cosine: T_max (default the local epochs).
     """
 
     global_model = False
 
     def __init__(self, n_ctx: int | None = 8, n_shared: int | None = None, ctx_init: str | None = None,
                  csc: bool = False, weighted: bool = True, lr: float = 0.002, momentum: float = 0.9,
-                 weight_decay: float = 5e-4):
-        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay)
+                 weight_decay: float = 5e-4,
+                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
+                 lr_scope: str = "local", cosine_epochs: int | None = None):
+        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
         self.n_shared = n_shared
 
     def build_aggregator(self) -> Aggregator:
