@@ -9,7 +9,8 @@ from conftest import ROOT
 
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
 PAPER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).name.startswith(("fedpgp_",
-                                                                                              "promptfolio_"))]
+                                                                                              "promptfolio_",
+                                                                                              "fedmgp_"))]
 
 
 def test_configs_exist():
@@ -19,7 +20,9 @@ def test_configs_exist():
                      "fedpgp_flowers102.yaml", "fedpgp_food101.yaml", "fedpgp_dtd.yaml", "fedpgp_cifar100.yaml",
                      "fedpgp_domainnet.yaml", "fedpgp_office.yaml", "promptfolio_caltech101.yaml",
                      "promptfolio_cifar100.yaml", "promptfolio_domainnet.yaml", "promptfolio_office.yaml",
-                     "fedpgp_pacs.yaml", "promptfolio_pacs.yaml"):
+                     "fedpgp_pacs.yaml", "promptfolio_pacs.yaml", "fedmgp_caltech101.yaml",
+                     "fedmgp_oxford_pets.yaml", "fedmgp_flowers102.yaml", "fedmgp_food101.yaml", "fedmgp_dtd.yaml",
+                     "fedmgp_domainnet.yaml", "fedmgp_office.yaml", "fedmgp_cifar100.yaml", "fedmgp_pacs.yaml"):
         assert required in names, required
 
 
@@ -56,3 +59,45 @@ def test_base_to_novel_paper_configs_use_the_released_script_settings():
         assert (cfg["federation"]["rounds"], cfg["train"]["local_epochs"]) == (25, 2)
         assert (method["lr"], method["lr_schedule"], method["n_ctx"], method["bottleneck"], method["mu"],
                 method["tau"]) == (0.001, "constant", 16, 8, 0.5, 0.5)
+
+
+FEDMGP_METHOD = {"text_groups": 5, "visual_groups": 5, "n_ctx": 2, "visual_tokens": 2, "visual_depth": 1,
+                 "ctx_init": "a photo of a", "diversity": "paper", "diversity_weight": 1.0, "inference": "average",
+                 "groups_to_send": 2, "temperature": 1.0, "selection": "similarity", "compat": "fixed", "lr": 0.001}
+
+
+def _fedmgp(name):
+    cfg = yaml.safe_load((ROOT / "configs" / f"fedmgp_{name}.yaml").read_text())
+    method = cfg["method"]["init_args"]
+    assert cfg["method"]["class_path"] == "fedprompt.methods.FedMGP"
+    assert {k: method[k] for k in FEDMGP_METHOD} == FEDMGP_METHOD, name
+    assert (cfg["train"]["local_epochs"], cfg["train"]["batch_size"]) == (2, 8), name
+    assert cfg["eval"].get("select", "last") != "test" and cfg["backbone"]["model"] == "ViT-B-16"
+    return cfg
+
+
+def test_fedmgp_paper_configs_use_the_released_settings():
+    """FedMGP's configs/trainers/FedMGP/base2novel_vit_b16.yaml (5 + 5 groups of 2 tokens, s = 2, lr 1e-3, 2 local
+    epochs, batch 8) and the federation of its scripts: base-to-novel 10 clients x 10 rounds; DomainNet 30 clients
+    (5 per domain, Dir(0.3)), 25 %, 25 rounds; Office 20 clients (5 per domain, Dir(0.3)), 50 %, 25 rounds;
+    CIFAR-100 100 clients Dir(0.5), 10 %, 100 rounds."""
+    for name in ("caltech101", "oxford_pets", "flowers102", "food101", "dtd"):
+        cfg = _fedmgp(name)
+        data = cfg["data"]["init_args"]
+        assert data["subsample_classes"] == "base" and data["num_shots"] == 16, name
+        assert data["partition"]["class_path"] == "fedprompt.data.Pathological"
+        assert data["partition"]["init_args"]["num_clients"] == 10
+        assert (cfg["federation"]["rounds"], cfg["federation"]["fraction"]) == (10, 1.0)
+    for name, domains, fraction in (("domainnet", 6, 0.25), ("office", 4, 0.5)):
+        cfg = _fedmgp(name)
+        data = cfg["data"]["init_args"]
+        part = data["partition"]
+        assert part["class_path"] == "fedprompt.data.ByDomain"
+        assert (part["init_args"]["clients_per_domain"], part["init_args"]["alpha"]) == (5, 0.3)
+        assert len(data["domains"]) == domains and data.get("num_shots") is None
+        assert (cfg["federation"]["rounds"], cfg["federation"]["fraction"]) == (25, fraction)
+    cfg = _fedmgp("cifar100")
+    part = cfg["data"]["init_args"]["partition"]
+    assert part["class_path"] == "fedprompt.data.Dirichlet"
+    assert (part["init_args"]["num_clients"], part["init_args"]["alpha"]) == (100, 0.5)
+    assert (cfg["federation"]["rounds"], cfg["federation"]["fraction"]) == (100, 0.1)
