@@ -5,14 +5,16 @@ from several datasets, base/novel sets per dataset, an unseen dataset) runs end 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import open_clip
 import pytest
 import torch
 import yaml
 
 from conftest import ROOT, read_rows, without_timings
 from fedprompt.errors import FedPromptError
-from fedprompt.federation.aggregators import WeightedMean
+from fedprompt.federation.aggregators import WeightedMean, state_bytes
 from fedprompt.methods import FedTPG
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -86,6 +88,23 @@ def test_cross_cls_config_uses_the_released_settings():
         ("cosine", 0, "client", 500)
     assert (cfg["federation"]["rounds"], cfg["federation"]["fraction"], cfg["train"]["local_epochs"],
             cfg["train"]["batch_size"], cfg["seed"], cfg["data"]["init_args"]["seed"]) == (500, 1.0, 1, 200, 43, 43)
+
+
+def test_vit_b16_upload_is_4206080_floats_per_client():
+    """What one client sends per round at ViT-B/16's widths (text width 512, joint space 512, from open_clip's own
+    config): the whole generator, 4,206,080 fp32 values = 16,824,320 bytes; the 30 cross_cls clients send 30 times
+    that (``bytes_up`` of a round sums the uploads)."""
+    config = open_clip.get_model_config("ViT-B-16")
+    widths = SimpleNamespace(ctx_dim=config["text_cfg"]["width"], embed_dim=config["embed_dim"],
+                             logit_scale=torch.tensor(100.0))
+    assert (widths.ctx_dim, widths.embed_dim) == (512, 512)
+    method = FedTPG()
+    client = method.build_client(widths, ["dog", "cat"], slots=1)
+    upload = method.build_aggregator().upload(0, client.slot_state(0), 1)
+    assert set(upload) == set(client.slot_state(0))
+    assert sum(v.numel() for v in upload.values()) == 4_206_080
+    assert state_bytes(upload) == 4_206_080 * 4 == 16_824_320
+    assert 30 * state_bytes(upload) == 504_729_600
 
 
 def test_only_the_generator_leaves_a_client_and_is_averaged(cli, tmp_path):
