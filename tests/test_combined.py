@@ -343,10 +343,13 @@ def test_fedtpg_cross_cls_config_prints_and_names_missing_data(cli, monkeypatch)
     code, out, err = cli("fit", "--config", ROOT / "configs" / "fedtpg_cross_cls.yaml", "--print_config")
     assert code == 0, err
     assert "fedprompt.data.CrossClass" in out and "fedprompt.data.EuroSAT" in out
+    assert "class_path: fedprompt.methods.FedTPG" in out and "lr_scope: client" in out
     monkeypatch.delenv("FEDPROMPT_DATA", raising=False)
-    code, _, err = cli("partition", "--config", ROOT / "configs" / "fedtpg_cross_cls.yaml")
-    assert code == 2
-    assert "data.datasets[0] (Caltech101): data.root is not set" in err and "FEDPROMPT_DATA" in err
+    for command in ("partition", "fit"):
+        code, _, err = cli(command, "--config", ROOT / "configs" / "fedtpg_cross_cls.yaml")
+        assert code == 2, command
+        assert "data.datasets[0] (Caltech101): data.root is not set" in err and "FEDPROMPT_DATA" in err, command
+        assert "Traceback" not in err
 
 
 def test_eval_set_is_a_plain_record():

@@ -5,12 +5,16 @@ from several datasets, base/novel sets per dataset, an unseen dataset) runs end 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import open_clip
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, read_rows, without_timings
-from fedprompt.federation.aggregators import WeightedMean
+from fedprompt.errors import FedPromptError
+from fedprompt.federation.aggregators import WeightedMean, state_bytes
 from fedprompt.methods import FedTPG
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -56,6 +60,51 @@ def test_generated_context_depends_on_the_class_names(tiny_backbone):
     assert client.text_features().shape == (2, 3, tiny_backbone.embed_dim)
     state = client.slot_state(0)
     assert all(key.startswith("generator.") for key in state) and "generator.queries" in state
+
+
+def test_schedule_arguments_reach_the_optimiser_and_default_to_cross_cls():
+    """The released cross_cls optimiser: SGD lr 0.003, momentum 0.9, weight decay 1e-5, CosineAnnealingLR(500)
+    without warm-up, one scheduler per client."""
+    assert vars(FedTPG().optim) == {"lr": 0.003, "momentum": 0.9, "weight_decay": 1e-5, "lr_schedule": "cosine",
+                                    "warmup_epochs": 0, "warmup_lr": 1e-5, "lr_scope": "client",
+                                    "cosine_epochs": 500}
+    method = FedTPG(lr=0.01, lr_schedule="constant", warmup_epochs=2, warmup_lr=1e-4, lr_scope="local",
+                    cosine_epochs=None)
+    assert vars(method.optim) == {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5, "lr_schedule": "constant",
+                                  "warmup_epochs": 2, "warmup_lr": 1e-4, "lr_scope": "local", "cosine_epochs": None}
+    assert method.hparams()["lr_schedule"] == "constant"
+    assert FedTPG().optim.lr_at(0, 1, 0, epochs_before=250) == pytest.approx(0.0015)  # round 251 of 500
+    with pytest.raises(FedPromptError, match="lr_scope"):
+        FedTPG(lr_scope="global")
+
+
+def test_cross_cls_config_uses_the_released_settings():
+    cfg = yaml.safe_load((ROOT / "configs" / "fedtpg_cross_cls.yaml").read_text())
+    method = cfg["method"]["init_args"]
+    assert cfg["method"]["class_path"] == "fedprompt.methods.FedTPG"
+    assert (method["n_ctx"], method["lr"], method["momentum"], method["weight_decay"], method["weighted"]) == \
+        (4, 0.003, 0.9, 1e-5, False)
+    assert (method["lr_schedule"], method["warmup_epochs"], method["lr_scope"], method["cosine_epochs"]) == \
+        ("cosine", 0, "client", 500)
+    assert (cfg["federation"]["rounds"], cfg["federation"]["fraction"], cfg["train"]["local_epochs"],
+            cfg["train"]["batch_size"], cfg["seed"], cfg["data"]["init_args"]["seed"]) == (500, 1.0, 1, 200, 43, 43)
+
+
+def test_vit_b16_upload_is_4206080_floats_per_client():
+    """What one client sends per round at ViT-B/16's widths (text width 512, joint space 512, from open_clip's own
+    config): the whole generator, 4,206,080 fp32 values = 16,824,320 bytes; the 30 cross_cls clients send 30 times
+    that (``bytes_up`` of a round sums the uploads)."""
+    config = open_clip.get_model_config("ViT-B-16")
+    widths = SimpleNamespace(ctx_dim=config["text_cfg"]["width"], embed_dim=config["embed_dim"],
+                             logit_scale=torch.tensor(100.0))
+    assert (widths.ctx_dim, widths.embed_dim) == (512, 512)
+    method = FedTPG()
+    client = method.build_client(widths, ["dog", "cat"], slots=1)
+    upload = method.build_aggregator().upload(0, client.slot_state(0), 1)
+    assert set(upload) == set(client.slot_state(0))
+    assert sum(v.numel() for v in upload.values()) == 4_206_080
+    assert state_bytes(upload) == 4_206_080 * 4 == 16_824_320
+    assert 30 * state_bytes(upload) == 504_729_600
 
 
 def test_only_the_generator_leaves_a_client_and_is_averaged(cli, tmp_path):

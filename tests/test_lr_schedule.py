@@ -1,6 +1,7 @@
 """The local learning-rate schedule: Dassl's cosine with constant warm-up, stepped once per epoch, checked against
 torch's CosineAnnealingLR; per client per round (``lr_scope: local``) or one schedule for the whole run shared by
-all clients in training order (``lr_scope: official``), checked on the rates the engine really hands StackedSGD."""
+all clients in training order (``lr_scope: official``), or one schedule per client over the run (``lr_scope:
+client``, FedTPG's), checked on the rates the engine really hands StackedSGD."""
 
 from __future__ import annotations
 
@@ -86,6 +87,20 @@ def test_official_scope_continues_one_schedule_over_the_run_and_cycles_past_t_ma
     assert args.lr_at(0, 35, 7, 11) == pytest.approx(0.002)  # t = 10: back at the base rate
 
 
+def test_client_scope_is_each_clients_own_scheduler_over_the_run():
+    """FedTPG's released code: one CosineAnnealingLR(T_max = 500) per client, stepped after each of its local
+    passes; a client's rate in its n-th local round (0-based, one pass each) is the scheduler's n-th value."""
+    args = OptimizerArgs(lr=0.003, momentum=0.9, weight_decay=1e-5, lr_schedule="cosine", lr_scope="client",
+                         cosine_epochs=500)
+    reference = torch_cosine_lrs(0.003, 500.0, 500)
+    for before in (0, 1, 249, 250, 499):
+        assert args.lr_at(0, 1, 0, before) == pytest.approx(reference[before], rel=1e-9, abs=1e-15), before
+    assert args.lr_at(0, 1, 0, 0) == 0.003
+    assert args.lr_at(0, 1, 0, 250) == pytest.approx(0.0015)
+    assert args.lr_at(0, 1, 0, 499) == pytest.approx(0.003 * (1 + math.cos(math.pi * 499 / 500)) / 2)
+    assert args.counts_run_epochs and not OptimizerArgs(lr_scope="client").counts_run_epochs  # constant: no count
+
+
 def test_bad_schedule_settings_are_refused(cli, tmp_path):
     with pytest.raises(FedPromptError, match="lr_schedule"):
         OptimizerArgs(lr_schedule="linear")
@@ -98,7 +113,7 @@ def test_bad_schedule_settings_are_refused(cli, tmp_path):
     assert code == 2 and "lr_schedule" in err and "step" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("scope", ["local", "official"])
+@pytest.mark.parametrize("scope", ["local", "official", "client"])
 def test_engine_hands_each_client_its_scheduled_rate(cli, tmp_path, monkeypatch, scope):
     """A real run (3 of 4 clients after round 1, unequal client sizes, 2 local epochs, all clients in one lock-step
     group): the per-slot rates given to StackedSGD are each client's schedule at its own local step."""
@@ -110,8 +125,10 @@ def test_engine_hands_each_client_its_scheduled_rate(cli, tmp_path, monkeypatch,
         original(self, active, lr)
 
     monkeypatch.setattr(StackedSGD, "set_slots", spy)
-    code, _, err = cli("fit", "--config", SMOKE, "--method", "PromptFolio", "--method.n_ctx", "4",
-                       "--method.lr", "0.05", "--method.lr_scope", scope, "--method.cosine_epochs", "3",
+    method = "FedTPG" if scope == "client" else "PromptFolio"  # the client scope is FedTPG's
+    code, _, err = cli("fit", "--config", SMOKE, "--method", method, "--method.n_ctx", "4",
+                       "--method.lr", "0.05", "--method.lr_schedule", "cosine", "--method.warmup_epochs", "1",
+                       "--method.lr_scope", scope, "--method.cosine_epochs", "3",
                        "--federation.rounds", "3", "--federation.fraction", "0.75", "--train.local_epochs", "2",
                        "--train.batch_size", "8", "--out_dir", tmp_path)
     assert code == 0, err
@@ -123,12 +140,14 @@ def test_engine_hands_each_client_its_scheduled_rate(cli, tmp_path, monkeypatch,
     rows = read_rows(tmp_path)
     expected = []  # per optimizer step: which slots step, and each slot's rate (0 for idle slots)
     before = 0
+    own = dict.fromkeys(range(4), 0)  # client scope: each client's own epochs so far
     for row in rows:
         clients = row["clients"]
         offsets = {}
         for cid in clients:  # one client after another, by increasing id
-            offsets[cid] = before
+            offsets[cid] = own[cid] if scope == "client" else before
             before += 2
+            own[cid] += 2
         plans = [2 * epoch_steps[cid] for cid in clients]
         for step in range(max(plans)):
             active = [step < n for n in plans] + [False] * (4 - len(clients))
@@ -142,5 +161,9 @@ def test_engine_hands_each_client_its_scheduled_rate(cli, tmp_path, monkeypatch,
     distinct = {round(float(r), 12) for active, lr in seen for r in lr[active]}
     if scope == "local":  # every local round: the warm-up epoch, then the base rate
         assert distinct == {1e-5, 0.05}
+    elif scope == "client":  # each client: one warm-up (its first epoch), then its own cosine (T_max 3)
+        assert 1e-5 in distinct and 0.05 in distinct and 0.0 in distinct and len(distinct) >= 4
+        assert sum(round(float(r), 12) == 1e-5 for active, lr in seen for r in lr[active]) == \
+            sum(epoch_steps)  # exactly one warm-up epoch per client for the whole run
     else:  # one warm-up for the whole run, then the cosine (T_max 3) cycling over the clients' epochs
         assert 1e-5 in distinct and 0.0 in distinct and len(distinct) >= 4

@@ -76,6 +76,8 @@ class Federation:
     modules: dict[tuple, PromptClient] = field(default_factory=dict)
     round_epochs: dict[int, int] = field(default_factory=dict, init=False, repr=False)
     """Local epochs trained in each round (all its sampled clients), for :meth:`epochs_before`."""
+    round_members: dict[int, frozenset] = field(default_factory=dict, init=False, repr=False)
+    """The clients sampled in each round, for :meth:`epochs_before` (``lr_scope: client``)."""
 
     def __post_init__(self):
         self.group_size, self.adaptive = resolve_parallel_clients(self.federation.parallel_clients,
@@ -120,14 +122,22 @@ class Federation:
                               everyone=round_idx == 1 and self.federation.all_clients_first_round)
 
     def epochs_before(self, cid: int, round_idx: int) -> int:
-        """Local epochs trained before client ``cid``'s local round in ``round_idx`` if the sampled clients were
-        trained one after another (rounds in order, a round's clients by increasing id), as the official code's
-        single trainer does (the position of its one learning-rate scheduler). A function of the run seed and the
-        client sizes only, so it holds on any number of processes and after a resume."""
+        """The schedule position of client ``cid``'s local round in ``round_idx`` (a function of the run seed and the
+        client sizes only, so it holds on any number of processes and after a resume).
+
+        ``lr_scope: official``: the local epochs trained before it if the sampled clients were trained one after
+        another (rounds in order, a round's clients by increasing id), as the official code's single trainer does
+        (the position of its one learning-rate scheduler). ``lr_scope: client``: the local epochs client ``cid``
+        itself trained in earlier rounds (its own scheduler, as FedTPG's released code)."""
         def epochs(c: int) -> int:
             return local_epoch_count(len(self.clients[c].train), self.train.batch_size, self.train.local_epochs,
                                      self.train.local_steps)
 
+        if self.method.optim.lr_scope == "client":
+            for r in range(1, round_idx):
+                if r not in self.round_members:
+                    self.round_members[r] = frozenset(self.sampled(r))
+            return epochs(cid) * sum(cid in self.round_members[r] for r in range(1, round_idx))
         total = 0
         for r in range(1, round_idx):
             if r not in self.round_epochs:

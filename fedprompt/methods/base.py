@@ -51,7 +51,7 @@ State = dict[str, torch.Tensor]
 #: learning-rate schedules of the local optimiser
 LR_SCHEDULES = ("constant", "cosine")
 #: what one cosine schedule spans (see :class:`OptimizerArgs`)
-LR_SCOPES = ("local", "official")
+LR_SCOPES = ("local", "official", "client")
 
 
 def dassl_cosine_lr(epoch: int, lr: float, cosine_epochs: float, warmup_epochs: int = 0,
@@ -89,6 +89,10 @@ class OptimizerArgs:
       2 x local epochs counted over all clients, so clients of one round train with different learning rates
       depending on their place in the order. fedprompt lists a round's clients by increasing id (the released
       code trains them in ``np.random.choice`` order).
+    - ``client``: the released FedTPG code. Every client owns one scheduler for the whole run, stepped after each
+      of its own local epochs and never reset: the schedule position of a client's local epoch is the number of
+      local epochs that client trained in earlier rounds. With ``cosine_epochs`` = the rounds and one local epoch
+      (FedTPG's cross_cls: T_max 500) the rate falls from ``lr`` in round 1 to about 0 in the last round.
 
     Attributes:
         lr: base learning rate.
@@ -97,7 +101,7 @@ class OptimizerArgs:
         lr_schedule: ``constant`` or ``cosine``.
         warmup_epochs: cosine only: epochs at ``warmup_lr`` before the cosine starts (Dassl's ``WARMUP_EPOCH``).
         warmup_lr: the constant warm-up learning rate (Dassl's ``WARMUP_CONS_LR``).
-        lr_scope: ``local`` or ``official`` (above).
+        lr_scope: ``local``, ``official`` or ``client`` (above).
         cosine_epochs: the cosine's period parameter T_max (Dassl's ``MAX_EPOCH``); ``None``: the client's local
             epochs of the round (as in the official configs, where ``MAX_EPOCH`` is the local epoch count).
     """
@@ -136,8 +140,8 @@ class OptimizerArgs:
 
     @property
     def counts_run_epochs(self) -> bool:
-        """Whether :meth:`lr_at` needs ``epochs_before`` (the official one-scheduler-per-run schedule)."""
-        return self.lr_schedule != "constant" and self.lr_scope == "official"
+        """Whether :meth:`lr_at` needs ``epochs_before`` (a schedule that runs over the whole run)."""
+        return self.lr_schedule != "constant" and self.lr_scope != "local"
 
     def lr_at(self, step: int, total_steps: int, epoch_steps: int = 0, epochs_before: int = 0) -> float:
         """The learning rate of local step ``step`` (0-based) of a client that takes ``total_steps`` this round.
@@ -146,14 +150,15 @@ class OptimizerArgs:
             step: the local step.
             total_steps: the client's local steps this round.
             epoch_steps: steps of one pass over the client's train data (0: the whole local round is one epoch).
-            epochs_before: ``official`` scope: local epochs trained (by any client) before this local round.
+            epochs_before: local epochs before this local round on the schedule: ``official`` scope, trained by
+                any client; ``client`` scope, trained by this client (ignored by the ``local`` scope).
         """
         if self.lr_schedule == "constant":
             return self.lr
         per_epoch = epoch_steps if epoch_steps > 0 else max(total_steps, 1)
         local_epochs = max(1, math.ceil(total_steps / per_epoch))
         epoch = step // per_epoch
-        if self.lr_scope == "official":
+        if self.lr_scope != "local":
             epoch += epochs_before
         return dassl_cosine_lr(epoch, self.lr, self.cosine_epochs or local_epochs, self.warmup_epochs,
                                self.warmup_lr)

@@ -13,6 +13,8 @@ state on every process.
 
 from __future__ import annotations
 
+from typing import Literal, Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +72,11 @@ class FedTPGClient(PromptClient):
 class FedTPG(Method):
     """FedTPG: a text-driven prompt generator, trained by every client and averaged (unweighted) by the server.
 
+    The defaults are the released cross_cls settings: SGD lr 0.003, momentum 0.9, weight decay 1e-5, and torch's
+    ``CosineAnnealingLR(T_max = 500)`` without warm-up, one scheduler per client stepped after each of its local
+    passes (``lr_scope: client``). Difference from the released code: each client gets a fresh optimizer every round
+    (the released client keeps its SGD momentum buffer across rounds), as for every fedprompt method.
+
     Args:
         n_ctx: generated context vectors (4).
         heads: attention heads of the generator's cross-attention (4).
@@ -80,14 +87,25 @@ class FedTPG(Method):
         lr: local SGD learning rate (the cross_cls setting: 0.003).
         momentum: SGD momentum.
         weight_decay: SGD weight decay (the cross_cls setting: 1e-5).
+        lr_schedule: ``cosine`` (the cross_cls setting) or ``constant``.
+        warmup_epochs: epochs at ``warmup_lr`` before the cosine (the released code has none: 0).
+        warmup_lr: the constant warm-up learning rate.
+        lr_scope: what one cosine spans (:class:`fedprompt.methods.OptimizerArgs`): ``client`` (default, the
+            released code: each client's own scheduler over the whole run, stepped after each of its local epochs),
+            ``local`` (restarted every local round) or ``official`` (one schedule shared by all clients).
+        cosine_epochs: the cosine's T_max in epochs (the released ``MAX_EPOCH`` = the rounds: 500 for cross_cls; set
+            it to ``federation.rounds`` x the local epochs for another run length; ``None``: the local epochs).
     """
 
     shared_prefixes = ("generator.",)
     global_model = True
 
     def __init__(self, n_ctx: int = 4, heads: int = 4, ff_mult: int = 4, attn_residual: bool = False,
-                 weighted: bool = False, lr: float = 0.003, momentum: float = 0.9, weight_decay: float = 1e-5):
-        super().__init__(lr, momentum, weight_decay)
+                 weighted: bool = False, lr: float = 0.003, momentum: float = 0.9, weight_decay: float = 1e-5,
+                 lr_schedule: Literal["constant", "cosine"] = "cosine", warmup_epochs: int = 0,
+                 warmup_lr: float = 1e-5, lr_scope: Literal["local", "official", "client"] = "client",
+                 cosine_epochs: Optional[int] = 500):
+        super().__init__(lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
         self.n_ctx, self.heads, self.ff_mult, self.attn_residual = n_ctx, heads, ff_mult, attn_residual
         self.weighted = weighted
 
