@@ -60,27 +60,42 @@ class StackedSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        every = self._active is None or bool(self._active.all())  # a CPU tensor: no device sync
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
-                    self._update(param, group)
+                    self._update(param, group, every)
         return loss
 
-    def _update(self, param: torch.Tensor, group: dict) -> None:
+    def _update(self, param: torch.Tensor, group: dict, every: bool) -> None:
+        """One SGD update of the active slots. With every slot active the update runs in place; otherwise the
+        inactive slots keep their values through ``torch.where``. Both use the same float operations, so a client's
+        update does not depend on which other slots are active."""
         shape = (-1,) + (1,) * (param.dim() - 1)
-        slots = param.shape[0]
-        active = (self._active if self._active is not None else torch.ones(slots, dtype=torch.bool)).to(
-            param.device).view(shape)
         lr = self._slot_lr.to(param.device, param.dtype).view(shape) if self._slot_lr is not None else group["lr"]
         d_p = param.grad
         if group["weight_decay"]:
             d_p = d_p.add(param, alpha=group["weight_decay"])
+        if every:
+            if group["momentum"]:
+                state = self.state[param]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d_p.clone()
+                    state["started"] = torch.ones(param.shape[0], dtype=torch.bool, device=param.device).view(shape)
+                else:
+                    buf.mul_(group["momentum"]).add_(d_p)
+                    state["started"].fill_(True)
+                d_p = buf
+            param.sub_(lr * d_p)
+            return
+        active = self._active.to(param.device).view(shape)
         if group["momentum"]:
             state = self.state[param]
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = state["momentum_buffer"] = torch.where(active, d_p, torch.zeros_like(d_p))
-                started = state["started"] = active.clone()
+                state["started"] = active.clone()
             else:
                 started = state["started"]
                 fresh = active & ~started  # a slot's first step sets its buffer to d_p, as torch.optim.SGD
