@@ -33,6 +33,16 @@ def require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread for the whole suite: its workloads are tiny, and on a shared 2-core machine OpenMP's spinning
+    threads make them many times slower under load (subprocess tests choose their own)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from fedprompt.backbone import load_backbone

@@ -14,13 +14,6 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 MGP = ["--config", SMOKE, "--method", "FedMGP", "--method.n_ctx", "2", "--method.lr", "0.05", "--log.progress", "false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def fit(cli, out_dir, *extra):
     code, out, err = cli("fit", *MGP, "--out_dir", out_dir, *extra)

@@ -25,15 +25,6 @@ PACS = SHARED_DATA / "pacs-mini"
 CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these tiny workloads gain nothing from two, and on a shared 2-core machine OpenMP's
-    spinning threads make them 10-20x slower under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def backbone():

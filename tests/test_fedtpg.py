@@ -42,13 +42,6 @@ log: {progress: false}
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_generated_context_depends_on_the_class_names(tiny_backbone):
     client = FedTPG().build_client(tiny_backbone, ["dog", "cat", "bird"], slots=2)

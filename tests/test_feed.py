@@ -15,13 +15,6 @@ from fedprompt.federation.feed import Feed
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_store_batches_equal_the_cpu_transform(tiny_backbone: Backbone):
     splits = Synthetic(num_classes=3, train_per_class=4, test_per_class=5, image_size=40).setup()

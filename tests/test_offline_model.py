@@ -76,15 +76,6 @@ class SharedFeatureCache(FeatureCache):
         self._tables = _STORE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: the text-tower steps are small ops, and on a 2-core machine that runs
-    anything else two OpenMP threads spin-wait (measured 5x slower per CoOp step, 1.5x per image); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def effl0() -> Backbone:

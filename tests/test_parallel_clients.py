@@ -33,13 +33,6 @@ METHODS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def fit(cli, out_dir, *extra) -> tuple[list[dict], dict]:
     code, _, err = cli("fit", *COMMON, "--out_dir", out_dir, *extra)

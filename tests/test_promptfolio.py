@@ -21,13 +21,6 @@ CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse"]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def backbone():
