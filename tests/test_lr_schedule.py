@@ -138,7 +138,7 @@ def test_engine_hands_each_client_its_scheduled_rate(cli, tmp_path, monkeypatch,
     epoch_steps = [math.ceil(n / 8) for n in sizes]
     args = OptimizerArgs(lr=0.05, lr_schedule="cosine", warmup_epochs=1, lr_scope=scope, cosine_epochs=3)
     rows = read_rows(tmp_path)
-    expected = []  # per optimizer step: which slots step, and each slot's rate (0 for idle slots)
+    expected = []  # per optimizer step: which of the group's slots step, and each one's rate (0 when idle)
     before = 0
     own = dict.fromkeys(range(4), 0)  # client scope: each client's own epochs so far
     for row in rows:
@@ -150,9 +150,9 @@ def test_engine_hands_each_client_its_scheduled_rate(cli, tmp_path, monkeypatch,
             own[cid] += 2
         plans = [2 * epoch_steps[cid] for cid in clients]
         for step in range(max(plans)):
-            active = [step < n for n in plans] + [False] * (4 - len(clients))
+            active = [step < n for n in plans]
             rates = [args.lr_at(step, plans[j], epoch_steps[cid], offsets[cid]) if active[j] else 0.0
-                     for j, cid in enumerate(clients)] + [0.0] * (4 - len(clients))
+                     for j, cid in enumerate(clients)]
             expected.append((active, rates))
     assert len(seen) == len(expected)
     for (active, lr), (want_active, want_lr) in zip(seen, expected):

@@ -51,7 +51,8 @@ class StackedSGD(torch.optim.Optimizer):
         self._slot_lr: torch.Tensor | None = None
 
     def set_slots(self, active: torch.Tensor, lr: torch.Tensor) -> None:
-        """The slots updated by the next step (bool ``[K]``) and their learning rates (``[K]``)."""
+        """The slots updated by the next step (bool ``[n]``) and their learning rates (``[n]``), for the first n slots
+        of every parameter (a group smaller than the module leaves its last slots out of the update entirely)."""
         self._active, self._slot_lr = active, lr
 
     @torch.no_grad()
@@ -72,35 +73,34 @@ class StackedSGD(torch.optim.Optimizer):
         inactive slots keep their values through ``torch.where``. Both use the same float operations, so a client's
         update does not depend on which other slots are active."""
         shape = (-1,) + (1,) * (param.dim() - 1)
+        used = param.shape[0] if self._active is None else self._active.shape[0]
+        full, param = param, param[:used]  # views: in-place updates reach the parameter
         lr = self._slot_lr.to(param.device, param.dtype).view(shape) if self._slot_lr is not None else group["lr"]
-        d_p = param.grad
+        d_p = full.grad[:used]
         if group["weight_decay"]:
             d_p = d_p.add(param, alpha=group["weight_decay"])
+        state = self.state[full]
+        if group["momentum"] and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(full)
+            state["started"] = torch.zeros((full.shape[0],) + (1,) * (full.dim() - 1), dtype=torch.bool,
+                                           device=full.device)
         if every:
             if group["momentum"]:
-                state = self.state[param]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d_p.clone()
-                    state["started"] = torch.ones(param.shape[0], dtype=torch.bool, device=param.device).view(shape)
-                else:
+                buf, started = state["momentum_buffer"][:used], state["started"][:used]
+                if bool(started.all()):
                     buf.mul_(group["momentum"]).add_(d_p)
-                    state["started"].fill_(True)
+                else:  # a slot's first step sets its buffer to d_p, as torch.optim.SGD
+                    buf.copy_(torch.where(started, buf * group["momentum"] + d_p, d_p))
+                    started.fill_(True)
                 d_p = buf
             param.sub_(lr * d_p)
             return
         active = self._active.to(param.device).view(shape)
         if group["momentum"]:
-            state = self.state[param]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.where(active, d_p, torch.zeros_like(d_p))
-                state["started"] = active.clone()
-            else:
-                started = state["started"]
-                fresh = active & ~started  # a slot's first step sets its buffer to d_p, as torch.optim.SGD
-                buf.copy_(torch.where(fresh, d_p, torch.where(active, buf * group["momentum"] + d_p, buf)))
-                started |= active
+            buf, started = state["momentum_buffer"][:used], state["started"][:used]
+            fresh = active & ~started
+            buf.copy_(torch.where(fresh, d_p, torch.where(active, buf * group["momentum"] + d_p, buf)))
+            started |= active
             d_p = buf
         param.copy_(torch.where(active, param - lr * d_p, param))
 
@@ -207,9 +207,9 @@ class LockstepTrainer:
             with timer.section("backward"):
                 fabric.backward(per_client.sum())
             with timer.section("optimizer"):
-                active = torch.zeros(client.slots, dtype=torch.bool)
+                active = torch.zeros(len(plans), dtype=torch.bool)  # the group's slots; the module may have more
                 active[batch.members] = True
-                rates = torch.zeros(client.slots, dtype=torch.float64)
+                rates = torch.zeros(len(plans), dtype=torch.float64)
                 for j in batch.members:
                     rates[j] = client.optim.lr_at(lr_steps[j], plans[j].steps, plans[j].epoch_steps,
                                                   plans[j].epochs_before)

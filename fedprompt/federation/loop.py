@@ -80,8 +80,14 @@ class Federation:
     """The clients sampled in each round, for :meth:`epochs_before` (``lr_scope: client``)."""
 
     def __post_init__(self):
+        # lock-step groups hold clients of one class list: no group is larger than the largest set of clients that
+        # share one (1 when every client has its own list, as in FedTPG's cross_cls)
+        lists: dict[tuple, int] = {}
+        for split in self.clients:
+            key = tuple(getattr(split, "classnames", None) or self.classnames)
+            lists[key] = lists.get(key, 0) + 1
         self.group_size, self.adaptive = resolve_parallel_clients(self.federation.parallel_clients,
-                                                                  len(self.clients), self.fabric.world_size)
+                                                                  max(lists.values()), self.fabric.world_size)
         self.trainer = LockstepTrainer(self.fabric, self.feed, self.timer)
 
     # ---------------------------------------------------------------------------------------------- modules

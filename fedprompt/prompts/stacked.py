@@ -9,6 +9,7 @@ runs the network for several slots in one call with ``torch.func.functional_call
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -52,4 +53,6 @@ class SlotStacked(nn.Module):
         def one(weights, *inputs):
             return functional_call(self.template, weights, inputs)
 
-        return vmap(one)(chosen, *args)
+        with warnings.catch_warnings():  # vmap has no batching rule for fused attention: a (correct) loop inside
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            return vmap(one)(chosen, *args)
