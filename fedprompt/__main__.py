@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         components = commands()
         import fedprompt.fit
 
+        if not any(arg in ("-h", "--help") for arg in argv):  # a help page needs no method class: skip Lightning
+            import fedprompt.methods
+
+            fedprompt.methods.import_all()  # short names (--method FedOTP) resolve among the imported subclasses
+
         parser = capture_parser(lambda: CLI(components, args=argv))
         _no_exit_on_error(parser)
         try:

@@ -32,7 +32,7 @@ from fedprompt.federation.checkpoint import check_resume, check_shapes, load_che
 from fedprompt.federation.feed import Feed
 from fedprompt.federation.loop import Federation
 from fedprompt.loggers import build_logger, log_client_table, logger_run_id, numeric_metrics, save_logger
-from fedprompt.methods import Method, ZeroShot
+from fedprompt.methods import Method
 
 #: The resolved config of the current CLI call (set by ``fedprompt.__main__``), saved as hyperparameters.yaml.
 RESOLVED_CONFIG: dict | None = None
@@ -109,6 +109,8 @@ def setup(mode: str, cfg: dict) -> dict:
 def _check_arguments(mode: str, cfg: dict) -> None:
     """Checks that need no data and no model (the ranges of numbers are checked by the argument dataclasses)."""
     if mode == "zeroshot" and cfg["method"] is None:
+        from fedprompt.methods import ZeroShot
+
         cfg["method"] = ZeroShot()
     if cfg["method"] is None:
         raise FedPromptError("method is not set: give a config with method.class_path (e.g. "

@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 
 import torch
-from torchmetrics.classification import MulticlassAccuracy
 
 
-def accuracy_metric(num_classes: int) -> MulticlassAccuracy:
+def accuracy_metric(num_classes: int):
     """Top-1 accuracy over all samples (micro average) of ONE client on this rank.
 
     ``sync_on_compute=False``: each rank evaluates different clients; the round loop gathers the per-client results
     itself (torchmetrics' default would sum the counts of different clients across ranks, and hang when ranks hold
     different numbers of clients)."""
+    from torchmetrics.classification import MulticlassAccuracy  # here: the CLI starts without torchmetrics
+
     return MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False)
 
 

@@ -83,3 +83,17 @@ def test_bench_reports_progress(cli):
     for label in ("truncated", "77 tokens"):
         assert f"  {label}: warm-up ..." in lines and any(f"  {label}: repetition 2/2:" in x for x in lines)
     assert "comparing the features" in out and lines[-1].startswith("speed-up")
+
+
+def test_help_pages_do_not_import_lightning():
+    """`fedprompt fit --help` builds its parser from the light Method base class: Lightning, open_clip and
+    torchmetrics (seconds of imports) stay out of a help request."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fedprompt.__main__ import main\ntry:\n    main(['fit', '--help'])\nexcept SystemExit:\n"
+            "    pass\nheavy = [m for m in ('lightning', 'open_clip', 'torchmetrics', 'transformers') if m in sys.modules]"
+            "\nprint('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]
+    assert "--federation.parallel_clients" in out.stdout

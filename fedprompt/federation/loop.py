@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,11 @@ from fedprompt.federation.aggregators import Aggregator, state_bytes
 from fedprompt.federation.engine import GroupResult, LockstepTrainer, NoTimer, SectionTimer, run_groups
 from fedprompt.federation.feed import Feed, LocalPlan, local_epoch_count, local_plan
 from fedprompt.federation.sampling import derive_seed, place, sample_clients
-from fedprompt.methods.base import Method, PromptClient
+from fedprompt.methods.method import Method
 from fedprompt.metrics import accuracy_metric, harmonic_mean, summarize
+
+if TYPE_CHECKING:
+    from fedprompt.methods.base import PromptClient
 
 State = dict[str, torch.Tensor]
 

@@ -1,0 +1,185 @@
+"""The config side of a method: :class:`Method` (what a YAML selects with ``class_path``) and the local optimiser
+settings :class:`OptimizerArgs`.
+
+This module imports neither Lightning nor open_clip, so the command line can build its parser (``--help``, argument
+errors) without them; the client modules (:mod:`fedprompt.methods.base`) are imported when a method builds one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedprompt.errors import FedPromptError
+
+if TYPE_CHECKING:
+    from fedprompt.backbone import Backbone
+    from fedprompt.federation.aggregators import Aggregator
+    from fedprompt.methods.base import PromptClient
+
+
+#: learning-rate schedules of the local optimiser
+LR_SCHEDULES = ("constant", "cosine")
+#: what one cosine schedule spans (see :class:`OptimizerArgs`)
+LR_SCOPES = ("local", "official", "client")
+
+
+def dassl_cosine_lr(epoch: int, lr: float, cosine_epochs: float, warmup_epochs: int = 0,
+                    warmup_lr: float = 1e-5) -> float:
+    """The learning rate of (0-based) epoch ``epoch`` under Dassl's ``cosine`` scheduler with constant warm-up.
+
+    Dassl (``build_lr_scheduler`` with ``LR_SCHEDULER: cosine``, ``WARMUP_TYPE: constant``, ``WARMUP_RECOUNT``
+    True) runs ``warmup_epochs`` epochs at ``warmup_lr``, then hands over to ``CosineAnnealingLR(T_max =
+    cosine_epochs)`` (``MAX_EPOCH``) started at that hand-over, stepped once per epoch, minimum 0:
+    ``lr * (1 + cos(pi * t / cosine_epochs)) / 2`` with ``t = epoch - warmup_epochs``. Past ``cosine_epochs`` the
+    torch scheduler keeps following the same cosine (back up to ``lr`` at ``2 * cosine_epochs``), and so does this.
+    """
+    if epoch < warmup_epochs:
+        return warmup_lr
+    t = epoch - warmup_epochs
+    return lr * (1.0 + math.cos(math.pi * t / cosine_epochs)) / 2.0
+
+
+@dataclass
+class OptimizerArgs:
+    """Local optimiser settings (Dassl defaults: SGD, momentum 0.9, weight decay 5e-4, constant learning rate).
+
+    ``lr_schedule: cosine`` is Dassl's cosine schedule with a constant warm-up (PromptFL's and PromptFolio's
+    configs: ``warmup_epochs`` 1 at ``warmup_lr`` 1e-5, then ``CosineAnnealingLR`` over ``MAX_EPOCH`` = the local
+    epochs), stepped once per local epoch (:func:`dassl_cosine_lr`). What one schedule spans (``lr_scope``):
+
+    - ``local`` (default): every client's local round is one schedule, restarted each round, as if each client
+      had its own fresh trainer (fedprompt also gives each client a fresh optimizer every round). With 5 local
+      epochs: 1e-5, lr, 0.905 lr, 0.655 lr, 0.345 lr.
+    - ``official``: the released PromptFL / PromptFolio code. ONE Dassl trainer, and so one scheduler, serves every
+      client of the run; it is stepped after every local epoch of every client, one client after another, and
+      never reset. The warm-up therefore happens once (the first client of round 1), and the schedule position of
+      a client's local epoch is the number of local epochs trained before it in the whole run (earlier rounds, and
+      clients listed before it in this round's sample). With T_max = the local epochs the cosine cycles every
+      2 x local epochs counted over all clients, so clients of one round train with different learning rates
+      depending on their place in the order. fedprompt lists a round's clients by increasing id (the released
+      code trains them in ``np.random.choice`` order).
+    - ``client``: the released FedTPG code. Every client owns one scheduler for the whole run, stepped after each
+      of its own local epochs and never reset: the schedule position of a client's local epoch is the number of
+      local epochs that client trained in earlier rounds. With ``cosine_epochs`` = the rounds and one local epoch
+      (FedTPG's cross_cls: T_max 500) the rate falls from ``lr`` in round 1 to about 0 in the last round.
+
+    Attributes:
+        lr: base learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        lr_schedule: ``constant`` or ``cosine``.
+        warmup_epochs: cosine only: epochs at ``warmup_lr`` before the cosine starts (Dassl's ``WARMUP_EPOCH``).
+        warmup_lr: the constant warm-up learning rate (Dassl's ``WARMUP_CONS_LR``).
+        lr_scope: ``local``, ``official`` or ``client`` (above).
+        cosine_epochs: the cosine's period parameter T_max (Dassl's ``MAX_EPOCH``); ``None``: the client's local
+            epochs of the round (as in the official configs, where ``MAX_EPOCH`` is the local epoch count).
+    """
+
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "constant"
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    lr_scope: str = "local"
+    cosine_epochs: int | None = None
+
+    def __post_init__(self):
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"method.lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"method.momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            problems.append(f"method.weight_decay must be >= 0, got {self.weight_decay}")
+        if problems:
+            raise FedPromptError("; ".join(problems) + ".")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FedPromptError(f"method.lr_schedule: unknown schedule {self.lr_schedule!r}; choose one of "
+                                 f"{', '.join(LR_SCHEDULES)}.")
+        if self.lr_scope not in LR_SCOPES:
+            raise FedPromptError(f"method.lr_scope: unknown scope {self.lr_scope!r}; choose one of "
+                                 f"{', '.join(LR_SCOPES)}.")
+        if self.warmup_epochs < 0 or self.warmup_lr < 0:
+            raise FedPromptError(f"method.warmup_epochs and method.warmup_lr must be >= 0, got "
+                                 f"{self.warmup_epochs} and {self.warmup_lr}")
+        if self.cosine_epochs is not None and self.cosine_epochs < 1:
+            raise FedPromptError(f"method.cosine_epochs must be >= 1 (or null: the local epochs), got "
+                                 f"{self.cosine_epochs}")
+
+    @property
+    def counts_run_epochs(self) -> bool:
+        """Whether :meth:`lr_at` needs ``epochs_before`` (a schedule that runs over the whole run)."""
+        return self.lr_schedule != "constant" and self.lr_scope != "local"
+
+    def lr_at(self, step: int, total_steps: int, epoch_steps: int = 0, epochs_before: int = 0) -> float:
+        """The learning rate of local step ``step`` (0-based) of a client that takes ``total_steps`` this round.
+
+        Args:
+            step: the local step.
+            total_steps: the client's local steps this round.
+            epoch_steps: steps of one pass over the client's train data (0: the whole local round is one epoch).
+            epochs_before: local epochs before this local round on the schedule: ``official`` scope, trained by
+                any client; ``client`` scope, trained by this client (ignored by the ``local`` scope).
+        """
+        if self.lr_schedule == "constant":
+            return self.lr
+        per_epoch = epoch_steps if epoch_steps > 0 else max(total_steps, 1)
+        local_epochs = max(1, math.ceil(total_steps / per_epoch))
+        epoch = step // per_epoch
+        if self.lr_scope != "local":
+            epoch += epochs_before
+        return dassl_cosine_lr(epoch, self.lr, self.cosine_epochs or local_epochs, self.warmup_epochs,
+                               self.warmup_lr)
+
+
+class Method:
+    """Base class of a federated prompt-learning method (selected in a config with ``class_path``).
+
+    Class attributes say what the method does:
+        ``trains``: whether clients train at all (zero-shot CLIP does not);
+        ``communicates``: whether clients talk to a server (local CoOp does not);
+        ``global_model``: whether, after aggregation, every client holds the same model (then the accuracy on the
+        union of the clients' test data is reported as ``global_acc``);
+        ``shared_prefixes``: state-dict key prefixes sent to the server;
+        ``image_inputs``: the frozen image outputs the client uses (what the feature cache stores);
+        ``frozen_image_tower``: whether the image side is the frozen tower alone, so its outputs can be cached
+        (False for methods with visual prompts).
+    """
+
+    trains = True
+    frozen_image_tower = True
+    communicates = True
+    global_model = True
+    shared_prefixes: tuple[str, ...] = ()
+    #: frozen image-tower outputs the client reads: "features" (pooled) and/or "tokens" (patch tokens)
+    image_inputs: tuple[str, ...] = ("features",)
+
+    def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
+                 lr_scope: str = "local", cosine_epochs: int | None = None):
+        self.optim = OptimizerArgs(lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope,
+                                   cosine_epochs)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> PromptClient:
+        """Create this method's client module for ``slots`` clients (prompts initialised from the current torch
+        seed, the same initial value in every slot)."""
+        raise NotImplementedError
+
+    def build_aggregator(self) -> Aggregator:
+        """The server's merge rule; sample-weighted mean of the shared keys by default."""
+        from fedprompt.federation.aggregators import WeightedMean
+
+        return WeightedMean(self.shared_prefixes)
+
+    def hparams(self) -> dict:
+        """The method's hyperparameters as a flat dict (for logs)."""
+        out = {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None)))}
+        out.update(vars(self.optim))
+        return out
