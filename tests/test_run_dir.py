@@ -251,3 +251,11 @@ def test_zeroshot_never_trains_even_a_trainable_method(cli, tmp_path):
     code, _, err = cli("zeroshot", "--config", SMOKE, "--out_dir", tmp_path)  # smoke.yaml's method is PromptFL
     assert code == 0, err
     assert [r["round"] for r in read_rows(tmp_path)] == [0] and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_folder(cli, tmp_path):
+    out = tmp_path / "runs" / "new"
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", out, "--data", "fedprompt.data.DomainFolders",
+                       "--data.root", tmp_path / "missing")
+    assert code == 2 and "does not exist" in err
+    assert not (tmp_path / "runs").exists()
