@@ -5,8 +5,9 @@ Two benchmarks:
 - the round benchmark (``--config CONFIG`` and any ``fit`` flags): runs a few rounds of the configured federation
   and prints, per round, seconds split into data, image tower, text encoder, logits (FedOTP: similarity and OT),
   backward, optimizer, evaluation and communication, train images per second, peak memory and the mean device
-  utilisation (CUDA, where the driver reports it); ``--json true`` prints the same rows as JSON instead. Sections are timed with a
-  device synchronisation at both ends, so the figures add up but the run is slightly slower than ``fit``.
+  utilisation (CUDA, where the driver reports it); ``--json true`` prints the same rows as JSON instead. Sections
+  are timed with a device synchronisation at both ends, so the figures add up but the run is slightly slower than
+  ``fit``.
 - ``--truncation true``: one forward+backward of the prompt text path with and without end-of-text truncation on a
   random-init backbone, and the largest feature difference (exactness check of that speed-up).
 """

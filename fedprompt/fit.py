@@ -25,7 +25,7 @@ from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, L
 from fedprompt.backbone import load_backbone
 from fedprompt.backbone.loading import check_source
 from fedprompt.data import FederatedData, clip_transforms
-from fedprompt.data.datasets import remove_if_left_empty
+from fedprompt.data.datasets import missing_dirs, remove_if_left_empty
 from fedprompt.data.cache import FeatureCache
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.federation.checkpoint import check_resume, check_shapes, load_checkpoint, read_jsonl, \
@@ -214,7 +214,6 @@ def _read_data_and_check_weights(cfg: dict):
 def build_federation(fabric, cfg: dict, splits=None, timer=None) -> tuple[Federation, list[str]]:
     """Load the backbone, read and split the data (unless ``splits`` are given), build the method's client modules,
     feed and aggregator (``timer``: the round benchmark's section timer)."""
-    data: FederatedData = cfg["data"]
     splits = splits if splits is not None else _read_data_and_check_weights(cfg)
     bargs: BackboneArgs = cfg["backbone"]
     torch.manual_seed(cfg["seed"])  # a random-init backbone is the same on every rank and every run
@@ -352,22 +351,13 @@ def _checkpoint(fed: Federation, round_idx: int, cfg: dict, run_id: str | None) 
 def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
     """Run one command on this rank; returns the summary (on every rank)."""
     out_dir = _out_dir(fabric, cfg)
-    created = _missing_folders(out_dir) if fabric.global_rank == 0 else []
+    created = missing_dirs(out_dir) if fabric.global_rank == 0 else []
     _claim_run_dir(fabric, mode, cfg, out_dir)
     try:
         with remove_if_left_empty(created):  # a run that fails before writing anything leaves no empty folder
             return _run(fabric, mode, cfg, checkpoint, out_dir)
     except KeyboardInterrupt:
         raise Interrupted(_interrupt_message(mode, cfg, out_dir)) from None
-
-
-def _missing_folders(path: Path) -> list[Path]:
-    """The folders of ``path`` that do not exist yet, outermost first."""
-    missing = []
-    while not path.exists() and path.parent != path:
-        missing.append(path)
-        path = path.parent
-    return missing[::-1]
 
 
 def _interrupt_message(mode: str, cfg: dict, out_dir: Path) -> str:

@@ -4,7 +4,6 @@ reproduced by compat: official, and resume is exact."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from conftest import ROOT, read_rows, without_timings

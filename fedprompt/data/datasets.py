@@ -239,15 +239,20 @@ class FederatedData:
         return splits
 
 
-def make_dirs(path: Path) -> list[Path]:
-    """Create ``path`` and its missing parents; returns the folders created, outermost first."""
+def missing_dirs(path: Path) -> list[Path]:
+    """The folders of ``path`` (itself included) that do not exist yet, outermost first."""
     missing = []
     while not path.exists():
         missing.append(path)
         if path.parent == path:
             break
         path = path.parent
-    missing.reverse()
+    return missing[::-1]
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents; returns the folders created, outermost first."""
+    missing = missing_dirs(path)
     if missing:
         missing[-1].mkdir(parents=True, exist_ok=True)
     return missing

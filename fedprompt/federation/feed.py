@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fedprompt.data.augment import CropParams, normalize
 from fedprompt.data.base import Sample
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -215,17 +216,16 @@ class Feed:
             self._rows[key] = store.rows(self.lists[name])
         return self._rows[key]
 
-    def _from_store(self, store, name: str, indices: list[int]) -> dict:
+    def _from_store(self, store, name: str, indices: list[int], crop_seed: int | None = None) -> dict:
+        """The stored uint8 ``pixels`` and labels of samples ``indices`` of list ``name``; with ``crop_seed``, also
+        their ``crop`` boxes and flips, drawn from a generator seeded with it (the client's step seed)."""
         rows = self._store_rows(store, name)[torch.as_tensor(indices, dtype=torch.long)]
         pixels, sizes = store.get(rows)
-        labels = torch.as_tensor([self.lists[name][i].label for i in indices], dtype=torch.long)
-        return {"pixels": pixels, "label": labels, "sizes": sizes}
-
-    def _crops(self, part: dict, seed: int) -> dict:
-        """Crop boxes and flips of one client's batch, from a generator seeded with its step seed."""
-        params = self.augment.sample(part.pop("sizes"), torch.Generator().manual_seed(seed))
-        part["crop"] = torch.stack([params.top, params.left, params.height, params.width,
-                                    params.flip.to(params.top.dtype)], dim=1)
+        part = {"pixels": pixels, "label": torch.as_tensor([self.lists[name][i].label for i in indices])}
+        if crop_seed is not None:
+            params = self.augment.sample(sizes, torch.Generator().manual_seed(crop_seed))
+            part["crop"] = torch.stack([params.top, params.left, params.height, params.width,
+                                        params.flip.to(params.top.dtype)], dim=1)
         return part
 
     def finish(self, batch: dict) -> dict:
@@ -236,15 +236,10 @@ class Feed:
         batch = dict(batch)
         pixels = batch.pop("pixels")
         crop = batch.pop("crop", None)
-        batch.pop("sizes", None)
         if crop is not None:
-            from fedprompt.data.augment import CropParams
-
             top, left, height, width, flip = crop.unbind(1)
             batch["image"] = self.augment.apply(pixels, CropParams(top, left, height, width, flip.bool()))
         else:
-            from fedprompt.data.augment import normalize
-
             kind = self.test_store.kind
             batch["image"] = normalize(pixels, kind.mean, kind.std)
         return batch
@@ -266,12 +261,9 @@ class Feed:
         store = self.train_store or (self.test_store if self.train_from_test_store else None)
         if store is not None:
             for step, (members, counts) in enumerate(layout):
-                parts = [self._from_store(store, f"train:{plans[j].cid}", plans[j].batches[step]) for j in members]
-                if self.train_store is not None:
-                    parts = [self._crops(part, plans[j].seeds[step]) for part, j in zip(parts, members)]
-                else:
-                    for part in parts:
-                        part.pop("sizes")
+                parts = [self._from_store(store, f"train:{plans[j].cid}", plans[j].batches[step],
+                                          plans[j].seeds[step] if self.train_store is not None else None)
+                         for j in members]
                 yield StepBatch({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, members, counts)
             return
         batches = []
@@ -298,9 +290,7 @@ class Feed:
             return
         if self.test_store is not None:
             for span in spans:
-                part = self._from_store(self.test_store, name, span)
-                part.pop("sizes")
-                yield part
+                yield self._from_store(self.test_store, name, span)
             return
         yield from self._files([[(name, i, None) for i in span] for span in spans])
 

@@ -109,6 +109,10 @@ class Federation:
                 self.method.build_client(self.backbone, list(classnames), self.group_size))
         return self.modules[key]
 
+    def chunks(self, ids: list[int]) -> list[list[int]]:
+        """``ids`` cut into lock-step groups of at most ``group_size``."""
+        return [ids[begin:begin + self.group_size] for begin in range(0, len(ids), self.group_size)]
+
     def client_classnames(self, cid: int) -> list[str]:
         return getattr(self.clients[cid], "classnames", None) or self.classnames
 
@@ -232,8 +236,7 @@ class Federation:
         ok = [cid for cid in sorted(results) if cid not in failed]
         if ok:
             weights = {cid: len(self.clients[cid].train) for cid in ok}
-            sums = self.aggregator.partial_sum({cid: u for cid, u in uploads.items() if cid not in failed}, weights,
-                                               self.global_state)
+            sums = self.aggregator.partial_sum(uploads, weights, self.global_state)  # this rank's successful clients
             if self.fabric.world_size > 1:
                 sums = {k: self.fabric.all_reduce(v.to(self.fabric.device), reduce_op="sum").cpu()
                         for k, v in sums.items()}
@@ -298,8 +301,7 @@ class Federation:
         out = {}
         for eval_set in self.eval_sets:
             mine = place(self._set_clients(eval_set), self.fabric.global_rank, self.fabric.world_size)
-            for begin in range(0, len(mine), self.group_size):
-                chunk = mine[begin:begin + self.group_size]
+            for chunk in self.chunks(mine):
                 client, slots, text = self._load_group(eval_set.classnames, chunk)
                 for pos, cid in enumerate(chunk):
                     out[(eval_set.name, cid)] = self._accuracy(client, text, slots, pos, f"test:{eval_set.name}")
@@ -317,8 +319,7 @@ class Federation:
         local: dict = {}
         bar = tqdm(total=len(mine), desc="evaluating", leave=False, disable=not self.progress)
         for members in groups.values():
-            for begin in range(0, len(members), self.group_size):
-                chunk = members[begin:begin + self.group_size]
+            for chunk in self.chunks(members):
                 local.update(self._evaluate_own(chunk))
                 bar.update(len(chunk))
         bar.close()
@@ -378,7 +379,8 @@ class Federation:
         if len(base) == 1 and len(novel) == 1 and not unseen:
             for split in ("base", "novel"):
                 name = next(e.name for e in self.eval_sets if e.split == split)
-                out[f"client_{split}_acc"] = [results.get((name, cid), per_set[name]) for cid in range(len(self.clients))]
+                out[f"client_{split}_acc"] = [results.get((name, cid), per_set[name])
+                                              for cid in range(len(self.clients))]
         else:
             out["set_acc"] = per_set
         return out

@@ -32,8 +32,6 @@ A :class:`~fedprompt.methods.method.Method` is the config object a YAML selects 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 
 from fedprompt.backbone import Backbone
 from fedprompt.federation.engine import NoTimer, StackedSGD
-from fedprompt.methods.method import LR_SCHEDULES, LR_SCOPES, Method, OptimizerArgs, dassl_cosine_lr  # noqa: F401
+from fedprompt.methods.method import OptimizerArgs
 
 State = dict[str, torch.Tensor]
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from fedprompt.backbone import Backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, NoCommunication, WeightedMean
-from fedprompt.methods.base import Method, OptimizerArgs, PromptClient
+from fedprompt.methods.base import PromptClient
+from fedprompt.methods.method import Method, OptimizerArgs
 from fedprompt.prompts import ContextVectors
 
 
@@ -90,7 +91,8 @@ class PromptFL(_CoOpMethod):
                  lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4,
                  lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
                  lr_scope: str = "local", cosine_epochs: int | None = None):
-        super().__init__(n_ctx, ctx_init, csc, lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
+        super().__init__(n_ctx, ctx_init, csc, lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr,
+                         lr_scope, cosine_epochs)
         self.weighted = weighted
 
     def build_aggregator(self) -> Aggregator:
@@ -170,7 +172,8 @@ class FedProx(PromptFL):
                  weighted: bool = True, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4,
                  lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
                  lr_scope: str = "local", cosine_epochs: int | None = None):
-        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
+        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay, lr_schedule, warmup_epochs,
+                         warmup_lr, lr_scope, cosine_epochs)
         if mu < 0:
             raise FedPromptError(f"method.mu must be >= 0, got {mu}")
         self.mu = mu
@@ -222,7 +225,8 @@ class FedPer(PromptFL):
                  weight_decay: float = 5e-4,
                  lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
                  lr_scope: str = "local", cosine_epochs: int | None = None):
-        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
+        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay, lr_schedule, warmup_epochs,
+                         warmup_lr, lr_scope, cosine_epochs)
         self.n_shared = n_shared
 
     def build_aggregator(self) -> Aggregator:

@@ -29,7 +29,8 @@ from fedprompt.backbone import Backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator
 from fedprompt.federation.sampling import derive_seed
-from fedprompt.methods.base import Method, OptimizerArgs, PromptClient, segment_mean, with_owners
+from fedprompt.methods.base import PromptClient, segment_mean, with_owners
+from fedprompt.methods.method import Method, OptimizerArgs
 from fedprompt.prompts import ContextVectors, VisualPrompts
 
 TEXT_KEY = "text_prompts.ctx"

@@ -26,9 +26,10 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from fedprompt.backbone import Backbone, PromptTokens
+from fedprompt.backbone import Backbone
 from fedprompt.errors import FedPromptError
-from fedprompt.methods.base import Method, OptimizerArgs, PromptClient
+from fedprompt.methods.base import PromptClient
+from fedprompt.methods.method import Method, OptimizerArgs
 from fedprompt.ot import PLAN_KINDS, transport_plan
 from fedprompt.prompts import ContextVectors
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from fedprompt.backbone import Backbone
 from fedprompt.backbone.model import PLACEHOLDER
 from fedprompt.errors import FedPromptError
-from fedprompt.methods.base import Method, OptimizerArgs, PromptClient, per_owner_matmul
+from fedprompt.methods.base import PromptClient, per_owner_matmul
+from fedprompt.methods.method import Method, OptimizerArgs
 from fedprompt.prompts import ContextVectors, LowRankContext
 
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from fedprompt.backbone import Backbone
 from fedprompt.federation.aggregators import Aggregator, WeightedMean
-from fedprompt.methods.base import Method, OptimizerArgs, PromptClient
+from fedprompt.methods.base import PromptClient
+from fedprompt.methods.method import Method, OptimizerArgs
 from fedprompt.prompts import PromptGenerator
 from fedprompt.prompts.stacked import SlotStacked
 

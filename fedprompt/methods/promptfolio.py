@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from fedprompt.backbone import Backbone
 from fedprompt.errors import FedPromptError
-from fedprompt.methods.base import Method, OptimizerArgs, PromptClient
+from fedprompt.methods.base import PromptClient
+from fedprompt.methods.method import Method, OptimizerArgs
 from fedprompt.prompts import ContextVectors
 
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from fedprompt.backbone import Backbone
 from fedprompt.federation.aggregators import Aggregator, NoCommunication
-from fedprompt.methods.base import Method, PromptClient
+from fedprompt.methods.base import PromptClient
+from fedprompt.methods.method import Method
 
 
 class ZeroShotClient(PromptClient):
