@@ -68,6 +68,24 @@ def cli(capsys):
     return run
 
 
+def tiny_fit(method, out_dir: Path, rounds: int, resume: Path | None = None, local_epochs: int = 1) -> dict:
+    """``fit`` in-process on the tiny model and generated images: 2 domain clients of 4 classes (8 train, 4 test
+    images per class), one client sampled after round 1, augmentation on, a checkpoint every round; returns the
+    summary."""
+    from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
+    from fedprompt.data import Synthetic
+    from fedprompt.fit import fit
+
+    return fit(method=method,
+               data=Synthetic(num_classes=4, train_per_class=8, test_per_class=4, image_size=32, num_domains=2),
+               backbone=BackboneArgs(model="fedprompt-tiny", pretrained=None),
+               federation=FederationArgs(rounds=rounds, fraction=0.5),
+               train=TrainArgs(local_epochs=local_epochs, batch_size=8, augment=True), eval=EvalArgs(batch_size=64),
+               log=LogArgs(logger="none", progress=False, checkpoint_every=1),
+               fabric=FabricArgs(accelerator="cpu", devices=1, precision="32-true"),
+               out_dir=str(out_dir), resume=str(resume) if resume else None, seed=0)
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
+from conftest import tiny_fit
 from fedprompt.backbone import load_backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.methods import FedOTP, FedOTPClient
@@ -231,17 +231,7 @@ def test_method_arguments_are_checked(backbone, tmp_path):
 
 # --------------------------------------------------------------------------------------------- federated runs
 def _fit(out_dir: Path, rounds: int, resume: Path | None = None) -> dict:
-    from fedprompt.data import Synthetic
-    from fedprompt.fit import fit
-
-    return fit(method=FedOTP(n_ctx=4, lr=0.05, eps=0.1),
-               data=Synthetic(num_classes=4, train_per_class=8, test_per_class=4, image_size=32, num_domains=2),
-               backbone=BackboneArgs(model="fedprompt-tiny", pretrained=None),
-               federation=FederationArgs(rounds=rounds, fraction=0.5),
-               train=TrainArgs(local_epochs=1, batch_size=8, augment=True), eval=EvalArgs(batch_size=64),
-               log=LogArgs(logger="none", progress=False, checkpoint_every=1),
-               fabric=FabricArgs(accelerator="cpu", devices=1, precision="32-true"),
-               out_dir=str(out_dir), resume=str(resume) if resume else None, seed=0)
+    return tiny_fit(FedOTP(n_ctx=4, lr=0.05, eps=0.1), out_dir, rounds, resume)
 
 
 def test_federated_rounds_share_the_global_prompt_keep_local_prompts_and_resume(backbone, tmp_path):

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, read_rows, without_timings
-from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
+from conftest import ROOT, read_rows, tiny_fit, without_timings
 from fedprompt.backbone import load_backbone
 from fedprompt.data import Synthetic, clip_transforms
 from fedprompt.errors import FedPromptError
@@ -162,19 +161,8 @@ def test_method_arguments_are_checked(cli, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- federated runs
-def _fit(out_dir: Path, rounds: int, resume: Path | None = None, **data_kwargs) -> dict:
-    from fedprompt.fit import fit
-
-    data = {"num_classes": 4, "train_per_class": 8, "test_per_class": 4, "image_size": 32, "num_domains": 2,
-            **data_kwargs}
-    return fit(method=FedPGP(n_ctx=4, bottleneck=2, lr=0.5),
-               data=Synthetic(**data),
-               backbone=BackboneArgs(model="fedprompt-tiny", pretrained=None),
-               federation=FederationArgs(rounds=rounds, fraction=0.5),
-               train=TrainArgs(local_epochs=1, batch_size=8, augment=True), eval=EvalArgs(batch_size=64),
-               log=LogArgs(logger="none", progress=False, checkpoint_every=1),
-               fabric=FabricArgs(accelerator="cpu", devices=1, precision="32-true"),
-               out_dir=str(out_dir), resume=str(resume) if resume else None, seed=0)
+def _fit(out_dir: Path, rounds: int, resume: Path | None = None) -> dict:
+    return tiny_fit(FedPGP(n_ctx=4, bottleneck=2, lr=0.5), out_dir, rounds, resume)
 
 
 def test_only_sigma_leaves_a_client_u_and_v_are_kept_and_resume_is_exact(backbone, tmp_path):

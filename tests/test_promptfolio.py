@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, read_rows, without_timings
-from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
+from conftest import ROOT, read_rows, tiny_fit, without_timings
 from fedprompt.backbone import load_backbone
-from fedprompt.data import Synthetic
 from fedprompt.errors import FedPromptError
 from fedprompt.methods import PromptFolio, PromptFolioClient
 
@@ -95,16 +93,8 @@ def test_one_encoder_call_per_step_and_gradients_reach_both_prompts(backbone, mo
 
 # --------------------------------------------------------------------------------------------- federated runs
 def _fit(out_dir: Path, rounds: int, resume: Path | None = None) -> dict:
-    from fedprompt.fit import fit
-
-    return fit(method=PromptFolio(n_ctx=4, lr=0.5, lr_scope="official", cosine_epochs=3),
-               data=Synthetic(num_classes=4, train_per_class=8, test_per_class=4, image_size=32, num_domains=2),
-               backbone=BackboneArgs(model="fedprompt-tiny", pretrained=None),
-               federation=FederationArgs(rounds=rounds, fraction=0.5),
-               train=TrainArgs(local_epochs=2, batch_size=8, augment=True), eval=EvalArgs(batch_size=64),
-               log=LogArgs(logger="none", progress=False, checkpoint_every=1),
-               fabric=FabricArgs(accelerator="cpu", devices=1, precision="32-true"),
-               out_dir=str(out_dir), resume=str(resume) if resume else None, seed=0)
+    return tiny_fit(PromptFolio(n_ctx=4, lr=0.5, lr_scope="official", cosine_epochs=3), out_dir, rounds, resume,
+                    local_epochs=2)
 
 
 def test_global_prompt_is_shared_local_prompt_kept_and_resume_is_exact(backbone, tmp_path):
