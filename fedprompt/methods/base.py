@@ -122,10 +122,18 @@ class PromptClient(L.LightningModule):
     #: class dimension, e.g. CoOp's class-specific context)
     switchable_classes = True
 
+    #: the sentence around the learnable context: ``{ctx}`` the ``n_ctx`` placeholders, ``{name}`` the class name
+    prompt_template = "{ctx} {name}."
+    #: learnable context tokens per prompt (set by the client; ``None``: the client has no prompt sentence)
+    n_ctx: int | None = None
+
     def class_data(self, classnames: list[str]) -> dict[str, Any]:
-        """The frozen data this method derives from a class list (e.g. ``{"tokens": backbone.prompt_tokens(...)}``),
-        read with :meth:`frozen`; computed once per class list."""
-        return {}
+        """The frozen data this method derives from a class list, read with :meth:`frozen`; computed once per class
+        list. By default the ``tokens`` of :attr:`prompt_template` with ``n_ctx`` placeholders; methods add their
+        own entries (``{**super().class_data(classnames), ...}``)."""
+        if self.n_ctx is None:
+            return {}
+        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx, template=self.prompt_template)}
 
     def set_classes(self, classnames: list[str]) -> None:
         """Point the module at another class list (the prompts do not depend on it; see ``switchable_classes``)."""

@@ -39,9 +39,6 @@ class CoOpClient(PromptClient):
         self.prompt = ContextVectors(self.n_ctx, backbone.ctx_dim, n_cls=len(classnames) if csc else None,
                                      words=words, slots=slots)
 
-    def class_data(self, classnames: list[str]) -> dict:
-        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx)}
-
     def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised class text features [A, C, E] of the clients in ``slots`` (default all; one encoder call)."""
         ctx = self.prompt.ctx if slots is None else self.prompt.ctx[slots]

@@ -406,10 +406,13 @@ class FedMGPClient(PromptClient):
         slots: clients held by this module.
     """
 
+    prompt_template = "{ctx} of a {name}."  # [SOS] p1 p2 of a {class}. [EOS]
+
     def __init__(self, backbone: Backbone, classnames: list[str], method: "FedMGP",
                  optim: OptimizerArgs | None = None, slots: int = 1):
         super().__init__(backbone, classnames, optim, slots)
         self.settings = method
+        self.n_ctx = method.n_ctx
         words = backbone.word_embeddings(method.ctx_init)[: method.n_ctx].cpu()
         if words.shape[0] != method.n_ctx:
             raise FedPromptError(f"method.ctx_init {method.ctx_init!r} has fewer than n_ctx={method.n_ctx} tokens.")
@@ -423,9 +426,6 @@ class FedMGPClient(PromptClient):
                                                 method.visual_depth, slots=slots)
             # the released code never loads aggregated visual prompts (compat: official): keep the initial ones
             self.register_buffer("initial_visual", self.visual_prompts.tokens.detach().clone(), persistent=False)
-
-    def class_data(self, classnames: list[str]) -> dict:
-        return {"tokens": self.backbone.prompt_tokens(classnames, self.settings.n_ctx, template="{ctx} of a {name}.")}
 
     def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised text features [A, G_t, C, E] of every group of the clients in ``slots``."""

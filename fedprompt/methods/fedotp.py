@@ -106,9 +106,6 @@ class FedOTPClient(PromptClient):
         self.ot, self.gamma, self.eps, self.max_iter, self.tol = ot, gamma, eps, max_iter, tol
         self.early_exit = early_exit
 
-    def class_data(self, classnames: list[str]) -> dict:
-        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx)}
-
     def prompts(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """[A, 2, n_ctx, D]: each client's global prompt (index 0) and local prompt (index 1)."""
         prompts = torch.stack([self.global_prompt.ctx, self.local_prompt.ctx], dim=1)

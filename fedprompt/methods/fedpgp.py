@@ -83,7 +83,7 @@ class FedPGPClient(PromptClient):
         sentences = [self.hand_prompt.format(name.replace("_", " ")) for name in classnames]
         with torch.no_grad(), torch.autocast(device_type=self.backbone.device.type, enabled=False):
             hand = F.normalize(self.backbone.encode_text(sentences).float(), dim=-1)
-        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx), "hand": hand}
+        return {**super().class_data(classnames), "hand": hand}
 
     def contexts(self, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma + U V, sigma), each [A, n_ctx, D], of the clients in ``slots`` (default all)."""

@@ -54,8 +54,7 @@ class FedTPGClient(PromptClient):
         return F.normalize(self.backbone.encode_text(names).float(), dim=-1)
 
     def class_data(self, classnames: list[str]) -> dict:
-        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx),
-                "names": self.class_embeddings(classnames)}
+        return {**super().class_data(classnames), "names": self.class_embeddings(classnames)}
 
     def context(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """The generated context [A, n_ctx, D] of each client in ``slots`` for the current class list."""

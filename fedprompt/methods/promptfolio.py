@@ -51,9 +51,6 @@ class PromptFolioClient(PromptClient):
         self.local_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
         self.theta = theta
 
-    def class_data(self, classnames: list[str]) -> dict:
-        return {"tokens": self.backbone.prompt_tokens(classnames, self.n_ctx)}
-
     def prompt_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised features ``[A, 2, C, E]`` of the global (index 0) and local (index 1) prompts of the clients
         in ``slots`` (default all), from one encoder call."""
