@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,23 +28,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fedprompt.backbone import Backbone, load_open_clip, register_bundled_configs  # noqa: E402
+from fedprompt.bench import timed  # noqa: E402
 from fedprompt.methods.fedmgp import diversity_loss, group_cross_entropy, group_logits, init_text_groups  # noqa: E402
 from fedprompt.prompts import init_visual_tokens  # noqa: E402
 
 CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
-
-
-def timed(fns: list, repeats: int) -> list[tuple[float, object]]:
-    """Median seconds of each function over ``repeats`` calls after one warm-up call each, called in turn (so a
-    change of machine load hits all alike); returns [(seconds, last result)] in order."""
-    outs = [fn() for fn in fns]
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            outs[i] = fn()
-            times[i].append(time.perf_counter() - start)
-    return [(statistics.median(t), out) for t, out in zip(times, outs)]
 
 
 def image_features(backbone: Backbone, images: torch.Tensor, tokens: torch.Tensor, per_group: bool) -> torch.Tensor:

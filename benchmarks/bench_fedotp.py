@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fedprompt.backbone import Backbone, load_open_clip  # noqa: E402
+from fedprompt.bench import timed  # noqa: E402
 from fedprompt.methods import FedOTP, FedOTPClient  # noqa: E402
 from fedprompt.methods.fedotp import ot_logits  # noqa: E402
 from fedprompt.ot.reference import reference_partial_sinkhorn, reference_sinkhorn  # noqa: E402
@@ -64,21 +63,8 @@ class StraightforwardClient(FedOTPClient):
     """The same prompts and loss; 77-token text path (give it an untruncated backbone) and the reference OT."""
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return straightforward_ot_logits(self.image_tokens(batch), self.text_features(), self._logit_scale, self.ot,
+        return straightforward_ot_logits(self.image_tokens(batch), self.text_features()[0], self._logit_scale, self.ot,
                                          self.gamma, self.eps, self.max_iter, self.tol)
-
-
-def timed(fns: list, repeats: int) -> list[tuple[float, object]]:
-    """Median seconds of each function over ``repeats`` calls after one warm-up call each, the functions called in
-    turn (so a change of machine load hits all of them alike); returns [(seconds, last result)] in order."""
-    outs = [fn() for fn in fns]
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            outs[i] = fn()
-            times[i].append(time.perf_counter() - start)
-    return [(statistics.median(t), out) for t, out in zip(times, outs)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         _, tokens = fast_bb.encode_image_tokens(batch["image"])
         patches = F.normalize(tokens.float(), dim=-1)
-        text0 = fast.text_features()
+        text0 = fast.text_features()[0]  # [N, C, E] of the one client slot
     scale = fast_bb.logit_scale
     ot_args = (args.ot, args.gamma, args.eps, args.max_iter, args.tol)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import resource
+import statistics
 import threading
 import time
 from typing import Optional
@@ -165,6 +166,20 @@ def bench_rounds(cfg: dict, show=print) -> list[dict]:
               + f"  {ips}  {out['peak_memory_gb']:7.2f}  {util_text}  {fed.group_size}", flush=True)
     fed.feed.close()
     return rows
+
+
+def timed(fns: list, repeats: int) -> list[tuple[float, object]]:
+    """Median seconds of each function over ``repeats`` calls after one warm-up call each, the functions called in
+    turn (so a change of machine load hits all of them alike); returns [(seconds, last result)] in order (used by
+    the scripts in ``benchmarks/``)."""
+    outs = [fn() for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - start)
+    return [(statistics.median(t), out) for t, out in zip(times, outs)]
 
 
 def _progress(text: str) -> None:
