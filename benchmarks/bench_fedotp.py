@@ -63,8 +63,9 @@ class StraightforwardClient(FedOTPClient):
     """The same prompts and loss; 77-token text path (give it an untruncated backbone) and the reference OT."""
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return straightforward_ot_logits(self.image_tokens(batch), self.text_features()[0], self._logit_scale, self.ot,
-                                         self.gamma, self.eps, self.max_iter, self.tol)
+        s = self.settings
+        return straightforward_ot_logits(self.image_tokens(batch), self.text_features()[0], self._logit_scale, s.ot,
+                                         s.gamma, s.eps, s.max_iter, s.tol)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                     tol=args.tol)
     torch.manual_seed(args.seed)
     fast = method.build_client(fast_bb, classes)
-    slow = StraightforwardClient(slow_bb, classes, args.n_ctx, args.ot, args.gamma, args.eps, args.max_iter,
-                                 args.tol, method.optim)
+    slow = StraightforwardClient(slow_bb, classes, method)
     slow.load_state_dict(fast.state_dict())
     g = torch.Generator().manual_seed(args.seed)
     size = fast_bb.image_size

@@ -4,6 +4,10 @@ Every command takes ``--config FILE.yaml`` (flat YAML; ``class_path`` selects me
 it (``--data.root``, ``--federation.rounds``, ...) and ``--print_config``. ``fit`` and ``evaluate`` with ``--resume
 DIR/checkpoints/last.ckpt`` and no ``--config`` read the run's own ``DIR/hyperparameters.yaml``.
 
+The parser is built with jsonargparse's public API: one sub-parser per command, each with the run settings
+(:class:`fedprompt.run.RunArgs`, flat) and the command's own options (:data:`OPTIONS`); the parsed values are
+instantiated and handed to the command as typed objects: ``fit(run)``, ``bench(run, options)``.
+
 Importing this module is cheap (no torch, Lightning or open_clip): the commands' modules are imported when the
 parser is built, and the model and data only when a command runs.
 """
@@ -11,28 +15,15 @@ parser is built, and the model and data only when a command runs.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from argparse import ArgumentError
+from dataclasses import fields
 from pathlib import Path
 
 from fedprompt.errors import FedPromptError
 
 #: subcommands whose --resume names a run directory whose hyperparameters.yaml is the default config
 RESUMING = ("fit", "evaluate")
-
-
-def commands() -> dict:
-    """Subcommand name -> function."""
-    from fedprompt.bench import bench
-    from fedprompt.fit import evaluate, fit, zeroshot
-    from fedprompt.partition_table import partition
-    from fedprompt.sweep import sweep
-
-    return {"fit": fit, "evaluate": evaluate, "zeroshot": zeroshot, "sweep": sweep, "partition": partition,
-            "bench": bench}
-
-
 def _flag_value(args: list[str], flag: str) -> str | None:
     """The value of ``--flag VALUE`` or ``--flag=VALUE`` in ``args`` (the last one wins), else ``None``."""
     value = None
@@ -64,50 +55,48 @@ def with_run_config(argv: list[str]) -> list[str]:
     return [argv[0], "--config", str(config), "--out_dir", str(run), *rest]
 
 
-def _resolved_config(parser, cfg, name: str) -> dict:
-    import yaml
-
-    sub_parser = parser._subcommands_action._name_parser_map[name]
-    text = sub_parser.dump(cfg[name], skip_validation=True, skip_unset=False)  # null (e.g. pretrained) is a value
-    resolved = yaml.safe_load(text) or {}
-    resolved.pop("config", None)
-    return resolved
+def first_sentence(text: str | None) -> str:
+    """The first sentence of a docstring (a command's one-line summary in ``fedprompt --help``)."""
+    words = " ".join((text or "").split("\n\n")[0].split())
+    end = words.find(". ")
+    return words if end < 0 else words[: end + 1]
 
 
-def _subclass_names(base: type) -> list[str]:
-    found, todo = [], list(base.__subclasses__())
-    while todo:
-        cls = todo.pop(0)
-        todo.extend(cls.__subclasses__())
-        if not cls.__name__.startswith("_"):
-            found.append(cls.__name__)
-    return sorted(set(found))
+def command_parser(name: str):
+    """The parser of one command: ``--config``, the run settings (:class:`fedprompt.run.RunArgs`, flat) and the
+    command's own options."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from fedprompt.run import RunArgs
+    from fedprompt.commands import COMMANDS
+    from fedprompt.methods import METHODS
+
+    function, options = COMMANDS[name]
+    description = " ".join((function.__doc__ or "").split("\n\n")[0].split())
+    if name != "partition":
+        description += f" Methods (--method NAME or a class_path): {', '.join(METHODS)}."
+    parser = ArgumentParser(prog=f"fedprompt {name}", description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="A run config (YAML); flags override it.")
+    parser.add_class_arguments(RunArgs, nested_key=None, skip={"resolved_config"}, sub_configs=True)
+    if options is not None:
+        parser.add_class_arguments(options, nested_key=None)
+    return parser
 
 
-def _argument_error_message(err: Exception, command: str | None) -> str:
-    """One readable line for a jsonargparse error (which names the key and the value at fault)."""
-    text = str(err)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    key = re.search(r'Parser key "([^"]+)"', text)
-    given = re.search(r"Given value: (.*)", text)
-    nested = re.search(r"NestedArg\(key='([^']+)', val='([^']*)'\)", text)
-    if key and nested:  # an invalid init argument of a class_path object, e.g. --method.ot dykstra
-        detail = next((line for line in lines if "Expected" in line or "not" in line), lines[-1])
-        message = f"{key.group(1)}.{nested.group(1)}: invalid value {nested.group(2)!r} ({detail})"
-    elif key and given:
-        message = f"{key.group(1)}: invalid value {given.group(1).strip()!r}"
-        root = key.group(1).split(".")[0]
-        from fedprompt.data import FederatedData
-        from fedprompt.methods import Method
+def top_parser():
+    """``fedprompt``: the list of commands with their one-line summaries (each command's own parser is built only
+    when it runs: :func:`command_parser`)."""
+    from jsonargparse import ArgumentParser
 
-        known = {"method": Method, "data": FederatedData}.get(root)
-        if known is not None and key.group(1) == root:
-            message += f"; known {root} classes: {', '.join(_subclass_names(known))} (or a full class_path)"
-        else:
-            message += f" ({lines[1] if len(lines) > 1 else lines[0]})"
-    else:
-        message = " ".join(lines[:3])
-    return message + f". See: fedprompt {command or ''} --help".rstrip()
+    from fedprompt.commands import COMMANDS
+
+    parser = ArgumentParser(prog="fedprompt", exit_on_error=False,
+                            description="Federated prompt learning on frozen CLIP (open_clip, Lightning Fabric). "
+                                        "Run 'fedprompt COMMAND --help' for a command's settings.")
+    subcommands = parser.add_subcommands(required=True, dest="subcommand")
+    for name, (function, _) in COMMANDS.items():
+        subcommands.add_subcommand(name, ArgumentParser(prog=f"fedprompt {name}"), help=first_sentence(function.__doc__))
+    return parser
 
 
 def _find_cause(err: BaseException | None, kind: type) -> BaseException | None:
@@ -121,51 +110,75 @@ def _find_cause(err: BaseException | None, kind: type) -> BaseException | None:
     return None
 
 
-def _no_exit_on_error(parser) -> None:
-    parser.exit_on_error = False
-    if parser._subcommands_action:
-        for sub in parser._subcommands_action._name_parser_map.values():
-            _no_exit_on_error(sub)
+def run_command(name: str, init, resolved: dict):
+    """Call command ``name`` with the instantiated values ``init`` of its parser: the run settings as one
+    :class:`fedprompt.run.RunArgs` (with the resolved config), and its options."""
+    from fedprompt.run import RunArgs
+    from fedprompt.commands import COMMANDS
+
+    function, options = COMMANDS[name]
+    run = RunArgs(**{f.name: init[f.name] for f in fields(RunArgs) if f.name != "resolved_config"},
+                  resolved_config=resolved)
+    if options is None:
+        return function(run)
+    return function(run, options(**{f.name: init[f.name] for f in fields(options)}))
+
+
+def parse(argv: list[str]):
+    """Parse ``fedprompt COMMAND ARGS``: ``(command, its parser, the parsed config)``; a bad argument is one
+    :class:`FedPromptError` line naming it."""
+    from fedprompt.cli_errors import check_config_files, explain_argument_error
+    from fedprompt.commands import COMMANDS
+
+    if not argv or argv[0] not in COMMANDS:
+        top = top_parser()
+        if not argv or argv[0] in ("-h", "--help"):
+            top.parse_args(argv or ["--help"])  # prints the command list and exits
+        known = ", ".join(COMMANDS)
+        raise FedPromptError(f"unknown command {argv[0]!r}; choose one of {known} (fedprompt --help).")
+    name = argv[0]
+    parser = command_parser(name)
+    check_config_files(argv[1:])
+    try:
+        return name, parser, parser.parse_args(argv[1:])
+    except ArgumentError as err:
+        cause = _find_cause(err, FedPromptError)
+        if cause is not None:
+            raise cause from None
+        raise FedPromptError(explain_argument_error(err, argv, {name: parser})) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fedprompt`` console script."""
-    from jsonargparse import CLI, capture_parser, set_parsing_settings
+    import yaml
+    from jsonargparse import set_parsing_settings
+
+    from fedprompt.methods.method import Method
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # args.py's attribute docstrings -> --help
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # bench's profiler: no start/stop chatter (read when torch loads)
+    # the settings' attribute docstrings -> --help; methods are dataclasses selected by class_path
+    set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[Method])
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = with_run_config(argv)
-        components = commands()
-        import fedprompt.fit
-
-        if not any(arg in ("-h", "--help") for arg in argv):  # a help page needs no method class: skip Lightning
+        if not any(arg in ("-h", "--help") for arg in argv):  # a help page needs no class: skip Lightning
+            import fedprompt.data
             import fedprompt.methods
 
-            fedprompt.methods.import_all()  # short names (--method FedOTP) resolve among the imported subclasses
-
-        parser = capture_parser(lambda: CLI(components, args=argv))
-        _no_exit_on_error(parser)
+            fedprompt.methods.import_all()  # short names (--method FedOTP, --data Caltech101) resolve among the
+            fedprompt.data.import_readers()  # imported subclasses
+        name, parser, cfg = parse(argv)
         try:
-            cfg = parser.parse_args(argv)
-        except ArgumentError as err:
-            command = next((a for a in argv if a in components), None)
-            raise FedPromptError(_argument_error_message(err, command)) from None
-        name = cfg.subcommand
-        try:
-            init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+            init = parser.instantiate(cfg)
         except Exception as err:  # jsonargparse wraps errors raised in __init__ (e.g. a bad method.mu)
             cause = _find_cause(err, FedPromptError)
             if cause is None:
                 raise
             raise cause from None
-        fedprompt.fit.RESOLVED_CONFIG = _resolved_config(parser, cfg, name)
-        kwargs = {k: v for k, v in vars(init[name]).items() if k != "config"}
-        try:
-            components[name](**kwargs)
-        finally:
-            fedprompt.fit.RESOLVED_CONFIG = None
+        resolved = yaml.safe_load(parser.dump(cfg, skip_validation=True, skip_unset=False)) or {}
+        resolved.pop("config", None)
+        run_command(name, init, resolved)
     except FedPromptError as err:
         print(f"fedprompt: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,6 @@
-"""Grouped run settings. Attribute docstrings become the ``--help`` text of the CLI.
+"""Grouped run settings: the backbone, the federation, local training, evaluation, logging and Fabric. Attribute
+docstrings become the ``--help`` text. A whole run's settings, these groups with the method and the data, are
+:class:`fedprompt.run.RunArgs`.
 
 Each dataclass checks the ranges of its numeric fields in ``__post_init__`` (when the command line is parsed,
 before any data or model loads): every field out of range is named in one :class:`~fedprompt.errors.FedPromptError`
@@ -37,7 +39,7 @@ def check_ranges(group: str, obj, **rules: tuple) -> None:
                 wanted = f"> {low}" if open_low else f">= {low}"
             else:
                 wanted = f"in ({low}, {high}]" if open_low else f"in [{low}, {high}]"
-            problems.append(f"--{group}.{name} must be {wanted}, got {value!r}")
+            problems.append(f"--{group + '.' if group else ''}{name} must be {wanted}, got {value!r}")
     if problems:
         raise FedPromptError("; ".join(problems) + ".")
 

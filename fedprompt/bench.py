@@ -1,4 +1,5 @@
-"""``fedprompt bench``: where the time of a round goes (figures printed, never asserted in tests).
+"""``fedprompt bench`` (:func:`fedprompt.commands.bench`): where the time of a round goes (figures printed, never
+asserted in tests).
 
 Two benchmarks:
 
@@ -14,68 +15,37 @@ Two benchmarks:
 
 from __future__ import annotations
 
+import contextlib
 import json as jsonlib
+import os
+import sys
 import resource
 import statistics
 import threading
 import time
-from typing import Optional
+from dataclasses import replace
 
 import torch
 
-from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
-from fedprompt.data import FederatedData
+from fedprompt.run import BenchArgs, RunArgs
 from fedprompt.errors import FedPromptError
-from fedprompt.methods import Method
 
 SECTIONS = ("data", "image", "text", "logits", "backward", "optimizer", "evaluation", "communication")
 
 
-def bench(method: Optional[Method] = None, data: Optional[FederatedData] = None,
-          backbone: BackboneArgs = BackboneArgs(), federation: FederationArgs = FederationArgs(),
-          train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(), log: LogArgs = LogArgs(),
-          fabric: FabricArgs = FabricArgs(), out_dir: Optional[str] = None, resume: Optional[str] = None,
-          seed: int = 0, rounds: int = 3, json: bool = False, truncation: bool = False,
-          model: str = "ViT-B-32", num_classes: int = 50, n_ctx: int = 16, repeats: int = 3,
-          threads: Optional[int] = None) -> dict:
-    """Time a few rounds of a configured federation (``--config CONFIG``), or with ``--truncation true`` the
-    prompt text path with and without end-of-text truncation.
-
-    Args:
-        method: the method (as in fit).
-        data: the dataset and its split (as in fit).
-        backbone: the frozen open_clip model.
-        federation: the federated protocol (``federation.rounds`` is replaced by ``rounds``).
-        train: local training.
-        eval: evaluation (every benchmarked round is evaluated).
-        log: ignored (nothing is logged or checkpointed).
-        fabric: devices and precision (one device).
-        out_dir: ignored.
-        resume: ignored.
-        seed: run seed.
-        rounds: rounds to time.
-        json: print the per-round rows as JSON (for scripts) instead of the table.
-        truncation: run the text-truncation benchmark instead (uses model, num_classes, n_ctx, repeats).
-        model: truncation benchmark: open_clip architecture (random init: no download).
-        num_classes: truncation benchmark: class prompts encoded together.
-        n_ctx: truncation benchmark: context tokens.
-        repeats: truncation benchmark: timed repetitions (after one warm-up).
-        threads: torch CPU threads (default: torch's choice).
-    """
-    if threads:
-        torch.set_num_threads(threads)
-    if truncation:
-        return bench_truncation(model, num_classes, n_ctx, repeats)
-    if method is None or data is None:
+def run_bench(run: RunArgs, options: BenchArgs) -> dict:
+    """``fedprompt bench`` (see :func:`fedprompt.commands.bench`)."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    if options.truncation:
+        return bench_truncation(options.model, options.num_classes, options.n_ctx, options.repeats)
+    if run.method is None or run.data is None:
         raise FedPromptError("bench: give a run config (--config CONFIG, as for fit) for the round benchmark, or "
                              "--truncation true for the text-path benchmark.")
-    if rounds < 1:
-        raise FedPromptError(f"bench: --rounds must be >= 1, got {rounds}")
-    federation.rounds = rounds
-    cfg = dict(method=method, data=data, backbone=backbone, federation=federation, train=train, eval=eval, log=log,
-               fabric=fabric, out_dir=None, resume=None, seed=seed)
-    rows = bench_rounds(cfg, show=print if not json else lambda *a, **k: None)
-    if json:
+    run = replace(run, federation=replace(run.federation, rounds=options.rounds), out_dir=None, resume=None)
+    show = print if not options.json else lambda *a, **k: None
+    rows = bench_rounds(run, show=show, profile=options.profile)
+    if options.json:
         print(jsonlib.dumps(rows, indent=1))
     return {"rounds": rows}
 
@@ -121,26 +91,27 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak)
 
 
-def bench_rounds(cfg: dict, show=print) -> list[dict]:
-    """Run ``cfg["federation"].rounds`` rounds with section timers; ``show`` the table; return one row per round."""
+def bench_rounds(run: RunArgs, show=print, profile: bool = False) -> list[dict]:
+    """Run ``run.federation.rounds`` rounds with section timers; ``show`` the table; return one row per round
+    (with ``profile``, the last row also holds the aten-op and host-sync counts of one more local round)."""
     import lightning as L
 
-    from fedprompt.federation.engine import SectionTimer
     from fedprompt.fit import build_federation
+    from fedprompt.timing import SectionTimer
 
-    fab = cfg["fabric"]
+    fab = run.fabric
     fabric = L.Fabric(accelerator=fab.accelerator, devices=1, precision=fab.precision)
     device = fabric.device
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     timer = SectionTimer(sync=sync)
-    show(f"bench: building the federation ({cfg['method'].name}, {type(cfg['data']).__name__}, "
-          f"{cfg['backbone'].model}, {fab.precision}, {device})", flush=True)
-    fed, _ = build_federation(fabric, cfg, timer=timer)
+    show(f"bench: building the federation ({run.method.name}, {type(run.data).__name__}, "
+          f"{run.backbone.model}, {fab.precision}, {device})", flush=True)
+    fed, _ = build_federation(fabric, run, timer=timer)
     fed.progress = False
     rows = []
     header = "round  total  " + "  ".join(f"{s[:6]:>6}" for s in SECTIONS) + "  img/s  peak_GB  util%  K"
     show(header, flush=True)
-    for round_idx in range(1, cfg["federation"].rounds + 1):
+    for round_idx in range(1, run.federation.rounds + 1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         fed.trainer.samples = 0
@@ -164,8 +135,97 @@ def bench_rounds(cfg: dict, show=print) -> list[dict]:
         ips = f"{out['images_per_second']:6.0f}" if out["images_per_second"] else "   n/a"
         show(f"{round_idx:>5} {total:6.2f}  " + "  ".join(f"{out[s]:6.3f}" for s in SECTIONS)
               + f"  {ips}  {out['peak_memory_gb']:7.2f}  {util_text}  {fed.group_size}", flush=True)
+    if profile:
+        counts = profile_local_round(fed, run.federation.rounds)
+        rows[-1].update(counts)
+        show(f"profile of one warm local round ({counts['profiled_steps']} steps, {counts['profiled_client_steps']} "
+             f"client-steps, K = {fed.group_size}): aten ops {counts['aten_ops_per_step']:.0f} per step, "
+             f"{counts['aten_ops_per_client_step']:.0f} per client-step ({counts['kernel_ops_per_client_step']:.0f} "
+             f"kernel-like); host syncs {counts['host_syncs_per_step']:.1f} per step, "
+             f"{counts['host_syncs_per_client_step']:.2f} per client-step", flush=True)
     fed.feed.close()
     return rows
+
+
+#: aten operations that read a device value back to the host (a host sync on a GPU): scalar reads (``.item()``,
+#: ``bool(tensor)``) and operations whose output size depends on the data (boolean-mask indexing goes through
+#: ``nonzero``). Blocking copies between host and device are syncs too, but on a CPU run there is no device, so the
+#: profiler cannot see them; the engine makes its host-to-device copies non-blocking.
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+            "aten::unique_consecutive", "aten::bincount")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send what C/C++ code writes to the process's stderr (file descriptor 2) to /dev/null inside the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _inside(event, label: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == label:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def count_ops(events, label: str | None = None) -> dict[str, int]:
+    """aten operations of profiler ``events`` (inside the ranges recorded as ``label`` when given): all of them
+    (nested calls included), the kernel-like ones (no aten operation inside) and the host syncs
+    (:data:`SYNC_OPS`)."""
+    aten = [e for e in events if e.name.startswith("aten::") and (label is None or _inside(e, label))]
+    leaves = [e for e in aten if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    syncs = [e for e in aten if e.name in SYNC_OPS]
+    return {"aten": len(aten), "kernels": len(leaves), "syncs": len(syncs)}
+
+
+def profile_local_round(fed, round_idx: int) -> dict:
+    """Profile (torch profiler, host activities) one more local round of the clients this process trains in
+    ``round_idx``; the clients' states are not changed. Returns the aten operations and host syncs inside the
+    lock-step steps, per step and per client-step (one client's step; a step of K clients is K client-steps), and
+    the scalar reads of the local round outside its steps (``host_reads_outside_steps``: on the host's own tensors,
+    such as the feature cache's gathers, and each client's losses read back once at the end of its round, the one
+    of them that is a device sync on a GPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from fedprompt.federation.engine import STEP_RECORD
+    from fedprompt.federation.sampling import place
+
+    mine = place(fed.sampled(round_idx), fed.fabric.global_rank, fed.fabric.world_size)
+    plans = [fed.plan(cid, round_idx) for cid in mine]
+    by_classes: dict[tuple, list] = {}
+    for plan in plans:
+        by_classes.setdefault(tuple(fed.client_classnames(plan.cid)), []).append(plan)
+    steps = sum(max(p.steps for p in chunk) for members in by_classes.values()
+                for chunk in (members[i:i + fed.group_size] for i in range(0, len(members), fed.group_size)))
+    client_steps = sum(p.steps for p in plans)
+    prof = torch_profile(activities=[ProfilerActivity.CPU])
+    with _quiet_stderr():  # the profiler's C++ side writes a line at its start and stop, whatever the log level
+        prof.start()
+    try:
+        fed.train_clients(mine, round_idx)
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    events = prof.events()
+    counts, everything = count_ops(events, STEP_RECORD), count_ops(events)
+    return {"profiled_steps": steps, "profiled_client_steps": client_steps,
+            "host_reads_outside_steps": everything["syncs"] - counts["syncs"],
+            "aten_ops_per_step": counts["aten"] / max(steps, 1),
+            "aten_ops_per_client_step": counts["aten"] / max(client_steps, 1),
+            "kernel_ops_per_client_step": counts["kernels"] / max(client_steps, 1),
+            "host_syncs_per_step": counts["syncs"] / max(steps, 1),
+            "host_syncs_per_client_step": counts["syncs"] / max(client_steps, 1)}
 
 
 def timed(fns: list, repeats: int) -> list[tuple[float, object]]:

@@ -1,7 +1,8 @@
 """``fedprompt fit | zeroshot | evaluate``: build Fabric, launch, wire backbone, data and method, run the rounds.
 
-Each command is ``setup`` (CLI-facing; checks the arguments and the checkpoint, builds Fabric and launches one
-process per device) followed by :func:`main` on every rank (claims the run directory, reads the data, loads the
+The commands themselves (:func:`fit`, :func:`zeroshot`, :func:`evaluate`, typed on :class:`fedprompt.run.RunArgs`)
+live in :mod:`fedprompt.commands`; each is :func:`setup` (checks the arguments and the checkpoint, builds Fabric
+and launches one process per device) followed by :func:`main` on every rank (claims the run directory, reads the data, loads the
 backbone once, builds the method's client and aggregator, runs :mod:`fedprompt.federation.loop`, writes the run
 directory on rank 0). Everything that can be checked without loading data or a model is checked first.
 """
@@ -12,130 +13,98 @@ import json
 import math
 import shlex
 import time
+from dataclasses import fields, is_dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
 from fedprompt import rundir
-from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
+from fedprompt.args import BackboneArgs, TrainArgs
+from fedprompt.run import RunArgs
 from fedprompt.backbone import load_backbone
 from fedprompt.backbone.loading import check_source
-from fedprompt.data import FederatedData, clip_transforms
-from fedprompt.data.datasets import missing_dirs, remove_if_left_empty
 from fedprompt.data.cache import FeatureCache
+from fedprompt.data.reader import FederatedData
+from fedprompt.data.transforms import clip_transforms
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.federation.checkpoint import check_resume, check_shapes, load_checkpoint, read_jsonl, \
     save_checkpoint, state_shapes, write_json, write_jsonl, write_text
-from fedprompt.federation.feed import Feed
+from fedprompt.federation.feed import CachedFeatures, Feed, ImageFiles, StoredImages, sample_lists
 from fedprompt.federation.loop import Federation
 from fedprompt.loggers import build_logger, log_client_table, logger_run_id, numeric_metrics, save_logger
-from fedprompt.methods import Method
+from fedprompt.methods.method import Method
+from fedprompt.paths import missing_dirs, remove_if_left_empty
 
-#: The resolved config of the current CLI call (set by ``fedprompt.__main__``), saved as hyperparameters.yaml.
-RESOLVED_CONFIG: dict | None = None
 
-ARGS_DOC = """
-    Args:
-        method: the federated prompt-learning method (class_path: fedprompt.methods.PromptFL, ...).
-        data: the dataset and its federated split (class_path: fedprompt.data.DomainFolders, ...).
-        backbone: the frozen open_clip model.
-        federation: rounds, client sampling, failure policy.
-        train: local training.
-        eval: evaluation.
-        log: logger, progress bars, checkpoints.
-        fabric: devices, nodes, precision.
-        out_dir: run directory (default runs/<method>-<time>; with --resume, the checkpoint's run directory).
-            A folder that holds another run is refused (see overwrite).
-        resume: a DIR/checkpoints/last.ckpt to continue from (fit) or to evaluate (evaluate). Without --config the
-            run's own DIR/hyperparameters.yaml is read.
-        seed: seed of prompt initialisation, client sampling and local data order.
-        overwrite: delete the run files of out_dir (hyperparameters.yaml, metrics.jsonl, summary.json,
-            checkpoints/, logs) and start a new run there, instead of refusing to write into it (fit, zeroshot).
-"""
+def __getattr__(name: str):
+    """``fedprompt.fit.fit`` / ``zeroshot`` / ``evaluate``: the commands (defined in :mod:`fedprompt.commands`)."""
+    if name in ("fit", "zeroshot", "evaluate"):
+        import fedprompt.commands
+
+        return getattr(fedprompt.commands, name)
+    raise AttributeError(f"module 'fedprompt.fit' has no attribute {name!r}")
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a command; its message names the run directory and the exact command that resumes it."""
 
 
-def _command(mode: str, summary: str):
-    def command(method: Optional[Method] = None, data: Optional[FederatedData] = None,
-                backbone: BackboneArgs = BackboneArgs(), federation: FederationArgs = FederationArgs(),
-                train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(), log: LogArgs = LogArgs(),
-                fabric: FabricArgs = FabricArgs(), out_dir: Optional[str] = None, resume: Optional[str] = None,
-                seed: int = 0, overwrite: bool = False) -> dict:
-        return setup(mode, dict(method=method, data=data, backbone=backbone, federation=federation, train=train,
-                                eval=eval, log=log, fabric=fabric, out_dir=out_dir, resume=resume, seed=seed,
-                                overwrite=overwrite))
-
-    command.__name__ = command.__qualname__ = mode
-    command.__doc__ = summary + "\n" + ARGS_DOC
-    return command
-
-
-fit = _command("fit", "Train prompts across federated clients and write the run directory (metrics.jsonl, "
-                      "summary.json, checkpoints/last.ckpt).")
-zeroshot = _command("zeroshot", "Evaluate zero-shot CLIP (or the given untrained method) on every client's test "
-                                "data; prints each client's accuracy and writes summary.json.")
-evaluate = _command("evaluate", "Evaluate every client of a checkpoint (--resume DIR/checkpoints/last.ckpt) on its "
-                                "own test data; writes eval.json in out_dir.")
-
-
-def setup(mode: str, cfg: dict) -> dict:
-    """Check the arguments and the checkpoint, build Fabric and run :func:`main` on every process."""
-    _check_arguments(mode, cfg)
-    checkpoint = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
+def setup(mode: str, run: RunArgs) -> dict:
+    """Check the arguments and the checkpoint, build Fabric and run :func:`main` on every process (``mode``: fit,
+    zeroshot or evaluate)."""
+    run = replace(run)  # settings filled in below (the zero-shot method, the resumed run's folder) stay local
+    _check_arguments(mode, run)
+    checkpoint = load_checkpoint(run.resume) if run.resume else None
     if checkpoint is not None:
-        check_resume(checkpoint, cfg["resume"], cfg["method"].name, cfg["method"].hparams())
-        origin = rundir.run_dir_of(cfg["resume"])
-        if cfg["out_dir"] is None and origin is not None:
-            cfg["out_dir"] = str(origin)  # a resumed run continues in its own folder
-        if mode == "fit" and checkpoint["round"] >= cfg["federation"].rounds:
-            complete = _completed_run(cfg, checkpoint)
+        check_resume(checkpoint, run.resume, run.method.name, run.method.hparams())
+        origin = rundir.run_dir_of(run.resume)
+        if run.out_dir is None and origin is not None:
+            run.out_dir = str(origin)  # a resumed run continues in its own folder
+        if mode == "fit" and checkpoint["round"] >= run.federation.rounds:
+            complete = _completed_run(run, checkpoint)
             if complete is not None:
                 return complete
     import lightning as L  # here, not at import time: the CLI builds its parser without it
 
-    fab = cfg["fabric"]
+    fab = run.fabric
     fabric = L.Fabric(accelerator=fab.accelerator, devices=fab.devices, num_nodes=fab.num_nodes,
                       strategy=fab.strategy, precision=fab.precision)
     fabric.launch()
-    return main(fabric, mode, cfg, checkpoint)
+    return main(fabric, mode, run, checkpoint)
 
 
-def _check_arguments(mode: str, cfg: dict) -> None:
+def _check_arguments(mode: str, run: RunArgs) -> None:
     """Checks that need no data and no model (the ranges of numbers are checked by the argument dataclasses)."""
-    if mode == "zeroshot" and cfg["method"] is None:
+    if mode == "zeroshot" and run.method is None:
         from fedprompt.methods import ZeroShot
 
-        cfg["method"] = ZeroShot()
-    if cfg["method"] is None:
+        run.method = ZeroShot()
+    if run.method is None:
         raise FedPromptError("method is not set: give a config with method.class_path (e.g. "
                              "fedprompt.methods.PromptFL) or --method PromptFL.")
-    if cfg["data"] is None:
+    if run.data is None:
         raise FedPromptError("data is not set: give a config with data.class_path (e.g. fedprompt.data.DomainFolders).")
-    if cfg["eval"].select == "val" and not getattr(cfg["data"], "validation", False):
+    if run.eval.select == "val" and not run.data.validation:
         raise FedPromptError("eval.select=val needs a validation set: set data.validation: true.")
-    if mode == "evaluate" and not cfg["resume"]:
+    if mode == "evaluate" and not run.resume:
         raise FedPromptError("evaluate needs --resume DIR/checkpoints/last.ckpt (the checkpoint to evaluate).")
-    if cfg["resume"] and cfg["overwrite"]:
+    if run.resume and run.overwrite:
         raise FedPromptError("--overwrite true deletes the run that --resume continues: pass only one of them.")
-    if mode == "zeroshot" and cfg["resume"]:
+    if mode == "zeroshot" and run.resume:
         raise FedPromptError("zeroshot takes no --resume (it trains nothing); use fedprompt evaluate --resume.")
 
 
-def _completed_run(cfg: dict, checkpoint: dict) -> dict | None:
+def _completed_run(run: RunArgs, checkpoint: dict) -> dict | None:
     """``fit --resume`` of a run that already reached ``federation.rounds``: say so and change nothing; returns its
     summary (``None`` when its summary.json is missing: the run then rewrites it from metrics.jsonl)."""
-    if cfg["out_dir"] is None or not (Path(cfg["out_dir"]) / "summary.json").is_file():
+    if run.out_dir is None or not (Path(run.out_dir) / "summary.json").is_file():
         return None
-    out_dir = Path(cfg["out_dir"])
+    out_dir = Path(run.out_dir)
     summary_path = out_dir / "summary.json"
-    done, rounds = checkpoint["round"], cfg["federation"].rounds
+    done, rounds = checkpoint["round"], run.federation.rounds
     more = (f"it has {done} rounds, more than --federation.rounds {rounds}" if done > rounds
             else f"round {done} of {rounds}")
     print(f"fedprompt: the run in {out_dir} is complete ({more}); nothing changed. Raise --federation.rounds to "
@@ -143,40 +112,55 @@ def _completed_run(cfg: dict, checkpoint: dict) -> dict | None:
     return json.loads(summary_path.read_text())
 
 
-def _out_dir(fabric, cfg: dict) -> Path:
-    out = cfg["out_dir"]
+def _out_dir(fabric, run: RunArgs) -> Path:
+    out = run.out_dir
     if out is None:
-        out = f"runs/{cfg['method'].name.lower()}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        out = f"runs/{run.method.name.lower()}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return Path(fabric.broadcast(out, src=0))
 
 
-def _claim_run_dir(fabric, mode: str, cfg: dict, out_dir: Path) -> None:
+def _claim_run_dir(fabric, mode: str, run: RunArgs, out_dir: Path) -> None:
     """Rank 0 checks that ``out_dir`` can be written and holds no other run (deleting it with ``--overwrite``);
     every rank raises the same one-line error."""
     problem = None
     if fabric.global_rank == 0:
-        problem = rundir.claim_problem(out_dir, mode, cfg["resume"], cfg["overwrite"]) or rundir.not_writable(out_dir)
-        if problem is None and cfg["overwrite"] and mode != "evaluate" and rundir.holds_run(out_dir):
+        problem = rundir.claim_problem(out_dir, mode, run.resume, run.overwrite) or rundir.not_writable(out_dir)
+        if problem is None and run.overwrite and mode != "evaluate" and rundir.holds_run(out_dir):
             rundir.clear(out_dir)
     problem = fabric.broadcast(problem, src=0)
     if problem:
         raise FedPromptError(problem)
 
 
-def _config_yaml(cfg: dict) -> str:
-    if RESOLVED_CONFIG is not None:
-        return yaml.safe_dump({**RESOLVED_CONFIG, "overwrite": False}, sort_keys=False)
+def run_config(run: RunArgs) -> dict:
+    """The run's configuration as a plain dict (what hyperparameters.yaml holds): the command line's resolved
+    config, or, for a run started from Python, one rebuilt from the objects (``class_path`` and ``init_args`` for the
+    method and the data)."""
+    if run.resolved_config is not None:
+        return {**run.resolved_config, "overwrite": False}
 
     def plain(obj):
+        if is_dataclass(obj) and not isinstance(obj, type):
+            values = {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
+            if isinstance(obj, Method):
+                return {"class_path": f"{type(obj).__module__}.{type(obj).__name__}", "init_args": values}
+            return values
         if hasattr(obj, "__dict__"):
             return {"class_path": f"{type(obj).__module__}.{type(obj).__name__}",
                     "init_args": {k: plain(v) for k, v in vars(obj).items() if not k.startswith("_")}}
-        return obj if isinstance(obj, (int, float, str, bool, type(None), list, dict)) else str(obj)
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        return obj if isinstance(obj, (int, float, str, bool, type(None), dict)) else str(obj)
 
-    return yaml.safe_dump({**{k: plain(v) for k, v in cfg.items()}, "overwrite": False}, sort_keys=False)
+    config = {f.name: plain(getattr(run, f.name)) for f in fields(run) if f.name != "resolved_config"}
+    return {**config, "overwrite": False}
 
 
-def _prepare_run_dir(fabric, out_dir: Path, mode: str, cfg: dict, checkpoint: dict | None,
+def _config_yaml(run: RunArgs) -> str:
+    return yaml.safe_dump(run_config(run), sort_keys=False)
+
+
+def _prepare_run_dir(fabric, out_dir: Path, mode: str, run: RunArgs, checkpoint: dict | None,
                      bad_images: list[tuple[str, str]]) -> list[dict]:
     """Rank 0 of fit: write hyperparameters.yaml and the list of left-out images, keep the metrics rows up to the
     checkpoint; returns those rows (empty on the other ranks, which log nothing)."""
@@ -184,20 +168,20 @@ def _prepare_run_dir(fabric, out_dir: Path, mode: str, cfg: dict, checkpoint: di
         return []
     done = checkpoint["round"] if checkpoint else 0
     rows = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["round"] <= done]
-    write_text(out_dir / "hyperparameters.yaml", _config_yaml(cfg))
+    write_text(out_dir / "hyperparameters.yaml", _config_yaml(run))
     write_jsonl(out_dir / "metrics.jsonl", rows)
     if bad_images:
         write_text(out_dir / "bad_images.txt", "".join(f"{path}\t{why}\n" for path, why in bad_images))
     return rows
 
 
-def _read_data_and_check_weights(cfg: dict):
+def _read_data_and_check_weights(run: RunArgs):
     """Read and split the data and check that the backbone's weights can be had; a problem with both is reported
     in one message (so a first run does not stop on the data and a second on the weights)."""
-    bargs: BackboneArgs = cfg["backbone"]
+    bargs: BackboneArgs = run.backbone
     problems, splits = [], None
     try:
-        splits = cfg["data"].setup()  # before the backbone: a wrong data path fails fast
+        splits = run.data.setup()  # before the backbone: a wrong data path fails fast
     except FedPromptError as err:
         problems.append(str(err))
     try:
@@ -211,28 +195,27 @@ def _read_data_and_check_weights(cfg: dict):
     return splits
 
 
-def build_federation(fabric, cfg: dict, splits=None, timer=None) -> tuple[Federation, list[str]]:
+def build_federation(fabric, run: RunArgs, splits=None, timer=None) -> tuple[Federation, list[str]]:
     """Load the backbone, read and split the data (unless ``splits`` are given), build the method's client modules,
     feed and aggregator (``timer``: the round benchmark's section timer)."""
-    splits = splits if splits is not None else _read_data_and_check_weights(cfg)
-    bargs: BackboneArgs = cfg["backbone"]
-    torch.manual_seed(cfg["seed"])  # a random-init backbone is the same on every rank and every run
+    splits = splits if splits is not None else _read_data_and_check_weights(run)
+    bargs: BackboneArgs = run.backbone
+    torch.manual_seed(run.seed)  # a random-init backbone is the same on every rank and every run
     backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
-    train_args: TrainArgs = cfg["train"]
+    train_args: TrainArgs = run.train
     backbone.compile_text(train_args.compile)  # the backbone is shared by the runs of a process: set, or reset
     train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, train_args.augment)
-    method: Method = cfg["method"]
+    method: Method = run.method
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets
     eval_sets = [e for e in splits.eval_sets if e.split in ("base", "novel") or not e.seen]
     extra = {e.name: e.samples for e in eval_sets}
-    feed = _build_feed(fabric, cfg, splits, extra, backbone, train_tf, test_tf)
+    feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf)
     aggregator = method.build_aggregator()
-    if hasattr(aggregator, "seed"):  # aggregators with random choices (FedMGP's group selection) follow the run seed
-        aggregator.seed = cfg["seed"]
+    aggregator.seed = run.seed  # aggregators with random choices (FedMGP's group selection) follow the run seed
     fed = Federation(fabric=fabric, method=method, backbone=backbone, classnames=splits.classnames,
                      aggregator=aggregator, clients=splits.clients, feed=feed,
-                     federation=cfg["federation"], train=train_args, eval=cfg["eval"], seed=cfg["seed"],
-                     progress=cfg["log"].progress and fabric.global_rank == 0, timer=timer)
+                     federation=run.federation, train=train_args, eval=run.eval, seed=run.seed,
+                     progress=run.log.progress and fabric.global_rank == 0, timer=timer)
     if eval_sets:
         _attach_set_evaluation(fed, method, eval_sets)
     fed.initial_states()
@@ -270,14 +253,14 @@ def _store(fabric, samples, loader, kind, directory: Path | None, num_workers: i
     return store
 
 
-def _build_feed(fabric, cfg: dict, splits, extra: dict, backbone, train_tf, test_tf) -> Feed:
+def _build_feed(fabric, run: RunArgs, splits, extra: dict, backbone, train_tf, test_tf) -> Feed:
     """The data side of the run: the feature cache where the image tower is frozen, decode-once image stores where
     images go through the tower (exact test-transform store; train store for ``train.device_augment``)."""
     from fedprompt.data.store import StoreKind, default_store_size
 
-    method: Method = cfg["method"]
-    train_args: TrainArgs = cfg["train"]
-    data: FederatedData = cfg["data"]
+    method: Method = run.method
+    train_args: TrainArgs = run.train
+    data: FederatedData = run.data
     frozen = method.frozen_image_tower
     if train_args.feature_cache and not frozen:
         raise FedPromptError(f"train.feature_cache: {method.name} trains prompts inside the image tower, so its "
@@ -288,9 +271,9 @@ def _build_feed(fabric, cfg: dict, splits, extra: dict, backbone, train_tf, test
     if train_args.device_augment and not train_args.augment:
         raise FedPromptError("train.device_augment augments on the device: it needs --train.augment true.")
     directory = _cache_dir(train_args)
-    progress = cfg["log"].progress and fabric.global_rank == 0
+    progress = run.log.progress and fabric.global_rank == 0
     cache_train = train_args.feature_cache and not train_args.augment
-    cache_eval = frozen and cfg["eval"].feature_cache
+    cache_eval = frozen and run.eval.feature_cache
     eval_samples = [s for c in splits.clients for s in c.test + c.val] + [s for v in extra.values() for s in v]
     train_samples = [s for c in splits.clients for s in c.train]
     test_needed = ([] if cache_eval else eval_samples) + ([] if cache_train or train_args.augment else train_samples)
@@ -307,13 +290,24 @@ def _build_feed(fabric, cfg: dict, splits, extra: dict, backbone, train_tf, test
                              directory, data.num_workers, progress)
     cache = None
     if cache_train or cache_eval:
-        cache = FeatureCache(backbone, fabric, method.image_inputs, cfg["eval"].batch_size, splits.loader,
+        cache = FeatureCache(backbone, fabric, method.image_inputs, run.eval.batch_size, splits.loader,
                              data.num_workers, directory=directory)
         if cache_eval:
             cache.prepare(eval_samples, test_tf, "test")  # one chunk, encoded once (or loaded from the cache dir)
-    return Feed(splits.clients, extra, train_tf, test_tf, splits.loader, num_workers=data.num_workers,
-                pin_memory=fabric.device.type == "cuda", cache=cache, cache_train=cache_train, cache_eval=cache_eval,
-                test_store=test_store, train_store=train_store, augment=augment)
+    lists = sample_lists(splits.clients, extra)
+    transforms = {"train": train_tf, "test": test_tf, "val": test_tf}
+    files = ImageFiles(lists, transforms, splits.loader, data.num_workers, pin_memory=fabric.device.type == "cuda")
+    cached = CachedFeatures(cache, lists, transforms) if cache is not None else None
+    stored = StoredImages(test_store, lists) if test_store is not None else None
+    if cache_train:
+        train = cached
+    elif train_store is not None:
+        train = StoredImages(train_store, lists, augment)
+    elif stored is not None and train_tf is test_tf:  # deterministic train images: the test-transform store
+        train = stored
+    else:
+        train = files
+    return Feed(lists, train, cached if cache_eval else stored or files)
 
 
 def _attach_set_evaluation(fed: Federation, method: Method, eval_sets: list) -> None:
@@ -322,7 +316,7 @@ def _attach_set_evaluation(fed: Federation, method: Method, eval_sets: list) -> 
     shapes = {k: tuple(v.shape) for k, v in fed.client.state_dict().items()}
     for eval_set in eval_sets:
         other = {k: tuple(v.shape) for k, v in fed.module_for(eval_set.classnames).state_dict().items()}
-        if getattr(method, "csc", False) or other != shapes:
+        if not fed.client.switchable_classes or other != shapes:
             raise FedPromptError(f"data: the evaluation set {eval_set.name} ({len(eval_set.classnames)} classes) is "
                                  "scored with each client's prompts, which must not depend on the classes "
                                  f"({fed.method.name} here has class-specific tensors; use csc: false).")
@@ -340,33 +334,33 @@ def _restore(fed: Federation, checkpoint: dict, path: str) -> None:
     fed.aggregator.load_state_dict(checkpoint.get("aggregator", {}))
 
 
-def _checkpoint(fed: Federation, round_idx: int, cfg: dict, run_id: str | None) -> dict:
+def _checkpoint(fed: Federation, round_idx: int, run: RunArgs, run_id: str | None) -> dict:
     return {"round": round_idx, "global": fed.global_state, "clients": {cid: s for cid, s in fed.states.items()},
             "aggregator": fed.aggregator.state_dict(), "method": fed.method.name,
             "method_hparams": fed.method.hparams(), "shapes": state_shapes(fed.states[min(fed.states)]),
-            "sampler": {"seed": cfg["seed"], "fraction": cfg["federation"].fraction, "next_round": round_idx + 1},
+            "sampler": {"seed": run.seed, "fraction": run.federation.fraction, "next_round": round_idx + 1},
             "rng": {"torch": torch.get_rng_state()}, "logger_run_id": run_id}
 
 
-def main(fabric, mode: str, cfg: dict, checkpoint: dict | None = None) -> dict:
+def main(fabric, mode: str, run: RunArgs, checkpoint: dict | None = None) -> dict:
     """Run one command on this rank; returns the summary (on every rank)."""
-    out_dir = _out_dir(fabric, cfg)
+    out_dir = _out_dir(fabric, run)
     created = missing_dirs(out_dir) if fabric.global_rank == 0 else []
-    _claim_run_dir(fabric, mode, cfg, out_dir)
+    _claim_run_dir(fabric, mode, run, out_dir)
     try:
         with remove_if_left_empty(created):  # a run that fails before writing anything leaves no empty folder
-            return _run(fabric, mode, cfg, checkpoint, out_dir)
+            return _run(fabric, mode, run, checkpoint, out_dir)
     except KeyboardInterrupt:
-        raise Interrupted(_interrupt_message(mode, cfg, out_dir)) from None
+        raise Interrupted(_interrupt_message(mode, run, out_dir)) from None
 
 
-def _interrupt_message(mode: str, cfg: dict, out_dir: Path) -> str:
+def _interrupt_message(mode: str, run: RunArgs, out_dir: Path) -> str:
     last = out_dir / "checkpoints" / "last.ckpt"
     if mode != "fit":  # zeroshot and evaluate write their files at the end
         return f"interrupted; nothing was written to {out_dir}. Run the same command again."
     if last.is_file():
         done = torch.load(last, map_location="cpu", weights_only=True)["round"]
-        return (f"interrupted; {out_dir} holds round {done} of {cfg['federation'].rounds} in checkpoints/last.ckpt. "
+        return (f"interrupted; {out_dir} holds round {done} of {run.federation.rounds} in checkpoints/last.ckpt. "
                 f"Resume with: {rundir.resume_command(out_dir)}")
     config = shlex.quote(str(out_dir / "hyperparameters.yaml"))
     if not (out_dir / "hyperparameters.yaml").is_file():
@@ -375,34 +369,34 @@ def _interrupt_message(mode: str, cfg: dict, out_dir: Path) -> str:
             f"fedprompt fit --config {config} --out_dir {shlex.quote(str(out_dir))}")
 
 
-def _run(fabric, mode: str, cfg: dict, checkpoint: dict | None, out_dir: Path) -> dict:
-    splits = _read_data_and_check_weights(cfg)
-    fed, classnames = build_federation(fabric, cfg, splits)
-    previous = _prepare_run_dir(fabric, out_dir, mode, cfg, checkpoint, splits.bad_images)
+def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path) -> dict:
+    splits = _read_data_and_check_weights(run)
+    fed, classnames = build_federation(fabric, run, splits)
+    previous = _prepare_run_dir(fabric, out_dir, mode, run, checkpoint, splits.bad_images)
     if checkpoint is not None:
-        _restore(fed, checkpoint, cfg["resume"])
+        _restore(fed, checkpoint, run.resume)
     if mode != "fit" or not fed.method.trains:  # zeroshot never trains, whatever the method
-        return _evaluate_only(fabric, fed, mode, cfg, out_dir, checkpoint)
-    logger = build_logger(cfg["log"], out_dir, checkpoint.get("logger_run_id") if checkpoint else None,
-                          RESOLVED_CONFIG, previous) if fabric.global_rank == 0 else None
+        return _evaluate_only(fabric, fed, mode, run, out_dir, checkpoint)
+    logger = build_logger(run.log, out_dir, checkpoint.get("logger_run_id") if checkpoint else None,
+                          run_config(run), previous) if fabric.global_rank == 0 else None
     start = checkpoint["round"] + 1 if checkpoint else 1
-    rounds = cfg["federation"].rounds
+    rounds = run.federation.rounds
     row: dict = previous[-1] if previous else {}  # a resumed complete run rewrites its summary from its last row
-    selector = _Selector(cfg["eval"].select, out_dir)
+    selector = _Selector(run.eval.select, out_dir)
     bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not fed.progress)
     for round_idx in bar:
         tic = time.perf_counter()
         row = fed.run_round(round_idx)
-        if round_idx % cfg["eval"].every == 0 or round_idx == rounds:
+        if round_idx % run.eval.every == 0 or round_idx == rounds:
             row.update(fed.evaluate_all())
         row["round_seconds"] = time.perf_counter() - tic
         if fabric.global_rank == 0:
             _log_round(out_dir, logger, fed, row)
             save_logger(logger)
-            state = _checkpoint(fed, round_idx, cfg, logger_run_id(logger))  # the W&B id exists once it logged
+            state = _checkpoint(fed, round_idx, run, logger_run_id(logger))  # the W&B id exists once it logged
             save_checkpoint(state, out_dir / "checkpoints" / "last.ckpt")
             selector.update(row, state)
-            every = cfg["log"].checkpoint_every
+            every = run.log.checkpoint_every
             if every and round_idx % every == 0:
                 save_checkpoint(state, out_dir / "checkpoints" / f"round-{round_idx:04d}.ckpt")
         acc = row.get("local_acc", row.get("own_classes_acc"))
@@ -466,17 +460,17 @@ def _summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path, r
             "classnames": classnames, "out_dir": str(out_dir)}
 
 
-def _evaluate_only(fabric, fed: Federation, mode: str, cfg: dict, out_dir: Path, checkpoint: dict | None) -> dict:
+def _evaluate_only(fabric, fed: Federation, mode: str, run: RunArgs, out_dir: Path, checkpoint: dict | None) -> dict:
     metrics = fed.evaluate_all()
     done = checkpoint["round"] if checkpoint else 0
     summary = _summary(fed, [], {**metrics, "round": done}, out_dir, done)
     summary.pop("classnames")
     if mode == "evaluate":
-        summary["checkpoint"] = str(cfg["resume"])
+        summary["checkpoint"] = str(run.resume)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if mode != "evaluate":
-            write_text(out_dir / "hyperparameters.yaml", _config_yaml(cfg))
+            write_text(out_dir / "hyperparameters.yaml", _config_yaml(run))
             write_jsonl(out_dir / "metrics.jsonl", [{"round": 0, **metrics}])
         write_json(out_dir / ("eval.json" if mode == "evaluate" else "summary.json"), summary)
         _print_clients(fed, metrics["client_acc"], summary)

@@ -1,44 +1,16 @@
-"""``fedprompt partition``: the client x class table of a config's federated split (no model is loaded)."""
+"""``fedprompt partition`` (:func:`fedprompt.commands.partition`): the client x class table of a config's federated split (no model is loaded)."""
 
 from __future__ import annotations
 
 import json as jsonlib
-from typing import Optional
-
-from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
-from fedprompt.data import FederatedData, count_table
+from fedprompt.run import PartitionArgs, RunArgs
+from fedprompt.data import count_table
 from fedprompt.errors import FedPromptError
-from fedprompt.methods import Method
 
 
-def partition(method: Optional[Method] = None, data: Optional[FederatedData] = None,
-              backbone: BackboneArgs = BackboneArgs(), federation: FederationArgs = FederationArgs(),
-              train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(), log: LogArgs = LogArgs(),
-              fabric: FabricArgs = FabricArgs(), out_dir: Optional[str] = None, resume: Optional[str] = None,
-              seed: int = 0, overwrite: bool = False, json: bool = False) -> None:
-    """Print the client x class table of train samples of a config's federated split (no model is loaded).
-
-    When clients have their own class lists (``data: Combined``, ``partition: CrossClass``) it prints one line per
-    client instead (dataset, number of classes, train/test samples, its first class names) and the evaluation sets
-    (name, classes, test samples; ``unseen`` for datasets never trained on).
-
-    Args:
-        method: ignored (so a full run config can be given).
-        data: the dataset and its federated split.
-        backbone: ignored.
-        federation: ignored.
-        train: ignored.
-        eval: ignored.
-        log: ignored.
-        fabric: ignored.
-        out_dir: ignored.
-        resume: ignored.
-        seed: ignored (data.seed seeds the split).
-        overwrite: ignored.
-        json: print JSON (classnames, clients with names and train/test counts per class) instead of a table;
-            with own class lists: ``clients`` (id, name, dataset, classnames, train/test counts per own class) and
-            ``eval_sets`` (name, split, dataset, seen, classes, samples).
-    """
+def print_partition(run: RunArgs, options: PartitionArgs) -> None:
+    """``fedprompt partition`` (see :func:`fedprompt.commands.partition`)."""
+    data, json = run.data, options.json
     if data is None:
         raise FedPromptError("data is not set: give a config with data.class_path or --data DomainFolders.")
     splits = data.setup()

@@ -1,4 +1,4 @@
-"""``fedprompt sweep``: run one config over several seeds and report the mean and standard deviation over seeds.
+"""``fedprompt sweep`` (:func:`fedprompt.commands.sweep`): run one config over several seeds and report the mean and standard deviation over seeds.
 
 The papers of this field report the mean over 3 seeds; their code (CoOp/Dassl style) runs one output folder per seed
 (``.../seed1``, ``seed2``, ``seed3``) and a script then averages the results. ``fedprompt sweep`` does the same in one
@@ -18,16 +18,12 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
-
 import yaml
 
 from fedprompt import rundir
-from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
-from fedprompt.data import FederatedData
+from fedprompt.run import RunArgs, SweepArgs
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.checkpoint import write_json, write_text
-from fedprompt.methods import Method
 
 #: summary.json entries averaged over seeds (those a run has)
 METRICS = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "novel_acc", "hm", "cm")
@@ -35,51 +31,26 @@ METRICS = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "n
 PER_SEED_KEYS = ("seed", "out_dir", "resume", "overwrite", "federation.rounds", "data.init_args.seed")
 
 
-def sweep(method: Optional[Method] = None, data: Optional[FederatedData] = None,
-          backbone: BackboneArgs = BackboneArgs(), federation: FederationArgs = FederationArgs(),
-          train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(), log: LogArgs = LogArgs(),
-          fabric: FabricArgs = FabricArgs(), out_dir: Optional[str] = None, resume: Optional[str] = None,
-          seed: int = 0, overwrite: bool = False, seeds: list[int] = [1, 2, 3], same_data: bool = False) -> dict:
-    """Run a fit config once per seed (OUT/seed1, OUT/seed2, ...) and write the mean +- std over seeds of the final
-    metrics (OUT/seeds.md, OUT/seeds.json). Rerunning the command continues: finished seeds are kept.
+def run_sweep(run: RunArgs, options: SweepArgs) -> dict:
+    """``fedprompt sweep`` (see :func:`fedprompt.commands.sweep`)."""
+    from fedprompt.fit import run_config
 
-    Args:
-        method: the federated prompt-learning method (as for fit).
-        data: the dataset and its federated split (as for fit).
-        backbone: the frozen open_clip model.
-        federation: rounds, client sampling, failure policy.
-        train: local training.
-        eval: evaluation (with eval.select val, each seed contributes its selected round).
-        log: logger, progress bars, checkpoints.
-        fabric: devices, nodes, precision.
-        out_dir: the sweep folder (default runs/<method>-seeds).
-        resume: not used (rerun the same sweep command to continue it).
-        seed: not used (replaced by each of seeds).
-        overwrite: delete the runs of a previous sweep in out_dir and start again.
-        seeds: the seeds; each sets seed and, unless same_data, data.seed (new partition and few-shot samples
-            per seed, as the papers' seeds do).
-        same_data: keep the config's data.seed for every seed (only prompt initialisation, client sampling and data
-            order change).
-    """
-    from fedprompt.fit import _config_yaml
-
-    if method is None or data is None:
+    seeds, same_data = options.seeds, options.same_data
+    if run.method is None or run.data is None:
         raise FedPromptError("sweep needs a fit config: --config FILE with method.class_path and data.class_path.")
-    if resume:
+    if run.resume:
         raise FedPromptError("sweep takes no --resume: run the same sweep command again to continue it.")
     if not seeds or len(set(seeds)) != len(seeds):
         raise FedPromptError(f"--seeds must be a non-empty list of distinct seeds, got {seeds}.")
-    cfg = dict(method=method, data=data, backbone=backbone, federation=federation, train=train, eval=eval, log=log,
-               fabric=fabric, out_dir=None, resume=None, seed=seed)
-    config = yaml.safe_load(_config_yaml(cfg))
+    config = run_config(run)
     for key in ("seeds", "same_data"):
         config.pop(key, None)
     config.update(out_dir=None, resume=None, overwrite=False)
-    out = Path(out_dir or f"runs/{method.name.lower()}-seeds")
-    _prepare(out, config, seeds, overwrite)
+    out = Path(run.out_dir or f"runs/{run.method.name.lower()}-seeds")
+    _prepare(out, config, seeds, run.overwrite)
     try:
         for n in seeds:
-            _run_seed(out, n, federation.rounds, same_data)
+            _run_seed(out, n, run.federation.rounds, same_data)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"sweep interrupted; run the same sweep command again to continue ({out}: finished "
                                 "seeds are kept, an interrupted seed resumes from its checkpoint).") from None

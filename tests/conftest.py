@@ -90,5 +90,11 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+#: row keys that describe how a run executed rather than what it computed (they differ between equal runs)
+EXECUTION_KEYS = ("parallel_clients",)
+
+
 def without_timings(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in rows]
+    """Metrics rows without what may differ between runs that compute the same thing: the ``*_seconds`` timings and
+    the lock-step group size (``parallel_clients``)."""
+    return [{k: v for k, v in row.items() if not k.endswith("_seconds") and k not in EXECUTION_KEYS} for row in rows]

@@ -21,7 +21,7 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 # unequal client sizes (Dirichlet: 15/19/14/16 train images), 3 of 4 clients sampled after round 1
 COMMON = ["--config", SMOKE, "--federation.rounds", "3", "--federation.fraction", "0.75", "--log.progress", "false"]
 
-#: where the local optimiser's settings live on the command line ("--method." + key before issue 15)
+#: where the local optimiser's settings live on the command line (the flat form: --method.lr)
 OPTIM = "--method."
 
 

@@ -67,11 +67,11 @@ def test_numeric_arguments_are_range_checked_before_anything_runs(cli, monkeypat
 
 def test_range_checks_accept_the_edges(cli, monkeypatch):
     ran = []
-    monkeypatch.setattr(fedprompt.fit, "setup", lambda mode, cfg: ran.append(cfg))
+    monkeypatch.setattr(fedprompt.fit, "setup", lambda mode, run: ran.append(run))
     code, _, err = cli("fit", "--config", SMOKE, "--federation.rounds", "1", "--federation.fraction", "1",
                        "--log.checkpoint_every", "0", "--fabric.devices", "-1")
     assert code == 0, err
-    assert ran[0]["federation"].rounds == 1 and ran[0]["fabric"].devices == -1
+    assert ran[0].federation.rounds == 1 and ran[0].fabric.devices == -1
 
 
 def test_bench_reports_progress(cli):
@@ -85,9 +85,52 @@ def test_bench_reports_progress(cli):
     assert "comparing the features" in out and lines[-1].startswith("speed-up")
 
 
+@pytest.mark.parametrize("flags,expected", [
+    (["--method.lr", "fast"], "--method.lr fast: invalid value 'fast' for PromptFL (expected a finite number)"),
+    (["--method.n_ctx", "four"], "--method.n_ctx four: invalid value 'four' for PromptFL (expected an integer or null)"),
+    (["--method.lrr", "0.1"], "--method.lrr 0.1: PromptFL has no setting 'lrr'; its settings: lr, momentum"),
+    (["--method", "NoSuch"], "--method NoSuch: unknown method class 'NoSuch'; choose one of FedMGP, FedOTP"),
+    (["--federation.roundz", "3"], "--federation.roundz 3: the federation group has no setting 'roundz'"),
+    (["--seed", "x"], "--seed x: invalid value 'x' (expected an integer)"),
+    (["--method", "FedOTP", "--method.ot", "dykstra"],
+     "--method.ot dykstra: invalid value 'dykstra' for FedOTP (expected one of unbalanced, balanced, uniform)"),
+])
+def test_a_bad_flag_is_one_line_naming_flag_value_and_type(cli, monkeypatch, flags, expected):
+    monkeypatch.setattr(fedprompt.fit, "setup", lambda *a, **k: pytest.fail("the command ran"))
+    code, _, err = cli("fit", "--config", SMOKE, *flags)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bad_config_file_is_named_with_its_key_or_its_yaml_line(cli, tmp_path):
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("method:\n  class_path: fedprompt.methods.FedOTP\n  init_args: {n_ctx: four}\n")
+    code, _, err = cli("fit", "--config", wrong)
+    assert code == 2 and f"--config {wrong}: method.n_ctx: invalid value 'four' for FedOTP" in err, err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("federation:\n  rounds: [1\n")
+    code, _, err = cli("fit", "--config", broken)
+    assert code == 2 and f"--config {broken}: YAML syntax error at line 3, column 1" in err, err
+    code, _, err = cli("fit", "--config", tmp_path / "missing.yaml")
+    assert code == 2 and "missing.yaml: no such file" in err
+    code, _, err = cli("fitt")
+    assert code == 2 and "unknown command 'fitt'; choose one of fit, evaluate" in err
+
+
+def test_help_lists_the_commands_in_whole_sentences_and_fit_help_lists_the_methods(cli):
+    code, out, _ = cli("--help")
+    text = " ".join(out.split())
+    assert code == 0 and "fit Train prompts across federated clients and write the run directory (metrics.jsonl, " \
+        "summary.json, checkpoints/last.ckpt)." in text
+    assert "bench Time a few rounds of a configured federation" in text and "end-of-text truncation." in text
+    code, out, _ = cli("fit", "--help")
+    from fedprompt.methods import METHODS
+
+    assert code == 0 and all(name in out for name in METHODS) and "PromptFL" in METHODS
+
+
 def test_help_pages_do_not_import_lightning():
-    """`fedprompt fit --help` builds its parser from the light Method base class: Lightning, open_clip and
-    torchmetrics (seconds of imports) stay out of a help request."""
+    """`fedprompt fit --help` builds its parser from the light Method and FederatedData base classes: torch,
+    Lightning, open_clip and torchmetrics (seconds of imports) stay out of a help request."""
     import subprocess
     import sys
 

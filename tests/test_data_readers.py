@@ -15,7 +15,7 @@ from PIL import Image
 from fedprompt.data import coop
 from fedprompt.data.coop import (DTD, SUN397, UCF101, Caltech101, EuroSAT, FGVCAircraft, Flowers102, Food101,
                                  OxfordPets, StanfordCars)
-from fedprompt.data.datasets import FederatedData
+from fedprompt.data.reader import FederatedData
 from fedprompt.data.fedbn import DomainNet, OfficeCaltech10
 from fedprompt.data.partition import ByDomain, Pathological
 from fedprompt.data.safe_pickle import safe_load, safe_loads

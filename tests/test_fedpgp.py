@@ -131,7 +131,7 @@ def test_one_encoder_call_per_step_and_the_hand_prompt_encoded_once(backbone, mo
     assert text_calls == [[f"a photo of a {c}." for c in CLASSES]]  # the constant: once per client module
     client.eval()
     client.predict_logits(batch)
-    assert prompt_calls[-1] == (1, 1, 4, backbone.ctx_dim)  # evaluation needs sigma + UV only
+    assert prompt_calls[-1] == (1, 2, 4, backbone.ctx_dim)  # the same text side (one shape) in evaluation
     assert len(text_calls) == 1
 
 

@@ -10,7 +10,7 @@ from conftest import ROOT, read_rows, without_timings
 from fedprompt.backbone import Backbone
 from fedprompt.data import Synthetic, clip_transforms
 from fedprompt.data.store import ImageStore, StoreKind
-from fedprompt.federation.feed import Feed
+from fedprompt.federation.feed import Feed, ImageFiles, StoredImages, sample_lists
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
@@ -21,8 +21,10 @@ def test_store_batches_equal_the_cpu_transform(tiny_backbone: Backbone):
     _, test_tf = clip_transforms(tiny_backbone.preprocess_cfg, augment=False)
     samples = [s for c in splits.clients for s in c.test + c.train]
     store = ImageStore.build(samples, splits.loader, StoreKind.test(test_tf), progress=False)
-    files = Feed(splits.clients, {}, test_tf, test_tf, splits.loader)
-    stored = Feed(splits.clients, {}, test_tf, test_tf, splits.loader, test_store=store)
+    lists = sample_lists(splits.clients, {})
+    from_files = ImageFiles(lists, {"train": test_tf, "test": test_tf, "val": test_tf}, splits.loader)
+    from_store = StoredImages(store, lists)
+    files, stored = Feed(lists, from_files, from_files), Feed(lists, from_store, from_store)
     for name in ("test:0", "train:1"):
         a = list(files.eval_batches(name, 4))
         b = [stored.finish(batch) for batch in stored.eval_batches(name, 4)]

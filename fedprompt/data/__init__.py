@@ -1,32 +1,57 @@
-"""Datasets, partitioners and few-shot sampling shared by every method."""
+"""Datasets, partitioners and few-shot sampling shared by every method.
 
-from fedprompt.data.base import ClientSplit, DatasetSplits, ImageDataset, Sample, load_rgb
-from fedprompt.data.datasets import (CIFAR, DATA_ENV, DomainFolders, FederatedData, FederatedSplits, SplitFolders,
-                                     Synthetic, stratified_split)
-from fedprompt.data.partition import (IID, ByDomain, Dirichlet, Partitioner, Pathological, count_table, few_shot,
-                                      split_by_shares)
-from fedprompt.data.transforms import clip_transforms
+The package exports its public names lazily (PEP 562): importing it, or one of its light modules (the core types in
+:mod:`fedprompt.data.base`, the reader base class in :mod:`fedprompt.data.reader`), does not import torch, so the
+command line builds its parser quickly. Modules by concept:
 
-__all__ = ["CIFAR", "DATA_ENV", "IID", "ByDomain", "ClientSplit", "DatasetSplits", "Dirichlet", "DomainFolders",
-           "FederatedData", "FederatedSplits", "ImageDataset", "Partitioner", "Pathological", "Sample",
-           "SplitFolders", "Synthetic", "clip_transforms", "count_table", "few_shot", "load_rgb", "split_by_shares",
-           "stratified_split"]
+- :mod:`~fedprompt.data.base`: samples, dataset splits, client splits, evaluation sets, federated splits;
+- :mod:`~fedprompt.data.reader`: :class:`FederatedData` (the reader base class) and the shared protocol;
+- readers: :mod:`~fedprompt.data.folders` (``DomainFolders``, ``SplitFolders``), :mod:`~fedprompt.data.cifar`,
+  :mod:`~fedprompt.data.synthetic`, :mod:`~fedprompt.data.coop` (the CoOp-format datasets),
+  :mod:`~fedprompt.data.fedbn` (DomainNet, Office-Caltech10), :mod:`~fedprompt.data.combined` (several datasets);
+- :mod:`~fedprompt.data.partition` (client partitions, few-shot sampling), :mod:`~fedprompt.data.protocols`
+  (base/novel, validation);
+- images: :mod:`~fedprompt.data.check` (header checks), :mod:`~fedprompt.data.transforms`,
+  :mod:`~fedprompt.data.images` (the torch dataset), :mod:`~fedprompt.data.store` (decoded images),
+  :mod:`~fedprompt.data.cache` (image-tower features), :mod:`~fedprompt.data.augment` (device augmentation).
+"""
 
-# CoOp-layout readers, FedBN feature-shift readers, protocols (issue #3)
-from fedprompt.data.coop import (DTD, SUN397, UCF101, Caltech101, EuroSAT, FGVCAircraft, Flowers102, Food101,  # noqa: E402
-                                 OxfordPets, StanfordCars)
-from fedprompt.data.fedbn import DomainNet, OfficeCaltech10  # noqa: E402
-from fedprompt.data.partition import Pachinko  # noqa: E402
-from fedprompt.data.protocols import (assign_validation, base_novel_split, official_pathological_shots,  # noqa: E402
-                                      subsample_classes, validation_split)
+from __future__ import annotations
 
-__all__ += ["Caltech101", "DTD", "DomainNet", "EuroSAT", "FGVCAircraft", "Flowers102", "Food101", "OfficeCaltech10",
-            "OxfordPets", "Pachinko", "StanfordCars", "SUN397", "UCF101", "assign_validation", "base_novel_split",
-            "official_pathological_shots", "subsample_classes", "validation_split"]
+import importlib
 
-# multi-dataset federations, per-client class lists and evaluation sets (issue #12)
-from fedprompt.data.combined import Combined  # noqa: E402
-from fedprompt.data.datasets import EvalSet  # noqa: E402
-from fedprompt.data.partition import CrossClass  # noqa: E402
+#: public name -> module that defines it
+EXPORTS = {
+    "ClientSplit": "base", "DatasetSplits": "base", "EvalSet": "base", "FederatedSplits": "base", "Sample": "base",
+    "load_rgb": "base",
+    "ImageDataset": "images",
+    "DATA_ENV": "reader", "FederatedData": "reader",
+    "DomainFolders": "folders", "SplitFolders": "folders", "stratified_split": "folders",
+    "CIFAR": "cifar", "Synthetic": "synthetic",
+    "IID": "partition", "ByDomain": "partition", "CrossClass": "partition", "Dirichlet": "partition",
+    "Pachinko": "partition", "Partitioner": "partition", "Pathological": "partition", "count_table": "partition",
+    "few_shot": "partition", "split_by_shares": "partition",
+    "assign_validation": "protocols", "base_novel_split": "protocols", "official_pathological_shots": "protocols",
+    "subsample_classes": "protocols", "validation_split": "protocols",
+    "clip_transforms": "transforms",
+    "Caltech101": "coop", "DTD": "coop", "EuroSAT": "coop", "FGVCAircraft": "coop", "Flowers102": "coop",
+    "Food101": "coop", "OxfordPets": "coop", "StanfordCars": "coop", "SUN397": "coop", "UCF101": "coop",
+    "DomainNet": "fedbn", "OfficeCaltech10": "fedbn",
+    "Combined": "combined",
+}
 
-__all__ += ["Combined", "CrossClass", "EvalSet"]
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in EXPORTS:
+        value = getattr(importlib.import_module(f"fedprompt.data.{EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fedprompt.data' has no attribute {name!r}")
+
+
+def import_readers() -> None:
+    """Import every reader and partitioner (so that short names such as ``--data Caltech101`` resolve)."""
+    for name in EXPORTS:
+        __getattr__(name)

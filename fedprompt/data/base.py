@@ -1,11 +1,13 @@
-"""Core data types: samples, dataset splits, client splits, and the image dataset that reads them."""
+"""Core data types: samples, a reader's dataset splits, client splits, evaluation sets and the federated splits.
+
+Nothing here imports torch: the readers and the command line's parser build on these types without it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from fedprompt.errors import FedPromptError
@@ -76,20 +78,65 @@ class ClientSplit:
         return len(self.train)
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Samples -> dicts ``{"image", "label", "index"}`` with a transform applied to each image."""
+@dataclass
+class EvalSet:
+    """A named evaluation set: ``samples`` classified among ``classnames`` (sample labels index ``classnames``).
 
-    def __init__(self, samples: list[Sample], transform: Callable | None, loader: Callable = load_rgb):
-        self.samples = samples
-        self.transform = transform
-        self.loader = loader
+    The round loop can score any client state on any set: build (or reuse) a client module on ``classnames``, load
+    the state, and measure top-1 accuracy over ``samples``. Sets of one ``split`` form a metric that is the
+    unweighted mean over datasets of each set's accuracy (FedTPG's "average over datasets").
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    Attributes:
+        name: unique ``"<dataset>/<split>"``, e.g. ``"caltech101/base"``.
+        classnames: the class list the samples are classified among.
+        samples: test samples, labels relative to ``classnames``.
+        split: ``"base"`` (all base classes of a dataset), ``"novel"`` (all novel classes), or ``"all"`` (every class
+            of the dataset; an unseen dataset's set, or the whole test set when no base/novel split is made).
+        dataset: name of the dataset the set comes from.
+        seen: ``False`` for a dataset the federation never trains on (unseen-dataset transfer).
+    """
 
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        image = self.loader(sample)
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "label": sample.label, "index": index}
+    name: str
+    classnames: list[str]
+    samples: list[Sample]
+    split: str
+    dataset: str
+    seen: bool = True
+
+
+@dataclass
+class FederatedSplits:
+    """The result of :meth:`FederatedData.setup`: class names, every client's data and the reader's splits.
+
+    A client with ``classnames=None`` scores the shared list ``classnames``; a client with its own list scores that
+    (:meth:`client_classnames` gives the list of either). ``eval_sets`` are the dataset-level evaluation sets
+    (:class:`EvalSet`): with ``subsample_classes: base`` a ``base`` and a ``novel`` set per dataset, otherwise one
+    set of the dataset's (subsampled) classes; plus, for :class:`~fedprompt.data.Combined`, one ``all`` set per
+    unseen dataset.
+    """
+
+    classnames: list[str]
+    clients: list[ClientSplit]
+    source: DatasetSplits
+    novel: DatasetSplits | None = None
+    """The novel half of a base-to-novel split (``subsample_classes: base``), for Base/Novel/HM evaluation."""
+    eval_sets: list[EvalSet] = field(default_factory=list)
+    bad_images: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, reason)`` of the unreadable image files left out (``on_bad_image: skip``); written by ``fit`` to
+    the run directory's ``bad_images.txt``."""
+
+    @property
+    def loader(self):
+        return self.source.loader
+
+    def client_classnames(self, client_id: int) -> list[str]:
+        """The class list client ``client_id`` scores (its own, or the shared one); its sample labels index it."""
+        own = self.clients[client_id].classnames
+        return self.classnames if own is None else own
+
+    def eval_set(self, name: str) -> EvalSet:
+        """The evaluation set called ``name``; an unknown name is an error listing the known ones."""
+        for item in self.eval_sets:
+            if item.name == name:
+                return item
+        raise FedPromptError(f"no evaluation set {name!r}; known: {[e.name for e in self.eval_sets]}")

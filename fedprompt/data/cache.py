@@ -32,8 +32,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedprompt.data.augment import normalize
-from fedprompt.data.base import ImageDataset, Sample
-from fedprompt.data.store import (FORMAT_VERSION, ImageStore, StoreKind, _atomic_path, digest, loader_key,
+from fedprompt.data.base import Sample
+from fedprompt.data.images import ImageDataset
+from fedprompt.data.store import (FORMAT_VERSION, ImageStore, StoreKind, temporary_path, digest, loader_key,
                                   sample_identity, transform_key)
 from fedprompt.errors import FedPromptError
 
@@ -103,7 +104,7 @@ class _Table:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{digest(identities)[:32]}.pt"
-        tmp = _atomic_path(path)
+        tmp = temporary_path(path)
         torch.save({"format": FORMAT_VERSION, "identities": identities, "tensors": tensors}, tmp)
         os.replace(tmp, path)
 

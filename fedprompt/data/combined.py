@@ -18,7 +18,8 @@ from typing import Callable, Literal
 from PIL import Image
 
 from fedprompt.data.base import DatasetSplits, Sample, load_rgb
-from fedprompt.data.datasets import EvalSet, FederatedData, FederatedSplits, federate
+from fedprompt.data.base import EvalSet, FederatedSplits
+from fedprompt.data.reader import FederatedData, federate
 from fedprompt.data.partition import Partitioner
 from fedprompt.errors import FedPromptError
 
@@ -103,7 +104,7 @@ class Combined(FederatedData):
     class list of their own (their partitioner's, else their dataset's).
 
     ``FederatedSplits`` of a combined federation: ``clients`` as above; ``eval_sets`` with each dataset's sets
-    (:func:`~fedprompt.data.datasets.dataset_eval_sets`) and an ``all`` set (every class, every test image) per
+    (:func:`~fedprompt.data.reader.dataset_eval_sets`) and an ``all`` set (every class, every test image) per
     ``unseen`` dataset; ``source`` / ``novel`` the union of the datasets' (subsampled) splits, class lists
     concatenated (labels shifted; for information and image loading only: client labels index client lists);
     ``classnames`` that concatenated list.

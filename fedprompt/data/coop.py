@@ -32,7 +32,8 @@ import os
 from pathlib import Path
 
 from fedprompt.data.base import DatasetSplits, Sample
-from fedprompt.data.datasets import DATA_ENV, FederatedData, make_dirs, remove_if_left_empty
+from fedprompt.data.reader import DATA_ENV, FederatedData
+from fedprompt.paths import make_dirs, remove_if_left_empty
 from fedprompt.data.partition import Partitioner, Pathological
 from fedprompt.errors import FedPromptError
 

@@ -15,7 +15,7 @@ Two layouts are read (``layout: auto`` picks the first that is present):
   the first one and the layout expected. The pickles are read with :mod:`fedprompt.data.safe_pickle` (no code
   from the file runs). ``root`` may also be the folder that holds ``DomainNet/`` (``office_caltech_10/``).
 - **Image folders** ``<root>/<site>/<class>/<image>`` (e.g. the DomainNet download, or office_caltech_10 as
-  folders): read with :class:`~fedprompt.data.datasets.DomainFolders` rules (a seeded per (site, class) train/test
+  folders): read with :class:`~fedprompt.data.folders.DomainFolders` rules (a seeded per (site, class) train/test
   split of ``test_fraction``), restricted to the papers' 10 classes unless ``all_classes`` is set.
 
 Class names are always a sorted list (FedOTP builds them as a Python ``set``, whose order changes from process to
@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fedprompt.data.base import DatasetSplits, Sample
-from fedprompt.data.datasets import DomainFolders, _image_files, stratified_split
+from fedprompt.data.folders import DomainFolders, image_files, stratified_split
 from fedprompt.data.safe_pickle import safe_load
 from fedprompt.errors import FedPromptError
 
@@ -217,7 +217,7 @@ class _FedBNDomains(DomainFolders):
             for label, name in enumerate(raw):
                 folder = root / site / name
                 if folder.is_dir():
-                    samples.extend(Sample(str(p), label, site) for p in _image_files(folder))
+                    samples.extend(Sample(str(p), label, site) for p in image_files(folder))
         found = {s.label for s in samples}
         absent = [raw[i] for i in range(len(raw)) if i not in found]
         if absent:

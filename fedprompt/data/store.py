@@ -226,7 +226,8 @@ def _decode(samples: list[Sample], loader: Callable, prepare: Callable, num_work
             bar.update(len(batch))
 
 
-def _atomic_path(path: Path) -> Path:
+def temporary_path(path: Path) -> Path:
+    """A new empty temporary file beside ``path`` (written, then renamed onto ``path``: an atomic write)."""
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(handle)
     return Path(name)
@@ -376,7 +377,7 @@ def _decode_packed(samples, loader, kind, num_workers, batch_size, progress, mma
             ragged[i] = None
         return images, torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2), tuple(images.shape)
     mmap_base.parent.mkdir(parents=True, exist_ok=True)
-    ragged_path = _atomic_path(mmap_base.with_suffix(".ragged"))
+    ragged_path = temporary_path(mmap_base.with_suffix(".ragged"))
     try:
         with open(ragged_path, "wb") as out:
             def write(index, image):
@@ -385,7 +386,7 @@ def _decode_packed(samples, loader, kind, num_workers, batch_size, progress, mma
 
             _decode(samples, loader, kind.prepare, num_workers, batch_size, progress, write)
         final = mmap_base.with_suffix(".u8")
-        tmp = _atomic_path(final)
+        tmp = temporary_path(final)
         height, width = (max(s[i] for s in shapes) for i in (0, 1)) if shapes else (1, 1)
         packed = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(shapes), 3, height, width))
         source = np.memmap(ragged_path, dtype=np.uint8, mode="r")
@@ -409,7 +410,7 @@ def _pack_buffer(shapes: list[tuple[int, int]]) -> torch.Tensor:
 
 def _write_pixels(path: Path, images: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
+    tmp = temporary_path(path)
     with open(tmp, "wb") as out:
         out.write(memoryview(images.contiguous().numpy()).cast("B"))
     os.replace(tmp, path)
@@ -417,7 +418,7 @@ def _write_pixels(path: Path, images: torch.Tensor) -> None:
 
 def _write_meta(base: Path, key: str, shape, sizes: torch.Tensor, paths: list[str]) -> None:
     meta = {"format": FORMAT_VERSION, "key": key, "shape": list(shape), "sizes": sizes, "paths": paths}
-    tmp = _atomic_path(base.with_suffix(".pt"))
+    tmp = temporary_path(base.with_suffix(".pt"))
     torch.save(meta, tmp)
     os.replace(tmp, base.with_suffix(".pt"))
 

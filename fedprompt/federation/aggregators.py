@@ -27,7 +27,18 @@ def select_keys(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> di
 
 
 class Aggregator:
-    """Base merge rule: clients upload and receive the keys starting with ``shared_prefixes``."""
+    """Base merge rule: clients upload and receive the keys starting with ``shared_prefixes``.
+
+    Declared capabilities (the round loop reads them):
+        ``reduce``: the global state is a weighted sum of whole client states, merged by an all-reduce of
+        per-process sums (:meth:`WeightedMean.partial_sum`, :meth:`WeightedMean.finish`) instead of gathering every
+        upload on every process;
+        ``seed``: the run's seed, set by the loop before the first round (aggregators with random choices, such as
+        FedMGP's group selection, derive their random streams from it).
+    """
+
+    reduce: bool = False
+    seed: int = 0
 
     def __init__(self, shared_prefixes: tuple[str, ...] = ()):
         self.shared_prefixes = tuple(shared_prefixes)

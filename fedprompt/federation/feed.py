@@ -6,27 +6,30 @@ on (run seed, round, client), so a client sees the same batches and the same ran
 its lock-step group, on any number of processes, and after a resume.
 
 A :class:`Feed` turns the plans of a group into one concatenated batch per step (the clients that still have data at
-that step, in plan order), from one of these sources:
+that step, in plan order), and an evaluation list into batches. Where the data comes from is a :class:`Source`, one
+for training and one for evaluation, each one of:
 
-- cached frozen image-tower outputs (:class:`fedprompt.data.cache.FeatureCache`): a gather per client;
-- decoded images (:class:`fedprompt.data.store.ImageStore`, every image decoded once per run): the test transform's
-  uint8 images, normalised on the device (exactly the CPU transform's tensor), or, with ``train.device_augment``,
-  train images cropped, resized, flipped and normalised in one batched call on the device
+- :class:`CachedFeatures`: cached frozen image-tower outputs (:class:`fedprompt.data.cache.FeatureCache`), a gather;
+- :class:`StoredImages`: decoded images (:class:`fedprompt.data.store.ImageStore`, every image decoded once per run):
+  the test transform's uint8 images, normalised on the device (exactly the CPU transform's tensor), or, with
+  ``train.device_augment``, train images cropped, resized, flipped and normalised in one batched call on the device
   (:class:`fedprompt.data.augment.DeviceAugment`; each client's crops from a generator seeded by its own step seed);
-- image files through the CPU transforms, with one ``DataLoader`` per run whose worker processes persist across
-  clients and rounds (``persistent_workers``, ``pin_memory`` on CUDA): the whole group's schedule is handed to it at
-  once, so the workers decode ahead while the device trains. Each augmented sample is transformed under its own seed
-  (derived from the step seed and its position), so results do not depend on the number of workers.
+- :class:`ImageFiles`: image files through the CPU transforms, with one ``DataLoader`` per run whose worker
+  processes persist across clients and rounds (``persistent_workers``, ``pin_memory`` on CUDA): the whole group's
+  schedule is handed to it at once, so the workers decode ahead while the device trains. Each augmented sample is
+  transformed under its own seed (derived from the step seed and its position), so results do not depend on the
+  number of workers.
 
-Batches from a store carry uint8 ``pixels`` (and crop boxes); :meth:`Feed.finish` turns them into the normalised
-``image`` once they are on the device.
+A source serves steps made of :class:`Part` s (a list name, sample indices and, for train batches, the client's step
+seed); batches from a store carry uint8 ``pixels`` (and crop boxes) that :meth:`Feed.finish` turns into the
+normalised ``image`` once they are on the device.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -119,6 +122,117 @@ class SampleTable(Dataset):
         return {"image": image, "label": sample.label}
 
 
+@dataclass
+class Part:
+    """One client's share of a step (or one evaluation batch): samples ``indices`` of list ``name``
+    (``train:<cid>``, ``test:<cid>``, ...) and, for train batches, the client's step seed (augmentation)."""
+
+    name: str
+    indices: list[int]
+    seed: int | None = None
+
+
+class Source(Protocol):
+    """Where batches come from: :meth:`stream` serves one batch (a dict of tensors, ``label`` included) per step,
+    each step a list of :class:`Part` s concatenated in order; :meth:`finish` completes a batch of this source on the
+    device (others pass unchanged); :meth:`close` releases workers."""
+
+    def stream(self, steps: list[list[Part]]) -> Iterator[dict]: ...
+
+    def finish(self, batch: dict) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def _concat(parts: list[dict]) -> dict:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class CachedFeatures:
+    """Batches of cached frozen image-tower outputs (``features`` / ``tokens``), gathered per part.
+
+    Args:
+        cache: the :class:`fedprompt.data.cache.FeatureCache`.
+        lists: every sample list by name.
+        transforms: the CPU transform of each list kind (``train``, ``test``, ``val``): part of the cache key.
+    """
+
+    def __init__(self, cache, lists: dict[str, list[Sample]], transforms: dict[str, Callable]):
+        self.cache, self.lists, self.transforms = cache, lists, transforms
+
+    def _cached(self, name: str):
+        kind = name.split(":")[0]
+        return self.cache.dataset(self.lists[name], self.transforms[kind], "train" if kind == "train" else "test")
+
+    def _gather(self, part: Part) -> dict:
+        cached = self._cached(part.name)
+        index = torch.as_tensor(part.indices, dtype=torch.long)
+        out = {k: v[index] for k, v in cached.tensors.items()}
+        out["label"] = torch.as_tensor([cached.labels[i] for i in part.indices], dtype=torch.long)
+        return out
+
+    def stream(self, steps: list[list[Part]]) -> Iterator[dict]:
+        for parts in steps:
+            yield _concat([self._gather(p) for p in parts])
+
+    def finish(self, batch: dict) -> dict:
+        return batch
+
+    def close(self) -> None:
+        pass
+
+
+class StoredImages:
+    """Batches of decoded uint8 images from an :class:`fedprompt.data.store.ImageStore`: the test transform's
+    images (normalised by :meth:`finish`), or, with ``augment``, train images with each part's crop boxes and flips
+    drawn from a generator seeded with its step seed (applied on the device by :meth:`finish`).
+
+    Args:
+        store: the image store.
+        lists: every sample list by name.
+        augment: the :class:`fedprompt.data.augment.DeviceAugment` of a train store, or ``None``.
+    """
+
+    def __init__(self, store, lists: dict[str, list[Sample]], augment=None):
+        self.store, self.lists, self.augment = store, lists, augment
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def _store_rows(self, name: str) -> torch.Tensor:
+        if name not in self._rows:
+            self._rows[name] = self.store.rows(self.lists[name])
+        return self._rows[name]
+
+    def _get(self, part: Part) -> dict:
+        rows = self._store_rows(part.name)[torch.as_tensor(part.indices, dtype=torch.long)]
+        pixels, sizes = self.store.get(rows)
+        out = {"pixels": pixels, "label": torch.as_tensor([self.lists[part.name][i].label for i in part.indices])}
+        if self.augment is not None:
+            params = self.augment.sample(sizes, torch.Generator().manual_seed(part.seed))
+            out["crop"] = torch.stack([params.top, params.left, params.height, params.width,
+                                       params.flip.to(params.top.dtype)], dim=1)
+        return out
+
+    def stream(self, steps: list[list[Part]]) -> Iterator[dict]:
+        for parts in steps:
+            yield _concat([self._get(p) for p in parts])
+
+    def finish(self, batch: dict) -> dict:
+        """The normalised (and, for a train store, augmented) ``image`` from a batch's ``pixels``."""
+        if "pixels" not in batch or ("crop" in batch) != (self.augment is not None):
+            return batch
+        batch = dict(batch)
+        pixels = batch.pop("pixels")
+        if self.augment is not None:
+            top, left, height, width, flip = batch.pop("crop").unbind(1)
+            batch["image"] = self.augment.apply(pixels, CropParams(top, left, height, width, flip.bool()))
+        else:
+            batch["image"] = normalize(pixels, self.store.kind.mean, self.store.kind.std)
+        return batch
+
+    def close(self) -> None:
+        pass
+
+
 class _Schedule:
     """A batch sampler whose batches are replaced before each pass (the DataLoader and its workers persist)."""
 
@@ -132,6 +246,45 @@ class _Schedule:
         return len(self.batches)
 
 
+class ImageFiles:
+    """Batches of image files through the CPU transforms, from one persistent ``DataLoader`` (see the module
+    docstring); a train part's samples are each transformed under their own seed (:func:`sample_seed`).
+
+    Args:
+        lists: every sample list by name.
+        transforms: the CPU transform of each list kind (``train``, ``test``, ``val``).
+        loader: sample -> PIL image.
+        num_workers: DataLoader worker processes (persistent across clients and rounds).
+        pin_memory: pin host batches (CUDA).
+    """
+
+    def __init__(self, lists: dict[str, list[Sample]], transforms: dict[str, Callable], loader: Callable,
+                 num_workers: int = 0, pin_memory: bool = False):
+        self.table = SampleTable(lists, transforms, loader)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._schedule = _Schedule()
+        self._loader: DataLoader | None = None
+
+    @staticmethod
+    def _keys(part: Part) -> list[tuple]:
+        if part.seed is None:
+            return [(part.name, i, None) for i in part.indices]
+        return [(part.name, i, sample_seed(part.seed, pos)) for pos, i in enumerate(part.indices)]
+
+    def stream(self, steps: list[list[Part]]) -> Iterator[dict]:
+        if self._loader is None:
+            self._loader = DataLoader(self.table, batch_sampler=self._schedule, num_workers=self.num_workers,
+                                      persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
+        self._schedule.batches = [[key for part in parts for key in self._keys(part)] for parts in steps]
+        yield from self._loader
+
+    def finish(self, batch: dict) -> dict:
+        return batch
+
+    def close(self) -> None:
+        self._loader = None
+
+
 @dataclass
 class StepBatch:
     """The concatenated batch of one lock-step step: ``data`` (tensors) and the plans taking part, in order, with
@@ -142,158 +295,55 @@ class StepBatch:
     counts: list[int]
 
 
+def sample_lists(clients, extra: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+    """Every sample list of this process by name: ``train:<cid>``, ``test:<cid>``, ``val:<cid>`` of each client and
+    ``test:<name>`` of each extra evaluation list (e.g. ``base``, ``novel``)."""
+    lists: dict[str, list[Sample]] = {}
+    for split in clients:
+        lists[f"train:{split.client_id}"] = split.train
+        lists[f"test:{split.client_id}"] = split.test
+        lists[f"val:{split.client_id}"] = split.val
+    for name, samples in extra.items():
+        lists[f"test:{name}"] = samples
+    return lists
+
+
 class Feed:
     """Serves train and evaluation batches of every client of this process.
 
     Args:
-        clients: every client's data (``fedprompt.data.ClientSplit``), indexed by client id.
-        extra: further evaluation lists by name (e.g. ``{"base": [...], "novel": [...]}``).
-        train_transform, test_transform: the CPU transforms (PIL image -> tensor).
-        loader: sample -> PIL image.
-        num_workers: DataLoader worker processes (persistent across clients and rounds).
-        pin_memory: pin host batches (CUDA).
-        cache: a :class:`fedprompt.data.cache.FeatureCache`, or ``None``.
-        cache_train: serve train batches from the cache (needs deterministic train transforms).
-        cache_eval: serve evaluation batches from the cache.
-        test_store: an ImageStore of the test kind: evaluation batches (and train batches when the train transform
-            is the test transform) come from it instead of the files.
-        train_store: an ImageStore of the train kind, with ``augment``: train batches augmented on the device.
-        augment: the :class:`fedprompt.data.augment.DeviceAugment` of ``train_store``.
+        lists: every sample list by name (:func:`sample_lists`).
+        train: the source of train batches.
+        evaluation: the source of evaluation batches (may be the same object).
     """
 
-    def __init__(self, clients, extra: dict[str, list[Sample]], train_transform, test_transform, loader,
-                 num_workers: int = 0, pin_memory: bool = False, cache=None, cache_train: bool = False,
-                 cache_eval: bool = False, test_store=None, train_store=None, augment=None):
-        lists: dict[str, list[Sample]] = {}
-        for split in clients:
-            lists[f"train:{split.client_id}"] = split.train
-            lists[f"test:{split.client_id}"] = split.test
-            lists[f"val:{split.client_id}"] = split.val
-        for name, samples in extra.items():
-            lists[f"test:{name}"] = samples
-        self.lists = lists
-        self.table = SampleTable(lists, {"train": train_transform, "test": test_transform, "val": test_transform},
-                                 loader)
-        self.test_transform, self.train_transform = test_transform, train_transform
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.cache = cache
-        self.cache_train = cache is not None and cache_train
-        self.cache_eval = cache is not None and cache_eval
-        self._schedule = _Schedule()
-        self._loader: DataLoader | None = None
-        self.test_store = test_store
-        self.train_store = train_store if augment is not None else None
-        self.augment = augment
-        self.train_from_test_store = test_store is not None and train_transform is test_transform
-        self._rows: dict[str, torch.Tensor] = {}
-
-    # ------------------------------------------------------------------------------------------------ files
-    def _files(self, batches: list[list]) -> Iterator[dict]:
-        if self._loader is None:
-            self._loader = DataLoader(self.table, batch_sampler=self._schedule, num_workers=self.num_workers,
-                                      persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
-        self._schedule.batches = batches
-        yield from self._loader
-
-    # ------------------------------------------------------------------------------------------------ cache
-    def _cached(self, name: str):
-        kind = name.split(":")[0]
-        transform = self.train_transform if kind == "train" else self.test_transform
-        return self.cache.dataset(self.lists[name], transform, "train" if kind == "train" else "test")
-
-    @staticmethod
-    def _gather(cached, indices: list[int]) -> dict:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        out = {k: v[index] for k, v in cached.tensors.items()}
-        out["label"] = torch.as_tensor([cached.labels[i] for i in indices], dtype=torch.long)
-        return out
-
-    # ------------------------------------------------------------------------------------------------ store
-    def _store_rows(self, store, name: str) -> torch.Tensor:
-        key = f"{store.kind.name}|{name}"
-        if key not in self._rows:
-            self._rows[key] = store.rows(self.lists[name])
-        return self._rows[key]
-
-    def _from_store(self, store, name: str, indices: list[int], crop_seed: int | None = None) -> dict:
-        """The stored uint8 ``pixels`` and labels of samples ``indices`` of list ``name``; with ``crop_seed``, also
-        their ``crop`` boxes and flips, drawn from a generator seeded with it (the client's step seed)."""
-        rows = self._store_rows(store, name)[torch.as_tensor(indices, dtype=torch.long)]
-        pixels, sizes = store.get(rows)
-        part = {"pixels": pixels, "label": torch.as_tensor([self.lists[name][i].label for i in indices])}
-        if crop_seed is not None:
-            params = self.augment.sample(sizes, torch.Generator().manual_seed(crop_seed))
-            part["crop"] = torch.stack([params.top, params.left, params.height, params.width,
-                                        params.flip.to(params.top.dtype)], dim=1)
-        return part
+    def __init__(self, lists: dict[str, list[Sample]], train: Source, evaluation: Source):
+        self.lists, self.train, self.evaluation = lists, train, evaluation
 
     def finish(self, batch: dict) -> dict:
-        """A batch on the device, with decoded ``pixels`` turned into the normalised (and, for train batches from
-        the train store, augmented) ``image``; other batches pass unchanged."""
-        if "pixels" not in batch:
-            return batch
-        batch = dict(batch)
-        pixels = batch.pop("pixels")
-        crop = batch.pop("crop", None)
-        if crop is not None:
-            top, left, height, width, flip = crop.unbind(1)
-            batch["image"] = self.augment.apply(pixels, CropParams(top, left, height, width, flip.bool()))
-        else:
-            kind = self.test_store.kind
-            batch["image"] = normalize(pixels, kind.mean, kind.std)
-        return batch
+        """A batch on the device, completed by its source (decoded ``pixels`` -> normalised, augmented ``image``);
+        other batches pass unchanged."""
+        return self.evaluation.finish(self.train.finish(batch))
 
-    # ------------------------------------------------------------------------------------------------ train
     def train_steps(self, plans: list[LocalPlan]) -> Iterator[StepBatch]:
         """One :class:`StepBatch` per lock-step step of ``plans`` (clients drop out when their plan ends)."""
-        steps = max(plan.steps for plan in plans)
-        layout = []
-        for step in range(steps):
+        layout, steps = [], []
+        for step in range(max(plan.steps for plan in plans)):
             members = [j for j, plan in enumerate(plans) if step < plan.steps]
             layout.append((members, [len(plans[j].batches[step]) for j in members]))
-        if self.cache_train:
-            cached = {plan.cid: self._cached(f"train:{plan.cid}") for plan in plans}
-            for step, (members, counts) in enumerate(layout):
-                parts = [self._gather(cached[plans[j].cid], plans[j].batches[step]) for j in members]
-                yield StepBatch({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, members, counts)
-            return
-        store = self.train_store or (self.test_store if self.train_from_test_store else None)
-        if store is not None:
-            for step, (members, counts) in enumerate(layout):
-                parts = [self._from_store(store, f"train:{plans[j].cid}", plans[j].batches[step],
-                                          plans[j].seeds[step] if self.train_store is not None else None)
-                         for j in members]
-                yield StepBatch({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, members, counts)
-            return
-        batches = []
-        for step, (members, _) in enumerate(layout):
-            keys = []
-            for j in members:
-                plan = plans[j]
-                keys += [(f"train:{plan.cid}", i, sample_seed(plan.seeds[step], pos))
-                         for pos, i in enumerate(plan.batches[step])]
-            batches.append(keys)
-        for (members, counts), data in zip(layout, self._files(batches)):
+            steps.append([Part(f"train:{plans[j].cid}", plans[j].batches[step], plans[j].seeds[step])
+                          for j in members])
+        for (members, counts), data in zip(layout, self.train.stream(steps)):
             yield StepBatch(data, members, counts)
 
-    # ------------------------------------------------------------------------------------------------- eval
     def eval_batches(self, name: str, batch_size: int) -> Iterator[dict]:
         """Batches of the evaluation list ``name`` (``test:<cid>``, ``val:<cid>``, ``test:base``, ...), in order."""
         samples = self.lists[name]
         spans = [list(range(start, min(start + batch_size, len(samples))))
                  for start in range(0, len(samples), batch_size)]
-        if self.cache_eval:
-            cached = self._cached(name)
-            for span in spans:
-                yield self._gather(cached, span)
-            return
-        if self.test_store is not None:
-            for span in spans:
-                yield self._from_store(self.test_store, name, span)
-            return
-        yield from self._files([[(name, i, None) for i in span] for span in spans])
+        yield from self.evaluation.stream([[Part(name, span)] for span in spans])
 
     def close(self) -> None:
         """Stop the persistent DataLoader workers."""
-        self._loader = None
+        self.train.close()
+        self.evaluation.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,14 +23,12 @@ from fedprompt.args import EvalArgs, FederationArgs, TrainArgs
 from fedprompt.data.base import ClientSplit
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, state_bytes
-from fedprompt.federation.engine import GroupResult, LockstepTrainer, NoTimer, SectionTimer, run_groups
+from fedprompt.federation.engine import GroupResult, GroupSize, LockstepTrainer, run_groups
 from fedprompt.federation.feed import Feed, LocalPlan, local_epoch_count, local_plan
+from fedprompt.federation.protocols import ClientModule, MethodSpec
 from fedprompt.federation.sampling import derive_seed, place, sample_clients
-from fedprompt.methods.method import Method
 from fedprompt.metrics import accuracy_metric, harmonic_mean, summarize
-
-if TYPE_CHECKING:
-    from fedprompt.methods.base import PromptClient
+from fedprompt.timing import NoTimer, SectionTimer
 
 State = dict[str, torch.Tensor]
 
@@ -48,13 +45,13 @@ def all_gather_objects(fabric, obj) -> list:
     return out
 
 
-def resolve_parallel_clients(setting, num_clients: int, world_size: int) -> tuple[int, bool]:
-    """(K, adaptive): K clients per lock-step group. ``auto`` takes every client a rank trains in a round (at most
-    :data:`AUTO_MAX_PARALLEL`) and halves K when the device runs out of memory."""
+def resolve_parallel_clients(setting, num_clients: int, world_size: int) -> GroupSize:
+    """K clients per lock-step group. ``auto`` takes every client a rank trains in a round (at most
+    :data:`AUTO_MAX_PARALLEL`) and halves K when the device runs out of memory (for the rest of the run)."""
     per_rank = max(1, math.ceil(num_clients / world_size))
     if setting == "auto":
-        return min(per_rank, AUTO_MAX_PARALLEL), True
-    return max(1, min(int(setting), per_rank)), False
+        return GroupSize(min(per_rank, AUTO_MAX_PARALLEL), adaptive=True)
+    return GroupSize(max(1, min(int(setting), per_rank)))
 
 
 @dataclass
@@ -62,7 +59,7 @@ class Federation:
     """Everything the round loop needs, built once per process by :mod:`fedprompt.fit`."""
 
     fabric: object
-    method: Method
+    method: MethodSpec
     backbone: object
     classnames: list[str]
     aggregator: Aggregator
@@ -77,7 +74,7 @@ class Federation:
     progress: bool = True
     eval_sets: list = field(default_factory=list)
     timer: SectionTimer | None = None
-    modules: dict[tuple, PromptClient] = field(default_factory=dict)
+    modules: dict[tuple, ClientModule] = field(default_factory=dict)
     round_epochs: dict[int, int] = field(default_factory=dict, init=False, repr=False)
     """Local epochs trained in each round (all its sampled clients), for :meth:`epochs_before`."""
     round_members: dict[int, frozenset] = field(default_factory=dict, init=False, repr=False)
@@ -88,15 +85,21 @@ class Federation:
         # share one (1 when every client has its own list, as in FedTPG's cross_cls)
         lists: dict[tuple, int] = {}
         for split in self.clients:
-            key = tuple(getattr(split, "classnames", None) or self.classnames)
+            key = tuple(split.classnames or self.classnames)
             lists[key] = lists.get(key, 0) + 1
-        self.group_size, self.adaptive = resolve_parallel_clients(self.federation.parallel_clients,
-                                                                  max(lists.values()), self.fabric.world_size)
+        self.group = resolve_parallel_clients(self.federation.parallel_clients, max(lists.values()),
+                                              self.fabric.world_size)
+        self.module_slots = self.group.size  # the slots of every client module (K may shrink, never grow)
         self.trainer = LockstepTrainer(self.fabric, self.feed, self.timer)
 
     # ---------------------------------------------------------------------------------------------- modules
-    def module_for(self, classnames: list[str]) -> PromptClient:
-        """A client module (``group_size`` slots) set to a class list: the federation's module pointed at it, or,
+    @property
+    def group_size(self) -> int:
+        """The lock-step group size K now (smaller than at the start after an out-of-memory error)."""
+        return self.group.size
+
+    def module_for(self, classnames: list[str]) -> ClientModule:
+        """A client module (``module_slots`` slots) set to a class list: the federation's module pointed at it, or,
         for methods whose prompts depend on the classes, a module built for it once."""
         key = tuple(classnames)
         first = self.modules.get(tuple(self.classnames))
@@ -106,7 +109,7 @@ class Federation:
         if key not in self.modules:
             torch.manual_seed(self.seed)  # the same initial prompts as the first module (the server's init)
             self.modules[key] = self.fabric.to_device(
-                self.method.build_client(self.backbone, list(classnames), self.group_size))
+                self.method.build_client(self.backbone, list(classnames), self.module_slots))
         return self.modules[key]
 
     def chunks(self, ids: list[int]) -> list[list[int]]:
@@ -114,10 +117,10 @@ class Federation:
         return [ids[begin:begin + self.group_size] for begin in range(0, len(ids), self.group_size)]
 
     def client_classnames(self, cid: int) -> list[str]:
-        return getattr(self.clients[cid], "classnames", None) or self.classnames
+        return self.clients[cid].classnames or self.classnames
 
     @property
-    def client(self) -> PromptClient:
+    def client(self) -> ClientModule:
         """The module of the federation's shared class list."""
         return self.module_for(self.classnames)
 
@@ -164,9 +167,8 @@ class Federation:
         if not self.method.trains:
             return {cid: GroupResult(self.states[cid]) for cid in cids}
         plans = [self.plan(cid, round_idx) for cid in cids]
-        return run_groups(self.trainer, self.module_for, lambda p: self.client_classnames(p.cid), plans,
-                          self.group_size, self.states, self.global_state, self.adaptive,
-                          on_group=bar.update if bar is not None else None)
+        return run_groups(self.trainer, self.module_for, lambda p: self.client_classnames(p.cid), plans, self.group,
+                          self.states, self.global_state, on_group=bar.update if bar is not None else None)
 
     def run_round(self, round_idx: int) -> dict:
         """One communication round; returns the metrics row (without evaluation)."""
@@ -182,7 +184,7 @@ class Federation:
         comm = time.perf_counter()
         uploads = {cid: self.aggregator.upload(cid, r.state, round_idx) for cid, r in trained.items()
                    if r.failure is None}
-        if getattr(self.aggregator, "reduce", False) and self.method.communicates:
+        if self.aggregator.reduce and self.method.communicates:
             summary = self._reduce(trained, uploads, round_idx)
         else:
             summary = self._gather(trained, uploads, round_idx)
@@ -190,7 +192,8 @@ class Federation:
             self.timer.add("communication", time.perf_counter() - comm)
         losses = [loss for loss in summary["losses"] if not math.isnan(loss)]
         row = {"round": round_idx, "train_loss": sum(losses) / len(losses) if losses else None,
-               "clients": sampled, "bytes_up": summary["bytes_up"], "bytes_down": bytes_down}
+               "clients": sampled, "bytes_up": summary["bytes_up"], "bytes_down": bytes_down,
+               "parallel_clients": self.group_size}
         if summary["failed"]:
             row["failed_clients"] = {str(c): why for c, why in summary["failed"].items()}
         row["train_seconds"] = time.perf_counter() - start
@@ -253,7 +256,7 @@ class Federation:
 
     # ------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def _accuracy(self, client: PromptClient, text, slots: torch.Tensor, position: int, name: str) -> float:
+    def _accuracy(self, client: ClientModule, text, slots: torch.Tensor, position: int, name: str) -> float:
         """Accuracy of the client at ``slots[position]`` (its text side precomputed in ``text``) on list ``name``."""
         if not self.feed.lists.get(name):
             return math.nan
@@ -269,11 +272,11 @@ class Federation:
         return float(metric.compute())
 
     @torch.no_grad()
-    def _text(self, client: PromptClient, slots: torch.Tensor):
+    def _text(self, client: ClientModule, slots: torch.Tensor):
         with self.fabric.autocast():
-            return client.text_features(slots)
+            return client.text_for(slots)
 
-    def _load_group(self, classnames: list[str], cids: list[int]) -> tuple[PromptClient, torch.Tensor, object]:
+    def _load_group(self, classnames: list[str], cids: list[int]) -> tuple[ClientModule, torch.Tensor, object]:
         """The module of ``classnames`` with ``cids`` in its first slots, and their text side (computed once)."""
         client = self.module_for(classnames)
         client.eval()
@@ -292,7 +295,7 @@ class Federation:
     def _set_clients(self, eval_set) -> list[int]:
         """The clients scored on an evaluation set: those drawn from its dataset (all clients for a single dataset
         or an unseen one); one client when every client holds the same model."""
-        ids = [c.client_id for c in self.clients if getattr(c, "dataset", "") == eval_set.dataset]
+        ids = [c.client_id for c in self.clients if c.dataset == eval_set.dataset]
         ids = ids or list(range(len(self.clients)))
         return ids[:1] if self.method.global_model else ids
 
@@ -335,7 +338,7 @@ class Federation:
         val = [results[cid][1] for cid in ids if not math.isnan(results[cid][1])]
         if val:
             out["val_acc"] = sum(val) / len(val)
-        if any(getattr(c, "classnames", None) for c in self.clients):
+        if any(c.classnames for c in self.clients):
             out = self._own_classes(out)
         out.update(self._set_summary(results, out.get("local_acc", out.get("own_classes_acc"))))
         if self.timer is not None:
@@ -349,7 +352,7 @@ class Federation:
         by_dataset: dict[str, list[float]] = {}
         for cid, acc in enumerate(out["client_acc"]):
             if not math.isnan(acc):
-                by_dataset.setdefault(getattr(self.clients[cid], "dataset", ""), []).append(acc)
+                by_dataset.setdefault(self.clients[cid].dataset, []).append(acc)
         means = [sum(v) / len(v) for v in by_dataset.values()]
         values = torch.tensor([a for v in by_dataset.values() for a in v], dtype=torch.float64)
         rest = {k: v for k, v in out.items() if k not in ("local_acc", "local_acc_std", "global_acc")}

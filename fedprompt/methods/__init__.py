@@ -1,6 +1,6 @@
 """Federated prompt-learning methods, one file each. A config selects one with ``class_path``.
 
-:class:`Method` and :class:`OptimizerArgs` are imported at once (they need neither Lightning nor open_clip); the
+:class:`Method`, :class:`TrainedMethod` and :class:`OptimizerArgs` are imported at once (they need neither Lightning nor open_clip); the
 method classes and their client modules are imported on first use (PEP 562), so that ``fedprompt --help`` and
 argument errors do not wait for Lightning. :func:`import_all` imports every method (the command line does this
 before parsing anything but a help request, so that short names such as ``--method FedOTP`` resolve).
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 
-from fedprompt.methods.method import Method, OptimizerArgs
+from fedprompt.methods.method import Method, OptimizerArgs, TrainedMethod
 
 #: public name -> module that defines it
-_WHERE = {
+REGISTRY = {
     "PromptClient": "base",
     "CoOpClient": "coop", "FedPer": "coop", "FedProx": "coop", "LocalCoOp": "coop", "PromptFL": "coop",
     "FedMGP": "fedmgp", "FedMGPAggregator": "fedmgp", "FedMGPClient": "fedmgp",
@@ -24,12 +24,16 @@ _WHERE = {
     "ZeroShot": "zeroshot",
 }
 
-__all__ = sorted(["Method", "OptimizerArgs", "import_all", *_WHERE])
+#: the methods a config can select (short names)
+METHODS = tuple(sorted(name for name in REGISTRY
+                       if name != "PromptClient" and not name.endswith(("Client", "Aggregator"))))
+
+__all__ = sorted(["METHODS", "Method", "OptimizerArgs", "REGISTRY", "TrainedMethod", "import_all", *REGISTRY])
 
 
 def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"fedprompt.methods.{_WHERE[name]}"), name)
+    if name in REGISTRY:
+        value = getattr(importlib.import_module(f"fedprompt.methods.{REGISTRY[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'fedprompt.methods' has no attribute {name!r}")
@@ -37,5 +41,5 @@ def __getattr__(name: str):
 
 def import_all() -> None:
     """Import every method module (so that every :class:`Method` subclass is known by its short name)."""
-    for name in _WHERE:
+    for name in REGISTRY:
         __getattr__(name)

@@ -1,4 +1,4 @@
-"""The client abstraction shared by every method.
+"""The client module shared by every method: what a method writes, and what the base class and the engine own.
 
 A :class:`PromptClient` is a ``LightningModule`` that owns only learnable prompt tensors, for ``slots`` clients at
 once: every persistent tensor has a leading *client dimension* (slot ``k`` holds one client's prompts), so the
@@ -8,30 +8,41 @@ parameters. The frozen backbone is held as a plain attribute (not a registered s
 exactly the prompt state; :meth:`PromptClient.slot_state` and :meth:`PromptClient.load_slot` move one client's state
 (the same keys, without the client dimension) in and out of a slot.
 
-A method describes ONE step of its clients on tensors with a leading client dimension, in three parts:
+**What a method writes** (its math, for the clients taking part in a step, "the active clients"):
 
-- :meth:`PromptClient.text_features` for the active slots (e.g. ``[A, C, E]``, FedOTP ``[A, 2, C, E]``);
-- :meth:`PromptClient.image_features` per sample (the frozen tower, or cached ``features`` / ``tokens``);
-- :meth:`PromptClient.logits` for a batch whose samples belong to different clients (``batch["owner"]``).
+- ``__init__``: its prompt tensors, created with ``slots=self.slots`` (e.g. :class:`fedprompt.prompts.ContextVectors`),
+  from its settings ``self.settings`` (the :class:`~fedprompt.methods.method.Method` dataclass);
+- :meth:`text_features`: the text side of the active clients, leading dimension A (e.g. ``[A, C, E]``), always the
+  same shape in training and evaluation;
+- :meth:`image_features`: per sample (the frozen tower or cached ``features`` / ``tokens`` by default);
+- :meth:`logits`: ``[n, C]`` for a batch whose samples belong to different active clients;
+- optionally :meth:`extra_loss` (a per-client term) or :meth:`loss` (the whole per-client training loss).
 
-Batches seen by a client are dicts with
+**The helpers it uses** instead of handling slots, owners, devices or timers:
 
-- ``image`` ``[n, 3, H, W]`` (or cached ``features`` ``[n, E]`` / ``tokens`` ``[n, M, E]``) and ``label`` ``[n]``;
-- ``slots`` ``[A]``: the slots taking part in this step, and ``owner`` ``[n]``: for each sample, the position of its
-  client in ``slots`` (so ``text[owner]`` is each sample's text side).
+- :meth:`active`: a stacked prompt tensor ``[slots, ...]`` -> the active clients' values ``[A, ...]``;
+- :meth:`encode_context`: context vectors ``[A, *P, n_ctx, D]`` -> L2-normalised text features ``[A, *P, C, E]``
+  against the current class list; :meth:`encode_visual`: its twin for visual prompt tokens in a ViT tower;
+- :meth:`per_sample`: ``[A, ...]`` -> ``[n, ...]``, each sample's own client's value; :meth:`client_mean`:
+  per-sample values ``[n]`` -> per-client means ``[A]``; :meth:`cosine` and :meth:`clip_logits`: cosine similarity
+  and CLIP's scaled logits with each sample's own client's text; :meth:`for_each_client`: one value repeated for
+  every active client;
+- :meth:`run_per_client`: a network stacked per slot (:class:`fedprompt.prompts.SlotStacked`) on the active clients.
 
-A plain batch without ``slots``/``owner`` is read as belonging to slot 0 (convenient with ``slots=1``).
+**What the base class owns**: :meth:`training_step` (the parts in order, one loss per active client), evaluation
+(:meth:`text_for`, :meth:`predict_logits`), the step's active slots and sample owners (read from the batch: ``slots``
+``[A]`` and ``owner`` ``[n]``, the position in ``slots`` of each sample's client; a plain batch belongs to slot 0),
+the optimizer (:class:`fedprompt.optim.StackedSGD`), and the section timers the engine installs around the parts.
 
 Clients must stay independent inside a step: never combine two clients' values in one operation whose backward
 multiplies one client's values by another's (zero) gradients, since a failing client's NaN would then reach the
-others (``NaN * 0 = NaN``); gather each sample's own client instead (``text[batch["owner"]]``).
-
-A :class:`~fedprompt.methods.method.Method` is the config object a YAML selects with ``class_path``
-(:mod:`fedprompt.methods.method`, importable without Lightning so that the command line starts fast).
+others (``NaN * 0 = NaN``); the helpers above gather each sample's own client instead.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -39,17 +50,21 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.backbone import Backbone
-from fedprompt.federation.engine import NoTimer, StackedSGD
-from fedprompt.methods.method import OptimizerArgs
+from fedprompt.methods.method import Method, OptimizerArgs
+from fedprompt.optim import StackedSGD
+from fedprompt.timing import NoTimer
 
 State = dict[str, torch.Tensor]
 
 
-def segment_mean(values: torch.Tensor, owner: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per-group means ``[groups]`` of per-sample ``values`` ``[n]`` (group of sample i: ``owner[i]``)."""
+def segment_mean(values: torch.Tensor, owner: torch.Tensor, groups: int,
+                 counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group means ``[groups]`` of per-sample ``values`` ``[n]`` (group of sample i: ``owner[i]``); ``counts``
+    ``[groups]``, the samples per group, when known (no bincount)."""
     sums = torch.zeros(groups, dtype=values.dtype, device=values.device).index_add(0, owner, values)
-    counts = torch.bincount(owner, minlength=groups).clamp_min(1).to(values.dtype)
-    return sums / counts
+    if counts is None:
+        counts = torch.bincount(owner, minlength=groups)
+    return sums / counts.clamp_min(1).to(values.dtype)
 
 
 def per_owner_matmul(image: torch.Tensor, text: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
@@ -74,31 +89,54 @@ def with_owners(batch: dict, device: torch.device | None = None) -> dict:
             "owner": torch.zeros(n, dtype=torch.long, device=device)}
 
 
-class PromptClient(L.LightningModule):
-    """Base client: prompt parameters of ``slots`` clients over the shared frozen backbone.
+@dataclass
+class Step:
+    """The clients taking part in the current step: ``slots`` ``[A]`` (module slots), ``owner`` ``[n]`` (position in
+    ``slots`` of each sample's client; ``None`` while only the text side is computed) and ``counts`` ``[A]`` (samples
+    per client, when the engine knows them)."""
 
-    Subclasses create their parameters with a leading dimension of size ``slots`` (every slot starting from the same
-    initial value, the server's initialisation) and implement :meth:`text_features` and :meth:`logits` (and
-    :meth:`image_features` when they read more than the pooled feature); :meth:`extra_loss` adds a per-client term.
-    :meth:`training_step` returns one loss per active client: the engine sums them, so every client's gradient is
-    exactly its own.
+    slots: torch.Tensor
+    owner: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    @property
+    def clients(self) -> int:
+        return self.slots.shape[0]
+
+
+class PromptClient(L.LightningModule):
+    """Base client: prompt parameters of ``slots`` clients over the shared frozen backbone (see the module
+    docstring for what a method writes and what the base class owns).
 
     Args:
         backbone: the frozen backbone shared by every client of this process.
         classnames: class names in label order.
-        optim: local optimiser settings.
+        settings: the method (its dataclass fields are the settings the client reads).
         slots: how many clients this module holds (the client dimension of every prompt tensor).
     """
 
-    def __init__(self, backbone: Backbone, classnames: list[str], optim: OptimizerArgs | None = None,
-                 slots: int = 1):
+    #: whether :meth:`set_classes` may point the module at another class list (False when a prompt tensor has a
+    #: class dimension, e.g. CoOp's class-specific context)
+    switchable_classes = True
+    #: the sentence around the learnable context: ``{ctx}`` the ``n_ctx`` placeholders, ``{name}`` the class name
+    prompt_template = "{ctx} {name}."
+    #: learnable context tokens per prompt (set by the client; ``None``: the client has no prompt sentence)
+    n_ctx: int | None = None
+
+    def __init__(self, backbone: Backbone, classnames: list[str], settings: Method, slots: int = 1):
         super().__init__()
         self.__dict__["backbone"] = backbone  # a reference, not a submodule: state_dict() holds prompts only
         self.classnames = list(classnames)
-        self.optim = optim or OptimizerArgs()
+        self.settings = settings
         self.slots = int(slots)
-        self.timer = NoTimer()  # the round benchmark installs a SectionTimer
+        self.timer = NoTimer()  # the engine installs the round benchmark's SectionTimer
         self._logit_scale = backbone.logit_scale  # frozen: read once (a device sync on GPU)
+        self._step: Step | None = None
+
+    @property
+    def optim(self) -> OptimizerArgs:
+        """The local optimiser settings (of a :class:`~fedprompt.methods.method.TrainedMethod`)."""
+        return self.settings.optim
 
     # ------------------------------------------------------------------------------------------ slot state
     def slot_state(self, slot: int) -> State:
@@ -117,16 +155,12 @@ class PromptClient(L.LightningModule):
     def all_slots(self) -> torch.Tensor:
         return torch.arange(self.slots, device=self.device)
 
+    def init_words(self, phrase: str | None) -> torch.Tensor | None:
+        """The token embeddings ``[n, D]`` (on the CPU) of an initialisation phrase such as ``"a photo of a"``
+        (``ctx_init``), or ``None`` for none (random initialisation)."""
+        return self.backbone.word_embeddings(phrase).cpu() if phrase else None
+
     # ----------------------------------------------------------------------------------------- class lists
-    #: whether :meth:`set_classes` may point the module at another class list (False when a prompt tensor has a
-    #: class dimension, e.g. CoOp's class-specific context)
-    switchable_classes = True
-
-    #: the sentence around the learnable context: ``{ctx}`` the ``n_ctx`` placeholders, ``{name}`` the class name
-    prompt_template = "{ctx} {name}."
-    #: learnable context tokens per prompt (set by the client; ``None``: the client has no prompt sentence)
-    n_ctx: int | None = None
-
     def class_data(self, classnames: list[str]) -> dict[str, Any]:
         """The frozen data this method derives from a class list, read with :meth:`frozen`; computed once per class
         list. By default the ``tokens`` of :attr:`prompt_template` with ``n_ctx`` placeholders; methods add their
@@ -160,17 +194,90 @@ class PromptClient(L.LightningModule):
             cache[(names, name, device)] = value.to(device)
         return cache[(names, name, device)]
 
+    # ------------------------------------------------------------------------------------- the active clients
+    @property
+    def step(self) -> Step:
+        """The clients of the current step (outside a step: every slot, no samples)."""
+        if self._step is None:
+            return Step(self.all_slots())
+        return self._step
+
+    @contextmanager
+    def stepping(self, slots: torch.Tensor, owner: torch.Tensor | None = None, counts: torch.Tensor | None = None):
+        """Run the parts for the clients in ``slots`` (and the samples of ``owner``) inside the block."""
+        previous, self._step = self._step, Step(slots, owner, counts)
+        try:
+            yield self._step
+        finally:
+            self._step = previous
+
+    def _batch_step(self, batch: dict):
+        batch = with_owners(batch, self.device)
+        return batch, self.stepping(batch["slots"], batch["owner"], batch.get("counts"))
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def active(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The active clients' values ``[A, ...]`` of a stacked prompt tensor ``[slots, ...]``."""
+        return stacked[self.step.slots]
+
+    @property
+    def clients(self) -> int:
+        """The number of active clients A."""
+        return self.step.clients
+
+    def for_each_client(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (the same for every client) with a leading client dimension: ``[A, *value.shape]``."""
+        return value.expand(self.clients, *value.shape)
+
+    def per_sample(self, values: torch.Tensor) -> torch.Tensor:
+        """Each sample's own client's value: ``[A, ...]`` -> ``[n, ...]``."""
+        return values[self.step.owner]
+
+    def client_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-client means ``[A]`` of per-sample values ``[n]``."""
+        step = self.step
+        return segment_mean(values, step.owner, step.clients, step.counts)
+
+    def encode_context(self, ctx: torch.Tensor, class_specific: bool = False) -> torch.Tensor:
+        """L2-normalised fp32 text features ``[A, *P, C, E]`` of context vectors ``ctx`` ``[A, *P, n_ctx, D]`` (or
+        ``[A, *P, C, n_ctx, D]`` with ``class_specific``) placed into the current class list's prompt sentences
+        (:attr:`prompt_template`), every client and prompt in one text-encoder call."""
+        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx, class_specific=class_specific)
+        return F.normalize(feats.float(), dim=-1)
+
+    def encode_visual(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 image features ``[n, G, E]``: each image with each of the G visual prompt sets of its
+        own client, from stacked tokens ``[slots, G, (depth,) V, width]``, in one image-tower call."""
+        tokens = self.active(tokens)
+        groups = tokens.shape[1]
+        index = self.backbone.group_index(self.step.owner, groups)  # [G, n]
+        feats = self.backbone.encode_image_prompted(images, tokens.flatten(0, 1), index)
+        return F.normalize(feats.float(), dim=-1).transpose(0, 1)
+
+    def run_per_client(self, network, *inputs: torch.Tensor) -> torch.Tensor:
+        """A network stacked per slot (:class:`fedprompt.prompts.SlotStacked`) applied, for each active client, to
+        its inputs (each with leading dimension A)."""
+        return network(self.step.slots, *inputs)
+
+    def cosine(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``cos(image, text)`` ``[n, C]`` for L2-normalised image features ``[n, E]`` and each sample's own client's
+        L2-normalised text features (``text``: ``[A, C, E]``)."""
+        return per_owner_matmul(image, text, self.step.owner)
+
+    def clip_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """CLIP's logits ``logit_scale * cos(image, text)`` ``[n, C]`` (see :meth:`cosine`)."""
+        return self._logit_scale * self.cosine(image, text)
+
     # ---------------------------------------------------------------------------------------------- parts
-    def text_features(self, slots: torch.Tensor | None = None) -> Any:
-        """The text side of the clients in ``slots`` ``[A]`` (default: every slot), with leading dimension A
-        (e.g. L2-normalised ``[A, C, E]``)."""
+    def text_features(self) -> Any:
+        """The text side of the active clients, leading dimension A (e.g. L2-normalised ``[A, C, E]``)."""
         raise NotImplementedError
 
     def image_features(self, batch: dict) -> torch.Tensor:
         """L2-normalised pooled image features ``[n, E]`` (precomputed ``features`` are used when present)."""
         features = batch.get("features")
         if features is None:
-            with torch.no_grad(), self.timer.section("image"):
+            with torch.no_grad():
                 features = self.backbone.encode_image(batch["image"])
         return F.normalize(features.float(), dim=-1)
 
@@ -178,54 +285,73 @@ class PromptClient(L.LightningModule):
         """L2-normalised projected patch tokens ``[n, M, E]`` (precomputed ``tokens`` are used when present)."""
         tokens = batch.get("tokens")
         if tokens is None:
-            with torch.no_grad(), self.timer.section("image"):
+            with torch.no_grad():
                 _, tokens = self.backbone.encode_image_tokens(batch["image"])
         return F.normalize(tokens.float(), dim=-1)
 
     def logits(self, text: Any, image: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Logits ``[n, C]``: sample ``i`` is scored with the text side of client ``batch["owner"][i]``.
-
-        The default is CLIP's ``logit_scale * cos(image, text)`` for text features ``[A, C, E]``."""
-        return self._logit_scale * per_owner_matmul(image, text, batch["owner"])
+        """Logits ``[n, C]``, each sample scored with its own client's text side; by default
+        :meth:`clip_logits` for text features ``[A, C, E]``."""
+        return self.clip_logits(image, text)
 
     def extra_loss(self, batch: dict, logits: torch.Tensor, text: Any) -> torch.Tensor | None:
         """An additional loss term per active client ``[A]`` (FedProx's proximal term, FedPGP's contrastive loss)."""
         return None
 
+    def loss(self, text: Any, image: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The training loss of each active client ``[A]``: the mean cross-entropy of :meth:`logits` over its
+        samples plus :meth:`extra_loss`."""
+        logits = self.logits(text, image, batch)
+        per_sample = F.cross_entropy(logits.float(), batch["label"], reduction="none")
+        loss = self.client_mean(per_sample)
+        extra = self.extra_loss(batch, logits, text)
+        return loss if extra is None else loss + extra
+
     # ---------------------------------------------------------------------------------------------- steps
+    def _parts(self, batch: dict, text: Any = None) -> tuple[Any, torch.Tensor]:
+        """The text side (unless given) and the image side of a step, each in its timer section."""
+        if text is None:
+            with self.timer.section("text"):
+                text = self.text_features()
+        with self.timer.section("image"):
+            image = self.image_features(batch)
+        return text, image
+
     def forward(self, batch: dict) -> torch.Tensor:
-        batch = with_owners(batch, self.device)
-        with self.timer.section("text"):
-            text = self.text_features(batch["slots"])
-        image = self.image_features(batch)
-        with self.timer.section("logits"):
-            return self.logits(text, image, batch)
+        batch, step = self._batch_step(batch)
+        with step:
+            text, image = self._parts(batch)
+            with self.timer.section("logits"):
+                return self.logits(text, image, batch)
 
     def training_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
-        """One loss per active client ``[A]``: its mean cross-entropy over its samples plus :meth:`extra_loss`."""
-        batch = with_owners(batch, self.device)
-        with self.timer.section("text"):
-            text = self.text_features(batch["slots"])
-        image = self.image_features(batch)
-        with self.timer.section("logits"):
-            logits = self.logits(text, image, batch)
-            per_sample = F.cross_entropy(logits.float(), batch["label"], reduction="none")
-            loss = segment_mean(per_sample, batch["owner"], batch["slots"].shape[0])
-            extra = self.extra_loss(batch, logits, text)
-        return loss if extra is None else loss + extra
+        """One loss per active client ``[A]`` (:meth:`loss`); the engine sums them, so every client's gradient is
+        exactly its own."""
+        batch, step = self._batch_step(batch)
+        with step:
+            text, image = self._parts(batch)
+            with self.timer.section("logits"):
+                return self.loss(text, image, batch)
+
+    @torch.no_grad()
+    def text_for(self, slots: torch.Tensor) -> Any:
+        """The text side of the clients in ``slots`` (computed once per evaluation and passed to
+        :meth:`predict_logits`)."""
+        with self.stepping(slots):
+            return self.text_features()
 
     @torch.no_grad()
     def predict_logits(self, batch: dict, text: Any = None) -> torch.Tensor:
-        """Logits for evaluation; ``text`` (from :meth:`text_features` of ``batch["slots"]``) can be passed to reuse
-        it across the batches of an evaluation."""
-        batch = with_owners(batch, self.device)
-        if text is None:
-            text = self.text_features(batch["slots"])
-        return self.logits(text, self.image_features(batch), batch)
+        """Logits for evaluation; ``text`` (from :meth:`text_for` of ``batch["slots"]``) can be passed to reuse it
+        across the batches of an evaluation."""
+        batch, step = self._batch_step(batch)
+        with step:
+            text, image = self._parts(batch, text)
+            return self.logits(text, image, batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """SGD over the stacked parameters; each step updates only the active clients' slices, each with its own
-        learning rate (:class:`fedprompt.federation.engine.StackedSGD`)."""
+        learning rate (:class:`fedprompt.optim.StackedSGD`)."""
         params = [p for p in self.parameters() if p.requires_grad]
         return StackedSGD(params, lr=self.optim.lr, momentum=self.optim.momentum,
                           weight_decay=self.optim.weight_decay)

@@ -6,113 +6,72 @@ Sentence: ``[SOS] ctx_1 .. ctx_M <class>. [EOS]``; logits = logit_scale * cos(im
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
+from typing import Optional
 
-from fedprompt.backbone import Backbone
+import torch
+
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, NoCommunication, WeightedMean
 from fedprompt.methods.base import PromptClient
-from fedprompt.methods.method import Method, OptimizerArgs
+from fedprompt.methods.method import TrainedMethod
 from fedprompt.prompts import ContextVectors
 
 
 class CoOpClient(PromptClient):
-    """Clients with one CoOp context each (``prompt.ctx``: [n_ctx, D], or [C, n_ctx, D] class-specific, per client).
+    """Clients with one CoOp context each (``prompt.ctx``: [n_ctx, D], or [C, n_ctx, D] class-specific, per client),
+    from the settings ``n_ctx``, ``ctx_init`` and ``csc`` of a CoOp-family method."""
 
-    Args:
-        backbone: frozen backbone.
-        classnames: class names in label order.
-        n_ctx: number of context tokens (inferred from ``ctx_init`` when ``None``).
-        ctx_init: initialise from these words (e.g. ``"a photo of a"``) instead of N(0, 0.02^2).
-        csc: class-specific context.
-        optim: local optimiser settings.
-        slots: clients held by this module.
-    """
-
-    def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int | None = 16, ctx_init: str | None = None,
-                 csc: bool = False, optim: OptimizerArgs | None = None, slots: int = 1):
-        super().__init__(backbone, classnames, optim, slots)
-        words = backbone.word_embeddings(ctx_init).cpu() if ctx_init else None
-        self.n_ctx = n_ctx or (words.shape[0] if words is not None else 16)
-        self.switchable_classes = not csc
-        self.prompt = ContextVectors(self.n_ctx, backbone.ctx_dim, n_cls=len(classnames) if csc else None,
+    def __init__(self, backbone, classnames, settings, slots=1):
+        super().__init__(backbone, classnames, settings, slots)
+        words = self.init_words(settings.ctx_init)
+        self.n_ctx = settings.n_ctx or (words.shape[0] if words is not None else 16)
+        self.switchable_classes = not settings.csc
+        self.prompt = ContextVectors(self.n_ctx, backbone.ctx_dim, n_cls=len(classnames) if settings.csc else None,
                                      words=words, slots=slots)
 
-    def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised class text features [A, C, E] of the clients in ``slots`` (default all; one encoder call)."""
-        ctx = self.prompt.ctx if slots is None else self.prompt.ctx[slots]
-        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx,
-                                             class_specific=self.prompt.class_specific)
-        return F.normalize(feats.float(), dim=-1)
+    def text_features(self) -> torch.Tensor:
+        """L2-normalised class text features [A, C, E] of the active clients (one encoder call)."""
+        return self.encode_context(self.active(self.prompt.ctx), class_specific=self.prompt.class_specific)
 
 
-class _CoOpMethod(Method):
+@dataclass(kw_only=True, eq=False)
+class _CoOpMethod(TrainedMethod):
+    """The CoOp prompt settings shared by PromptFL, LocalCoOp, FedProx and FedPer."""
+
+    n_ctx: Optional[int] = 16
+    """Context tokens (16 in PromptFL; null: the token count of ctx_init)."""
+    ctx_init: Optional[str] = None
+    """Initialisation words (e.g. "a photo of a"; null: random N(0, 0.02^2), as the official code)."""
+    csc: bool = False
+    """Class-specific context (one context per class)."""
+
+    client_class = CoOpClient
     shared_prefixes = ("prompt.",)
 
-    def __init__(self, n_ctx: int | None = 16, ctx_init: str | None = None, csc: bool = False, lr: float = 0.002,
-                 momentum: float = 0.9, weight_decay: float = 5e-4,
-                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
-                 lr_scope: str = "local", cosine_epochs: int | None = None):
-        super().__init__(lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
-        if n_ctx is not None and n_ctx < 1:
-            raise FedPromptError(f"method.n_ctx must be >= 1 (or null with ctx_init), got {n_ctx}")
-        self.n_ctx = n_ctx
-        self.ctx_init = ctx_init
-        self.csc = csc
-
-    def build_client(self, backbone, classnames, slots=1):
-        return CoOpClient(backbone, classnames, self.n_ctx, self.ctx_init, self.csc, self.optim, slots)
+    def check(self):
+        if self.n_ctx is not None and self.n_ctx < 1:
+            raise FedPromptError(f"method.n_ctx must be >= 1 (or null with ctx_init), got {self.n_ctx}")
 
 
+@dataclass(kw_only=True, eq=False)
 class PromptFL(_CoOpMethod):
     """PromptFL: every client trains a CoOp context; the server takes its sample-weighted mean (FedAvg).
 
-    Args:
-        n_ctx: context tokens (16 in PromptFL).
-        ctx_init: initialisation words (``None``: random N(0, 0.02^2), as the official code).
-        csc: class-specific context.
-        weighted: sample-weighted mean (the re-implementations); ``False`` is the official unweighted mean.
-        lr: local SGD learning rate (PromptFL's config: 0.002).
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        lr_schedule: ``constant`` or ``cosine`` (PromptFL's official config: cosine, 1 warm-up epoch at 1e-5).
-        warmup_epochs: cosine: warm-up epochs at ``warmup_lr``.
-        warmup_lr: cosine: the warm-up learning rate.
-        lr_scope: ``local`` (each client's local round is one schedule) or ``official`` (one schedule for the whole
-            run, as the released trainer; see :class:`fedprompt.methods.OptimizerArgs`).
-        cosine_epochs: cosine: T_max (default the local epochs).
+    PromptFL's official config uses ``lr_schedule: cosine`` with one warm-up epoch at 1e-5; ``lr_scope: official``
+    reproduces its single scheduler for the whole run (see :class:`fedprompt.methods.OptimizerArgs`).
     """
 
-    def __init__(self, n_ctx: int | None = 16, ctx_init: str | None = None, csc: bool = False, weighted: bool = True,
-                 lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
-                 lr_scope: str = "local", cosine_epochs: int | None = None):
-        super().__init__(n_ctx, ctx_init, csc, lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr,
-                         lr_scope, cosine_epochs)
-        self.weighted = weighted
+    weighted: bool = True
+    """Sample-weighted mean (the re-implementations); false is the official unweighted mean."""
 
     def build_aggregator(self) -> Aggregator:
         return WeightedMean(self.shared_prefixes, weighted=self.weighted)
 
 
+@dataclass(kw_only=True, eq=False)
 class LocalCoOp(_CoOpMethod):
-    """CoOp trained on each client's own data only; nothing is communicated (the lower bound of federation).
-
-    Args:
-        n_ctx: context tokens.
-        ctx_init: initialisation words (``None``: random).
-        csc: class-specific context.
-        lr: SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        lr_schedule: ``constant`` or ``cosine`` (PromptFL's official config: cosine, 1 warm-up epoch at 1e-5).
-        warmup_epochs: cosine: warm-up epochs at ``warmup_lr``.
-        warmup_lr: cosine: the warm-up learning rate.
-        lr_scope: ``local`` (each client's local round is one schedule) or ``official`` (one schedule for the whole
-            run, as the released trainer; see :class:`fedprompt.methods.OptimizerArgs`).
-        cosine_epochs: cosine: T_max (default the local epochs).
-    """
+    """CoOp trained on each client's own data only; nothing is communicated (the lower bound of federation)."""
 
     communicates = False
     global_model = False
@@ -125,9 +84,8 @@ class LocalCoOp(_CoOpMethod):
 class FedProxClient(CoOpClient):
     """CoOp client with the proximal term (mu/2) ||ctx - ctx_global||^2 computed on the live parameter."""
 
-    def __init__(self, *args, mu: float = 0.5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.mu = mu
+    def __init__(self, backbone, classnames, settings, slots=1):
+        super().__init__(backbone, classnames, settings, slots)
         self.register_buffer("global_ctx", self.prompt.ctx.detach().clone(), persistent=False)
 
     def on_round_start(self, global_state):
@@ -139,44 +97,24 @@ class FedProxClient(CoOpClient):
             self.global_ctx = self.prompt.ctx.detach().clone()
 
     def extra_loss(self, batch, logits, text):
-        slots = batch["slots"]
-        diff = self.prompt.ctx[slots] - self.global_ctx[slots]
-        return 0.5 * self.mu * diff.pow(2).flatten(1).sum(1)
+        diff = self.active(self.prompt.ctx) - self.active(self.global_ctx)
+        return 0.5 * self.settings.mu * diff.pow(2).flatten(1).sum(1)
 
 
+@dataclass(kw_only=True, eq=False)
 class FedProx(PromptFL):
     """PromptFL + FedProx: loss = CE + (mu/2) ||ctx - ctx_global||^2 on the live parameter, so it has a gradient
-    mu (ctx - ctx_global) (the official codebases compute it from a detached ``state_dict()``: a no-op).
+    mu (ctx - ctx_global) (the official codebases compute it from a detached ``state_dict()``: a no-op)."""
 
-    Args:
-        mu: proximal weight (0.5 in the papers' code).
-        n_ctx: context tokens.
-        ctx_init: initialisation words.
-        csc: class-specific context.
-        weighted: sample-weighted mean.
-        lr: SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        lr_schedule: ``constant`` or ``cosine`` (PromptFL's official config: cosine, 1 warm-up epoch at 1e-5).
-        warmup_epochs: cosine: warm-up epochs at ``warmup_lr``.
-        warmup_lr: cosine: the warm-up learning rate.
-        lr_scope: ``local`` (each client's local round is one schedule) or ``official`` (one schedule for the whole
-            run, as the released trainer; see :class:`fedprompt.methods.OptimizerArgs`).
-        cosine_epochs: cosine: T_max (default the local epochs).
-    """
+    mu: float = 0.5
+    """Proximal weight (0.5 in the papers' code)."""
 
-    def __init__(self, mu: float = 0.5, n_ctx: int | None = 16, ctx_init: str | None = None, csc: bool = False,
-                 weighted: bool = True, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
-                 lr_scope: str = "local", cosine_epochs: int | None = None):
-        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay, lr_schedule, warmup_epochs,
-                         warmup_lr, lr_scope, cosine_epochs)
-        if mu < 0:
-            raise FedPromptError(f"method.mu must be >= 0, got {mu}")
-        self.mu = mu
+    client_class = FedProxClient
 
-    def build_client(self, backbone, classnames, slots=1):
-        return FedProxClient(backbone, classnames, self.n_ctx, self.ctx_init, self.csc, self.optim, slots, mu=self.mu)
+    def check(self):
+        super().check()
+        if self.mu < 0:
+            raise FedPromptError(f"method.mu must be >= 0, got {self.mu}")
 
 
 class FedPerAggregator(WeightedMean):
@@ -195,36 +133,16 @@ class FedPerAggregator(WeightedMean):
         return {**client_state, "prompt.ctx": ctx}
 
 
+@dataclass(kw_only=True, eq=False)
 class FedPer(PromptFL):
-    """PromptFL + FedPer: the first half of the context tokens is shared (FedAvg), the second half stays local.
+    """PromptFL + FedPer: the first half of the context tokens is shared (FedAvg), the second half stays local."""
 
-    Args:
-        n_ctx: context tokens (8 in PromptFolio's baseline: 4 shared + 4 local).
-        n_shared: shared tokens (default n_ctx // 2).
-        ctx_init: initialisation words.
-        csc: class-specific context.
-        weighted: sample-weighted mean.
-        lr: SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        lr_schedule: ``constant`` or ``cosine`` (PromptFL's official config: cosine, 1 warm-up epoch at 1e-5).
-        warmup_epochs: cosine: warm-up epochs at ``warmup_lr``.
-        warmup_lr: cosine: the warm-up learning rate.
-        lr_scope: ``local`` (each client's local round is one schedule) or ``official`` (one schedule for the whole
-            run, as the released trainer; see :class:`fedprompt.methods.OptimizerArgs`).
-        cosine_epochs: cosine: T_max (default the local epochs).
-    """
+    n_ctx: Optional[int] = 8
+    """Context tokens (8 in PromptFolio's baseline: 4 shared + 4 local)."""
+    n_shared: Optional[int] = None
+    """Shared tokens (null: n_ctx // 2)."""
 
     global_model = False
-
-    def __init__(self, n_ctx: int | None = 8, n_shared: int | None = None, ctx_init: str | None = None,
-                 csc: bool = False, weighted: bool = True, lr: float = 0.002, momentum: float = 0.9,
-                 weight_decay: float = 5e-4,
-                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
-                 lr_scope: str = "local", cosine_epochs: int | None = None):
-        super().__init__(n_ctx, ctx_init, csc, weighted, lr, momentum, weight_decay, lr_schedule, warmup_epochs,
-                         warmup_lr, lr_scope, cosine_epochs)
-        self.n_shared = n_shared
 
     def build_aggregator(self) -> Aggregator:
         n = self.n_shared if self.n_shared is not None else (self.n_ctx or 16) // 2

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedprompt.backbone import Backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator
 from fedprompt.federation.sampling import derive_seed
-from fedprompt.methods.base import PromptClient, segment_mean, with_owners
-from fedprompt.methods.method import Method, OptimizerArgs
+from fedprompt.methods.base import PromptClient
+from fedprompt.methods.method import TrainedMethod
 from fedprompt.prompts import ContextVectors, VisualPrompts
 
 TEXT_KEY = "text_prompts.ctx"
@@ -63,8 +62,8 @@ def _paired(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torc
         raise FedPromptError("fedmgp: group logits need at least one image-feature group and one text group "
                              "(without visual prompts pass the plain image features as one group).")
     n = max(n_img, n_txt)
-    img_idx = torch.tensor([g if g < n_img else 0 for g in range(n)], device=image.device)
-    txt_idx = torch.tensor([g if g < n_txt else 0 for g in range(n)], device=text.device)
+    img_idx = torch.tensor([g if g < n_img else 0 for g in range(n)]).to(image.device, non_blocking=True)
+    txt_idx = torch.tensor([g if g < n_txt else 0 for g in range(n)]).to(text.device, non_blocking=True)
     return image.index_select(-3, img_idx), text.index_select(-3, txt_idx)
 
 
@@ -367,114 +366,84 @@ class FedMGPAggregator(Aggregator):
 
 
 # --------------------------------------------------------------------------------------------------- client
-def client_diversity(text: torch.Tensor, image: torch.Tensor | None, owner: torch.Tensor, variant: DiversityVariant,
-                     distance: Distance) -> torch.Tensor:
-    """:func:`diversity_loss` of each client of a lock-step step, ``[A]``: text features ``[A, G_t, C, E]`` and the
-    image features of the batch ``[n, G_v, E]`` whose sample i belongs to client ``owner[i]``.
-
-    The visual term of a client is the mean over its own images (so a client's value does not depend on the other
-    clients' images); the modalities combine as in :func:`diversity_loss`."""
-    clients = text.shape[0]
-    terms = []
-    if text.shape[-3] > 1:
-        terms.append(_pair_terms(text, variant, distance))
-    if image is not None and image.shape[1] > 1:
-        per_image = _pair_terms(image.unsqueeze(-2), variant, distance)  # [n]: one row per image
-        sums = torch.zeros(clients, dtype=per_image.dtype, device=per_image.device).index_add(0, owner, per_image)
-        counts = torch.bincount(owner, minlength=clients).clamp_min(1).to(per_image.dtype)
-        terms.append(sums / counts)
-    if not terms:
-        return torch.zeros(clients, device=text.device)
-    combined = torch.stack(terms).mean(dim=0)
-    return combined.abs() if variant == "code" else combined
-
-
 class FedMGPClient(PromptClient):
     """FedMGP clients: G_t text groups ``text_prompts.ctx`` [G_t, n_ctx, D] and G_v visual groups
-    ``visual_prompts.tokens`` [G_v, V, width] per client (stacked over slots).
+    ``visual_prompts.tokens`` [G_v, V, width] per client (stacked over slots), from the :class:`FedMGP` settings.
 
     The text groups fill ``[SOS] p1 p2 of a {class}. [EOS]`` (one encoder call for every client and group); the
     visual groups join the ViT image tower's tokens (one tower call: each image once per group of its own client).
     Text group g pairs with visual group g; the loss is the mean over groups of the cross-entropy plus lambda times
     the diversity term; the prediction combines the groups (``inference``).
-
-    Args:
-        backbone: frozen backbone (a ViT image tower when ``visual_groups`` > 0).
-        classnames: class names in label order.
-        method: the :class:`FedMGP` settings.
-        optim: local optimiser settings.
-        slots: clients held by this module.
     """
 
     prompt_template = "{ctx} of a {name}."  # [SOS] p1 p2 of a {class}. [EOS]
 
-    def __init__(self, backbone: Backbone, classnames: list[str], method: "FedMGP",
-                 optim: OptimizerArgs | None = None, slots: int = 1):
-        super().__init__(backbone, classnames, optim, slots)
-        self.settings = method
-        self.n_ctx = method.n_ctx
-        words = backbone.word_embeddings(method.ctx_init)[: method.n_ctx].cpu()
-        if words.shape[0] != method.n_ctx:
-            raise FedPromptError(f"method.ctx_init {method.ctx_init!r} has fewer than n_ctx={method.n_ctx} tokens.")
-        text = init_text_groups(words, method.text_groups)
-        self.text_prompts = ContextVectors(method.n_ctx, backbone.ctx_dim, shape=(method.text_groups,), slots=slots,
-                                           initial=text)
-        if method.visual_groups:
+    def __init__(self, backbone, classnames, settings, slots=1):
+        super().__init__(backbone, classnames, settings, slots)
+        self.n_ctx = settings.n_ctx
+        words = backbone.word_embeddings(settings.ctx_init)[: settings.n_ctx].cpu()
+        if words.shape[0] != settings.n_ctx:
+            raise FedPromptError(f"method.ctx_init {settings.ctx_init!r} has fewer than n_ctx={settings.n_ctx} "
+                                 "tokens.")
+        text = init_text_groups(words, settings.text_groups)
+        self.text_prompts = ContextVectors(settings.n_ctx, backbone.ctx_dim, shape=(settings.text_groups,),
+                                           slots=slots, initial=text)
+        if settings.visual_groups:
             if not backbone.supports_visual_prompts:
                 backbone.encode_image_prompted(torch.zeros(0), torch.zeros(0))  # raises the clear error
-            self.visual_prompts = VisualPrompts(method.visual_groups, method.visual_tokens, backbone.visual_width,
-                                                method.visual_depth, slots=slots)
+            self.visual_prompts = VisualPrompts(settings.visual_groups, settings.visual_tokens, backbone.visual_width,
+                                                settings.visual_depth, slots=slots)
             # the released code never loads aggregated visual prompts (compat: official): keep the initial ones
             self.register_buffer("initial_visual", self.visual_prompts.tokens.detach().clone(), persistent=False)
 
-    def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised text features [A, G_t, C, E] of every group of the clients in ``slots``."""
-        ctx = self.text_prompts.ctx if slots is None else self.text_prompts.ctx[slots]
-        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx)
-        return F.normalize(feats.float(), dim=-1)
+    def text_features(self) -> torch.Tensor:
+        """L2-normalised text features [A, G_t, C, E] of every group of the active clients."""
+        return self.encode_context(self.active(self.text_prompts.ctx))
 
     def image_features(self, batch: dict) -> torch.Tensor:
         """L2-normalised image features [n, G_v, E]: each image with every visual group of its own client (the
         plain, cacheable features as one group when there are no visual prompts)."""
         if not self.settings.visual_groups:
             return super().image_features(batch).unsqueeze(1)
-        with self.timer.section("image"):
-            tokens = self.visual_prompts.tokens[batch["slots"]]  # [A, G_v, (depth,) V, width]
-            groups = tokens.shape[1]
-            index = self.backbone.group_index(batch["owner"], groups)  # [G_v, n]
-            feats = self.backbone.encode_image_prompted(batch["image"], tokens.flatten(0, 1), index)
-        return F.normalize(feats.float(), dim=-1).transpose(0, 1)
+        return self.encode_visual(batch["image"], self.visual_prompts.tokens)
 
-    def group_logits(self, text: torch.Tensor, image: torch.Tensor, batch: dict) -> torch.Tensor:
+    def group_logits(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """[n, G, C]: sample i scored by each group pair of its own client."""
-        return group_logits(image.unsqueeze(-2), text[batch["owner"]], self._logit_scale).squeeze(-2)
+        return group_logits(image.unsqueeze(-2), self.per_sample(text), self._logit_scale).squeeze(-2)
 
     def logits(self, text: torch.Tensor, image: torch.Tensor, batch: dict) -> torch.Tensor:
-        mode = self.settings.inference
-        if mode == "feature_average":
-            return feature_average_logits(image.unsqueeze(-2), text[batch["owner"]], self._logit_scale).squeeze(-2)
-        return combine_group_logits(self.group_logits(text, image, batch).unsqueeze(-2), mode,
-                                    self.settings.selected_group).squeeze(-2)
+        s = self.settings
+        if s.inference == "feature_average":
+            return feature_average_logits(image.unsqueeze(-2), self.per_sample(text), self._logit_scale).squeeze(-2)
+        return combine_group_logits(self.group_logits(text, image).unsqueeze(-2), s.inference,
+                                    s.selected_group).squeeze(-2)
 
-    def training_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
+    def loss(self, text: torch.Tensor, image: torch.Tensor, batch: dict) -> torch.Tensor:
         """Per client: mean over groups of the cross-entropy, plus lambda times the diversity term."""
-        batch = with_owners(batch, self.device)
-        clients = batch["slots"].shape[0]
-        with self.timer.section("text"):
-            text = self.text_features(batch["slots"])
-        image = self.image_features(batch)
-        with self.timer.section("logits"):
-            logits = self.group_logits(text, image, batch)  # [n, G, C]
-            n, groups, n_cls = logits.shape
-            per_sample = F.cross_entropy(logits.float().reshape(n * groups, n_cls),
-                                         batch["label"].repeat_interleave(groups), reduction="none")
-            loss = segment_mean(per_sample.view(n, groups).mean(1), batch["owner"], clients)
-            weight = self.settings.diversity_weight
-            if weight:
-                visual = image if self.settings.visual_groups else None
-                loss = loss + weight * client_diversity(text, visual, batch["owner"], self.settings.diversity,
-                                                        self.settings.distance)
+        logits = self.group_logits(text, image)  # [n, G, C]
+        n, groups, n_cls = logits.shape
+        per_sample = F.cross_entropy(logits.float().reshape(n * groups, n_cls),
+                                     batch["label"].repeat_interleave(groups), reduction="none")
+        loss = self.client_mean(per_sample.view(n, groups).mean(1))
+        weight = self.settings.diversity_weight
+        if weight:
+            loss = loss + weight * self.diversity(text, image if self.settings.visual_groups else None)
         return loss
+
+    def diversity(self, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        """:func:`diversity_loss` of each active client ``[A]``, from text features ``[A, G_t, C, E]`` and the image
+        features of the batch ``[n, G_v, E]``: a client's visual term is the mean over its own images (so it does not
+        depend on the other clients' images); the modalities combine as in :func:`diversity_loss`."""
+        variant, distance = self.settings.diversity, self.settings.distance
+        terms = []
+        if text.shape[-3] > 1:
+            terms.append(_pair_terms(text, variant, distance))
+        if image is not None and image.shape[1] > 1:
+            terms.append(self.client_mean(_pair_terms(image.unsqueeze(-2), variant, distance)))  # one row per image
+        if not terms:
+            return torch.zeros(text.shape[0], device=text.device)
+        combined = torch.stack(terms).mean(dim=0)
+        return combined.abs() if variant == "code" else combined
 
     def on_round_start(self, global_state):
         if self.settings.visual_groups and self.settings.compat == "official":
@@ -482,7 +451,8 @@ class FedMGPClient(PromptClient):
                 self.visual_prompts.tokens.copy_(self.initial_visual)
 
 
-class FedMGP(Method):
+@dataclass(kw_only=True, eq=False)
+class FedMGP(TrainedMethod):
     """FedMGP: groups of paired text and visual prompts per client, a diversity loss between the groups, and
     similarity-guided aggregation of a few groups (Bo et al., NeurIPS 2025; specs section 4).
 
@@ -507,61 +477,65 @@ class FedMGP(Method):
 
     The image tower sees trainable tokens, so its outputs cannot be cached (``train.feature_cache`` is refused and
     test images go through the tower at every evaluation), except with ``visual_groups: 0`` (text groups only).
-
-    Args:
-        text_groups: text prompt groups G_t (5).
-        visual_groups: visual prompt groups G_v (5; 0: text groups only, any image tower).
-        n_ctx: learnable text tokens per group (2: "a photo" of "a photo of a").
-        visual_tokens: visual tokens per group V (2).
-        visual_depth: 1 for shallow visual prompts (input layer only, the official setting); more for deep prompts
-            replacing the prompt outputs at each of the first ``visual_depth`` layers.
-        ctx_init: the words whose first ``n_ctx`` token embeddings initialise every text group.
-        diversity: ``paper`` or ``code`` (see above).
-        diversity_weight: lambda (1.0).
-        distance: the released code's pair distance for ``diversity: code`` (``l1`` in its config; ``cos``, ``l2``).
-        inference: ``average`` of the group logits (default), ``max_logits``, ``feature_average`` or
-            ``selected_group``.
-        selected_group: the group of ``inference: selected_group``.
-        groups_to_send: groups of each kind a client sends per round (s = 2).
-        temperature: softmax temperature of the selection (1.0).
-        selection: ``similarity`` (default), ``random`` or ``fixed`` (always groups 0 .. s-1).
-        compat: ``fixed`` (default) or ``official`` (see above).
-        lr: local SGD learning rate (1e-3 in the official config).
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
+    Like every trained method it takes the optimiser settings, learning-rate schedule included (the official config:
+    SGD lr 1e-3, constant).
     """
 
+    text_groups: int = 5
+    """Text prompt groups G_t (5)."""
+    visual_groups: int = 5
+    """Visual prompt groups G_v (5; 0: text groups only, any image tower)."""
+    n_ctx: int = 2
+    """Learnable text tokens per group (2: "a photo" of "a photo of a")."""
+    visual_tokens: int = 2
+    """Visual tokens per group V (2)."""
+    visual_depth: int = 1
+    """1 for shallow visual prompts (input layer only, the official setting); more for deep prompts replacing the
+    prompt outputs at each of the first visual_depth layers."""
+    ctx_init: str = "a photo of a"
+    """The words whose first n_ctx token embeddings initialise every text group."""
+    diversity: DiversityVariant = "paper"
+    """paper (push the groups apart: the mean pairwise cosine) or code (the released loss and its sign)."""
+    diversity_weight: float = 1.0
+    """lambda (1.0)."""
+    distance: Distance = "l1"
+    """The released code's pair distance for diversity: code (l1 in its config; cos, l2)."""
+    inference: Literal["average", "max_logits", "feature_average", "selected_group"] = "average"
+    """average of the group logits (default), max_logits, feature_average or selected_group."""
+    selected_group: int = 0
+    """The group of inference: selected_group."""
+    groups_to_send: int = 2
+    """Groups of each kind a client sends per round (s = 2)."""
+    temperature: float = 1.0
+    """Softmax temperature of the selection (1.0)."""
+    selection: SelectionMode = "similarity"
+    """similarity (default), random or fixed (always groups 0 .. s-1)."""
+    compat: Literal["fixed", "official"] = "fixed"
+    """fixed (default) or official (the released code's lost visual prompts)."""
+    lr: float = 0.001
+    """Local SGD learning rate (1e-3 in the official config)."""
+
+    client_class = FedMGPClient
     shared_prefixes = (TEXT_KEY, VISUAL_KEY)
     global_model = False
 
-    def __init__(self, text_groups: int = 5, visual_groups: int = 5, n_ctx: int = 2, visual_tokens: int = 2,
-                 visual_depth: int = 1, ctx_init: str = "a photo of a", diversity: DiversityVariant = "paper",
-                 diversity_weight: float = 1.0, distance: Distance = "l1",
-                 inference: Literal["average", "max_logits", "feature_average", "selected_group"] = "average",
-                 selected_group: int = 0, groups_to_send: int = 2, temperature: float = 1.0,
-                 selection: SelectionMode = "similarity", compat: Literal["fixed", "official"] = "fixed",
-                 lr: float = 0.001, momentum: float = 0.9, weight_decay: float = 5e-4):
-        super().__init__(lr, momentum, weight_decay)
-        if text_groups < 1 or visual_groups < 0 or n_ctx < 1 or visual_tokens < 1 or visual_depth < 1:
-            raise FedPromptError("method: FedMGP needs text_groups >= 1, visual_groups >= 0, n_ctx >= 1, "
-                                 f"visual_tokens >= 1 and visual_depth >= 1 (got {text_groups}, {visual_groups}, "
-                                 f"{n_ctx}, {visual_tokens}, {visual_depth}).")
-        if not 1 <= groups_to_send <= min(text_groups, visual_groups or text_groups):
-            raise FedPromptError(f"method.groups_to_send={groups_to_send} must be between 1 and the number of groups "
-                                 f"({text_groups} text, {visual_groups} visual).")
-        if diversity not in ("paper", "code") or compat not in ("fixed", "official"):
-            raise FedPromptError(f"method.diversity must be paper or code and method.compat fixed or official "
-                                 f"(got {diversity!r}, {compat!r}).")
-        self.text_groups, self.visual_groups, self.n_ctx = text_groups, visual_groups, n_ctx
-        self.visual_tokens, self.visual_depth, self.ctx_init = visual_tokens, visual_depth, ctx_init
-        self.diversity, self.diversity_weight, self.distance = diversity, diversity_weight, distance
-        self.inference, self.selected_group = inference, selected_group
-        self.groups_to_send, self.temperature, self.selection, self.compat = (groups_to_send, temperature,
-                                                                              selection, compat)
-        self.frozen_image_tower = visual_groups == 0
+    @property
+    def frozen_image_tower(self) -> bool:
+        """Only with text groups alone does the image side stay the frozen tower (cacheable)."""
+        return self.visual_groups == 0
 
-    def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> FedMGPClient:
-        return FedMGPClient(backbone, classnames, self, self.optim, slots)
+    def check(self):
+        if self.text_groups < 1 or self.visual_groups < 0 or self.n_ctx < 1 or self.visual_tokens < 1 \
+                or self.visual_depth < 1:
+            raise FedPromptError("method: FedMGP needs text_groups >= 1, visual_groups >= 0, n_ctx >= 1, "
+                                 f"visual_tokens >= 1 and visual_depth >= 1 (got {self.text_groups}, "
+                                 f"{self.visual_groups}, {self.n_ctx}, {self.visual_tokens}, {self.visual_depth}).")
+        if not 1 <= self.groups_to_send <= min(self.text_groups, self.visual_groups or self.text_groups):
+            raise FedPromptError(f"method.groups_to_send={self.groups_to_send} must be between 1 and the number of "
+                                 f"groups ({self.text_groups} text, {self.visual_groups} visual).")
+        if self.diversity not in ("paper", "code") or self.compat not in ("fixed", "official"):
+            raise FedPromptError(f"method.diversity must be paper or code and method.compat fixed or official "
+                                 f"(got {self.diversity!r}, {self.compat!r}).")
 
     def build_aggregator(self) -> FedMGPAggregator:
         keys = (TEXT_KEY, VISUAL_KEY) if self.visual_groups else (TEXT_KEY,)

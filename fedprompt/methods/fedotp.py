@@ -21,15 +21,14 @@ Memory is O(B x C x M x N) (broadcasting only, never diagonal matrices); the sol
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
-from fedprompt.backbone import Backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.methods.base import PromptClient
-from fedprompt.methods.method import Method, OptimizerArgs
+from fedprompt.methods.method import TrainedMethod
 from fedprompt.ot import PLAN_KINDS, transport_plan
 from fedprompt.prompts import ContextVectors
 
@@ -76,57 +75,41 @@ def ot_logits(patches: torch.Tensor, text: torch.Tensor, logit_scale: float, kin
 
 
 class FedOTPClient(PromptClient):
-    """FedOTP clients: global prompt ``global_prompt.ctx`` (shared) and local prompt ``local_prompt.ctx`` (kept).
+    """FedOTP clients: global prompt ``global_prompt.ctx`` (shared) and local prompt ``local_prompt.ctx`` (kept),
+    from the :class:`FedOTP` settings.
 
-    Args:
-        backbone: frozen backbone.
-        classnames: class names in label order.
-        n_ctx: context tokens per prompt.
-        ot: transport plan: ``unbalanced``, ``balanced`` or ``uniform``.
-        gamma: transported mass of the unbalanced / uniform plan.
-        eps: entropic regularisation of the solver.
-        max_iter: solver iteration limit.
-        tol: solver tolerance.
-        optim: local optimiser settings.
-        ctx_init: initialise both prompts from these words (e.g. ``"a photo of a"``; n_ctx must match their token
-            count) instead of N(0, 0.02^2) (the official code).
-        slots: clients held by this module.
-        early_exit: the solver's loop exit (see :func:`ot_logits`).
+    ``early_exit`` (an attribute, default ``True``) is the solver's loop exit (see :func:`ot_logits`): identical
+    plans either way.
     """
 
-    def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int = 16, ot: str = "unbalanced",
-                 gamma: float = 0.8, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-3,
-                 optim: OptimizerArgs | None = None, ctx_init: str | None = None, slots: int = 1,
-                 early_exit: bool | None = True):
-        super().__init__(backbone, classnames, optim, slots)
-        words = backbone.word_embeddings(ctx_init).cpu() if ctx_init else None
-        self.n_ctx = n_ctx
-        self.global_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
-        self.local_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
-        self.ot, self.gamma, self.eps, self.max_iter, self.tol = ot, gamma, eps, max_iter, tol
-        self.early_exit = early_exit
+    early_exit: bool | None = True
 
-    def prompts(self, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """[A, 2, n_ctx, D]: each client's global prompt (index 0) and local prompt (index 1)."""
-        prompts = torch.stack([self.global_prompt.ctx, self.local_prompt.ctx], dim=1)
-        return prompts if slots is None else prompts[slots]
+    def __init__(self, backbone, classnames, settings, slots=1):
+        super().__init__(backbone, classnames, settings, slots)
+        words = self.init_words(settings.ctx_init)
+        self.n_ctx = settings.n_ctx
+        self.global_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
+        self.local_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
 
-    def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised text features [A, 2, C, E] of both prompts of the clients in ``slots`` (default all; one
-        encoder call)."""
-        ctx = self.prompts(slots)
-        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx)
-        return F.normalize(feats.float(), dim=-1)
+    def prompts(self) -> torch.Tensor:
+        """[A, 2, n_ctx, D]: each active client's global prompt (index 0) and local prompt (index 1)."""
+        return self.active(torch.stack([self.global_prompt.ctx, self.local_prompt.ctx], dim=1))
+
+    def text_features(self) -> torch.Tensor:
+        """L2-normalised text features [A, 2, C, E] of both prompts of the active clients (one encoder call)."""
+        return self.encode_context(self.prompts())
 
     def image_features(self, batch: dict) -> torch.Tensor:
         return self.image_tokens(batch)
 
     def logits(self, text: torch.Tensor, image: torch.Tensor, batch: dict) -> torch.Tensor:
-        return ot_logits(image, text[batch["owner"]], self._logit_scale, self.ot, self.gamma, self.eps,
-                         self.max_iter, self.tol, self.early_exit)
+        s = self.settings
+        return ot_logits(image, self.per_sample(text), self._logit_scale, s.ot, s.gamma, s.eps, s.max_iter, s.tol,
+                         self.early_exit)
 
 
-class FedOTP(Method):
+@dataclass(kw_only=True, eq=False)
+class FedOTP(TrainedMethod):
     """FedOTP: global + local prompts per client, unbalanced OT between image patches and prompts.
 
     The global prompt is averaged over the participating clients, weighted by their train-sample counts; the local
@@ -145,54 +128,47 @@ class FedOTP(Method):
     is fresh per client and round (no momentum carried across clients), the solver runs in the log domain (stable
     at eps = 0.01) with a per-problem stopping rule instead of one test for the whole batch, and each client is
     evaluated once per evaluated round.
-
-    Args:
-        n_ctx: context tokens per prompt (16 in the few-shot script, 4 in the CIFAR-100 script).
-        ot: transport plan: ``unbalanced`` (FedOTP's default ``COT``: ``T 1 <= 1/M``, ``T^T 1 = gamma/N``),
-            ``balanced`` (``OT=Sinkhorn`` ablation: ``T 1 = 1/M``, ``T^T 1 = 1/N``) or ``uniform`` (no OT: the
-            constant plan gamma/(M N), i.e. logits = logit_scale * gamma * mean patch-prompt similarity).
-        gamma: transported mass of the unbalanced plan, the fraction of patch mass matched to the prompts
-            (``TOP_PERCENT``; 0.8 in both official scripts; ignored by ``balanced``).
-        eps: entropic regularisation (0.1 in the CIFAR-100 script and the argparse default; 0.01 in few-shot).
-        max_iter: solver iteration limit (100).
-        tol: solver tolerance, the L1 marginal error of a plan at which its iterations stop (the official test is
-            mean |v - v_prev| < 1e-3 over the whole batch; see fedprompt.ot).
-        lr: local SGD learning rate (1e-3 in every official script).
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        ctx_init: initialise both prompts from these words (``None``: random N(0, 0.02^2), as the official code).
     """
 
+    n_ctx: int = 16
+    """Context tokens per prompt (16 in the few-shot script, 4 in the CIFAR-100 script)."""
+    ot: Literal["unbalanced", "balanced", "uniform"] = "unbalanced"
+    """Transport plan: unbalanced (FedOTP's default COT: T 1 <= 1/M, T^T 1 = gamma/N), balanced (the OT=Sinkhorn
+    ablation: T 1 = 1/M, T^T 1 = 1/N) or uniform (no OT: the constant plan gamma/(M N), i.e. logits = logit_scale *
+    gamma * mean patch-prompt similarity)."""
+    gamma: float = 0.8
+    """Transported mass of the unbalanced plan, the fraction of patch mass matched to the prompts (TOP_PERCENT; 0.8
+    in both official scripts; ignored by balanced)."""
+    eps: float = 0.1
+    """Entropic regularisation (0.1 in the CIFAR-100 script and the argparse default; 0.01 in few-shot)."""
+    max_iter: int = 100
+    """Solver iteration limit (100)."""
+    tol: float = 1e-3
+    """Solver tolerance, the L1 marginal error of a plan at which its iterations stop (the official test is mean
+    |v - v_prev| < 1e-3 over the whole batch; see fedprompt.ot)."""
+    ctx_init: Optional[str] = None
+    """Initialise both prompts from these words (null: random N(0, 0.02^2), as the official code; n_ctx must match
+    their token count)."""
+    lr: float = 0.001
+    """Local SGD learning rate (1e-3 in every official script)."""
+
+    client_class = FedOTPClient
     shared_prefixes = ("global_prompt.",)
     global_model = False
     image_inputs = ("tokens",)
 
-    def __init__(self, n_ctx: int = 16, ot: Literal["unbalanced", "balanced", "uniform"] = "unbalanced",
-                 gamma: float = 0.8, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-3, lr: float = 0.001,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, ctx_init: Optional[str] = None):
-        super().__init__(lr, momentum, weight_decay)
-        self.ctx_init = ctx_init
-        if ot not in PLAN_KINDS:
-            raise FedPromptError(f"method.ot: unknown transport plan {ot!r}; choose one of "
+    def check(self):
+        if self.ot not in PLAN_KINDS:
+            raise FedPromptError(f"method.ot: unknown transport plan {self.ot!r}; choose one of "
                                  f"{', '.join(PLAN_KINDS)}.")
-        if n_ctx < 1:
-            raise FedPromptError(f"method.n_ctx must be >= 1, got {n_ctx}")
-        if not 0 < gamma <= 1:
+        if self.n_ctx < 1:
+            raise FedPromptError(f"method.n_ctx must be >= 1, got {self.n_ctx}")
+        if not 0 < self.gamma <= 1:
             raise FedPromptError(f"method.gamma must be in (0, 1] (the transported fraction of the patch mass), "
-                                 f"got {gamma}")
-        if not eps > 0:
-            raise FedPromptError(f"method.eps must be > 0, got {eps}")
-        if max_iter < 1:
-            raise FedPromptError(f"method.max_iter must be >= 1, got {max_iter}")
-        if tol < 0:
-            raise FedPromptError(f"method.tol must be >= 0, got {tol}")
-        self.n_ctx = n_ctx
-        self.ot = ot
-        self.gamma = gamma
-        self.eps = eps
-        self.max_iter = max_iter
-        self.tol = tol
-
-    def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> FedOTPClient:
-        return FedOTPClient(backbone, classnames, self.n_ctx, self.ot, self.gamma, self.eps, self.max_iter,
-                            self.tol, self.optim, self.ctx_init, slots)
+                                 f"got {self.gamma}")
+        if not self.eps > 0:
+            raise FedPromptError(f"method.eps must be > 0, got {self.eps}")
+        if self.max_iter < 1:
+            raise FedPromptError(f"method.max_iter must be >= 1, got {self.max_iter}")
+        if self.tol < 0:
+            raise FedPromptError(f"method.tol must be >= 0, got {self.tol}")

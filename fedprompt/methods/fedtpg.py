@@ -13,38 +13,28 @@ state on every process.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from fedprompt.backbone import Backbone
 from fedprompt.federation.aggregators import Aggregator, WeightedMean
 from fedprompt.methods.base import PromptClient
-from fedprompt.methods.method import Method, OptimizerArgs
+from fedprompt.methods.method import TrainedMethod
 from fedprompt.prompts import PromptGenerator
 from fedprompt.prompts.stacked import SlotStacked
 
 
 class FedTPGClient(PromptClient):
-    """Clients holding one prompt generator each (``generator.*``, stacked over slots).
+    """Clients holding one prompt generator each (``generator.*``, stacked over slots), from the :class:`FedTPG`
+    settings."""
 
-    Args:
-        backbone: frozen backbone.
-        classnames: class names in label order.
-        n_ctx: generated context vectors.
-        heads: attention heads of the generator.
-        ff_mult: feed-forward width multiple.
-        attn_residual: residual around the attention (the released model has none).
-        optim: local optimiser settings.
-        slots: clients held by this module.
-    """
-
-    def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int = 4, heads: int = 4, ff_mult: int = 4,
-                 attn_residual: bool = False, optim: OptimizerArgs | None = None, slots: int = 1):
-        super().__init__(backbone, classnames, optim, slots)
-        self.n_ctx = n_ctx
-        template = PromptGenerator(backbone.ctx_dim, n_ctx, backbone.embed_dim, heads, ff_mult, attn_residual)
+    def __init__(self, backbone, classnames, settings, slots=1):
+        super().__init__(backbone, classnames, settings, slots)
+        self.n_ctx = settings.n_ctx
+        template = PromptGenerator(backbone.ctx_dim, settings.n_ctx, backbone.embed_dim, settings.heads,
+                                   settings.ff_mult, settings.attn_residual)
         self.generator = SlotStacked(template, slots)
 
     @torch.no_grad()
@@ -56,62 +46,53 @@ class FedTPGClient(PromptClient):
     def class_data(self, classnames: list[str]) -> dict:
         return {**super().class_data(classnames), "names": self.class_embeddings(classnames)}
 
-    def context(self, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """The generated context [A, n_ctx, D] of each client in ``slots`` for the current class list."""
-        slots = self.all_slots() if slots is None else slots
-        names = self.frozen("names", slots.device)
-        return self.generator(slots, names.expand(slots.shape[0], *names.shape))
+    def context(self) -> torch.Tensor:
+        """The generated context [A, n_ctx, D] of each active client for the current class list."""
+        names = self.frozen("names", self.device)
+        return self.run_per_client(self.generator, self.for_each_client(names))
 
-    def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def text_features(self) -> torch.Tensor:
         """L2-normalised class text features [A, C, E] with the generated context (one encoder call)."""
-        ctx = self.context(slots)
-        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx)
-        return F.normalize(feats.float(), dim=-1)
+        return self.encode_context(self.context())
 
 
-class FedTPG(Method):
+@dataclass(kw_only=True, eq=False)
+class FedTPG(TrainedMethod):
     """FedTPG: a text-driven prompt generator, trained by every client and averaged (unweighted) by the server.
 
     The defaults are the released cross_cls settings: SGD lr 0.003, momentum 0.9, weight decay 1e-5, and torch's
     ``CosineAnnealingLR(T_max = 500)`` without warm-up, one scheduler per client stepped after each of its local
     passes (``lr_scope: client``). Difference from the released code: each client gets a fresh optimizer every round
     (the released client keeps its SGD momentum buffer across rounds), as for every fedprompt method.
-
-    Args:
-        n_ctx: generated context vectors (4).
-        heads: attention heads of the generator's cross-attention (4).
-        ff_mult: hidden width of its GEGLU feed-forward block, as a multiple of the token width (4).
-        attn_residual: add the queries back after the attention (the released model lets the attention output
-            replace them: ``False``).
-        weighted: sample-weighted mean instead of the official unweighted one.
-        lr: local SGD learning rate (the cross_cls setting: 0.003).
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay (the cross_cls setting: 1e-5).
-        lr_schedule: ``cosine`` (the cross_cls setting) or ``constant``.
-        warmup_epochs: epochs at ``warmup_lr`` before the cosine (the released code has none: 0).
-        warmup_lr: the constant warm-up learning rate.
-        lr_scope: what one cosine spans (:class:`fedprompt.methods.OptimizerArgs`): ``client`` (default, the
-            released code: each client's own scheduler over the whole run, stepped after each of its local epochs),
-            ``local`` (restarted every local round) or ``official`` (one schedule shared by all clients).
-        cosine_epochs: the cosine's T_max in epochs (the released ``MAX_EPOCH`` = the rounds: 500 for cross_cls; set
-            it to ``federation.rounds`` x the local epochs for another run length; ``None``: the local epochs).
     """
 
+    n_ctx: int = 4
+    """Generated context vectors (4)."""
+    heads: int = 4
+    """Attention heads of the generator's cross-attention (4)."""
+    ff_mult: int = 4
+    """Hidden width of its GEGLU feed-forward block, as a multiple of the token width (4)."""
+    attn_residual: bool = False
+    """Add the queries back after the attention (the released model lets the attention output replace them)."""
+    weighted: bool = False
+    """Sample-weighted mean instead of the official unweighted one."""
+    lr: float = 0.003
+    """Local SGD learning rate (the cross_cls setting: 0.003)."""
+    weight_decay: float = 1e-5
+    """SGD weight decay (the cross_cls setting: 1e-5)."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """cosine (the cross_cls setting) or constant."""
+    lr_scope: Literal["local", "official", "client"] = "client"
+    """What one cosine spans: client (default, the released code: each client's own scheduler over the whole run,
+    stepped after each of its local epochs), local (restarted every local round) or official (one schedule shared by
+    all clients)."""
+    cosine_epochs: Optional[int] = 500
+    """The cosine's T_max in epochs (the released MAX_EPOCH = the rounds: 500 for cross_cls; set it to
+    federation.rounds x the local epochs for another run length; null: the local epochs)."""
+
+    client_class = FedTPGClient
     shared_prefixes = ("generator.",)
     global_model = True
-
-    def __init__(self, n_ctx: int = 4, heads: int = 4, ff_mult: int = 4, attn_residual: bool = False,
-                 weighted: bool = False, lr: float = 0.003, momentum: float = 0.9, weight_decay: float = 1e-5,
-                 lr_schedule: Literal["constant", "cosine"] = "cosine", warmup_epochs: int = 0,
-                 warmup_lr: float = 1e-5, lr_scope: Literal["local", "official", "client"] = "client",
-                 cosine_epochs: Optional[int] = 500):
-        super().__init__(lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
-        self.n_ctx, self.heads, self.ff_mult, self.attn_residual = n_ctx, heads, ff_mult, attn_residual
-        self.weighted = weighted
-
-    def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> FedTPGClient:
-        return FedTPGClient(backbone, classnames, self.n_ctx, self.heads, self.ff_mult, self.attn_residual,
-                            self.optim, slots)
 
     def build_aggregator(self) -> Aggregator:
         return WeightedMean(self.shared_prefixes, weighted=self.weighted, reduce=True)

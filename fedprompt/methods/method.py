@@ -1,5 +1,11 @@
-"""The config side of a method: :class:`Method` (what a YAML selects with ``class_path``) and the local optimiser
-settings :class:`OptimizerArgs`.
+"""The config side of a method: :class:`Method` (what a YAML selects with ``class_path``), the local optimiser
+settings :class:`OptimizerArgs`, and :class:`TrainedMethod`, the base of every method that trains prompts.
+
+A method's settings are declared once, as the fields of its dataclass: they are its ``--method.*`` flags (the field
+docstrings are their ``--help``), its YAML ``init_args``, and what its client module reads (``client.settings``).
+The optimiser settings are one group of fields that every trained method inherits from :class:`OptimizerArgs`, in
+the flat form (``--method.lr 0.01``, ``--method.lr_schedule cosine``); ``method.optim`` gives them as one
+:class:`OptimizerArgs`.
 
 This module imports neither Lightning nor open_clip, so the command line can build its parser (``--help``, argument
 errors) without them; the client modules (:mod:`fedprompt.methods.base`) are imported when a method builds one.
@@ -8,15 +14,15 @@ errors) without them; the client modules (:mod:`fedprompt.methods.base`) are imp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, ClassVar, Literal, Optional
 
 from fedprompt.errors import FedPromptError
 
 if TYPE_CHECKING:
     from fedprompt.backbone import Backbone
     from fedprompt.federation.aggregators import Aggregator
-    from fedprompt.methods.base import PromptClient
+    from fedprompt.federation.protocols import ClientModule
 
 
 #: learning-rate schedules of the local optimiser
@@ -41,7 +47,7 @@ def dassl_cosine_lr(epoch: int, lr: float, cosine_epochs: float, warmup_epochs: 
     return lr * (1.0 + math.cos(math.pi * t / cosine_epochs)) / 2.0
 
 
-@dataclass
+@dataclass(kw_only=True, eq=False)
 class OptimizerArgs:
     """Local optimiser settings (Dassl defaults: SGD, momentum 0.9, weight decay 5e-4, constant learning rate).
 
@@ -64,50 +70,30 @@ class OptimizerArgs:
       of its own local epochs and never reset: the schedule position of a client's local epoch is the number of
       local epochs that client trained in earlier rounds. With ``cosine_epochs`` = the rounds and one local epoch
       (FedTPG's cross_cls: T_max 500) the rate falls from ``lr`` in round 1 to about 0 in the last round.
-
-    Attributes:
-        lr: base learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        lr_schedule: ``constant`` or ``cosine``.
-        warmup_epochs: cosine only: epochs at ``warmup_lr`` before the cosine starts (Dassl's ``WARMUP_EPOCH``).
-        warmup_lr: the constant warm-up learning rate (Dassl's ``WARMUP_CONS_LR``).
-        lr_scope: ``local``, ``official`` or ``client`` (above).
-        cosine_epochs: the cosine's period parameter T_max (Dassl's ``MAX_EPOCH``); ``None``: the client's local
-            epochs of the round (as in the official configs, where ``MAX_EPOCH`` is the local epoch count).
     """
 
     lr: float = 0.002
+    """Local SGD learning rate."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 5e-4
-    lr_schedule: str = "constant"
+    """SGD weight decay."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule: constant, or Dassl's cosine with a constant warm-up (stepped once per local epoch)."""
     warmup_epochs: int = 0
+    """Cosine only: epochs at warmup_lr before the cosine starts (Dassl's WARMUP_EPOCH)."""
     warmup_lr: float = 1e-5
-    lr_scope: str = "local"
-    cosine_epochs: int | None = None
+    """The constant warm-up learning rate (Dassl's WARMUP_CONS_LR)."""
+    lr_scope: Literal["local", "official", "client"] = "local"
+    """What one cosine schedule spans: each client's local round (local), one schedule for the whole run shared by
+    all clients in training order (official: the released PromptFL / PromptFolio trainer), or one per client over
+    the run (client: the released FedTPG code)."""
+    cosine_epochs: Optional[int] = None
+    """The cosine's period parameter T_max in epochs (Dassl's MAX_EPOCH); null: the client's local epochs of the
+    round (as in the official configs)."""
 
     def __post_init__(self):
-        problems = []
-        if not self.lr > 0:
-            problems.append(f"method.lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            problems.append(f"method.momentum must be in [0, 1), got {self.momentum}")
-        if not self.weight_decay >= 0:
-            problems.append(f"method.weight_decay must be >= 0, got {self.weight_decay}")
-        if problems:
-            raise FedPromptError("; ".join(problems) + ".")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise FedPromptError(f"method.lr_schedule: unknown schedule {self.lr_schedule!r}; choose one of "
-                                 f"{', '.join(LR_SCHEDULES)}.")
-        if self.lr_scope not in LR_SCOPES:
-            raise FedPromptError(f"method.lr_scope: unknown scope {self.lr_scope!r}; choose one of "
-                                 f"{', '.join(LR_SCOPES)}.")
-        if self.warmup_epochs < 0 or self.warmup_lr < 0:
-            raise FedPromptError(f"method.warmup_epochs and method.warmup_lr must be >= 0, got "
-                                 f"{self.warmup_epochs} and {self.warmup_lr}")
-        if self.cosine_epochs is not None and self.cosine_epochs < 1:
-            raise FedPromptError(f"method.cosine_epochs must be >= 1 (or null: the local epochs), got "
-                                 f"{self.cosine_epochs}")
+        check_optimizer(self)
 
     @property
     def counts_run_epochs(self) -> bool:
@@ -135,10 +121,42 @@ class OptimizerArgs:
                                self.warmup_lr)
 
 
+def check_optimizer(args) -> None:
+    """Range-check the optimiser fields of ``args`` (an :class:`OptimizerArgs` or a :class:`TrainedMethod`): one
+    :class:`FedPromptError` naming each bad setting."""
+    problems = []
+    if not args.lr > 0:
+        problems.append(f"method.lr must be > 0, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        problems.append(f"method.momentum must be in [0, 1), got {args.momentum}")
+    if not args.weight_decay >= 0:
+        problems.append(f"method.weight_decay must be >= 0, got {args.weight_decay}")
+    if problems:
+        raise FedPromptError("; ".join(problems) + ".")
+    if args.lr_schedule not in LR_SCHEDULES:
+        raise FedPromptError(f"method.lr_schedule: unknown schedule {args.lr_schedule!r}; choose one of "
+                             f"{', '.join(LR_SCHEDULES)}.")
+    if args.lr_scope not in LR_SCOPES:
+        raise FedPromptError(f"method.lr_scope: unknown scope {args.lr_scope!r}; choose one of "
+                             f"{', '.join(LR_SCOPES)}.")
+    if args.warmup_epochs < 0 or args.warmup_lr < 0:
+        raise FedPromptError(f"method.warmup_epochs and method.warmup_lr must be >= 0, got "
+                             f"{args.warmup_epochs} and {args.warmup_lr}")
+    if args.cosine_epochs is not None and args.cosine_epochs < 1:
+        raise FedPromptError(f"method.cosine_epochs must be >= 1 (or null: the local epochs), got "
+                             f"{args.cosine_epochs}")
+
+
+@dataclass(kw_only=True, eq=False)
 class Method:
     """Base class of a federated prompt-learning method (selected in a config with ``class_path``).
 
-    Class attributes say what the method does:
+    A method is a dataclass: its fields are its settings, declared once (they are the ``--method.*`` flags, the
+    YAML ``init_args`` and what its client reads as ``client.settings``). :meth:`check` range-checks them when the
+    method is built, which is when the command line is parsed.
+
+    Class attributes say what the method does (declared capabilities; the round loop reads them, it never probes):
+        ``client_class``: its client module (a :class:`fedprompt.methods.PromptClient` subclass);
         ``trains``: whether clients train at all (zero-shot CLIP does not);
         ``communicates``: whether clients talk to a server (local CoOp does not);
         ``global_model``: whether, after aggregation, every client holds the same model (then the accuracy on the
@@ -149,28 +167,32 @@ class Method:
         (False for methods with visual prompts).
     """
 
-    trains = True
-    frozen_image_tower = True
-    communicates = True
-    global_model = True
-    shared_prefixes: tuple[str, ...] = ()
+    client_class: ClassVar[type] = None
+    trains: ClassVar[bool] = True
+    frozen_image_tower: ClassVar[bool] = True
+    communicates: ClassVar[bool] = True
+    global_model: ClassVar[bool] = True
+    shared_prefixes: ClassVar[tuple[str, ...]] = ()
     #: frozen image-tower outputs the client reads: "features" (pooled) and/or "tokens" (patch tokens)
-    image_inputs: tuple[str, ...] = ("features",)
+    image_inputs: ClassVar[tuple[str, ...]] = ("features",)
 
-    def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 lr_schedule: str = "constant", warmup_epochs: int = 0, warmup_lr: float = 1e-5,
-                 lr_scope: str = "local", cosine_epochs: int | None = None):
-        self.optim = OptimizerArgs(lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope,
-                                   cosine_epochs)
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Range-check the settings; raise one :class:`FedPromptError` naming the setting (``method.<name>``), its
+        value and what it must be. Called when the method is built (at argument parsing)."""
 
     @property
     def name(self) -> str:
         return type(self).__name__
 
-    def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> PromptClient:
+    def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> ClientModule:
         """Create this method's client module for ``slots`` clients (prompts initialised from the current torch
         seed, the same initial value in every slot)."""
-        raise NotImplementedError
+        if self.client_class is None:
+            raise NotImplementedError(f"{self.name} declares no client_class")
+        return self.client_class(backbone, classnames, self, slots)
 
     def build_aggregator(self) -> Aggregator:
         """The server's merge rule; sample-weighted mean of the shared keys by default."""
@@ -179,7 +201,23 @@ class Method:
         return WeightedMean(self.shared_prefixes)
 
     def hparams(self) -> dict:
-        """The method's hyperparameters as a flat dict (for logs)."""
-        out = {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None)))}
-        out.update(vars(self.optim))
-        return out
+        """The method's settings as a flat dict (for logs and the resume check)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+@dataclass(kw_only=True, eq=False)
+class TrainedMethod(Method, OptimizerArgs):
+    """Base class of the methods whose clients train prompts: the method's own settings plus the local optimiser's
+    (:class:`OptimizerArgs`, the same flat fields for every trained method: ``lr``, ``momentum``, ``weight_decay``,
+    ``lr_schedule``, ``warmup_epochs``, ``warmup_lr``, ``lr_scope``, ``cosine_epochs``). A method states its own
+    optimiser defaults by declaring the field again (``lr: float = 0.001``)."""
+
+    def __post_init__(self):
+        check_optimizer(self)
+        super().__post_init__()
+
+    @property
+    def optim(self) -> OptimizerArgs:
+        """The local optimiser settings as one :class:`OptimizerArgs`."""
+        return OptimizerArgs(**{f.name: getattr(self, f.name) for f in fields(OptimizerArgs)})

@@ -12,15 +12,14 @@ of the two L2-normalised features, NOT normalised again (as the official code), 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
-from fedprompt.backbone import Backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.methods.base import PromptClient
-from fedprompt.methods.method import Method, OptimizerArgs
+from fedprompt.methods.method import TrainedMethod
 from fedprompt.prompts import ContextVectors
 
 
@@ -30,42 +29,29 @@ def mix_features(global_features: torch.Tensor, local_features: torch.Tensor, th
 
 
 class PromptFolioClient(PromptClient):
-    """PromptFolio clients: ``global_prompt.ctx`` (shared) and ``local_prompt.ctx`` (kept).
+    """PromptFolio clients: ``global_prompt.ctx`` (shared) and ``local_prompt.ctx`` (kept), from the
+    :class:`PromptFolio` settings."""
 
-    Args:
-        backbone: frozen backbone.
-        classnames: class names in label order.
-        n_ctx: context tokens per prompt.
-        theta: weight of the local prompt's features in the mixture.
-        optim: local optimiser settings.
-        ctx_init: initialise both prompts from these words instead of N(0, 0.02^2).
-        slots: clients held by this module.
-    """
+    def __init__(self, backbone, classnames, settings, slots=1):
+        super().__init__(backbone, classnames, settings, slots)
+        words = self.init_words(settings.ctx_init)
+        self.n_ctx = settings.n_ctx
+        self.global_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
+        self.local_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
 
-    def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int = 8, theta: float = 0.4,
-                 optim: OptimizerArgs | None = None, ctx_init: str | None = None, slots: int = 1):
-        super().__init__(backbone, classnames, optim, slots)
-        words = backbone.word_embeddings(ctx_init).cpu() if ctx_init else None
-        self.n_ctx = n_ctx
-        self.global_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
-        self.local_prompt = ContextVectors(n_ctx, backbone.ctx_dim, words=words, slots=slots)
-        self.theta = theta
+    def prompt_features(self) -> torch.Tensor:
+        """L2-normalised features ``[A, 2, C, E]`` of the global (index 0) and local (index 1) prompts of the active
+        clients, from one encoder call."""
+        return self.encode_context(self.active(torch.stack([self.global_prompt.ctx, self.local_prompt.ctx], dim=1)))
 
-    def prompt_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised features ``[A, 2, C, E]`` of the global (index 0) and local (index 1) prompts of the clients
-        in ``slots`` (default all), from one encoder call."""
-        ctx = torch.stack([self.global_prompt.ctx, self.local_prompt.ctx], dim=1)
-        ctx = ctx if slots is None else ctx[slots]
-        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx)
-        return F.normalize(feats.float(), dim=-1)
-
-    def text_features(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def text_features(self) -> torch.Tensor:
         """The mixed class text features ``[A, C, E]`` (see :func:`mix_features`)."""
-        feats = self.prompt_features(slots)
-        return mix_features(feats[:, 0], feats[:, 1], self.theta)
+        feats = self.prompt_features()
+        return mix_features(feats[:, 0], feats[:, 1], self.settings.theta)
 
 
-class PromptFolio(Method):
+@dataclass(kw_only=True, eq=False)
+class PromptFolio(TrainedMethod):
     """PromptFolio: global (shared) + local (kept) prompt, text features mixed with weight theta on the local one.
 
     ``theta`` = 0 classifies with the global prompt alone, 1 with the local prompt alone. The mixture is not
@@ -79,38 +65,27 @@ class PromptFolio(Method):
     shares SGD momentum across clients and rounds), every client is evaluated each evaluated round (the released
     code tests only the round's sampled clients), class lists are ordered, and the extra image-encoder pass per step
     whose output is never used is not made.
-
-    Args:
-        n_ctx: context tokens per prompt (8, the official default).
-        theta: weight of the local prompt's text features (the official ``frac_p``, 0.4).
-        ctx_init: initialise both prompts from these words (``None``: random N(0, 0.02^2), as the official code).
-        lr: local SGD learning rate (0.002 in vit_b16.yaml).
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        lr_schedule: ``cosine`` (vit_b16.yaml) or ``constant``.
-        warmup_epochs: epochs at ``warmup_lr`` before the cosine (1).
-        warmup_lr: the constant warm-up learning rate (1e-5).
-        lr_scope: ``local`` (each client's local round is one schedule) or ``official`` (one schedule for the whole
-            run, shared by all clients in training order).
-        cosine_epochs: the cosine's T_max in epochs (``None``: the local epochs, as ``MAX_EPOCH``).
     """
 
+    n_ctx: int = 8
+    """Context tokens per prompt (8, the official default)."""
+    theta: float = 0.4
+    """Weight of the local prompt's text features (the official frac_p, 0.4)."""
+    ctx_init: Optional[str] = None
+    """Initialise both prompts from these words (null: random N(0, 0.02^2), as the official code)."""
+    lr: float = 0.002
+    """Local SGD learning rate (0.002 in vit_b16.yaml)."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """cosine (vit_b16.yaml) or constant."""
+    warmup_epochs: int = 1
+    """Epochs at warmup_lr before the cosine (1)."""
+
+    client_class = PromptFolioClient
     shared_prefixes = ("global_prompt.",)
     global_model = False
 
-    def __init__(self, n_ctx: int = 8, theta: float = 0.4, ctx_init: Optional[str] = None, lr: float = 0.002,
-                 momentum: float = 0.9, weight_decay: float = 5e-4,
-                 lr_schedule: Literal["constant", "cosine"] = "cosine", warmup_epochs: int = 1,
-                 warmup_lr: float = 1e-5, lr_scope: Literal["local", "official"] = "local",
-                 cosine_epochs: Optional[int] = None):
-        super().__init__(lr, momentum, weight_decay, lr_schedule, warmup_epochs, warmup_lr, lr_scope, cosine_epochs)
-        if n_ctx < 1:
-            raise FedPromptError(f"method.n_ctx must be >= 1, got {n_ctx}")
-        if not 0.0 <= theta <= 1.0:
-            raise FedPromptError(f"method.theta must be in [0, 1] (the local prompt's weight), got {theta}")
-        self.n_ctx = n_ctx
-        self.theta = theta
-        self.ctx_init = ctx_init
-
-    def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> PromptFolioClient:
-        return PromptFolioClient(backbone, classnames, self.n_ctx, self.theta, self.optim, self.ctx_init, slots)
+    def check(self):
+        if self.n_ctx < 1:
+            raise FedPromptError(f"method.n_ctx must be >= 1, got {self.n_ctx}")
+        if not 0.0 <= self.theta <= 1.0:
+            raise FedPromptError(f"method.theta must be in [0, 1] (the local prompt's weight), got {self.theta}")

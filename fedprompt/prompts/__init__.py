@@ -3,9 +3,9 @@ FedTPG's generator, and a network stacked per client slot."""
 
 from fedprompt.prompts.context import ContextVectors, init_context
 from fedprompt.prompts.generator import GEGLU, PromptGenerator
-from fedprompt.prompts.lowrank import LowRankContext
+from fedprompt.prompts.lowrank import LowRankContext, low_rank_product
 from fedprompt.prompts.stacked import SlotStacked
 from fedprompt.prompts.visual import VisualPrompts, init_visual_tokens
 
 __all__ = ["ContextVectors", "GEGLU", "LowRankContext", "PromptGenerator", "SlotStacked", "VisualPrompts",
-           "init_context", "init_visual_tokens"]
+           "init_context", "init_visual_tokens", "low_rank_product"]

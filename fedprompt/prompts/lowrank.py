@@ -31,10 +31,14 @@ class LowRankContext(nn.Module):
     def rank(self) -> int:
         return self.U.shape[-1]
 
-    def forward(self, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """``U @ V`` ``[A, n_ctx, dim]`` of the clients in ``slots`` (default every slot), in fp32 whatever the
-        surrounding autocast (the product is tiny); a batched matmul, so each client's product involves only its own
-        factors."""
-        u, v = (self.U, self.V) if slots is None else (self.U[slots], self.V[slots])
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            return torch.bmm(u.float(), v.float())
+    def forward(self) -> torch.Tensor:
+        """``U @ V`` ``[slots, n_ctx, dim]`` of every slot (see :func:`low_rank_product`)."""
+        return low_rank_product(self.U, self.V)
+
+
+def low_rank_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``U @ V`` ``[A, n_ctx, dim]`` of factors ``[A, n_ctx, r]`` and ``[A, r, dim]`` (e.g. the active clients'), in
+    fp32 whatever the surrounding autocast (the product is tiny); a batched matmul, so each client's product
+    involves only its own factors."""
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        return torch.bmm(u.float(), v.float())

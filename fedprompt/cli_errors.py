@@ -1,0 +1,312 @@
+"""Readable command-line errors: one line naming the file or flag, the key, the value and what it must be.
+
+jsonargparse validates every value against its type and reports the first failure as a multi-line text. fedprompt
+does not read that text. Instead, when parsing fails, :func:`explain_argument_error` finds the argument at fault
+by parsing again with the arguments given one more at a time (the config files, then each flag, with jsonargparse's
+public parser), and checks that argument against the typed settings themselves (the fields of the method's
+dataclass, of the argument groups in :mod:`fedprompt.args`, and the data reader's signature). YAML syntax errors in
+a config file are found before parsing (:func:`check_config_files`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import math
+import typing
+from argparse import ArgumentError
+from pathlib import Path
+
+import yaml
+
+from fedprompt.errors import FedPromptError
+
+#: top-level run settings that select a class by class_path (their settings are ``<key>.<name>``)
+CLASS_KEYS = ("method", "data")
+
+
+# ------------------------------------------------------------------------------------------------ config files
+def config_files(argv: list[str]) -> list[str]:
+    """The ``--config`` files named in ``argv`` (``--config FILE`` or ``--config=FILE``), in order."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Each ``--config`` file exists and is valid YAML; otherwise one :class:`FedPromptError` naming the file (and
+    the line and column of a syntax error)."""
+    for name in config_files(argv):
+        path = Path(name)
+        if not path.is_file():
+            raise FedPromptError(f"--config {name}: no such file.")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise FedPromptError(f"--config {name}: YAML syntax error{where}: {err.problem}. Fix the file.") from None
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+            raise FedPromptError(f"--config {name}: cannot read it as YAML ({err}).") from None
+
+
+# ------------------------------------------------------------------------------------------------------ types
+def describe(annotation) -> str:
+    """A type annotation in words (``int`` -> "an integer", ``Optional[float]`` -> "a number or null", ...)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return " or ".join(describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {describe(args[0])} values" if args else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", dict: "a mapping"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def matches(value, annotation) -> bool:
+    """Whether a (YAML-loaded) ``value`` fits ``annotation``; classes and unknown types are not checked."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any or annotation is inspect.Parameter.empty:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(matches(value, a) for a in args)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(matches(v, args[0]) for v in value) if args else True
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:  # a finite number (the parser takes "1e-3" but not "nan")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return False
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------- settings
+def _dataclass_settings(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(cls) if f.name != "resolved_config"}
+
+
+def _init_settings(cls) -> dict[str, object]:
+    """The keyword parameters of ``cls.__init__`` and of the ``__init__`` of its bases (readers pass ``**kwargs`` on)
+    with their annotations."""
+    out: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # noqa: BLE001 - an annotation that cannot be resolved is simply not checked
+            hints = {}
+        for name, param in inspect.signature(init).parameters.items():
+            if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                out[name] = hints.get(name, typing.Any)
+    return out
+
+
+def settings_of(cls) -> dict[str, object]:
+    """``{setting: annotation}`` of a settings class (a dataclass, or a class with a typed ``__init__``)."""
+    return _dataclass_settings(cls) if dataclasses.is_dataclass(cls) else _init_settings(cls)
+
+
+def resolve_class(value, base: type) -> type | None:
+    """The class a ``class_path`` value names (a dotted path, or a short name of an imported subclass of ``base``)."""
+    path = value.get("class_path") if isinstance(value, dict) else value
+    if not isinstance(path, str):
+        return None
+    if "." in path:
+        module, _, name = path.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            return None
+        return found if isinstance(found, type) else None
+    todo = list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == path:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None
+
+
+def class_names(base: type) -> list[str]:
+    """The public subclasses of ``base`` that are imported (their short names)."""
+    found, todo = set(), list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if not cls.__name__.startswith("_") and getattr(cls, "client_class", True) is not None:
+            found.add(cls.__name__)
+    return sorted(found)
+
+
+def _bases() -> dict[str, type]:
+    from fedprompt.data.reader import FederatedData
+    from fedprompt.methods.method import Method
+
+    return {"method": Method, "data": FederatedData}
+
+
+def check_setting(key: str, value, selected: dict, groups: dict[str, type]) -> str | None:
+    """What is wrong with setting ``key`` (dotted, without ``init_args``) = ``value`` (YAML-loaded), or ``None``
+    when nothing is found. ``selected`` maps ``method`` / ``data`` to their class_path value so far; ``groups``
+    maps the other top-level keys to their settings class (or the annotation of a plain top-level setting)."""
+    head, _, rest = key.partition(".")
+    bases = _bases()
+    if head in CLASS_KEYS and not rest:
+        if isinstance(value, (str, dict)) and resolve_class(value, bases[head]) is None:
+            return (f"unknown {head} class {value.get('class_path') if isinstance(value, dict) else value!r}; "
+                    f"choose one of {', '.join(class_names(bases[head]))} (or a full class_path)")
+        return None
+    if head in CLASS_KEYS:
+        if rest == "class_path":
+            return check_setting(head, value, selected, groups)
+        cls = resolve_class(selected.get(head), bases[head])
+        if cls is None or "." in rest:
+            return None
+        owner, settings = cls.__name__, settings_of(cls)
+    elif head in groups and dataclasses.is_dataclass(groups[head]):
+        if not rest or "." in rest:
+            return None
+        owner, settings = f"the {head} group", settings_of(groups[head])
+    elif head in groups and not rest:
+        return None if matches(value, groups[head]) else f"invalid value {value!r} (expected {describe(groups[head])})"
+    else:
+        return f"no such setting; the settings are {', '.join(sorted(groups) + list(CLASS_KEYS))}" if not rest \
+            else None
+    if rest not in settings:
+        return f"{owner} has no setting {rest!r}; its settings: {', '.join(settings)}"
+    if not matches(value, settings[rest]):
+        return f"invalid value {value!r} for {owner} (expected {describe(settings[rest])})"
+    return None
+
+
+def _flat(tree, prefix: str = "") -> list[tuple[str, object]]:
+    """Leaves of a config mapping as (dotted key without ``init_args``, value); a class_path mapping is a leaf too."""
+    out = []
+    if not isinstance(tree, dict):
+        return [(prefix.rstrip("."), tree)]
+    for key, value in tree.items():
+        if key == "init_args":
+            out += _flat(value, prefix)
+        elif key == "class_path":
+            out.append((prefix.rstrip("."), value))
+        elif isinstance(value, dict):
+            out += _flat(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ localising
+def _units(args: list[str]) -> list[list[str]]:
+    """The arguments as units: ``["--config", F]``, ``["--key", value]``, ``["--key=value"]``, ``[other]``."""
+    units, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            units.append([arg, args[i + 1]])
+            i += 2
+        else:
+            units.append([arg])
+            i += 1
+    return units
+
+
+def _parses(parser, args: list[str]) -> bool:
+    try:
+        parser.parse_args(args)
+    except (ArgumentError, FedPromptError, SystemExit):
+        return False
+    except Exception:  # noqa: BLE001 - anything else also means these arguments do not parse
+        return False
+    return True
+
+
+def _collapsed(err: Exception, limit: int = 3) -> str:
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines[:limit]) or type(err).__name__
+
+
+def _groups_of(command: str) -> dict[str, type]:
+    import fedprompt.run
+    from fedprompt.commands import COMMANDS
+
+    groups = {}
+    for cls in (fedprompt.run.RunArgs, COMMANDS[command][1]):
+        if cls is not None:
+            groups.update({k: v for k, v in settings_of(cls).items() if k not in CLASS_KEYS})
+    return groups
+
+
+def _selected_in(args: list[str]) -> dict:
+    """The method / data class chosen so far by config files and flags."""
+    selected: dict = {}
+    for unit in _units(args):
+        if unit[0] == "--config" and len(unit) == 2:
+            tree = yaml.safe_load(Path(unit[1]).read_text()) or {}
+            for head in CLASS_KEYS:
+                if isinstance(tree, dict) and isinstance(tree.get(head), dict) and "class_path" in tree[head]:
+                    selected[head] = tree[head]["class_path"]
+        key = unit[0][2:].split("=", 1)[0]
+        if key in CLASS_KEYS or key in tuple(f"{h}.class_path" for h in CLASS_KEYS):
+            selected[key.split(".")[0]] = unit[1] if len(unit) == 2 else unit[0].split("=", 1)[1]
+    return selected
+
+
+def explain_argument_error(err: Exception, argv: list[str], subparsers: dict) -> str:
+    """One line for a parse failure: the config file or flag at fault, the key, the value and what it must be."""
+    command = argv[0] if argv and argv[0] in subparsers else None
+    hint = f". See: fedprompt {command or ''} --help".replace("  ", " ").rstrip()
+    if command is None:
+        return f"unknown or missing command; choose one of {', '.join(subparsers)}{hint}"
+    parser, args = subparsers[command], argv[1:]
+    units = _units(args)
+    groups = _groups_of(command)
+    for i, unit in enumerate(units):
+        done = [a for u in units[: i + 1] for a in u]
+        if _parses(parser, done):
+            continue
+        before = [a for u in units[:i] for a in u]
+        selected = _selected_in(before)
+        if unit[0] == "--config":
+            tree = yaml.safe_load(Path(unit[1]).read_text()) or {}
+            selected.update(_selected_in(unit))
+            for key, value in _flat(tree if isinstance(tree, dict) else {}):
+                problem = check_setting(key, value, selected, groups)
+                if problem:
+                    return f"--config {unit[1]}: {key}: {problem}{hint}"
+            return f"--config {unit[1]}: {_collapsed(err)}{hint}"
+        flag, _, inline = unit[0].partition("=")
+        text = unit[1] if len(unit) == 2 else inline
+        key = flag[2:].replace(".init_args.", ".")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        problem = check_setting(key, value, selected, groups)
+        shown = f"{flag} {text}".strip()
+        return f"{shown}: {problem or _collapsed(err)}{hint}"
+    return f"{_collapsed(err)}{hint}"
+

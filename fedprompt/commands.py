@@ -1,0 +1,116 @@
+"""The commands, as typed Python functions: what ``fedprompt <command>`` runs, and the API for scripts.
+
+Every command takes the run settings (:class:`fedprompt.run.RunArgs`: a run config), either as one object or as
+its fields in keywords, and some take their own options (:class:`~fedprompt.run.BenchArgs`,
+:class:`~fedprompt.run.SweepArgs`, :class:`~fedprompt.run.PartitionArgs`)::
+
+    from fedprompt.args import FederationArgs
+    from fedprompt.run import RunArgs
+    from fedprompt.commands import fit
+    from fedprompt.data import Synthetic
+    from fedprompt.methods import PromptFL
+
+    summary = fit(method=PromptFL(n_ctx=4), data=Synthetic(), federation=FederationArgs(rounds=2))
+
+This module is cheap to import: each command imports its implementation when it runs. A command's docstring is
+its ``--help`` text (the first sentence is its summary in ``fedprompt --help``).
+"""
+
+from __future__ import annotations
+
+from fedprompt.run import BenchArgs, PartitionArgs, RunArgs, SweepArgs
+
+
+def fit(run: RunArgs | None = None, **settings) -> dict:
+    """Train prompts across federated clients and write the run directory (metrics.jsonl, summary.json,
+    checkpoints/last.ckpt).
+
+    Args:
+        run: the run's settings; or give them as keywords (``fit(method=..., data=..., federation=...)``).
+    """
+    from fedprompt.fit import setup
+
+    return setup("fit", run or RunArgs(**settings))
+
+
+def zeroshot(run: RunArgs | None = None, **settings) -> dict:
+    """Evaluate zero-shot CLIP (or the given untrained method) on every client's test data; prints each client's
+    accuracy and writes summary.json.
+
+    Args:
+        run: the run's settings (or its fields as keywords).
+    """
+    from fedprompt.fit import setup
+
+    return setup("zeroshot", run or RunArgs(**settings))
+
+
+def evaluate(run: RunArgs | None = None, **settings) -> dict:
+    """Evaluate every client of a checkpoint (--resume DIR/checkpoints/last.ckpt) on its own test data; writes
+    eval.json in out_dir.
+
+    Args:
+        run: the run's settings (or its fields as keywords).
+    """
+    from fedprompt.fit import setup
+
+    return setup("evaluate", run or RunArgs(**settings))
+
+
+def sweep(run: RunArgs | None = None, options: SweepArgs | None = None, **settings) -> dict:
+    """Run a fit config once per seed (OUT/seed1, OUT/seed2, ...) and write the mean +- std over seeds of the final
+    metrics (OUT/seeds.md, OUT/seeds.json). Rerunning the command continues: finished seeds are kept.
+
+    The run settings are those of fit, except: out_dir is the sweep folder (default runs/<method>-seeds), seed is
+    replaced by each of the seeds, resume is not taken (rerun the same sweep command to continue it), overwrite
+    deletes the runs of a previous sweep in out_dir, and with eval.select val each seed contributes its selected
+    round.
+
+    Args:
+        run: the run's settings (or its fields as keywords).
+        options: the seeds.
+    """
+    from fedprompt.sweep import run_sweep
+
+    return run_sweep(run or RunArgs(**settings), options or SweepArgs())
+
+
+def partition(run: RunArgs | None = None, options: PartitionArgs | None = None, **settings) -> None:
+    """Print the client x class table of train samples of a config's federated split (no model is loaded).
+
+    When clients have their own class lists (data: Combined, partition: CrossClass) it prints one line per client
+    instead (dataset, number of classes, train/test samples, its first class names) and the evaluation sets (name,
+    classes, test samples; unseen for datasets never trained on). Only data is read from the config (a full run
+    config can be given; data.seed seeds the split).
+
+    Args:
+        run: the run's settings (or its fields as keywords).
+        options: table or JSON.
+    """
+    from fedprompt.partition_table import print_partition
+
+    return print_partition(run or RunArgs(**settings), options or PartitionArgs())
+
+
+def bench(run: RunArgs | None = None, options: BenchArgs | None = None, **settings) -> dict:
+    """Time a few rounds of a configured federation (--config CONFIG, as for fit), or with --truncation true the
+    prompt text path with and without end-of-text truncation.
+
+    The round benchmark prints, per round, seconds split into data, image tower, text encoder, logits (FedOTP:
+    similarity and OT), backward, optimizer, evaluation and communication, train images per second, peak memory,
+    GPU utilisation and K; then (profile) the aten ops and host syncs of one warm local round, per step and per
+    client-step. Nothing is logged or checkpointed (log, out_dir and resume are ignored).
+
+    Args:
+        run: the run's settings (as for fit; federation.rounds is replaced by options.rounds), or its fields as
+            keywords.
+        options: the benchmark's own options.
+    """
+    from fedprompt.bench import run_bench
+
+    return run_bench(run or RunArgs(**settings), options or BenchArgs())
+
+
+#: subcommand -> (function, its options class or None)
+COMMANDS = {"fit": (fit, None), "evaluate": (evaluate, None), "zeroshot": (zeroshot, None),
+            "sweep": (sweep, SweepArgs), "partition": (partition, PartitionArgs), "bench": (bench, BenchArgs)}

@@ -1,0 +1,100 @@
+"""A run's settings, defined once and taken by every command, and the commands' own options.
+
+:class:`RunArgs` is what every command takes (``fit``, ``zeroshot``, ``evaluate``, ``bench``, ``sweep``,
+``partition``): the method, the data, and the groups of :mod:`fedprompt.args` (:class:`~fedprompt.args.BackboneArgs`,
+:class:`~fedprompt.args.FederationArgs`, :class:`~fedprompt.args.TrainArgs`, :class:`~fedprompt.args.EvalArgs`,
+:class:`~fedprompt.args.LogArgs`, :class:`~fedprompt.args.FabricArgs`), plus ``out_dir``, ``resume``, ``seed`` and
+``overwrite``. On the command line its fields are flat (``--method``, ``--backbone.model``, ``--seed``); a command's
+own options are a dataclass of their own (:class:`BenchArgs`, :class:`SweepArgs`, :class:`PartitionArgs`).
+Attribute docstrings become the ``--help`` text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs, check_ranges
+from fedprompt.data.reader import FederatedData
+from fedprompt.methods.method import Method
+
+
+@dataclass(kw_only=True)
+class RunArgs:
+    """A run: what every command takes (a run config: ``--config FILE`` and flags that override it)."""
+
+    method: Optional[Method] = None
+    """The federated prompt-learning method: a class_path (fedprompt.methods.PromptFL, ...) or its short name."""
+    data: Optional[FederatedData] = None
+    """The dataset and its federated split (class_path: fedprompt.data.DomainFolders, ...)."""
+    backbone: BackboneArgs = field(default_factory=BackboneArgs)
+    federation: FederationArgs = field(default_factory=FederationArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    log: LogArgs = field(default_factory=LogArgs)
+    fabric: FabricArgs = field(default_factory=FabricArgs)
+    out_dir: Optional[str] = None
+    """Run directory (default runs/<method>-<time>; with --resume, the checkpoint's run directory). A folder that
+    holds another run is refused (see overwrite)."""
+    resume: Optional[str] = None
+    """A DIR/checkpoints/last.ckpt to continue from (fit) or to evaluate (evaluate). Without --config the run's own
+    DIR/hyperparameters.yaml is read."""
+    seed: int = 0
+    """Seed of prompt initialisation, client sampling and local data order."""
+    overwrite: bool = False
+    """Delete the run files of out_dir (hyperparameters.yaml, metrics.jsonl, summary.json, checkpoints/, logs) and
+    start a new run there, instead of refusing to write into it (fit, zeroshot)."""
+    resolved_config: Optional[dict] = None
+    """The resolved configuration as the command line parsed it (written as hyperparameters.yaml); not a flag. When
+    a command is called from Python without it, one is rebuilt from the objects."""
+
+
+@dataclass(kw_only=True)
+class BenchArgs:
+    """``fedprompt bench``'s own options."""
+
+    rounds: int = 3
+    """Rounds to time (federation.rounds is replaced by this)."""
+    json: bool = False
+    """Print the per-round rows as JSON (for scripts) instead of the table."""
+    profile: bool = True
+    """Also profile one warm local round (the torch profiler on the host): aten ops and host syncs per step and
+    per client-step."""
+    truncation: bool = False
+    """Run the text-truncation benchmark instead (uses model, num_classes, n_ctx, repeats; no config needed)."""
+    model: str = "ViT-B-32"
+    """Truncation benchmark: open_clip architecture (random init: no download)."""
+    num_classes: int = 50
+    """Truncation benchmark: class prompts encoded together."""
+    n_ctx: int = 16
+    """Truncation benchmark: context tokens."""
+    repeats: int = 3
+    """Truncation benchmark: timed repetitions (after one warm-up)."""
+    threads: Optional[int] = None
+    """Torch CPU threads (default: torch's choice)."""
+
+    def __post_init__(self):
+        check_ranges("", self, rounds=(1, None), num_classes=(1, None), n_ctx=(1, None), repeats=(1, None),
+                     threads=(1, None))
+
+
+@dataclass(kw_only=True)
+class SweepArgs:
+    """``fedprompt sweep``'s own options."""
+
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """The seeds; each sets seed and, unless same_data, data.seed (new partition and few-shot samples per seed, as
+    the papers' seeds do)."""
+    same_data: bool = False
+    """Keep the config's data.seed for every seed (only prompt initialisation, client sampling and data order
+    change)."""
+
+
+@dataclass(kw_only=True)
+class PartitionArgs:
+    """``fedprompt partition``'s own options."""
+
+    json: bool = False
+    """Print JSON (classnames, clients with names and train/test counts per class) instead of a table; with own
+    class lists: clients (id, name, dataset, classnames, train/test counts per own class) and eval_sets (name,
+    split, dataset, seen, classes, samples)."""
