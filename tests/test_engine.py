@@ -94,3 +94,43 @@ def test_sync_ops_are_the_ones_that_read_device_values():
     x = torch.randn(4)
     assert host_syncs(lambda: float(x.sum())) == 1
     assert host_syncs(lambda: x + 1) == 0
+
+
+def test_each_client_gets_its_own_step_seed_whatever_k(cli, tmp_path, monkeypatch):
+    from fedprompt.methods.base import PromptClient
+
+    original, seen = PromptClient.training_step, []
+
+    def record(self, batch, batch_idx=0):
+        seen.extend(batch["seeds"])
+        assert len(batch["seeds"]) == batch["slots"].shape[0]
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(PromptClient, "training_step", record)
+    runs = {}
+    for k in ("1", "4"):
+        seen.clear()
+        code, _, err = cli("fit", *COMMON, "--out_dir", tmp_path / k, "--federation.parallel_clients", k)
+        assert code == 0, err
+        runs[k] = sorted(seen)
+    assert runs["1"] == runs["4"] and len(set(runs["1"])) == len(runs["1"]) > 4
+
+
+def test_named_loss_terms_are_summed_by_the_default_backward(tiny_backbone):
+    """A client whose loss is {"ce": ..., "twice": ...} gets the gradient of their sum (the base backward)."""
+    from fedprompt.methods import PromptFL
+
+    torch.manual_seed(0)
+    client = PromptFL(n_ctx=2).build_client(tiny_backbone, ["a", "b"], slots=2)
+    batch = {"features": torch.randn(6, tiny_backbone.embed_dim), "label": torch.tensor([0, 1, 0, 1, 1, 0]),
+             "slots": torch.tensor([0, 1]), "owner": torch.tensor([0, 0, 0, 1, 1, 1])}
+    plain = client.training_step(batch)
+    client.backward(plain, lambda t, **kw: t.backward(**kw))
+    expected = client.prompt.ctx.grad.clone()
+    client.prompt.ctx.grad = None
+    client.loss = lambda text, image, b: {"ce": PromptFL.client_class.loss(client, text, image, b),
+                                          "none": torch.zeros(2)}
+    terms = client.training_step(batch)
+    assert set(terms) == {"ce", "none"}
+    client.backward(terms, lambda t, **kw: t.backward(**kw))
+    torch.testing.assert_close(client.prompt.ctx.grad, expected)

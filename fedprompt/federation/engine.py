@@ -29,9 +29,12 @@ from torch.profiler import record_function
 
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.feed import Feed, LocalPlan
+from fedprompt.federation.sampling import derive_seed
 from fedprompt.optim import StackedSGD
 from fedprompt.timing import NoTimer, SectionTimer
 
+#: separates the methods' per-step random stream (``client.step.seeds``) from the augmentation's (same step seed)
+METHOD_STREAM = 0x4D455448
 #: the profiler label of one lock-step step (``fedprompt bench`` counts the aten ops and host syncs inside it)
 STEP_RECORD = "fedprompt::step"
 
@@ -95,10 +98,12 @@ class LockstepTrainer:
         self.samples += sum(batch.counts)
         with timer.section("data"):
             data = self.feed.finish(fabric.to_device({**batch.data, **step_clients(batch.members, batch.counts)}))
+            data["seeds"] = [derive_seed(plans[j].seeds[step], METHOD_STREAM) for j in batch.members]
         with fabric.autocast():
-            per_client = client.training_step(data, step)
+            terms = client.training_step(data, step)
         with timer.section("backward"):
-            fabric.backward(per_client.sum())
+            client.backward(terms, fabric.backward)
+        per_client = sum(terms.values()) if isinstance(terms, dict) else terms
         with timer.section("optimizer"):
             members = set(batch.members)
             rates = [0.0] * len(plans)  # the group's slots; the module may have more

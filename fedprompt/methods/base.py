@@ -89,15 +89,25 @@ def with_owners(batch: dict, device: torch.device | None = None) -> dict:
             "owner": torch.zeros(n, dtype=torch.long, device=device)}
 
 
+def total_loss(losses: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each client's loss ``[A]`` from :meth:`PromptClient.training_step`'s result (the sum of named terms)."""
+    if isinstance(losses, dict):
+        return sum(losses.values())
+    return losses
+
+
 @dataclass
 class Step:
     """The clients taking part in the current step: ``slots`` ``[A]`` (module slots), ``owner`` ``[n]`` (position in
-    ``slots`` of each sample's client; ``None`` while only the text side is computed) and ``counts`` ``[A]`` (samples
-    per client, when the engine knows them)."""
+    ``slots`` of each sample's client; ``None`` while only the text side is computed), ``counts`` ``[A]`` (samples
+    per client, when the engine knows them) and ``seeds`` (one integer per active client in training: its own seed
+    for this local step, a function of the run seed, the round, the client and the step, for methods that draw
+    random numbers in a step, e.g. noise; ``None`` outside training)."""
 
     slots: torch.Tensor
     owner: torch.Tensor | None = None
     counts: torch.Tensor | None = None
+    seeds: list[int] | None = None
 
     @property
     def clients(self) -> int:
@@ -203,9 +213,10 @@ class PromptClient(L.LightningModule):
         return self._step
 
     @contextmanager
-    def stepping(self, slots: torch.Tensor, owner: torch.Tensor | None = None, counts: torch.Tensor | None = None):
+    def stepping(self, slots: torch.Tensor, owner: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                 seeds: list[int] | None = None):
         """Run the parts for the clients in ``slots`` (and the samples of ``owner``) inside the block."""
-        previous, self._step = self._step, Step(slots, owner, counts)
+        previous, self._step = self._step, Step(slots, owner, counts, seeds)
         try:
             yield self._step
         finally:
@@ -213,7 +224,7 @@ class PromptClient(L.LightningModule):
 
     def _batch_step(self, batch: dict):
         batch = with_owners(batch, self.device)
-        return batch, self.stepping(batch["slots"], batch["owner"], batch.get("counts"))
+        return batch, self.stepping(batch["slots"], batch["owner"], batch.get("counts"), batch.get("seeds"))
 
     # ------------------------------------------------------------------------------------------- helpers
     def active(self, stacked: torch.Tensor) -> torch.Tensor:
@@ -298,9 +309,10 @@ class PromptClient(L.LightningModule):
         """An additional loss term per active client ``[A]`` (FedProx's proximal term, FedPGP's contrastive loss)."""
         return None
 
-    def loss(self, text: Any, image: torch.Tensor, batch: dict) -> torch.Tensor:
+    def loss(self, text: Any, image: torch.Tensor, batch: dict) -> torch.Tensor | dict[str, torch.Tensor]:
         """The training loss of each active client ``[A]``: the mean cross-entropy of :meth:`logits` over its
-        samples plus :meth:`extra_loss`."""
+        samples plus :meth:`extra_loss`. A method may return named per-client terms instead (``{"ce": [A], "kd":
+        [A]}``): their sum is the client's loss, and :meth:`backward` receives them separately."""
         logits = self.logits(text, image, batch)
         per_sample = F.cross_entropy(logits.float(), batch["label"], reduction="none")
         loss = self.client_mean(per_sample)
@@ -324,9 +336,9 @@ class PromptClient(L.LightningModule):
             with self.timer.section("logits"):
                 return self.logits(text, image, batch)
 
-    def training_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
-        """One loss per active client ``[A]`` (:meth:`loss`); the engine sums them, so every client's gradient is
-        exactly its own."""
+    def training_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor | dict[str, torch.Tensor]:
+        """One loss per active client ``[A]`` (or named per-client terms, see :meth:`loss`); the engine hands them to
+        :meth:`backward`, which sums them, so every client's gradient is exactly its own."""
         batch, step = self._batch_step(batch)
         with step:
             text, image = self._parts(batch)
@@ -348,6 +360,18 @@ class PromptClient(L.LightningModule):
         with step:
             text, image = self._parts(batch, text)
             return self.logits(text, image, batch)
+
+    def backward(self, losses: torch.Tensor | dict[str, torch.Tensor], backward) -> None:
+        """Fill the prompt tensors' gradients from this step's losses (what :meth:`training_step` returned);
+        ``backward(tensor, **kwargs)`` is Fabric's precision-aware backward. The default is one backward of the sum
+        over clients (and terms).
+
+        A method that must shape its gradients (ProGrad's projection of one term's gradient against another's)
+        overrides this: e.g. ``backward(terms["kd"].sum(), retain_graph=True)``, keep the ``.grad`` of the
+        parameters, zero them, ``backward(terms["ce"].sum())``, then combine per client along the leading slot
+        dimension. A slot's gradient only ever depends on its own client's terms, so a per-slot transform keeps the
+        clients independent (never mix slots)."""
+        backward(total_loss(losses).sum())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """SGD over the stacked parameters; each step updates only the active clients' slices, each with its own
