@@ -206,6 +206,11 @@ def test_visual_prompts_need_a_vit_tower():
             method.build_client(widths(vit=False), NAMES)
     with pytest.raises(FedPromptError, match="larger than the 12 layers of the text tower"):
         IVLP(text_depth=13, ctx_init=None).build_client(widths(), NAMES)
+    hf_text = widths()
+    hf_text.supports_deep_text_prompts = False  # a Hugging Face text tower (the offline stand-in's MiniLM)
+    with pytest.raises(FedPromptError, match="Hugging Face text tower; use text_depth: 1"):
+        MaPLe(text_depth=2, ctx_init=None).build_client(hf_text, NAMES)
+    assert MaPLe(text_depth=1, ctx_init=None).build_client(hf_text, NAMES).text_prompts.ctx.shape == (1, 1, 2, 512)
 
 
 # ---------------------------------------------------------------------------------------------- PromptSRC

@@ -99,14 +99,18 @@ def deep_text_init(words: torch.Tensor | None, depth: int, n_ctx: int, dim: int)
     return prompts
 
 
+@torch.no_grad()
+def sentence_features(backbone, classnames: list[str], template: str) -> torch.Tensor:
+    """Frozen, unnormalised fp32 text features [C, E] of ``template`` (``{name}`` the class name) for each class,
+    through the prompt path with no learnable tokens (end-of-text truncation: open_clip's ``encode_text`` features)."""
+    tokens = backbone.prompt_tokens(classnames, 0, template=template)
+    empty = torch.zeros(0, backbone.ctx_dim, device=tokens.embeddings.device, dtype=tokens.embeddings.dtype)
+    return backbone.encode_prompts(tokens, empty).float()
+
+
 def fixed_text_features(backbone, classnames: list[str], template: str) -> torch.Tensor:
-    """Frozen, L2-normalised text features [C, E] of ``template`` (``{name}`` the class name) for each class, through
-    the prompt path with no learnable tokens (end-of-text truncation: the same features as open_clip's
-    ``encode_text``)."""
-    with torch.no_grad():
-        tokens = backbone.prompt_tokens(classnames, 0, template=template)
-        empty = torch.zeros(0, backbone.ctx_dim, device=tokens.embeddings.device, dtype=tokens.embeddings.dtype)
-        return F.normalize(backbone.encode_prompts(tokens, empty).float(), dim=-1)
+    """:func:`sentence_features`, L2-normalised (VPT's frozen text side)."""
+    return F.normalize(sentence_features(backbone, classnames, template), dim=-1)
 
 
 def check_visual_tower(backbone, method: str, depth: int, setting: str = "method.visual_depth") -> None:
@@ -319,9 +323,6 @@ class IVLP(_TextPrompts):
                           visual_depth=self.visual_depth)
         if self.aggregate not in ("all", "vision", "language"):
             raise FedPromptError(f"method.aggregate={self.aggregate!r}: use all, vision or language.")
-
-    def build_aggregator(self) -> Aggregator:
-        return WeightedMean(self.shared_prefixes)
 
 
 @dataclass(kw_only=True, eq=False)

@@ -37,7 +37,7 @@ from torch import nn
 
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, WeightedMean
-from fedprompt.methods.deep import TEXT_KEY, VISUAL_KEY, IVLPClient, _TextPrompts, fixed_text_features
+from fedprompt.methods.deep import TEXT_KEY, VISUAL_KEY, IVLPClient, _TextPrompts, sentence_features
 
 #: the live prompt keys and their evaluation copies
 GPA_KEYS = {TEXT_KEY: "gpa.text", VISUAL_KEY: "gpa.visual"}
@@ -67,14 +67,8 @@ IMAGENET_TEMPLATES = (
 def template_ensemble(backbone, classnames: list[str], templates=IMAGENET_TEMPLATES) -> torch.Tensor:
     """The frozen teacher text features [C, E]: the mean over ``templates`` of the unnormalised frozen features of
     each class's sentence, L2-normalised after averaging (``promptsrc.py:113-128, 199-200``)."""
-    with torch.no_grad():
-        total = None
-        for template in templates:
-            tokens = backbone.prompt_tokens(classnames, 0, template=template.replace("{}", "{name}"))
-            empty = torch.zeros(0, backbone.ctx_dim, device=tokens.embeddings.device, dtype=tokens.embeddings.dtype)
-            feats = backbone.encode_prompts(tokens, empty).float()
-            total = feats if total is None else total + feats
-        return F.normalize(total / len(templates), dim=-1)
+    total = sum(sentence_features(backbone, classnames, template.replace("{}", "{name}")) for template in templates)
+    return F.normalize(total / len(templates), dim=-1)
 
 
 def scl_kl(logits: torch.Tensor, zero_shot_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
