@@ -30,6 +30,13 @@ METHODS = {
     # the official one-scheduler-per-run cosine: each client's rates depend on its place in the whole run
     "PromptFolio": ["--method.n_ctx", "4", "--method.lr", "0.1", "--method.lr_scope", "official",
                     "--method.cosine_epochs", "3"],
+    # deep prompts in both towers of the tiny ViT (2 layers each); MaPLe through the reduce path
+    "VPT": ["--method.visual_depth", "2", "--method.lr", "0.05"],
+    "IVLP": ["--method.text_depth", "2", "--method.visual_depth", "2", "--method.lr", "0.05",
+             "--method.aggregate", "vision"],
+    "MaPLe": ["--method.text_depth", "2", "--method.lr", "0.01"],
+    "PromptSRC": ["--method.text_depth", "2", "--method.visual_depth", "2", "--method.lr", "0.05",
+                  "--method.gpa_mean", "2"],
 }
 
 

@@ -16,11 +16,14 @@ from fedprompt.methods.method import Method, OptimizerArgs, TrainedMethod
 REGISTRY = {
     "PromptClient": "base",
     "CoOpClient": "coop", "FedPer": "coop", "FedProx": "coop", "LocalCoOp": "coop", "PromptFL": "coop",
+    "DeepPromptClient": "deep", "IVLP": "deep", "IVLPClient": "deep", "MaPLe": "deep", "MaPLeClient": "deep",
+    "VPT": "deep", "VPTClient": "deep",
     "FedMGP": "fedmgp", "FedMGPAggregator": "fedmgp", "FedMGPClient": "fedmgp",
     "FedOTP": "fedotp", "FedOTPClient": "fedotp",
     "FedPGP": "fedpgp", "FedPGPClient": "fedpgp",
     "FedTPG": "fedtpg", "FedTPGClient": "fedtpg",
     "PromptFolio": "promptfolio", "PromptFolioClient": "promptfolio",
+    "GPAAggregator": "promptsrc", "PromptSRC": "promptsrc", "PromptSRCClient": "promptsrc",
     "ZeroShot": "zeroshot",
 }
 
