@@ -15,11 +15,16 @@ from fedprompt.methods.method import Method, OptimizerArgs, TrainedMethod
 #: public name -> module that defines it
 REGISTRY = {
     "PromptClient": "base",
+    "CoCoOp": "cocoop", "CoCoOpClient": "cocoop",
     "CoOpClient": "coop", "FedPer": "coop", "FedProx": "coop", "LocalCoOp": "coop", "PromptFL": "coop",
     "FedMGP": "fedmgp", "FedMGPAggregator": "fedmgp", "FedMGPClient": "fedmgp",
     "FedOTP": "fedotp", "FedOTPClient": "fedotp",
     "FedPGP": "fedpgp", "FedPGPClient": "fedpgp",
     "FedTPG": "fedtpg", "FedTPGClient": "fedtpg",
+    "KgCoOp": "kgcoop", "KgCoOpClient": "kgcoop",
+    "PLOT": "plot", "PLOTClient": "plot",
+    "ProDA": "proda", "ProDAClient": "proda",
+    "ProGrad": "prograd", "ProGradClient": "prograd",
     "PromptFolio": "promptfolio", "PromptFolioClient": "promptfolio",
     "ZeroShot": "zeroshot",
 }
