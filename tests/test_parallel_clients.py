@@ -30,6 +30,15 @@ METHODS = {
     # the official one-scheduler-per-run cosine: each client's rates depend on its place in the whole run
     "PromptFolio": ["--method.n_ctx", "4", "--method.lr", "0.1", "--method.lr_scope", "official",
                     "--method.cosine_epochs", "3"],
+    # per-image prompts; 40 sentences per text call: K = 1 and K = 3 / auto cut the images into different chunks
+    "CoCoOp": ["--method.lr", "0.05", "--method.max_sentences", "40"],
+    "KgCoOp": ["--method.lr", "0.05"],
+    # two backward passes, the projection per slot; a random context: with "a photo of a" the student equals the
+    # teacher at the start, and the projection would amplify the rounding noise of a zero distillation gradient
+    "ProGrad": ["--method.n_ctx", "4", "--method.ctx_init", "null", "--method.lr", "0.5"],
+    "PLOT": ["--method.n_ctx", "4", "--method.lr", "0.5"],
+    # the prompt mini-batch sampler: a permutation per client from its own seeds, cycled per round
+    "ProDA": ["--method.n_prompts", "8", "--method.prompt_batch", "2", "--method.n_ctx", "4", "--method.lr", "0.5"],
 }
 
 
