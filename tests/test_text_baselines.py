@@ -488,3 +488,27 @@ def test_federated_runs_share_everything_count_bytes_and_resume_to_the_same_resu
     resumed = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)
     for key in keys:
         assert torch.equal(resumed["global"][key], last["global"][key]), key
+
+
+# ------------------------------------------------------------------------------------ the official model code
+def test_official_model_code_gives_the_same_logits_loss_and_sgd_step():
+    """benchmarks/parity_text_baselines.py: the official CoCoOp, KgCoOp, ProGrad (with its update rule) and PLOT
+    model classes, read from local git mirrors, against fedprompt's clients on the same random CLIP weights and
+    images (within 1e-5); skipped when the mirrors are absent (the repositories are never copied into fedprompt)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("parity_text_baselines",
+                                                  ROOT / "benchmarks" / "parity_text_baselines.py")
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    threads = torch.get_num_threads()
+    try:
+        results = parity.run()
+    finally:
+        torch.set_num_threads(threads)
+    ran = {k: v for k, v in results.items() if v is not None}
+    if not ran:
+        pytest.skip(f"no mirror of the official repositories under {parity.default_mirror()} (set FEDPROMPT_MIRROR)")
+    assert all(ran.values()), results
