@@ -40,11 +40,11 @@ PLOT_PROMPTS = {"paper": 4, "flip": 1}
 class PLOTClient(PromptClient):
     """PLOT clients: N prompts ``prompt.ctx`` [N, n_ctx, D] each, from the :class:`PLOT` settings.
 
-    ``early_exit`` (an attribute, default ``None``: on the CPU only) is the OT solver's loop exit (see
+    ``early_exit`` (an attribute, default ``True``, as FedOTP) is the OT solver's loop exit (see
     :func:`fedprompt.methods.fedotp.ot_logits`): identical plans either way.
     """
 
-    early_exit: bool | None = None
+    early_exit: bool | None = True
 
     def __init__(self, backbone, classnames, settings, slots=1):
         super().__init__(backbone, classnames, settings, slots)
