@@ -465,9 +465,9 @@ def sent_bytes(backbone, name: str) -> int:
 def test_federated_runs_share_everything_count_bytes_and_resume_to_the_same_result(backbone, tmp_path, name):
     method, keys = FEDERATED[name]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    tiny_fit(method, full, rounds=3)
+    tiny_fit(method, full, rounds=2)
     rows = read_rows(full)
-    assert [r["round"] for r in rows] == [1, 2, 3] and [len(r["clients"]) for r in rows] == [2, 1, 1]
+    assert [r["round"] for r in rows] == [1, 2] and [len(r["clients"]) for r in rows] == [2, 1]
     per_client = sent_bytes(backbone, name)
     for row in rows:
         assert row["bytes_up"] == len(row["clients"]) * per_client
@@ -482,8 +482,8 @@ def test_federated_runs_share_everything_count_bytes_and_resume_to_the_same_resu
     first = torch.load(full / "checkpoints" / "round-0001.ckpt", weights_only=True)
     assert not torch.equal(first["global"]["prompt.ctx"], last["global"]["prompt.ctx"])  # it trained
 
-    tiny_fit(method, cut, rounds=2)
-    tiny_fit(method, cut, rounds=3, resume=cut / "checkpoints" / "last.ckpt")
+    tiny_fit(method, cut, rounds=1)
+    tiny_fit(method, cut, rounds=2, resume=cut / "checkpoints" / "last.ckpt")
     assert without_timings(read_rows(cut)) == without_timings(rows)
     resumed = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)
     for key in keys:
@@ -505,7 +505,7 @@ def test_official_model_code_gives_the_same_logits_loss_and_sgd_step():
     spec.loader.exec_module(parity)
     threads = torch.get_num_threads()
     try:
-        results = parity.run()
+        results = parity.run(seeds=(1,))  # one seed here (the script runs two)
     finally:
         torch.set_num_threads(threads)
     ran = {k: v for k, v in results.items() if v is not None}
