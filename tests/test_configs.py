@@ -8,9 +8,12 @@ import yaml
 from conftest import ROOT
 
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+BASELINES = ("cocoop_", "kgcoop_", "prograd_", "plot_", "proda_")
 PAPER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).name.startswith(("fedpgp_",
                                                                                               "promptfolio_",
-                                                                                              "fedmgp_"))]
+                                                                                              "fedmgp_",
+                                                                                              *BASELINES))
+         and not Path(c).stem.endswith("_flip")]  # the FLiP variants use the same data sections
 
 
 def test_configs_exist():
@@ -101,3 +104,46 @@ def test_fedmgp_paper_configs_use_the_released_settings():
     assert part["class_path"] == "fedprompt.data.Dirichlet"
     assert (part["init_args"]["num_clients"], part["init_args"]["alpha"]) == (100, 0.5)
     assert (cfg["federation"]["rounds"], cfg["federation"]["fraction"]) == (100, 0.1)
+
+
+BASELINE_DATASETS = ("caltech101", "oxford_pets", "flowers102", "food101", "dtd", "domainnet")
+#: method -> (class, the paper config's settings, the FLiP config's settings)
+BASELINE_METHODS = {
+    "cocoop": ("CoCoOp", {"n_ctx": 4, "ctx_init": "a photo of a", "lr": 0.002, "weight_decay": 0.0005},
+               {"n_ctx": 4, "ctx_init": None, "lr": 0.002, "weight_decay": 0.0001}),
+    "kgcoop": ("KgCoOp", {"n_ctx": 4, "ctx_init": "a photo of a", "weight": 8.0, "compat": "paper"},
+               {"n_ctx": 4, "ctx_init": None, "weight": 1.0, "compat": "flip", "weight_decay": 0.0001}),
+    "prograd": ("ProGrad", {"n_ctx": 16, "temperature": 1.0, "compat": "paper"},
+                {"n_ctx": 4, "ctx_init": None, "weight": 1.0, "compat": "flip", "weight_decay": 0.0001}),
+    "plot": ("PLOT", {"n_prompts": 4, "n_ctx": 16, "eps": 0.1, "max_iter": 100, "compat": "paper"},
+             {"n_prompts": 1, "n_ctx": 4, "ctx_init": None, "compat": "flip", "weight_decay": 0.0001}),
+    "proda": ("ProDA", {"n_prompts": 32, "prompt_batch": 4, "n_ctx": 16, "so_weight": 1.0, "compat": "paper"},
+              {"n_prompts": 1, "prompt_batch": 1, "n_ctx": 4, "ctx_init": None, "compat": "flip"}),
+}
+
+
+@pytest.mark.parametrize("method", list(BASELINE_METHODS))
+def test_text_baseline_configs_carry_the_papers_and_flips_settings(method):
+    """configs/<method>_<dataset>.yaml (the paper's method settings) and <method>_<dataset>_flip.yaml (FLiP's) for
+    the CoOp datasets and DomainNet, on FLiP's federated protocol (10 Dirichlet(0.1) clients or 2 per DomainNet
+    domain, 8 shots, 1 local epoch, 50 or FLiP's 51 rounds), each with its source in the header."""
+    cls, paper, flip = BASELINE_METHODS[method]
+    for dataset in BASELINE_DATASETS:
+        for variant, expected, rounds in (("", paper, 50), ("_flip", flip, 51)):
+            path = ROOT / "configs" / f"{method}_{dataset}{variant}.yaml"
+            text = path.read_text()
+            cfg = yaml.safe_load(text)
+            assert text.startswith("# ") and ("FLiP" in text.splitlines()[0]) == bool(variant), path.name
+            assert cfg["method"]["class_path"] == f"fedprompt.methods.{cls}"
+            args = cfg["method"]["init_args"]
+            assert {k: args[k] for k in expected} == expected, path.name
+            data = cfg["data"]["init_args"]
+            assert data["num_shots"] == 8 and cfg["train"]["local_epochs"] == 1, path.name
+            assert cfg["federation"]["rounds"] == rounds and cfg["eval"]["select"] == "last", path.name
+            partition = data["partition"]
+            if dataset == "domainnet":
+                assert data["all_classes"] and partition["init_args"]["clients_per_domain"] == 2
+            else:
+                assert partition["class_path"] == "fedprompt.data.Dirichlet"
+                assert (partition["init_args"]["num_clients"], partition["init_args"]["alpha"]) == (10, 0.1)
+            assert cfg["train"]["batch_size"] == (1 if method == "cocoop" else 16), path.name

@@ -37,6 +37,15 @@ METHODS = {
     "MaPLe": ["--method.text_depth", "2", "--method.lr", "0.01"],
     "PromptSRC": ["--method.text_depth", "2", "--method.visual_depth", "2", "--method.lr", "0.05",
                   "--method.gpa_mean", "2"],
+    # per-image prompts; 40 sentences per text call: K = 1 and K = 3 / auto cut the images into different chunks
+    "CoCoOp": ["--method.lr", "0.05", "--method.max_sentences", "40"],
+    "KgCoOp": ["--method.lr", "0.05"],
+    # two backward passes, the projection per slot; a random context: with "a photo of a" the student equals the
+    # teacher at the start, and the projection would amplify the rounding noise of a zero distillation gradient
+    "ProGrad": ["--method.n_ctx", "4", "--method.ctx_init", "null", "--method.lr", "0.5"],
+    "PLOT": ["--method.n_ctx", "4", "--method.lr", "0.5"],
+    # the prompt mini-batch sampler: a permutation per client from its own seeds, cycled per round
+    "ProDA": ["--method.n_prompts", "8", "--method.prompt_batch", "2", "--method.n_ctx", "4", "--method.lr", "0.5"],
 }
 
 

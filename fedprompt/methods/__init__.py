@@ -15,6 +15,7 @@ from fedprompt.methods.method import Method, OptimizerArgs, TrainedMethod
 #: public name -> module that defines it
 REGISTRY = {
     "PromptClient": "base",
+    "CoCoOp": "cocoop", "CoCoOpClient": "cocoop",
     "CoOpClient": "coop", "FedPer": "coop", "FedProx": "coop", "LocalCoOp": "coop", "PromptFL": "coop",
     "DeepPromptClient": "deep", "IVLP": "deep", "IVLPClient": "deep", "MaPLe": "deep", "MaPLeClient": "deep",
     "VPT": "deep", "VPTClient": "deep",
@@ -22,6 +23,10 @@ REGISTRY = {
     "FedOTP": "fedotp", "FedOTPClient": "fedotp",
     "FedPGP": "fedpgp", "FedPGPClient": "fedpgp",
     "FedTPG": "fedtpg", "FedTPGClient": "fedtpg",
+    "KgCoOp": "kgcoop", "KgCoOpClient": "kgcoop",
+    "PLOT": "plot", "PLOTClient": "plot",
+    "ProDA": "proda", "ProDAClient": "proda",
+    "ProGrad": "prograd", "ProGradClient": "prograd",
     "PromptFolio": "promptfolio", "PromptFolioClient": "promptfolio",
     "GPAAggregator": "promptsrc", "PromptSRC": "promptsrc", "PromptSRCClient": "promptsrc",
     "ZeroShot": "zeroshot",
