@@ -20,13 +20,14 @@ REGISTRY = {
     "FedOTP": "fedotp", "FedOTPClient": "fedotp",
     "FedPGP": "fedpgp", "FedPGPClient": "fedpgp",
     "FedTPG": "fedtpg", "FedTPGClient": "fedtpg",
+    "PFedMoAP": "pfedmoap", "PFedMoAPClient": "pfedmoap", "MixtureOfPromptsServer": "pfedmoap",
     "PromptFolio": "promptfolio", "PromptFolioClient": "promptfolio",
     "ZeroShot": "zeroshot",
 }
 
 #: the methods a config can select (short names)
 METHODS = tuple(sorted(name for name in REGISTRY
-                       if name != "PromptClient" and not name.endswith(("Client", "Aggregator"))))
+                       if name != "PromptClient" and not name.endswith(("Client", "Aggregator", "Server"))))
 
 __all__ = sorted(["METHODS", "Method", "OptimizerArgs", "REGISTRY", "TrainedMethod", "import_all", *REGISTRY])
 
