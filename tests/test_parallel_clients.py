@@ -35,6 +35,9 @@ METHODS = {
     "PFedMoAP": ["--method.n_ctx", "4", "--method.gating_dim", "8", "--method.gating_heads", "2",
                  "--method.num_experts", "3", "--method.lr", "0.05", "--method.gating_lr", "0.5",
                  "--federation.all_clients_first_round", "false", "--seed", "1"],
+    # per-example clipping and noise from each client's own step seed; client 1 has a second step of 3 images
+    "DPFPL": ["--method.n_ctx", "4", "--method.rank", "2", "--method.noise_multiplier", "0.5",
+              "--method.clip_norm", "0.5", "--method.lr", "0.1"],
 }
 
 

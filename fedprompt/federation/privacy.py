@@ -43,6 +43,7 @@ metrics row reports ``record_epsilon``, the largest epsilon over the clients.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ NOISE_STREAM = 0x44504E4F
 COUNT_STREAM = 0x44504354
 #: Poisson client sampling's stream
 POISSON_STREAM = 0x44505053
+#: the largest noise multiplier a target epsilon is calibrated to (the noise std on the clients' update sum is z
+#: times the clipping norm, while each update has at most that norm in all its coordinates together)
+MAX_NOISE_MULTIPLIER = 1e4
 #: above this epsilon a guarantee is called weak (one warning line; the run goes on)
 WEAK_EPSILON = 10.0
 
@@ -129,6 +133,39 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
 
 
 # ------------------------------------------------------------------------------------------------ accounting
+@functools.lru_cache(maxsize=512)
+def _event_rdp(kind: str, noise_multiplier: float, rate: float = 1.0, population: int = 0,
+               sample: int = 0) -> tuple[tuple, tuple]:
+    """(orders, RDP) of one mechanism application under dp-accounting's RDP accountant (its default orders):
+    ``gaussian``, ``poisson`` (``PoissonSampledDpEvent``, add/remove-one) or ``fixed``
+    (``SampledWithoutReplacementDpEvent``, replace-one). Cached: the RDP of ``T`` applications is ``T`` times it,
+    which is how the accountant composes them, so the epsilon after every round costs no new series evaluation
+    (dp-accounting takes seconds for some (q, z) pairs)."""
+    dp_accounting, rdp = _dp_accounting()
+    relation = dp_accounting.NeighboringRelation
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if kind == "gaussian":
+        event, neighbors = gaussian, relation.ADD_OR_REMOVE_ONE
+    elif kind == "poisson":
+        event, neighbors = dp_accounting.PoissonSampledDpEvent(rate, gaussian), relation.ADD_OR_REMOVE_ONE
+    else:
+        event = dp_accounting.SampledWithoutReplacementDpEvent(population, sample, gaussian)
+        neighbors = relation.REPLACE_ONE
+    accountant = rdp.RdpAccountant(neighboring_relation=neighbors).compose(event)
+    return tuple(accountant._orders.tolist()), tuple(accountant._rdp.tolist())  # (dp-accounting's own arrays)
+
+
+def _epsilon(parts: list[tuple[tuple, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of ``parts``: (the ``_event_rdp`` of a mechanism, how many times it ran)."""
+    _, rdp = _dp_accounting()
+    parts = [(event, count) for event, count in parts if count > 0]
+    if not parts:
+        return 0.0
+    orders = np.asarray(parts[0][0][0])
+    total = sum(count * np.asarray(event[1]) for event, count in parts)
+    return float(rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+
+
 @dataclass(frozen=True)
 class RoundShape:
     """What the accountant needs about the rounds: ``num_clients`` K, the sampling ``rate`` q of a round (1: every
@@ -192,13 +229,24 @@ class ClientAccountant:
         return rdp.RdpAccountant(neighboring_relation=relation)
 
     def epsilon(self, rounds: int, noise_multiplier: float | None = None) -> float:
-        """Epsilon at ``delta`` after ``rounds`` rounds (``inf`` without noise, 0 before any round)."""
+        """Epsilon at ``delta`` after ``rounds`` rounds (``inf`` without noise, 0 before any round); the same as
+        composing :meth:`events` in a fresh accountant, from cached per-round RDP (:func:`_event_rdp`)."""
         z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         if rounds <= 0:
             return 0.0
         if z <= 0:
             return math.inf
-        return float(self.fresh().compose(self.events(z, rounds)).get_epsilon(self.delta))
+        shape = self.shape
+        z_event = z / 2 if shape.replace_one else z
+        if shape.rate >= 1:
+            return _epsilon([(_event_rdp("gaussian", z_event), rounds)], self.delta)
+        if shape.sampling == "fixed":
+            sampled = _event_rdp("fixed", z_event, population=shape.num_clients, sample=shape.sample_size)
+        else:
+            sampled = _event_rdp("poisson", z_event, rate=shape.rate)
+        first = _event_rdp("gaussian", z_event)  # (the Gaussian's RDP is the same under either relation)
+        everyone = 1 if shape.everyone_first else 0
+        return _epsilon([(first, everyone), (sampled, rounds - everyone)], self.delta)
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int, shape: RoundShape) -> float:
@@ -207,15 +255,19 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
     ``dp.target_epsilon`` when none is found."""
     dp_accounting, _ = _dp_accounting()
     accountant = ClientAccountant(1.0, delta, shape)
+    unreachable = FedPromptError(
+        f"dp.target_epsilon: {target_epsilon:g} at delta {delta:g} cannot be reached in {rounds} rounds with a noise "
+        f"multiplier up to {MAX_NOISE_MULTIPLIER:g} (beyond it the noise drowns every update); raise "
+        "dp.target_epsilon or dp.delta, or train fewer rounds.")
+    if accountant.epsilon(rounds, MAX_NOISE_MULTIPLIER) > target_epsilon:
+        raise unreachable
     try:
         z = dp_accounting.calibrate_dp_mechanism(accountant.fresh, lambda value: accountant.events(value, rounds),
                                                  target_epsilon, delta)
     except Exception:  # noqa: BLE001 - dp-accounting raises several kinds when no noise reaches the target
-        z = None
-    if z is None or not math.isfinite(z) or accountant.epsilon(rounds, z) > target_epsilon * (1 + 1e-9):
-        raise FedPromptError(f"dp.target_epsilon: {target_epsilon:g} at delta {delta:g} cannot be reached in "
-                             f"{rounds} rounds with any noise multiplier (the RDP accountant's orders bound epsilon "
-                             "from below); raise dp.target_epsilon or dp.delta, or train fewer rounds.")
+        raise unreachable from None
+    if not math.isfinite(z) or accountant.epsilon(rounds, z) > target_epsilon * (1 + 1e-9):
+        raise unreachable
     return float(z)
 
 
@@ -227,15 +279,11 @@ def record_epsilon(noise_multiplier: float, delta: float, participation: dict[tu
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    dp_accounting, rdp = _dp_accounting()
     worst = 0.0
     for (rate, steps) in participation:
-        if steps == 0:
-            continue
-        gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
-        event = gaussian if rate >= 1 else dp_accounting.PoissonSampledDpEvent(rate, gaussian)
-        accountant = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(event, steps))
-        worst = max(worst, float(accountant.get_epsilon(delta)))
+        event = (_event_rdp("gaussian", noise_multiplier) if rate >= 1
+                 else _event_rdp("poisson", noise_multiplier, rate=rate))
+        worst = max(worst, _epsilon([(event, steps)], delta))
     return worst
 
 
@@ -424,8 +472,14 @@ def build_private_aggregator(dp, method, aggregator: Aggregator, num_clients: in
     private = PrivateAggregator(aggregator, z, dp.clip_norm, dp.delta, shape, dp.adaptive_clipping,
                                 dp.target_quantile, dp.clip_lr, dp.count_stddev)
     if dp.adaptive_clipping:
-        for r in (1, 2):
-            private.update_multiplier(r)  # a count noise too small for the budget fails here, before training
+        for r in (1, 2):  # a count noise too small for the budget fails here, before training
+            try:
+                private.update_multiplier(r)
+            except FedPromptError as err:
+                if dp.target_epsilon is None:
+                    raise
+                raise FedPromptError(f"dp.target_epsilon: {dp.target_epsilon:g} needs noise multiplier {z:.3g}, "
+                                     f"which adaptive clipping cannot split with the count noise: {err}") from None
     if not quiet:
         _warn_if_weak(private, rounds, num_clients, dp.delta)
     return private

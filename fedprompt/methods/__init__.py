@@ -16,6 +16,7 @@ from fedprompt.methods.method import Method, OptimizerArgs, TrainedMethod
 REGISTRY = {
     "PromptClient": "base",
     "CoOpClient": "coop", "FedPer": "coop", "FedProx": "coop", "LocalCoOp": "coop", "PromptFL": "coop",
+    "DPFPL": "dpfpl", "DPFPLClient": "dpfpl",
     "FedMGP": "fedmgp", "FedMGPAggregator": "fedmgp", "FedMGPClient": "fedmgp",
     "FedOTP": "fedotp", "FedOTPClient": "fedotp",
     "FedPGP": "fedpgp", "FedPGPClient": "fedpgp",
