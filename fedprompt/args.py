@@ -179,6 +179,15 @@ class FabricArgs:
             check_ranges("fabric", self, devices=(1, None))  # -1 and strings ('auto', '0,1') are Lightning's
 
 
+def require_dp_accounting(setting: str) -> None:
+    """One :class:`FedPromptError` line naming ``setting`` when the dp-accounting package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("dp_accounting") is None:
+        raise FedPromptError(f"{setting}: differential privacy needs the dp-accounting package (its RDP accountant): "
+                             "pip install 'fedprompt[dp]'.")
+
+
 @dataclass
 class DPArgs:
     """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018), off unless dp.noise_multiplier or
@@ -218,6 +227,8 @@ class DPArgs:
         if self.noise_multiplier is not None and self.target_epsilon is not None:
             raise FedPromptError("--dp.noise_multiplier and --dp.target_epsilon both set: give one (the noise, or "
                                  "the epsilon to calibrate it from).")
+        if self.enabled:
+            require_dp_accounting("--dp")
 
     @property
     def enabled(self) -> bool:

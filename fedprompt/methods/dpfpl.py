@@ -301,6 +301,10 @@ class DPFPL(TrainedMethod):
             raise FedPromptError(f"method.delta must be in (0, 1), got {self.delta}")
         if self.compat not in ("fixed", "official"):
             raise FedPromptError(f"method.compat must be fixed or official, got {self.compat!r}")
+        if self.noise_multiplier > 0 and self.compat == "fixed":
+            from fedprompt.args import require_dp_accounting
+
+            require_dp_accounting("method.noise_multiplier")
         if self.official_noise < 0 or self.official_rounds < 1 or self.official_batch < 1:
             raise FedPromptError(f"method.official_noise must be >= 0 and official_rounds, official_batch >= 1, got "
                                  f"{self.official_noise}, {self.official_rounds}, {self.official_batch}")
