@@ -41,7 +41,8 @@ def _batch(seeds=(11, 22)):
 def _gradients(client, batch):
     client.zero_grad(set_to_none=True)
     losses = client.training_step(batch)
-    client.backward(losses, lambda t, **kw: t.backward(**kw))
+    with client.stepping(batch["slots"], batch["owner"], batch["counts"], batch["seeds"]):  # as the engine does
+        client.backward(losses, lambda t, **kw: t.backward(**kw))
     return client.global_prompt.ctx.grad.clone(), client.local_prompt.ctx.grad.clone()
 
 

@@ -41,7 +41,9 @@ class OfficialAttention(nn.Module):
 def official_logits(image, text, nonlocal_text, gating, stride, lmbda, scale):
     """The official ``CustomCLIP.forward`` (pfedmoap.py:217-237) from normalised features: image [B, E], local text
     [C, E], the experts' normalised pooled text [X, C, g]."""
-    pool = lambda t: t[..., ::stride]  # noqa: E731
+    def pool(t):
+        return t[..., ::stride]
+
     local = scale * image @ text.t()
     q = pool(image).repeat(text.shape[0], 1, 1)  # [C, B, g]
     k = torch.stack([pool(text)] + list(nonlocal_text)).permute(1, 0, 2)  # [C, E, g]

@@ -127,7 +127,7 @@ class DPFPLClient(PromptClient):
         ctx = self.active(self.global_prompt.ctx) + self.active(self.local_prompt.ctx)
         text = self.encode_context(ctx)
         if self.training and torch.is_grad_enabled():
-            self._saved = {"ctx": ctx, "text": text, "step": self.step}  # backward runs after the step's block
+            self._saved = {"ctx": ctx, "text": text}
         return text
 
     def loss(self, text, image, batch):
@@ -164,10 +164,8 @@ class DPFPLClient(PromptClient):
         """The private gradients of the active clients (see the module docstring), set through Fabric's backward of
         ``sum(param * grad)`` so that its precision handling applies."""
         saved, self._saved = self._saved, None
-        step = saved["step"]
-        with self.stepping(step.slots, step.owner, step.counts, step.seeds):
-            g_global, g_local = self._gradients(losses, saved)
-        slots = step.slots
+        g_global, g_local = self._gradients(losses, saved)
+        slots = self.step.slots
         full_global = torch.zeros_like(self.global_prompt.ctx).index_copy(0, slots, g_global.detach())
         full_local = torch.zeros_like(self.local_prompt.ctx).index_copy(0, slots, g_local.detach())
         backward((self.global_prompt.ctx * full_global).sum() + (self.local_prompt.ctx * full_local).sum())
@@ -201,7 +199,8 @@ class DPFPLClient(PromptClient):
         norms = (grads.pow(2).sum((1, 2)) + (grads @ v_s.transpose(-1, -2)).pow(2).sum((1, 2))
                  + (u_s.transpose(-1, -2) @ grads).pow(2).sum((1, 2))).sqrt()
         factors = (s.clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
-        summed = torch.zeros_like(saved["ctx"].detach()).index_add(0, owner, grads * factors.view(-1, 1, 1))  # [A, n_ctx, D]
+        clipped = grads * factors.view(-1, 1, 1)
+        summed = torch.zeros_like(saved["ctx"].detach()).index_add(0, owner, clipped)  # [A, n_ctx, D]
         std = s.noise_multiplier * s.clip_norm
         noise_global = self._draw(generators, summed.shape[1:]) * std
         noise_u = self._draw(generators, u.shape[1:]) * std

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedprompt.errors import FedPromptError
