@@ -1,4 +1,5 @@
-"""Grouped run settings: the backbone, the federation, local training, evaluation, logging and Fabric. Attribute
+"""Grouped run settings: the backbone, the federation, local training, evaluation, logging, Fabric and client-level
+differential privacy. Attribute
 docstrings become the ``--help`` text. A whole run's settings, these groups with the method and the data, are
 :class:`fedprompt.run.RunArgs`.
 
@@ -176,3 +177,60 @@ class FabricArgs:
         check_ranges("fabric", self, num_nodes=(1, None))
         if isinstance(self.devices, int) and not isinstance(self.devices, bool) and self.devices != -1:
             check_ranges("fabric", self, devices=(1, None))  # -1 and strings ('auto', '0,1') are Lightning's
+
+
+def require_dp_accounting(setting: str) -> None:
+    """One :class:`FedPromptError` line naming ``setting`` when the dp-accounting package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("dp_accounting") is None:
+        raise FedPromptError(f"{setting}: differential privacy needs the dp-accounting package (its RDP accountant): "
+                             "pip install 'fedprompt[dp]'.")
+
+
+@dataclass
+class DPArgs:
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018), off unless dp.noise_multiplier or
+    dp.target_epsilon is set: each sampled client's update of the shared tensors is clipped to dp.clip_norm (flat L2
+    over all of them), the server takes their uniform sum over the expected number of clients and adds Gaussian
+    noise of standard deviation noise_multiplier x clip_norm / that number, and dp-accounting's RDP accountant
+    reports epsilon at dp.delta after every round (metrics.jsonl key epsilon). With federation.fraction < 1 the
+    clients of a round are drawn by Poisson sampling (each with probability fraction), as the bound assumes."""
+
+    noise_multiplier: Optional[float] = None
+    """z: the noise standard deviation over the clipping norm (null: calibrated from target_epsilon)."""
+    clip_norm: Optional[float] = None
+    """S: the L2 bound of each client's update of the shared tensors (the initial bound with adaptive_clipping)."""
+    delta: float = 1e-5
+    """The delta of the (epsilon, delta) guarantee (take it below 1 / number of clients)."""
+    target_epsilon: Optional[float] = None
+    """Calibrate noise_multiplier so that epsilon after federation.rounds rounds is this (instead of giving z)."""
+    adaptive_clipping: bool = False
+    """Adapt clip_norm each round to the target_quantile of the update norms (Andrew et al. 2021: the noised
+    fraction of unclipped updates, geometric step); part of the noise budget goes to that count."""
+    target_quantile: float = 0.5
+    """Adaptive clipping: the fraction of updates meant to stay unclipped (gamma)."""
+    clip_lr: float = 0.2
+    """Adaptive clipping: the geometric step size eta (C <- C exp(-eta (unclipped fraction - gamma)))."""
+    count_stddev: Optional[float] = None
+    """Adaptive clipping: the noise standard deviation of the unclipped count (null: expected clients / 20)."""
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    """How the clients of a round are drawn when federation.fraction < 1: poisson (each client independently; the
+    add/remove-one bound) or fixed (the usual fixed-size sample without replacement; the replace-one bound)."""
+
+    def __post_init__(self):
+        check_ranges("dp", self, noise_multiplier=(0, None), clip_norm=(0, None, "open"),
+                     target_epsilon=(0, None, "open"), target_quantile=(0, 1), clip_lr=(0, None),
+                     count_stddev=(0, None, "open"))
+        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise FedPromptError(f"--dp.delta must be in (0, 1), got {self.delta!r}.")
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise FedPromptError("--dp.noise_multiplier and --dp.target_epsilon both set: give one (the noise, or "
+                                 "the epsilon to calibrate it from).")
+        if self.enabled:
+            require_dp_accounting("--dp")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether client-level DP is on (a noise multiplier or a target epsilon is set)."""
+        return self.noise_multiplier is not None or self.target_epsilon is not None

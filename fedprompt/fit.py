@@ -199,6 +199,7 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None) -> tuple[Fed
     """Load the backbone, read and split the data (unless ``splits`` are given), build the method's client modules,
     feed and aggregator (``timer``: the round benchmark's section timer)."""
     splits = splits if splits is not None else _read_data_and_check_weights(run)
+    aggregator = _build_aggregator(fabric, run, len(splits.clients))  # before the backbone: dp errors fail fast
     bargs: BackboneArgs = run.backbone
     torch.manual_seed(run.seed)  # a random-init backbone is the same on every rank and every run
     backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
@@ -210,8 +211,6 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None) -> tuple[Fed
     eval_sets = [e for e in splits.eval_sets if e.split in ("base", "novel") or not e.seen]
     extra = {e.name: e.samples for e in eval_sets}
     feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf)
-    aggregator = method.build_aggregator()
-    aggregator.seed = run.seed  # aggregators with random choices (FedMGP's group selection) follow the run seed
     fed = Federation(fabric=fabric, method=method, backbone=backbone, classnames=splits.classnames,
                      aggregator=aggregator, clients=splits.clients, feed=feed,
                      federation=run.federation, train=train_args, eval=run.eval, seed=run.seed,
@@ -220,6 +219,19 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None) -> tuple[Fed
         _attach_set_evaluation(fed, method, eval_sets)
     fed.initial_states()
     return fed, splits.classnames
+
+
+def _build_aggregator(fabric, run: RunArgs, num_clients: int):
+    """The method's server rule, seeded with the run seed (aggregators with random choices, such as FedMGP's group
+    selection, follow it), inside the client-level DP server (DP-FedAvg) when ``run.dp`` is on."""
+    aggregator = run.method.build_aggregator()
+    if run.dp.enabled:
+        from fedprompt.federation.privacy import build_private_aggregator
+
+        aggregator = build_private_aggregator(run.dp, run.method, aggregator, num_clients, run.federation,
+                                              quiet=fabric.global_rank != 0)
+    aggregator.seed = run.seed
+    return aggregator
 
 
 def _cache_dir(train_args: TrainArgs) -> Path | None:
@@ -453,7 +465,7 @@ def _log_round(out_dir: Path, logger, fed: Federation, row: dict) -> None:
 def _summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path, rounds: int) -> dict:
     keys = ("local_acc", "local_acc_std", "own_classes_acc", "own_classes_acc_std", "global_acc", "val_acc",
             "base_acc", "novel_acc", "hm", "cm", "unseen_acc", "set_acc", "client_acc",
-            "client_base_acc", "client_novel_acc", "train_loss")
+            "client_base_acc", "client_novel_acc", "train_loss", "epsilon", "record_epsilon", "dp_noise_multiplier")
     return {"method": fed.method.name, "rounds": rounds, "model_selection": "last round (no test-set selection)",
             **{k: row[k] for k in keys if k in row}, "clients": [c.name for c in fed.clients],
             "num_train": [len(c.train) for c in fed.clients], "num_test": [len(c.test) for c in fed.clients],

@@ -21,8 +21,17 @@ class StackedSGD(torch.optim.Optimizer):
     on the host (as Python booleans), and the per-slot masks and rates are copied to the device once per step without
     blocking.
 
+    Two optional keys of a parameter group serve parts of a client that follow their own rule:
+
+    - ``own_lr: True``: the group keeps its own ``lr`` (a constant rate, e.g. pFedMoAP's gating network) instead of
+      the per-slot rates of :meth:`set_slots` (the schedule of the prompts);
+    - ``held``: host booleans, one per slot (``None`` or absent: none), set by the client before a step: those slots
+      of the group take no step at all, as ``torch.optim.SGD`` skips a parameter without a gradient (pFedMoAP's
+      gating of a client that has no experts yet). A client whose part is not used in a step is then stepped the
+      same way whether it trains alone or in a lock-step group.
+
     Args:
-        params: parameters with a leading client dimension.
+        params: parameters with a leading client dimension (or parameter groups).
         lr: learning rate of every slot unless :meth:`set_slots` gives per-slot rates.
         momentum: momentum factor.
         weight_decay: L2 penalty added to the gradient.
@@ -69,9 +78,14 @@ class StackedSGD(torch.optim.Optimizer):
         update does not depend on which other slots are active."""
         shape = (-1,) + (1,) * (param.dim() - 1)
         active = [True] * param.shape[0] if self._active is None else self._active
+        held = group.get("held")
+        if held is not None:
+            active = [a and not (i < len(held) and held[i]) for i, a in enumerate(active)]
+            if not any(active):
+                return
         used = len(active)
         full, param = param, param[:used]  # views: in-place updates reach the parameter
-        if self._slot_lr is not None:
+        if self._slot_lr is not None and not group.get("own_lr"):
             lr = self._device_copy("lr", self._slot_lr, param.device, param.dtype).view(shape)
         else:
             lr = group["lr"]
@@ -91,7 +105,7 @@ class StackedSGD(torch.optim.Optimizer):
         if every:
             param.sub_(lr * d_p)
         else:
-            mask = self._device_copy("active", active, param.device, torch.bool).view(shape)
+            mask = self._device_copy(("active", tuple(active)), active, param.device, torch.bool).view(shape)
             param.copy_(torch.where(mask, param - lr * d_p, param))
 
     def _momentum(self, buf: torch.Tensor, started: list[bool], active: list[bool], d_p: torch.Tensor,
@@ -107,7 +121,7 @@ class StackedSGD(torch.optim.Optimizer):
             fresh_mask = torch.tensor(fresh).to(device, non_blocking=True).view(shape)
             update = buf * momentum + d_p
             if not every:
-                active_mask = self._device_copy("active", active, device, torch.bool).view(shape)
+                active_mask = self._device_copy(("active", tuple(active)), active, device, torch.bool).view(shape)
                 update = torch.where(active_mask, update, buf)
             buf.copy_(torch.where(fresh_mask, d_p, update))
         return buf

@@ -3,8 +3,8 @@
 :class:`RunArgs` is what every command takes (``fit``, ``zeroshot``, ``evaluate``, ``bench``, ``sweep``,
 ``partition``): the method, the data, and the groups of :mod:`fedprompt.args` (:class:`~fedprompt.args.BackboneArgs`,
 :class:`~fedprompt.args.FederationArgs`, :class:`~fedprompt.args.TrainArgs`, :class:`~fedprompt.args.EvalArgs`,
-:class:`~fedprompt.args.LogArgs`, :class:`~fedprompt.args.FabricArgs`), plus ``out_dir``, ``resume``, ``seed`` and
-``overwrite``. On the command line its fields are flat (``--method``, ``--backbone.model``, ``--seed``); a command's
+:class:`~fedprompt.args.LogArgs`, :class:`~fedprompt.args.FabricArgs`, :class:`~fedprompt.args.DPArgs`), plus
+``out_dir``, ``resume``, ``seed`` and ``overwrite``. On the command line its fields are flat (``--method``, ``--backbone.model``, ``--seed``); a command's
 own options are a dataclass of their own (:class:`BenchArgs`, :class:`SweepArgs`, :class:`PartitionArgs`).
 Attribute docstrings become the ``--help`` text.
 """
@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs, check_ranges
+from fedprompt.args import BackboneArgs, DPArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs, \
+    check_ranges
 from fedprompt.data.reader import FederatedData
 from fedprompt.methods.method import Method
 
@@ -33,6 +34,9 @@ class RunArgs:
     eval: EvalArgs = field(default_factory=EvalArgs)
     log: LogArgs = field(default_factory=LogArgs)
     fabric: FabricArgs = field(default_factory=FabricArgs)
+    dp: DPArgs = field(default_factory=DPArgs)
+    """Client-level differential privacy (DP-FedAvg with an RDP accountant); off unless dp.noise_multiplier or
+    dp.target_epsilon is set."""
     out_dir: Optional[str] = None
     """Run directory (default runs/<method>-<time>; with --resume, the checkpoint's run directory). A folder that
     holds another run is refused (see overwrite)."""

@@ -12,6 +12,8 @@ BASELINES = ("cocoop_", "kgcoop_", "prograd_", "plot_", "proda_")
 PAPER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).name.startswith(("fedpgp_",
                                                                                               "promptfolio_",
                                                                                               "fedmgp_",
+                                                                                              "pfedmoap_",
+                                                                                              "dpfpl_",
                                                                                               *BASELINES))
          and not Path(c).stem.endswith("_flip")]  # the FLiP variants use the same data sections
 
@@ -25,7 +27,11 @@ def test_configs_exist():
                      "promptfolio_cifar100.yaml", "promptfolio_domainnet.yaml", "promptfolio_office.yaml",
                      "fedpgp_pacs.yaml", "promptfolio_pacs.yaml", "fedmgp_caltech101.yaml",
                      "fedmgp_oxford_pets.yaml", "fedmgp_flowers102.yaml", "fedmgp_food101.yaml", "fedmgp_dtd.yaml",
-                     "fedmgp_domainnet.yaml", "fedmgp_office.yaml", "fedmgp_cifar100.yaml", "fedmgp_pacs.yaml"):
+                     "fedmgp_domainnet.yaml", "fedmgp_office.yaml", "fedmgp_cifar100.yaml", "fedmgp_pacs.yaml",
+                     "pfedmoap_caltech101.yaml", "pfedmoap_oxford_pets.yaml", "pfedmoap_flowers102.yaml",
+                     "pfedmoap_food101.yaml", "pfedmoap_dtd.yaml", "pfedmoap_cifar10.yaml", "pfedmoap_cifar100.yaml",
+                     "pfedmoap_domainnet.yaml", "pfedmoap_office.yaml", "pfedmoap_pacs.yaml",
+                     "dpfpl_caltech101.yaml", "dpfpl_oxford_pets.yaml", "dpfpl_flowers102.yaml", "dpfpl_pacs.yaml"):
         assert required in names, required
 
 
@@ -147,3 +153,20 @@ def test_text_baseline_configs_carry_the_papers_and_flips_settings(method):
                 assert partition["class_path"] == "fedprompt.data.Dirichlet"
                 assert (partition["init_args"]["num_clients"], partition["init_args"]["alpha"]) == (10, 0.1)
             assert cfg["train"]["batch_size"] == (1 if method == "cocoop" else 16), path.name
+
+
+def test_pfedmoap_paper_configs_use_the_released_settings():
+    """pFedMoAP's train.sh and configs/trainers/PFEDMOAP/rn50.yaml: 10 rounds x 5 local epochs, batch 16, RN50,
+    prompt lr 0.002 cosine with one warm-up epoch, gating lr 0.01, K_e = min(10, clients), lambda 0.5, scale 10."""
+    configs = [c for c in PAPER if Path(c).name.startswith("pfedmoap_")]
+    assert len(configs) == 9
+    for config in configs:
+        cfg = yaml.safe_load((ROOT / config).read_text())
+        method = cfg["method"]["init_args"]
+        assert (method["lr"], method["lr_schedule"], method["warmup_epochs"], method["gating_lr"]) == \
+            (0.002, "cosine", 1, 0.01), config
+        assert (method["n_ctx"], method["lmbda"], method["scaling"], method["gating_dim"]) == (16, 0.5, 10.0, 128)
+        assert (cfg["federation"]["rounds"], cfg["train"]["local_epochs"], cfg["train"]["batch_size"]) == (10, 5, 16)
+        clients = cfg["data"]["init_args"]["partition"]["init_args"].get("num_clients")
+        assert method["num_experts"] == min(10, clients or len(cfg["data"]["init_args"]["domains"])), config
+        assert cfg["backbone"]["model"] == "RN50"

@@ -68,3 +68,18 @@ def test_maple_reduce_path_two_processes_match_one(tmp_path):
     rows_one, rows_two = without_timings(read_rows(tmp_path / "one")), without_timings(read_rows(tmp_path / "two"))
     assert [r["client_acc"] for r in rows_one] == [r["client_acc"] for r in rows_two]
     assert [r["bytes_up"] for r in rows_one] == [r["bytes_up"] for r in rows_two]
+
+
+def test_client_level_dp_noise_is_the_same_on_every_process(tmp_path):
+    """DP-FedAvg with Poisson sampling and adaptive clipping: the server's noise is seeded by the run seed and the
+    round, so two processes give the one-process run (one client at a time: bit-identical)."""
+    extra = ["--federation.parallel_clients", "1", "--dp.noise_multiplier", "0.8", "--dp.clip_norm", "0.05",
+             "--dp.adaptive_clipping", "true", "--dp.count_stddev", "1.0"]
+    run(tmp_path / "one", *extra)
+    run(tmp_path / "two", *extra, "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp")
+    one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert torch.equal(one["global"]["prompt.ctx"], two["global"]["prompt.ctx"])
+    assert one["aggregator"]["clip_norm"] == two["aggregator"]["clip_norm"]
+    rows_one, rows_two = without_timings(read_rows(tmp_path / "one")), without_timings(read_rows(tmp_path / "two"))
+    assert rows_one == rows_two and all(r["epsilon"] > 0 for r in rows_one)

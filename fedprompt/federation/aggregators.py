@@ -7,6 +7,10 @@ An :class:`Aggregator` sees the round as the server would:
    such as FedMGP's similarity-guided group selection fit the same interface);
 3. each client receives ``download(global_state, client_id)`` and merges it with ``apply``.
 
+Around them the loop calls ``sample`` (which clients take part: a fixed-size sample by default), ``begin_round`` (the
+global state the round starts from) and, after aggregation, ``round_metrics`` (what the server reports for the round,
+e.g. the privacy budget spent).
+
 The round loop gathers the uploads of every rank (in client-id order) before calling ``aggregate``, so a run gives
 bit-identical global states for any number of processes.
 """
@@ -14,6 +18,8 @@ bit-identical global states for any number of processes.
 from __future__ import annotations
 
 import torch
+
+from fedprompt.federation.sampling import sample_clients
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
@@ -34,11 +40,22 @@ class Aggregator:
         per-process sums (:meth:`WeightedMean.partial_sum`, :meth:`WeightedMean.finish`) instead of gathering every
         upload on every process;
         ``seed``: the run's seed, set by the loop before the first round (aggregators with random choices, such as
-        FedMGP's group selection, derive their random streams from it).
+        FedMGP's group selection, derive their random streams from it);
+        ``per_client_download``: ``download`` depends on the client (pFedMoAP sends each client the global prompt
+        plus other clients' prompts chosen for it); the loop calls ``download`` per client anyway and counts
+        ``bytes_down`` per sampled client, so this declares that payloads differ (and that the server holds other
+        clients' uploads for them: client-level DP refuses such a method);
+        ``averages_uploads``: ``aggregate`` is a (weighted) mean of the uploads, keyed and shaped like the global
+        state, and nothing else is kept of them (client-level DP may replace the mean by its noised, clipped one);
+        ``aggregates_empty_rounds``: ``aggregate`` runs also in a round without any upload (DP-FedAvg releases its
+        noise every round, also when Poisson sampling picked no client).
     """
 
     reduce: bool = False
     seed: int = 0
+    per_client_download: bool = False
+    averages_uploads: bool = False
+    aggregates_empty_rounds: bool = False
 
     def __init__(self, shared_prefixes: tuple[str, ...] = ()):
         self.shared_prefixes = tuple(shared_prefixes)
@@ -61,6 +78,20 @@ class Aggregator:
         """A client's new state after merging what it received (overwrite the received keys by default)."""
         return {**client_state, **{k: v.clone() for k, v in received.items()}}
 
+    def sample(self, num_clients: int, fraction: float, seed: int, round_idx: int, everyone: bool = False) -> list[int]:
+        """The sorted ids of the clients that train in ``round_idx`` (a pure function of its arguments, so every rank
+        and a resumed run agree): ``max(1, round(fraction * num_clients))`` of them drawn without replacement, or
+        all (``everyone``); see :func:`fedprompt.federation.sampling.sample_clients`."""
+        return sample_clients(num_clients, fraction, seed, round_idx, everyone=everyone)
+
+    def begin_round(self, round_idx: int, global_state: dict[str, torch.Tensor]) -> None:
+        """Called by the loop at the start of every round with the global state the round starts from (before any
+        client trains)."""
+
+    def round_metrics(self) -> dict:
+        """Extra entries of the round's metrics row after aggregation (none by default)."""
+        return {}
+
     def state_dict(self) -> dict:
         """Aggregator state to checkpoint (stateless by default)."""
         return {}
@@ -79,6 +110,8 @@ class WeightedMean(Aggregator):
             :meth:`finish`) instead of gathering every upload on every process; for large states that are shared
             whole (FedTPG's generator). Received tensors are then shared, not copied, between clients.
     """
+
+    averages_uploads = True
 
     def __init__(self, shared_prefixes: tuple[str, ...] = (), weighted: bool = True, reduce: bool = False):
         super().__init__(shared_prefixes)

@@ -25,8 +25,9 @@ from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, state_bytes
 from fedprompt.federation.engine import GroupResult, GroupSize, LockstepTrainer, run_groups
 from fedprompt.federation.feed import Feed, LocalPlan, local_epoch_count, local_plan
+from fedprompt.federation.privacy import round_privacy
 from fedprompt.federation.protocols import ClientModule, MethodSpec
-from fedprompt.federation.sampling import derive_seed, place, sample_clients
+from fedprompt.federation.sampling import derive_seed, place
 from fedprompt.metrics import accuracy_metric, harmonic_mean, summarize
 from fedprompt.timing import NoTimer, SectionTimer
 
@@ -134,9 +135,10 @@ class Federation:
         return plan
 
     def sampled(self, round_idx: int) -> list[int]:
-        """The ids of the clients that train in ``round_idx`` (the same on every rank)."""
-        return sample_clients(len(self.clients), self.federation.fraction, self.seed, round_idx,
-                              everyone=round_idx == 1 and self.federation.all_clients_first_round)
+        """The ids of the clients that train in ``round_idx`` (the same on every rank; the server's rule:
+        :meth:`Aggregator.sample`)."""
+        return self.aggregator.sample(len(self.clients), self.federation.fraction, self.seed, round_idx,
+                                      everyone=round_idx == 1 and self.federation.all_clients_first_round)
 
     def epochs_before(self, cid: int, round_idx: int) -> int:
         """The schedule position of client ``cid``'s local round in ``round_idx`` (a function of the run seed and the
@@ -175,6 +177,7 @@ class Federation:
         start = time.perf_counter()
         fabric = self.fabric
         sampled = self.sampled(round_idx)
+        self.aggregator.begin_round(round_idx, self.global_state)
         bytes_down = sum(state_bytes(self.aggregator.download(self.global_state, cid)) for cid in sampled) \
             if self.global_state else 0
         mine = place(sampled, fabric.global_rank, fabric.world_size)
@@ -197,6 +200,7 @@ class Federation:
         if summary["failed"]:
             row["failed_clients"] = {str(c): why for c, why in summary["failed"].items()}
         row["train_seconds"] = time.perf_counter() - start
+        row.update(round_privacy(self, round_idx))  # epsilon (client-level DP), record_epsilon (DP-FPL)
         return row
 
     def _check_failures(self, failed: dict[int, str], round_idx: int) -> None:
@@ -215,7 +219,7 @@ class Federation:
         ok = [cid for cid in sorted(results) if cid not in failed]
         for cid in ok:
             self.states[cid] = results[cid][0].state
-        if self.method.communicates and ok:
+        if self.method.communicates and (ok or self.aggregator.aggregates_empty_rounds):
             weights = {cid: len(self.clients[cid].train) for cid in ok}
             self.global_state = self.aggregator.aggregate({cid: results[cid][1] for cid in ok}, weights, round_idx)
             self._distribute()
@@ -237,7 +241,7 @@ class Federation:
         failed = {cid: r[1] for cid, r in sorted(results.items()) if r[1]}
         self._check_failures(failed, round_idx)
         ok = [cid for cid in sorted(results) if cid not in failed]
-        if ok:
+        if ok or self.aggregator.aggregates_empty_rounds:
             weights = {cid: len(self.clients[cid].train) for cid in ok}
             sums = self.aggregator.partial_sum(uploads, weights, self.global_state)  # this rank's successful clients
             if self.fabric.world_size > 1:

@@ -58,6 +58,8 @@ class MethodSpec(Protocol):
     image_inputs: tuple[str, ...]
     optim: Any
     """The local optimiser settings (``fedprompt.methods.OptimizerArgs``; methods that train)."""
+    record_privacy: tuple[float, float] | None
+    """Record-level DP noise of every local step: (noise multiplier, delta), or None."""
 
     def build_client(self, backbone, classnames: list[str], slots: int = 1) -> ClientModule:
         """The method's client module for ``slots`` clients."""

@@ -19,6 +19,7 @@ REGISTRY = {
     "CoOpClient": "coop", "FedPer": "coop", "FedProx": "coop", "LocalCoOp": "coop", "PromptFL": "coop",
     "DeepPromptClient": "deep", "IVLP": "deep", "IVLPClient": "deep", "MaPLe": "deep", "MaPLeClient": "deep",
     "VPT": "deep", "VPTClient": "deep",
+    "DPFPL": "dpfpl", "DPFPLClient": "dpfpl",
     "FedMGP": "fedmgp", "FedMGPAggregator": "fedmgp", "FedMGPClient": "fedmgp",
     "FedOTP": "fedotp", "FedOTPClient": "fedotp",
     "FedPGP": "fedpgp", "FedPGPClient": "fedpgp",
@@ -27,6 +28,7 @@ REGISTRY = {
     "PLOT": "plot", "PLOTClient": "plot",
     "ProDA": "proda", "ProDAClient": "proda",
     "ProGrad": "prograd", "ProGradClient": "prograd",
+    "PFedMoAP": "pfedmoap", "PFedMoAPClient": "pfedmoap", "MixtureOfPromptsServer": "pfedmoap",
     "PromptFolio": "promptfolio", "PromptFolioClient": "promptfolio",
     "GPAAggregator": "promptsrc", "PromptSRC": "promptsrc", "PromptSRCClient": "promptsrc",
     "ZeroShot": "zeroshot",
@@ -34,7 +36,7 @@ REGISTRY = {
 
 #: the methods a config can select (short names)
 METHODS = tuple(sorted(name for name in REGISTRY
-                       if name != "PromptClient" and not name.endswith(("Client", "Aggregator"))))
+                       if name != "PromptClient" and not name.endswith(("Client", "Aggregator", "Server"))))
 
 __all__ = sorted(["METHODS", "Method", "OptimizerArgs", "REGISTRY", "TrainedMethod", "import_all", *REGISTRY])
 

@@ -200,6 +200,12 @@ class Method:
 
         return WeightedMean(self.shared_prefixes)
 
+    @property
+    def record_privacy(self) -> tuple[float, float] | None:
+        """Record-level DP noise added in every local step (DP-FPL): ``(noise multiplier, delta)`` for the loop's
+        accountant (``record_epsilon`` in the metrics rows), or ``None`` (the default: no such noise)."""
+        return None
+
     def hparams(self) -> dict:
         """The method's settings as a flat dict (for logs and the resume check)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
