@@ -9,6 +9,8 @@ once.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, UnidentifiedImageError
@@ -60,15 +62,21 @@ def scan_images(samples: list[Sample], threads: int = 8) -> list[tuple[str, str]
     """``(path, reason)`` of every sample whose image file is bad, in sample order (each path once).
 
     Headers are read in ``threads`` threads (file opening dominates); more than :data:`PROGRESS_FROM` files show
-    a progress bar on a terminal.
+    a progress bar on a terminal and, when done, one line with the time the check took.
     """
     from tqdm.auto import tqdm
 
     paths = list(dict.fromkeys(s.path for s in samples))
+    start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = tqdm(pool.map(image_problem, paths, chunksize=64), total=len(paths), desc="checking images",
                        unit="img", disable=None if len(paths) > PROGRESS_FROM else True, leave=False)
         problems = list(results)
+    if len(paths) > PROGRESS_FROM:
+        seconds = time.perf_counter() - start
+        print(f"fedprompt: checked the headers of {len(paths):,} image files in {seconds:.1f} s "
+              f"({len(paths) / max(seconds, 1e-9):,.0f} files/s; --data.check_images false skips this check)",
+              file=sys.stderr, flush=True)
     return [(path, why) for path, why in zip(paths, problems) if why is not None]
 
 
