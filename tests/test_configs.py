@@ -8,9 +8,11 @@ import yaml
 from conftest import ROOT
 
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+TRANSFER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).stem.endswith(("_xdataset", "_xdomain"))]
 PAPER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).name.startswith(("fedpgp_",
                                                                                               "promptfolio_",
-                                                                                              "fedmgp_"))]
+                                                                                              "fedmgp_"))
+         and c not in TRANSFER]
 
 
 def test_configs_exist():
@@ -101,3 +103,39 @@ def test_fedmgp_paper_configs_use_the_released_settings():
     assert part["class_path"] == "fedprompt.data.Dirichlet"
     assert (part["init_args"]["num_clients"], part["init_args"]["alpha"]) == (100, 0.5)
     assert (cfg["federation"]["rounds"], cfg["federation"]["fraction"]) == (100, 0.1)
+
+
+XDATASET = ["Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft", "SUN397", "DTD",
+            "EuroSAT", "UCF101"]
+XDOMAIN = ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"]
+
+
+def test_transfer_configs_train_on_imagenet_and_share_one_protocol():
+    """<method>_xdataset.yaml / _xdomain.yaml for the five methods: ImageNet as the source, the ten CoOp datasets or
+    the four ImageNet variants as targets; PromptFL, FedOTP, FedPGP and FedMGP share one protocol (one table column
+    group), FedTPG runs its released cross_data federation."""
+    from fedprompt.table import protocol
+
+    assert len(TRANSFER) == 10
+    for kind, targets in (("xdataset", XDATASET), ("xdomain", XDOMAIN)):
+        protocols = {}
+        for method in ("promptfl", "fedotp", "fedpgp", "fedmgp", "fedtpg"):
+            cfg = yaml.safe_load((ROOT / "configs" / f"{method}_{kind}.yaml").read_text())
+            data = cfg["data"]["init_args"]
+            assert cfg["data"]["class_path"] == "fedprompt.data.Transfer"
+            assert data["source"]["class_path"] == "fedprompt.data.ImageNet"
+            assert [t["class_path"].rsplit(".", 1)[1] for t in data["targets"]] == targets
+            assert cfg["eval"]["mode"] == "global" and cfg["backbone"]["model"] == "ViT-B-16"
+            protocols[method] = protocol(cfg)
+        assert protocols["promptfl"] == protocols["fedotp"] == protocols["fedpgp"] == protocols["fedmgp"]
+        assert protocols["promptfl"]["data.init_args.source.init_args.num_shots"] == 16
+        assert protocols["fedtpg"]["data.init_args.source.init_args.partition.class_path"] == "fedprompt.data.CrossClass"
+
+
+@pytest.mark.parametrize("config", TRANSFER)
+def test_transfer_config_without_data_names_the_source_folder(cli, monkeypatch, config):
+    monkeypatch.delenv("FEDPROMPT_DATA", raising=False)
+    code, _, err = cli("fit", "--config", ROOT / config)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert "data.source (ImageNet): data.root is not set" in last and "imagenet" in last, last
