@@ -82,8 +82,10 @@ def main() -> None:
         split = time.perf_counter() - start
         scale = IMAGENET_FILES / files
         print(f"{'step':<34}{'seconds':>9}{'files/s':>11}{'ImageNet (1.33 M files), s':>28}")
-        for name, seconds in (("list folders (ImageNet.read)", listing), (f"check headers ({min(os.cpu_count() or 1, 16)} processes)", check),
-                              ("split + 16 shots (federate)", split)):
+        processes = min(os.cpu_count() or 1, 16)
+        steps = (("list folders (ImageNet.read)", listing), (f"check headers ({processes} processes)", check),
+                 ("split + 16 shots (federate)", split))
+        for name, seconds in steps:
             print(f"{name:<34}{seconds:>9.2f}{files / max(seconds, 1e-9):>11,.0f}{seconds * scale:>28.1f}")
         kept = sum(len(c.train) for c in splits.clients)
         print(f"{len(splits.clients)} clients, {kept:,} train images kept (16 shots x {args.classes} classes)")

@@ -93,6 +93,9 @@ class FederationArgs:
         rate = self.drop_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             raise FedPromptError(f"--federation.drop_rate must be in [0, 1), got {rate!r}.")
+        if self.central and rate > 0:
+            raise FedPromptError(f"--federation.central trains one client, which floor((1 - drop_rate) x 1) = 0 would "
+                                 f"drop every round: use drop_rate 0 with central (got {rate}).")
 
 
 @dataclass

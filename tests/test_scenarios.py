@@ -73,6 +73,16 @@ def test_transfer_adds_one_set_per_target_with_its_own_class_list(tmp_path):
     assert splits.loader(sets[0].samples[0]).size == (8, 8)
 
 
+def test_partition_lists_the_targets(capsys):
+    from fedprompt.commands import partition
+
+    partition(data=Transfer(source=source(), targets=[Synthetic(num_classes=3, test_per_class=2, seed=5)],
+                            names=["gen"]))
+    out = capsys.readouterr().out
+    assert "4 clients, 4 classes, 32 train / 16 test samples" in out
+    assert out.splitlines()[-1].split() == ["gen/all", "3", "6"]
+
+
 def test_transfer_target_problems_are_one_line_each(tmp_path):
     broken = make_variant(tmp_path / "a" / "imagenet-adversarial", "imagenet-a", TARGET_WNIDS)
     (broken / "classnames.txt").unlink()
@@ -107,7 +117,8 @@ def test_transfer_run_reports_every_target_and_their_mean(tmp_path, monkeypatch)
     targets = [ImageNetA(root=str(target), num_classes=2), Synthetic(num_classes=3, test_per_class=2, seed=5),
                Synthetic(num_classes=3, test_per_class=2, seed=6)]
     summary = run(tmp_path / "run", data=Transfer(source=source(), targets=targets, names=["in-a", "gen5", "gen6"]),
-                  eval=EvalArgs(batch_size=64, mode="dual"), train=TrainArgs(batch_size=8, augment=False, cache_dir=None))
+                  eval=EvalArgs(batch_size=64, mode="dual"),
+                  train=TrainArgs(batch_size=8, augment=False, cache_dir=None))
     rows = read_rows(tmp_path / "run")
     for row in rows:
         values = [row["unseen/in-a"], row["unseen/gen5"], row["unseen/gen6"]]
@@ -227,6 +238,8 @@ def test_drop_clients_is_seeded():
     assert drop_clients(sampled, 0.0, 0, 1) == []
     with pytest.raises(FedPromptError, match=r"--federation.drop_rate must be in \[0, 1\), got 1.0"):
         FederationArgs(drop_rate=1.0)
+    with pytest.raises(FedPromptError, match=r"--federation.central trains one client"):
+        FederationArgs(central=True, drop_rate=0.1)
 
 
 def test_dropped_clients_never_train_nor_report(tmp_path):

@@ -64,6 +64,6 @@ def centralize(splits: FederatedSplits) -> FederatedSplits:
                              "partition: CrossClass), so their data cannot be pooled into one client; use a single "
                              "dataset with a shared class list.")
     clients = splits.clients
-    union = ClientSplit(0, _unique([s for c in clients for s in c.train]), _unique([s for c in clients for s in c.test]),
-                        name="central", val=_unique([s for c in clients for s in c.val]))
+    pooled = {part: _unique([s for c in clients for s in getattr(c, part)]) for part in ("train", "test", "val")}
+    union = ClientSplit(0, pooled["train"], pooled["test"], name="central", val=pooled["val"])
     return replace(splits, clients=[union])

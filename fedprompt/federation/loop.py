@@ -77,9 +77,9 @@ class Federation:
     timer: SectionTimer | None = None
     modules: dict[tuple, ClientModule] = field(default_factory=dict)
     round_epochs: dict[int, int] = field(default_factory=dict, init=False, repr=False)
-    """Local epochs trained in each round (all its sampled clients), for :meth:`epochs_before`."""
+    """Local epochs trained in each round (its sampled clients that did not drop out), for :meth:`epochs_before`."""
     round_members: dict[int, frozenset] = field(default_factory=dict, init=False, repr=False)
-    """The clients sampled in each round, for :meth:`epochs_before` (``lr_scope: client``)."""
+    """The clients trained in each round, for :meth:`epochs_before` (``lr_scope: client``)."""
 
     def __post_init__(self):
         # lock-step groups hold clients of one class list: no group is larger than the largest set of clients that
@@ -144,14 +144,20 @@ class Federation:
         every rank): they do not train and send nothing."""
         return drop_clients(sampled, self.federation.drop_rate, self.seed, round_idx)
 
+    def trained(self, round_idx: int) -> list[int]:
+        """The clients that train in ``round_idx``: the sampled ones that do not drop out."""
+        sampled = self.sampled(round_idx)
+        dropped = self.dropped(sampled, round_idx)
+        return [cid for cid in sampled if cid not in dropped]
+
     def epochs_before(self, cid: int, round_idx: int) -> int:
         """The schedule position of client ``cid``'s local round in ``round_idx`` (a function of the run seed and the
         client sizes only, so it holds on any number of processes and after a resume).
 
-        ``lr_scope: official``: the local epochs trained before it if the sampled clients were trained one after
-        another (rounds in order, a round's clients by increasing id), as the official code's single trainer does
-        (the position of its one learning-rate scheduler). ``lr_scope: client``: the local epochs client ``cid``
-        itself trained in earlier rounds (its own scheduler, as FedTPG's released code)."""
+        ``lr_scope: official``: the local epochs trained before it if the trained clients (sampled, not dropped)
+        were trained one after another (rounds in order, a round's clients by increasing id), as the official code's
+        single trainer does (the position of its one learning-rate scheduler). ``lr_scope: client``: the local epochs
+        client ``cid`` itself trained in earlier rounds (its own scheduler, as FedTPG's released code)."""
         def epochs(c: int) -> int:
             return local_epoch_count(len(self.clients[c].train), self.train.batch_size, self.train.local_epochs,
                                      self.train.local_steps)
@@ -159,14 +165,14 @@ class Federation:
         if self.method.optim.lr_scope == "client":
             for r in range(1, round_idx):
                 if r not in self.round_members:
-                    self.round_members[r] = frozenset(self.sampled(r))
+                    self.round_members[r] = frozenset(self.trained(r))
             return epochs(cid) * sum(cid in self.round_members[r] for r in range(1, round_idx))
         total = 0
         for r in range(1, round_idx):
             if r not in self.round_epochs:
-                self.round_epochs[r] = sum(epochs(c) for c in self.sampled(r))
+                self.round_epochs[r] = sum(epochs(c) for c in self.trained(r))
             total += self.round_epochs[r]
-        return total + sum(epochs(c) for c in self.sampled(round_idx) if c < cid)
+        return total + sum(epochs(c) for c in self.trained(round_idx) if c < cid)
 
     def train_clients(self, cids: list[int], round_idx: int, bar=None) -> dict[int, GroupResult]:
         """Train this rank's clients of the round, ``group_size`` at a time."""
@@ -184,7 +190,7 @@ class Federation:
         bytes_down = sum(state_bytes(self.aggregator.download(self.global_state, cid)) for cid in sampled) \
             if self.global_state else 0
         dropped = self.dropped(sampled, round_idx)
-        mine = place([cid for cid in sampled if cid not in dropped], fabric.global_rank, fabric.world_size)
+        mine = place(self.trained(round_idx), fabric.global_rank, fabric.world_size)
         bar = tqdm(total=len(mine), desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
         trained = self.train_clients(mine, round_idx, bar)
         bar.close()
