@@ -1,12 +1,14 @@
-"""The ``fedprompt`` command line: ``fit``, ``evaluate``, ``zeroshot``, ``sweep``, ``partition``, ``bench``.
+"""The ``fedprompt`` command line: ``fit``, ``evaluate``, ``zeroshot``, ``sweep``, ``partition``, ``bench``, ``table``.
 
 Every command takes ``--config FILE.yaml`` (flat YAML; ``class_path`` selects method and data), flags that override
 it (``--data.root``, ``--federation.rounds``, ...) and ``--print_config``. ``fit`` and ``evaluate`` with ``--resume
 DIR/checkpoints/last.ckpt`` and no ``--config`` read the run's own ``DIR/hyperparameters.yaml``.
 
 The parser is built with jsonargparse's public API: one sub-parser per command, each with the run settings
-(:class:`fedprompt.run.RunArgs`, flat) and the command's own options (:data:`OPTIONS`); the parsed values are
-instantiated and handed to the command as typed objects: ``fit(run)``, ``bench(run, options)``.
+(:class:`fedprompt.run.RunArgs`, flat) and the command's own options (:data:`fedprompt.commands.COMMANDS`); the
+parsed values are instantiated and handed to the command as typed objects: ``fit(run)``, ``bench(run, options)``. An
+options class may declare ``takes_run = False`` (the command gets its options alone: ``table(options)``) and
+``positional`` fields (given as positional arguments: ``fedprompt table RUN_DIR ...``).
 
 Importing this module is cheap (no torch, Lightning or open_clip): the commands' modules are imported when the
 parser is built, and the model and data only when a command runs.
@@ -62,9 +64,14 @@ def first_sentence(text: str | None) -> str:
     return words if end < 0 else words[: end + 1]
 
 
+def takes_run(options) -> bool:
+    """Whether a command takes the run settings (every command but those whose options say otherwise)."""
+    return getattr(options, "takes_run", True)
+
+
 def command_parser(name: str):
     """The parser of one command: ``--config``, the run settings (:class:`fedprompt.run.RunArgs`, flat) and the
-    command's own options."""
+    command's own options (its ``positional`` fields as positional arguments)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from fedprompt.run import RunArgs
@@ -73,13 +80,17 @@ def command_parser(name: str):
 
     function, options = COMMANDS[name]
     description = " ".join((function.__doc__ or "").split("\n\n")[0].split())
-    if name != "partition":
+    if name != "partition" and takes_run(options):
         description += f" Methods (--method NAME or a class_path): {', '.join(METHODS)}."
     parser = ArgumentParser(prog=f"fedprompt {name}", description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A run config (YAML); flags override it.")
-    parser.add_class_arguments(RunArgs, nested_key=None, skip={"resolved_config"}, sub_configs=True)
+    if takes_run(options):
+        parser.add_class_arguments(RunArgs, nested_key=None, skip={"resolved_config"}, sub_configs=True)
     if options is not None:
-        parser.add_class_arguments(options, nested_key=None)
+        positional = dict(getattr(options, "positional", {}))
+        for key, text in positional.items():
+            parser.add_argument(key, type=str, nargs="+", help=text)
+        parser.add_class_arguments(options, nested_key=None, skip=set(positional))
     return parser
 
 
@@ -117,6 +128,8 @@ def run_command(name: str, init, resolved: dict):
     from fedprompt.commands import COMMANDS
 
     function, options = COMMANDS[name]
+    if not takes_run(options):
+        return function(options(**{f.name: init[f.name] for f in fields(options)}))
     run = RunArgs(**{f.name: init[f.name] for f in fields(RunArgs) if f.name != "resolved_config"},
                   resolved_config=resolved)
     if options is None:
@@ -162,7 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = with_run_config(argv)
-        if not any(arg in ("-h", "--help") for arg in argv):  # a help page needs no class: skip Lightning
+        from fedprompt.commands import COMMANDS
+
+        needs_classes = not argv or argv[0] not in COMMANDS or takes_run(COMMANDS[argv[0]][1])
+        if needs_classes and not any(arg in ("-h", "--help") for arg in argv):  # a help page needs no class
             import fedprompt.data
             import fedprompt.methods
 

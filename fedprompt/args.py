@@ -78,11 +78,25 @@ class FederationArgs:
     on_client_failure: Literal["raise", "skip"] = "raise"
     """A client whose training fails or whose loss is not finite stops the run (raise; the last checkpoint is
     kept) or is left out of that round's aggregation and listed in metrics.jsonl as failed_clients (skip)."""
+    drop_rate: float = 0.0
+    """Stragglers (FLiP's --client_drop_rate): each round, of the n sampled clients only floor((1 - drop_rate) n)
+    report, chosen at random (seeded by the run seed and the round, the same on every rank); the others never
+    report: they do not train, keep their state and send nothing. metrics.jsonl lists them as dropped_clients."""
+    central: bool = False
+    """The centralised upper bound: pool every client's train (and validation, test) data into one client and
+    train the same method on it, one client every round: local_epochs passes over the pooled data per round, or,
+    with local_steps, local_steps x the clients sampled per round (the federation's steps of a round)."""
 
     def __post_init__(self):
         check_ranges("federation", self, rounds=(1, None), fraction=(0, 1, "open"))
         if self.parallel_clients != "auto":
             check_ranges("federation", self, parallel_clients=(1, None))
+        rate = self.drop_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise FedPromptError(f"--federation.drop_rate must be in [0, 1), got {rate!r}.")
+        if self.central and rate > 0:
+            raise FedPromptError(f"--federation.central trains one client, which floor((1 - drop_rate) x 1) = 0 would "
+                                 f"drop every round: use drop_rate 0 with central (got {rate}).")
 
 
 @dataclass
@@ -132,6 +146,14 @@ class EvalArgs:
     select: Literal["last", "val"] = "last"
     """Model selection for summary.json: the last round, or the round with the best mean validation accuracy
     (needs data.validation: true; also keeps checkpoints/best.ckpt). Test accuracy is never used to select."""
+    mode: Literal["personal", "global", "dual"] = "personal"
+    """personal: each client's prompt on its own test set (cut from the test split with its train label
+    proportions: disjoint from its training images), local_acc = the mean over clients. global: the aggregated
+    prompt on each training dataset's whole test split (global_acc; methods with personal parts: each client's
+    prompt on it, averaged over clients). dual: both, and dual_hm, their harmonic mean."""
+    domains: bool = False
+    """Also score on each domain's whole test split (multi-domain data such as DomainNet), like the global view:
+    domain/<name> per domain and multidomain_acc, their test-size-weighted mean."""
 
     def __post_init__(self):
         check_ranges("eval", self, every=(1, None), batch_size=(1, None))

@@ -201,7 +201,7 @@ def profile_local_round(fed, round_idx: int) -> dict:
     from fedprompt.federation.engine import STEP_RECORD
     from fedprompt.federation.sampling import place
 
-    mine = place(fed.sampled(round_idx), fed.fabric.global_rank, fed.fabric.world_size)
+    mine = place(fed.trained(round_idx), fed.fabric.global_rank, fed.fabric.world_size)
     plans = [fed.plan(cid, round_idx) for cid in mine]
     by_classes: dict[tuple, list] = {}
     for plan in plans:

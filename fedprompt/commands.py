@@ -2,7 +2,8 @@
 
 Every command takes the run settings (:class:`fedprompt.run.RunArgs`: a run config), either as one object or as
 its fields in keywords, and some take their own options (:class:`~fedprompt.run.BenchArgs`,
-:class:`~fedprompt.run.SweepArgs`, :class:`~fedprompt.run.PartitionArgs`)::
+:class:`~fedprompt.run.SweepArgs`, :class:`~fedprompt.run.PartitionArgs`; ``table`` takes only its options,
+:class:`~fedprompt.run.TableArgs`)::
 
     from fedprompt.args import FederationArgs
     from fedprompt.run import RunArgs
@@ -18,7 +19,7 @@ its ``--help`` text (the first sentence is its summary in ``fedprompt --help``).
 
 from __future__ import annotations
 
-from fedprompt.run import BenchArgs, PartitionArgs, RunArgs, SweepArgs
+from fedprompt.run import BenchArgs, PartitionArgs, RunArgs, SweepArgs, TableArgs
 
 
 def fit(run: RunArgs | None = None, **settings) -> dict:
@@ -111,6 +112,23 @@ def bench(run: RunArgs | None = None, options: BenchArgs | None = None, **settin
     return run_bench(run or RunArgs(**settings), options or BenchArgs())
 
 
-#: subcommand -> (function, its options class or None)
+def table(options: TableArgs | None = None, **settings) -> dict:
+    """Write the paper table of finished runs (fedprompt table RUN_DIR ...): rows methods, columns datasets,
+    metrics or target datasets, mean +- std over seeds, best per column marked; as Markdown, CSV and a PNG figure.
+
+    Each RUN_DIR is a fit run or a sweep folder (its seeds). Runs of one dataset must share one protocol (data split,
+    evaluation, backbone): mixed protocols in a column are refused.
+
+    Args:
+        options: the run directories and the table's layout (or their fields as keywords).
+    """
+    from fedprompt.table import make_table
+
+    return make_table(options or TableArgs(**settings))
+
+
+#: subcommand -> (function, its options class or None); an options class with ``takes_run = False`` gets no run
+#: settings (the function takes the options alone), and its ``positional`` fields are positional arguments
 COMMANDS = {"fit": (fit, None), "evaluate": (evaluate, None), "zeroshot": (zeroshot, None),
-            "sweep": (sweep, SweepArgs), "partition": (partition, PartitionArgs), "bench": (bench, BenchArgs)}
+            "sweep": (sweep, SweepArgs), "partition": (partition, PartitionArgs), "bench": (bench, BenchArgs),
+            "table": (table, TableArgs)}

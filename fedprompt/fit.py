@@ -34,6 +34,7 @@ from fedprompt.federation.checkpoint import check_resume, check_shapes, load_che
     save_checkpoint, state_shapes, write_json, write_jsonl, write_text
 from fedprompt.federation.feed import CachedFeatures, Feed, ImageFiles, StoredImages, sample_lists
 from fedprompt.federation.loop import Federation
+from fedprompt.federation.scenarios import central_train, evaluation_sets, scenario_keys, scenario_line
 from fedprompt.loggers import build_logger, log_client_table, logger_run_id, numeric_metrics, save_logger
 from fedprompt.methods.method import Method
 from fedprompt.paths import missing_dirs, remove_if_left_empty
@@ -204,11 +205,16 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None) -> tuple[Fed
     torch.manual_seed(run.seed)  # a random-init backbone is the same on every rank and every run
     backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
     train_args: TrainArgs = run.train
+    if run.federation.central:  # the centralised bound: every client's data pooled into one client
+        from fedprompt.data.scenarios import centralize
+
+        train_args = central_train(train_args, run.federation, len(splits.clients))
+        splits = centralize(splits)
     backbone.compile_text(train_args.compile)  # the backbone is shared by the runs of a process: set, or reset
     train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, train_args.augment)
     method: Method = run.method
-    # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets
-    eval_sets = [e for e in splits.eval_sets if e.split in ("base", "novel") or not e.seen]
+    # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets, global, domains
+    eval_sets = evaluation_sets(splits, run.eval)
     extra = {e.name: e.samples for e in eval_sets}
     feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf)
     fed = Federation(fabric=fabric, method=method, backbone=backbone, classnames=splits.classnames,
@@ -411,7 +417,7 @@ def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path
             every = run.log.checkpoint_every
             if every and round_idx % every == 0:
                 save_checkpoint(state, out_dir / "checkpoints" / f"round-{round_idx:04d}.ckpt")
-        acc = row.get("local_acc", row.get("own_classes_acc"))
+        acc = row.get("local_acc", row.get("own_classes_acc", row.get("global_acc")))
         if acc is not None:
             bar.set_postfix(loss=row.get("train_loss"), acc=acc)
     summary = _summary(fed, classnames, row, out_dir, rounds)
@@ -448,6 +454,7 @@ class _Selector:
         best = max(rows, key=lambda r: r["val_acc"])  # the first round with the best validation accuracy
         keys = ("round", "val_acc", "local_acc", "local_acc_std", "own_classes_acc", "global_acc", "base_acc",
                 "novel_acc", "hm", "cm", "unseen_acc")
+        keys += tuple(scenario_keys(best))
         return {"model_selection": "round with the best mean validation accuracy (checkpoints/best.ckpt)",
                 "selected": {k: best[k] for k in keys if k in best}}
 
@@ -465,7 +472,8 @@ def _log_round(out_dir: Path, logger, fed: Federation, row: dict) -> None:
 def _summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path, rounds: int) -> dict:
     keys = ("local_acc", "local_acc_std", "own_classes_acc", "own_classes_acc_std", "global_acc", "val_acc",
             "base_acc", "novel_acc", "hm", "cm", "unseen_acc", "set_acc", "client_acc",
-            "client_base_acc", "client_novel_acc", "train_loss", "epsilon", "record_epsilon", "dp_noise_multiplier")
+            "client_base_acc", "client_novel_acc", "train_loss", "epsilon", "record_epsilon", "dp_noise_multiplier"
+            ) + tuple(scenario_keys(row))
     return {"method": fed.method.name, "rounds": rounds, "model_selection": "last round (no test-set selection)",
             **{k: row[k] for k in keys if k in row}, "clients": [c.name for c in fed.clients],
             "num_train": [len(c.train) for c in fed.clients], "num_test": [len(c.test) for c in fed.clients],
@@ -492,6 +500,9 @@ def _evaluate_only(fabric, fed: Federation, mode: str, run: RunArgs, out_dir: Pa
 
 def _print_clients(fed: Federation, client_acc: list[float] | None, summary: dict) -> None:
     if client_acc is None:
+        extra = scenario_line(summary)
+        if extra:
+            print(f"{extra}   -> {summary['out_dir']}")
         return
     print(f"{'client':>6}  {'name':<16} {'train':>6} {'test':>6}  acc")
     for cid, (client, acc) in enumerate(zip(fed.clients, client_acc)):
@@ -504,4 +515,5 @@ def _print_clients(fed: Federation, client_acc: list[float] | None, summary: dic
     if "hm" in summary:
         line += (f"   base {summary['base_acc']:.4f} novel {summary['novel_acc']:.4f} hm {summary['hm']:.4f} "
                  f"cm {summary['cm']:.4f}")
-    print(line + f"   -> {summary['out_dir']}")
+    extra = scenario_line({k: v for k, v in summary.items() if k != "global_acc"})
+    print(line + (f"   {extra}" if extra else "") + f"   -> {summary['out_dir']}")

@@ -55,3 +55,8 @@ def print_partition(run: RunArgs, options: PartitionArgs) -> None:
               + f"{train_counts[k].sum():>8}{test_counts[k].sum():>7}")
     print(f"{len(splits.clients)} clients, {n_cls} classes, {int(train_counts.sum())} train / "
           f"{int(test_counts.sum())} test samples")
+    unseen = [e for e in splits.eval_sets if not e.seen]
+    if unseen:  # cross-dataset / cross-domain targets (data: Transfer)
+        print(f"{'evaluation target':<36}{'classes':>8}{'test':>7}")
+        for item in unseen:
+            print(f"{item.name[:36]:<36}{len(item.classnames):>8}{len(item.samples):>7}")

@@ -4,15 +4,17 @@
 ``partition``): the method, the data, and the groups of :mod:`fedprompt.args` (:class:`~fedprompt.args.BackboneArgs`,
 :class:`~fedprompt.args.FederationArgs`, :class:`~fedprompt.args.TrainArgs`, :class:`~fedprompt.args.EvalArgs`,
 :class:`~fedprompt.args.LogArgs`, :class:`~fedprompt.args.FabricArgs`, :class:`~fedprompt.args.DPArgs`), plus
-``out_dir``, ``resume``, ``seed`` and ``overwrite``. On the command line its fields are flat (``--method``, ``--backbone.model``, ``--seed``); a command's
-own options are a dataclass of their own (:class:`BenchArgs`, :class:`SweepArgs`, :class:`PartitionArgs`).
+``out_dir``, ``resume``, ``seed`` and ``overwrite``. On the command line its fields are flat (``--method``,
+``--backbone.model``, ``--seed``); a command's own options are a dataclass of their own (:class:`BenchArgs`,
+:class:`SweepArgs`, :class:`PartitionArgs`, :class:`TableArgs`; ``fedprompt table`` reads finished runs and takes no
+run settings).
 Attribute docstrings become the ``--help`` text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Literal, Optional
 
 from fedprompt.args import BackboneArgs, DPArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs, \
     check_ranges
@@ -102,3 +104,31 @@ class PartitionArgs:
     """Print JSON (classnames, clients with names and train/test counts per class) instead of a table; with own
     class lists: clients (id, name, dataset, classnames, train/test counts per own class) and eval_sets (name,
     split, dataset, seen, classes, samples)."""
+
+
+@dataclass(kw_only=True)
+class TableArgs:
+    """``fedprompt table``'s options (it takes no run settings: it reads finished run directories)."""
+
+    runs: list[str] = field(default_factory=list)
+    """Run directories (fedprompt fit) or sweep folders (fedprompt sweep); positional on the command line."""
+    columns: Literal["datasets", "metrics", "targets"] = "datasets"
+    """datasets: one metric per dataset (and their average); metrics: --metrics per dataset (Local / Base / Novel
+    / HM by default); targets: the source's accuracy, each cross-dataset / cross-domain target and their mean."""
+    metric: str = "auto"
+    """The metric of --columns datasets, or the source's of --columns targets (a summary.json key: local_acc,
+    global_acc, hm, ...); auto: local_acc, own_classes_acc or global_acc (targets: global_acc first)."""
+    metrics: Optional[list[str]] = None
+    """The metrics of --columns metrics (default local_acc, base_acc, novel_acc, hm: those the runs have)."""
+    labels: Optional[dict[str, str]] = None
+    """Row labels by run directory (default: the method's name, '(central)' added for federation.central)."""
+    out: str = "table"
+    """Output path without extension: OUT.md, OUT.csv and OUT.png are written."""
+    figure: bool = True
+    """Also draw OUT.png (one bar chart per column group; needs matplotlib: pip install 'fedprompt[plot]')."""
+
+    #: option fields given as positional arguments on the command line, with their help
+    positional: ClassVar[dict[str, str]] = {"runs": "run directories (fedprompt fit) or sweep folders (fedprompt "
+                                                     "sweep)"}
+    #: the command takes no run settings (method, data, ...)
+    takes_run: ClassVar[bool] = False

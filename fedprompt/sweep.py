@@ -26,7 +26,10 @@ from fedprompt.errors import FedPromptError
 from fedprompt.federation.checkpoint import write_json, write_text
 
 #: summary.json entries averaged over seeds (those a run has)
-METRICS = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "novel_acc", "hm", "cm")
+METRICS = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "novel_acc", "hm", "cm",
+           "own_classes_acc", "dual_hm", "unseen_acc", "multidomain_acc")
+#: prefixes of the per-target and per-domain entries, averaged over seeds too
+METRIC_PREFIXES = ("unseen/", "domain/")
 #: config keys that may differ between the seeds of one sweep
 PER_SEED_KEYS = ("seed", "out_dir", "resume", "overwrite", "federation.rounds", "data.init_args.seed")
 
@@ -135,7 +138,8 @@ def _run_seed(out: Path, n: int, rounds: int, same_data: bool) -> None:
 
 def _final_metrics(summary: dict) -> dict:
     chosen = summary.get("selected") or summary  # eval.select: val -> the selected round
-    return {k: chosen[k] for k in METRICS if isinstance(chosen.get(k), (int, float))}
+    keys = list(METRICS) + [k for k in chosen if k.startswith(METRIC_PREFIXES)]
+    return {k: chosen[k] for k in keys if isinstance(chosen.get(k), (int, float))}
 
 
 def seed_table(runs: dict[int, Path]) -> dict:
@@ -152,7 +156,7 @@ def seed_table(runs: dict[int, Path]) -> dict:
         summaries[n] = json.loads(path.read_text())
     finals = {n: _final_metrics(s) for n, s in summaries.items()}
     metrics = {}
-    for key in METRICS:
+    for key in dict.fromkeys(k for n in runs for k in finals[n]):
         values = [finals[n].get(key) for n in runs]
         if any(v is None for v in values):
             continue

@@ -8,6 +8,7 @@ import yaml
 from conftest import ROOT
 
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+TRANSFER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).stem.endswith(("_xdataset", "_xdomain"))]
 BASELINES = ("cocoop_", "kgcoop_", "prograd_", "plot_", "proda_")
 PAPER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).name.startswith(("fedpgp_",
                                                                                               "promptfolio_",
@@ -15,7 +16,7 @@ PAPER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).name
                                                                                               "pfedmoap_",
                                                                                               "dpfpl_",
                                                                                               *BASELINES))
-         and not Path(c).stem.endswith("_flip")]  # the FLiP variants use the same data sections
+         and not Path(c).stem.endswith("_flip") and c not in TRANSFER]  # the FLiP variants use the same data sections
 
 
 def test_configs_exist():
@@ -170,3 +171,39 @@ def test_pfedmoap_paper_configs_use_the_released_settings():
         clients = cfg["data"]["init_args"]["partition"]["init_args"].get("num_clients")
         assert method["num_experts"] == min(10, clients or len(cfg["data"]["init_args"]["domains"])), config
         assert cfg["backbone"]["model"] == "RN50"
+
+
+XDATASET = ["Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft", "SUN397", "DTD",
+            "EuroSAT", "UCF101"]
+XDOMAIN = ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"]
+
+
+def test_transfer_configs_train_on_imagenet_and_share_one_protocol():
+    """<method>_xdataset.yaml / _xdomain.yaml for the five methods: ImageNet as the source, the ten CoOp datasets or
+    the four ImageNet variants as targets; PromptFL, FedOTP, FedPGP and FedMGP share one protocol (one table column
+    group), FedTPG runs its released cross_data federation."""
+    from fedprompt.table import protocol
+
+    assert len(TRANSFER) == 10
+    for kind, targets in (("xdataset", XDATASET), ("xdomain", XDOMAIN)):
+        protocols = {}
+        for method in ("promptfl", "fedotp", "fedpgp", "fedmgp", "fedtpg"):
+            cfg = yaml.safe_load((ROOT / "configs" / f"{method}_{kind}.yaml").read_text())
+            data = cfg["data"]["init_args"]
+            assert cfg["data"]["class_path"] == "fedprompt.data.Transfer"
+            assert data["source"]["class_path"] == "fedprompt.data.ImageNet"
+            assert [t["class_path"].rsplit(".", 1)[1] for t in data["targets"]] == targets
+            assert cfg["eval"]["mode"] == "global" and cfg["backbone"]["model"] == "ViT-B-16"
+            protocols[method] = protocol(cfg)
+        assert protocols["promptfl"] == protocols["fedotp"] == protocols["fedpgp"] == protocols["fedmgp"]
+        assert protocols["promptfl"]["data.init_args.source.init_args.num_shots"] == 16
+        assert protocols["fedtpg"]["data.init_args.source.init_args.partition.class_path"] == "fedprompt.data.CrossClass"
+
+
+@pytest.mark.parametrize("config", TRANSFER)
+def test_transfer_config_without_data_names_the_source_folder(cli, monkeypatch, config):
+    monkeypatch.delenv("FEDPROMPT_DATA", raising=False)
+    code, _, err = cli("fit", "--config", ROOT / config)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert "data.source (ImageNet): data.root is not set" in last and "imagenet" in last, last

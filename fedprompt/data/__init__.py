@@ -8,7 +8,10 @@ command line builds its parser quickly. Modules by concept:
 - :mod:`~fedprompt.data.reader`: :class:`FederatedData` (the reader base class) and the shared protocol;
 - readers: :mod:`~fedprompt.data.folders` (``DomainFolders``, ``SplitFolders``), :mod:`~fedprompt.data.cifar`,
   :mod:`~fedprompt.data.synthetic`, :mod:`~fedprompt.data.coop` (the CoOp-format datasets),
-  :mod:`~fedprompt.data.fedbn` (DomainNet, Office-Caltech10), :mod:`~fedprompt.data.combined` (several datasets);
+  :mod:`~fedprompt.data.fedbn` (DomainNet, Office-Caltech10), :mod:`~fedprompt.data.imagenet` (ImageNet and its
+  variants), :mod:`~fedprompt.data.combined` (several datasets), :mod:`~fedprompt.data.transfer` (train on one
+  dataset, evaluate on others);
+- :mod:`~fedprompt.data.scenarios`: the evaluation scenarios' sets (global, per domain) and the centralised split;
 - :mod:`~fedprompt.data.partition` (client partitions, few-shot sampling), :mod:`~fedprompt.data.protocols`
   (base/novel, validation);
 - images: :mod:`~fedprompt.data.check` (header checks), :mod:`~fedprompt.data.transforms`,
@@ -37,7 +40,10 @@ EXPORTS = {
     "Caltech101": "coop", "DTD": "coop", "EuroSAT": "coop", "FGVCAircraft": "coop", "Flowers102": "coop",
     "Food101": "coop", "OxfordPets": "coop", "StanfordCars": "coop", "SUN397": "coop", "UCF101": "coop",
     "DomainNet": "fedbn", "OfficeCaltech10": "fedbn",
-    "Combined": "combined",
+    "Combined": "combined", "Transfer": "transfer",
+    "ImageNet": "imagenet", "ImageNetA": "imagenet", "ImageNetR": "imagenet", "ImageNetSketch": "imagenet",
+    "ImageNetV2": "imagenet",
+    "centralize": "scenarios", "domain_sets": "scenarios", "global_sets": "scenarios",
 }
 
 __all__ = sorted(EXPORTS)

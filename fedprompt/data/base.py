@@ -91,9 +91,12 @@ class EvalSet:
         classnames: the class list the samples are classified among.
         samples: test samples, labels relative to ``classnames``.
         split: ``"base"`` (all base classes of a dataset), ``"novel"`` (all novel classes), or ``"all"`` (every class
-            of the dataset; an unseen dataset's set, or the whole test set when no base/novel split is made).
+            of the dataset; an unseen dataset's set, or the whole test set when no base/novel split is made); the
+            evaluation scenarios add ``"global"`` (a training dataset's whole test split, ``eval.mode: global`` or
+            ``dual``) and ``"domain"`` (one domain of it, ``eval.domains``; see :mod:`fedprompt.data.scenarios`).
         dataset: name of the dataset the set comes from.
         seen: ``False`` for a dataset the federation never trains on (unseen-dataset transfer).
+        domain: the domain of a ``"domain"`` set.
     """
 
     name: str
@@ -102,6 +105,7 @@ class EvalSet:
     split: str
     dataset: str
     seen: bool = True
+    domain: str = ""
 
 
 @dataclass

@@ -29,16 +29,28 @@ ROUTE_SEP = "|"
 
 class RoutedLoader:
     """Image loader of a combined federation: sample paths ``combined<i>|<key>`` go to dataset i's own loader
-    (CIFAR through torchvision, synthetic images) with the key as path; every other path is an image file."""
+    (CIFAR through torchvision, synthetic images) with the key as path; every other path goes to ``default`` (image
+    files unless given)."""
 
-    def __init__(self, loaders: dict[int, Callable[[Sample], Image.Image]]):
+    def __init__(self, loaders: dict[int, Callable[[Sample], Image.Image]],
+                 default: Callable[[Sample], Image.Image] = load_rgb):
         self.loaders = loaders
+        self.default = default
 
     def __call__(self, sample: Sample) -> Image.Image:
         index = route_index(sample.path)
         if index is None:
-            return load_rgb(sample)
+            return self.default(sample)
         return self.loaders[index](replace(sample, path=sample.path.split(ROUTE_SEP, 1)[1]))
+
+    @property
+    def cache_key(self) -> str | None:
+        """A stable identity when every routed loader has one (decoded images and features then persist)."""
+        from fedprompt.data.store import loader_key
+
+        keys = {str(i): loader_key(loader) for i, loader in sorted(self.loaders.items())}
+        keys["default"] = loader_key(self.default)
+        return None if None in keys.values() else repr(sorted(keys.items()))
 
 
 def route_index(path: str) -> int | None:

@@ -27,7 +27,8 @@ from fedprompt.federation.engine import GroupResult, GroupSize, LockstepTrainer,
 from fedprompt.federation.feed import Feed, LocalPlan, local_epoch_count, local_plan
 from fedprompt.federation.privacy import round_privacy
 from fedprompt.federation.protocols import ClientModule, MethodSpec
-from fedprompt.federation.sampling import derive_seed, place
+from fedprompt.federation.sampling import derive_seed, drop_clients, place
+from fedprompt.federation.scenarios import scenario_summary
 from fedprompt.metrics import accuracy_metric, harmonic_mean, summarize
 from fedprompt.timing import NoTimer, SectionTimer
 
@@ -77,9 +78,9 @@ class Federation:
     timer: SectionTimer | None = None
     modules: dict[tuple, ClientModule] = field(default_factory=dict)
     round_epochs: dict[int, int] = field(default_factory=dict, init=False, repr=False)
-    """Local epochs trained in each round (all its sampled clients), for :meth:`epochs_before`."""
+    """Local epochs trained in each round (its sampled clients that did not drop out), for :meth:`epochs_before`."""
     round_members: dict[int, frozenset] = field(default_factory=dict, init=False, repr=False)
-    """The clients sampled in each round, for :meth:`epochs_before` (``lr_scope: client``)."""
+    """The clients trained in each round, for :meth:`epochs_before` (``lr_scope: client``)."""
 
     def __post_init__(self):
         # lock-step groups hold clients of one class list: no group is larger than the largest set of clients that
@@ -140,14 +141,25 @@ class Federation:
         return self.aggregator.sample(len(self.clients), self.federation.fraction, self.seed, round_idx,
                                       everyone=round_idx == 1 and self.federation.all_clients_first_round)
 
+    def dropped(self, sampled: list[int], round_idx: int) -> list[int]:
+        """The sampled clients that never report in ``round_idx`` (``federation.drop_rate``; seeded, the same on
+        every rank): they do not train and send nothing."""
+        return drop_clients(sampled, self.federation.drop_rate, self.seed, round_idx)
+
+    def trained(self, round_idx: int) -> list[int]:
+        """The clients that train in ``round_idx``: the sampled ones that do not drop out."""
+        sampled = self.sampled(round_idx)
+        dropped = self.dropped(sampled, round_idx)
+        return [cid for cid in sampled if cid not in dropped]
+
     def epochs_before(self, cid: int, round_idx: int) -> int:
         """The schedule position of client ``cid``'s local round in ``round_idx`` (a function of the run seed and the
         client sizes only, so it holds on any number of processes and after a resume).
 
-        ``lr_scope: official``: the local epochs trained before it if the sampled clients were trained one after
-        another (rounds in order, a round's clients by increasing id), as the official code's single trainer does
-        (the position of its one learning-rate scheduler). ``lr_scope: client``: the local epochs client ``cid``
-        itself trained in earlier rounds (its own scheduler, as FedTPG's released code)."""
+        ``lr_scope: official``: the local epochs trained before it if the trained clients (sampled, not dropped)
+        were trained one after another (rounds in order, a round's clients by increasing id), as the official code's
+        single trainer does (the position of its one learning-rate scheduler). ``lr_scope: client``: the local epochs
+        client ``cid`` itself trained in earlier rounds (its own scheduler, as FedTPG's released code)."""
         def epochs(c: int) -> int:
             return local_epoch_count(len(self.clients[c].train), self.train.batch_size, self.train.local_epochs,
                                      self.train.local_steps)
@@ -155,14 +167,14 @@ class Federation:
         if self.method.optim.lr_scope == "client":
             for r in range(1, round_idx):
                 if r not in self.round_members:
-                    self.round_members[r] = frozenset(self.sampled(r))
+                    self.round_members[r] = frozenset(self.trained(r))
             return epochs(cid) * sum(cid in self.round_members[r] for r in range(1, round_idx))
         total = 0
         for r in range(1, round_idx):
             if r not in self.round_epochs:
-                self.round_epochs[r] = sum(epochs(c) for c in self.sampled(r))
+                self.round_epochs[r] = sum(epochs(c) for c in self.trained(r))
             total += self.round_epochs[r]
-        return total + sum(epochs(c) for c in self.sampled(round_idx) if c < cid)
+        return total + sum(epochs(c) for c in self.trained(round_idx) if c < cid)
 
     def train_clients(self, cids: list[int], round_idx: int, bar=None) -> dict[int, GroupResult]:
         """Train this rank's clients of the round, ``group_size`` at a time."""
@@ -180,7 +192,8 @@ class Federation:
         self.aggregator.begin_round(round_idx, self.global_state)
         bytes_down = sum(state_bytes(self.aggregator.download(self.global_state, cid)) for cid in sampled) \
             if self.global_state else 0
-        mine = place(sampled, fabric.global_rank, fabric.world_size)
+        dropped = self.dropped(sampled, round_idx)
+        mine = place(self.trained(round_idx), fabric.global_rank, fabric.world_size)
         bar = tqdm(total=len(mine), desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
         trained = self.train_clients(mine, round_idx, bar)
         bar.close()
@@ -199,6 +212,8 @@ class Federation:
                "parallel_clients": self.group_size}
         if summary["failed"]:
             row["failed_clients"] = {str(c): why for c, why in summary["failed"].items()}
+        if self.federation.drop_rate > 0:
+            row["dropped_clients"] = dropped
         row["train_seconds"] = time.perf_counter() - start
         row.update(round_privacy(self, round_idx))  # epsilon (client-level DP), record_epsilon (DP-FPL)
         return row
@@ -290,10 +305,11 @@ class Federation:
         slots = torch.arange(len(cids), device=self.fabric.device)
         return client, slots, self._text(client, slots)
 
-    def _evaluate_own(self, cids: list[int]) -> dict[int, tuple[float, float]]:
-        """(test, validation) accuracy of each client of ``cids`` (one class list) on its own data."""
+    def _evaluate_own(self, cids: list[int], test: bool = True) -> dict[int, tuple[float, float]]:
+        """(test, validation) accuracy of each client of ``cids`` (one class list) on its own data (test: NaN when
+        ``test`` is false, ``eval.mode: global``)."""
         client, slots, text = self._load_group(self.client_classnames(cids[0]), cids)
-        return {cid: (self._accuracy(client, text, slots, pos, f"test:{cid}"),
+        return {cid: (self._accuracy(client, text, slots, pos, f"test:{cid}") if test else math.nan,
                       self._accuracy(client, text, slots, pos, f"val:{cid}")) for pos, cid in enumerate(cids)}
 
     def _set_clients(self, eval_set) -> list[int]:
@@ -304,14 +320,20 @@ class Federation:
         return ids[:1] if self.method.global_model else ids
 
     def _evaluate_sets(self) -> dict[tuple[str, int], float]:
-        """Accuracy of the clients of each evaluation set (base / novel classes, unseen datasets) on it."""
-        out = {}
+        """Accuracy of the clients of each evaluation set (base / novel classes, unseen datasets, the global and
+        per-domain test splits) on it. Sets with the same class list and clients share one text pass: each client's
+        text features are computed once per class list and evaluation."""
+        groups: dict[tuple, list] = {}
         for eval_set in self.eval_sets:
-            mine = place(self._set_clients(eval_set), self.fabric.global_rank, self.fabric.world_size)
+            groups.setdefault((tuple(eval_set.classnames), tuple(self._set_clients(eval_set))), []).append(eval_set)
+        out = {}
+        for (classnames, cids), sets in groups.items():
+            mine = place(list(cids), self.fabric.global_rank, self.fabric.world_size)
             for chunk in self.chunks(mine):
-                client, slots, text = self._load_group(eval_set.classnames, chunk)
-                for pos, cid in enumerate(chunk):
-                    out[(eval_set.name, cid)] = self._accuracy(client, text, slots, pos, f"test:{eval_set.name}")
+                client, slots, text = self._load_group(list(classnames), chunk)
+                for eval_set in sets:
+                    for pos, cid in enumerate(chunk):
+                        out[(eval_set.name, cid)] = self._accuracy(client, text, slots, pos, f"test:{eval_set.name}")
         return out
 
     def evaluate_all(self) -> dict:
@@ -325,28 +347,36 @@ class Federation:
             groups.setdefault(tuple(self.client_classnames(cid)), []).append(cid)
         local: dict = {}
         bar = tqdm(total=len(mine), desc="evaluating", leave=False, disable=not self.progress)
+        personal = self.eval.mode != "global"
         for members in groups.values():
             for chunk in self.chunks(members):
-                local.update(self._evaluate_own(chunk))
+                local.update(self._evaluate_own(chunk, test=personal))
                 bar.update(len(chunk))
         bar.close()
         local.update(self._evaluate_sets())
         results: dict = {}
         for part in all_gather_objects(self.fabric, local):
             results.update(part)
+        out = self._personal_summary(results, ids) if personal else {}
+        val = [results[cid][1] for cid in ids if not math.isnan(results[cid][1])]
+        if val:
+            out["val_acc"] = sum(val) / len(val)
+        out.update(self._set_summary(results, out.get("local_acc", out.get("own_classes_acc"))))
+        if self.timer is not None:
+            self.timer.add("evaluation", time.perf_counter() - start)
+        return out
+
+    def _personal_summary(self, results: dict, ids: list[int]) -> dict:
+        """``local_acc`` (each client on its own test data, mean over clients), its std, ``client_acc`` and, for a
+        global model, ``global_acc`` over the union of the clients' test data (``own_classes_acc`` instead for
+        clients with their own class lists)."""
         accs = {cid: results[cid][0] for cid in ids}
         counts = {cid: len(self.clients[cid].test) for cid in ids}
         valid = {cid: a for cid, a in accs.items() if not math.isnan(a)}
         out = summarize(valid, counts, self.method.global_model)
         out["client_acc"] = [accs[cid] for cid in ids]
-        val = [results[cid][1] for cid in ids if not math.isnan(results[cid][1])]
-        if val:
-            out["val_acc"] = sum(val) / len(val)
         if any(c.classnames for c in self.clients):
             out = self._own_classes(out)
-        out.update(self._set_summary(results, out.get("local_acc", out.get("own_classes_acc"))))
-        if self.timer is not None:
-            self.timer.add("evaluation", time.perf_counter() - start)
         return out
 
     def _own_classes(self, out: dict) -> dict:
@@ -373,23 +403,26 @@ class Federation:
         for eval_set in self.eval_sets:
             values = [results[(eval_set.name, cid)] for cid in self._set_clients(eval_set)]
             per_set[eval_set.name] = sum(values) / len(values)
+        sets = [e for e in self.eval_sets if e.split in ("base", "novel", "all")]  # the data's own protocol sets
         out = {}
-        base = [per_set[e.name] for e in self.eval_sets if e.split == "base" and e.seen]
-        novel = [per_set[e.name] for e in self.eval_sets if e.split == "novel" and e.seen]
+        base = [per_set[e.name] for e in sets if e.split == "base" and e.seen]
+        novel = [per_set[e.name] for e in sets if e.split == "novel" and e.seen]
         if base and novel:
             out["base_acc"], out["novel_acc"] = sum(base) / len(base), sum(novel) / len(novel)
             out["hm"] = harmonic_mean(out["base_acc"], out["novel_acc"])
-            out["cm"] = (local_acc + out["hm"]) / 2
-        unseen = [per_set[e.name] for e in self.eval_sets if not e.seen]
+            if local_acc is not None:
+                out["cm"] = (local_acc + out["hm"]) / 2
+        unseen = [per_set[e.name] for e in sets if not e.seen]
         if unseen:
             out["unseen_acc"] = sum(unseen) / len(unseen)
         if len(base) == 1 and len(novel) == 1 and not unseen:
             for split in ("base", "novel"):
-                name = next(e.name for e in self.eval_sets if e.split == split)
+                name = next(e.name for e in sets if e.split == split)
                 out[f"client_{split}_acc"] = [results.get((name, cid), per_set[name])
                                               for cid in range(len(self.clients))]
-        else:
-            out["set_acc"] = per_set
+        elif sets:
+            out["set_acc"] = {e.name: per_set[e.name] for e in sets}
+        out.update(scenario_summary(self.eval_sets, per_set, results, self._set_clients, local_acc))
         return out
 
     def initial_states(self) -> None:

@@ -524,7 +524,7 @@ def round_privacy(fed, round_idx: int) -> dict:
     rounds_trained = {cid: 0 for cid in range(len(fed.clients))}
     for r in range(1, round_idx + 1):
         if r not in fed.round_members:
-            fed.round_members[r] = frozenset(fed.sampled(r))
+            fed.round_members[r] = frozenset(fed.trained(r))
         for cid in fed.round_members[r]:
             rounds_trained[cid] += 1
     participation: dict[tuple[float, int], int] = {}

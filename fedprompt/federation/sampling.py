@@ -23,3 +23,15 @@ def sample_clients(num_clients: int, fraction: float, seed: int, round_idx: int,
 def place(client_ids: list[int], rank: int, world_size: int) -> list[int]:
     """The clients this rank handles: round-robin over the sorted ids (balanced to within one client)."""
     return [cid for i, cid in enumerate(sorted(client_ids)) if i % world_size == rank]
+
+
+def drop_clients(sampled: list[int], rate: float, seed: int, round_idx: int) -> list[int]:
+    """Sorted ids of the sampled clients that never report in ``round_idx`` (FLiP's ``--client_drop_rate``): of the
+    n sampled, ``floor((1 - rate) * n)`` report, drawn without replacement (the count is taken with a tolerance of
+    1e-9: a rate of 0.9 keeps 1 of 10 clients, where FLiP's ``int()`` of the float product 0.999... keeps none)."""
+    if rate <= 0 or not sampled:
+        return []
+    keep = int((1 - rate) * len(sampled) + 1e-9)
+    rng = np.random.default_rng([seed, round_idx, 11])
+    kept = set(rng.choice(len(sampled), size=keep, replace=False).tolist())
+    return sorted(cid for i, cid in enumerate(sorted(sampled)) if i not in kept)
