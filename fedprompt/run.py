@@ -45,7 +45,8 @@ class RunArgs:
     """Seed of prompt initialisation, client sampling and local data order."""
     overwrite: bool = False
     """Delete the run files of out_dir (hyperparameters.yaml, metrics.jsonl, summary.json, checkpoints/, logs) and
-    start a new run there, instead of refusing to write into it (fit, zeroshot)."""
+    start a new run there, instead of refusing to write into it (fit, zeroshot); the old run is deleted only once
+    the new run's checks (config, data, weights) passed."""
     resolved_config: Optional[dict] = None
     """The resolved configuration as the command line parsed it (written as hyperparameters.yaml); not a flag. When
     a command is called from Python without it, one is rebuilt from the objects."""

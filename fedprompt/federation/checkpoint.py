@@ -52,6 +52,9 @@ def _same_lockstep_groups(saved: dict, now: dict) -> bool:
 #: ``on_bad_image: skip`` it decides which images are used).
 RESUME_MAY_CHANGE: tuple[MayChange, ...] = (
     MayChange("federation.rounds", "the round to reach: a run continues to more rounds (with fewer it is complete)"),
+    MayChange("federation.on_client_failure", "what happens at a failure, not what a round computes: a run stopped "
+                                              "by a failure (raise) continues leaving failed clients out (skip)"),
+    MayChange("federation.max_failed_rounds", "when a run whose clients all fail stops"),
     MayChange("log.*", "logging, progress bars and extra checkpoint files only"),
     MayChange("out_dir", "a resumed run continues in its own folder (checked on its own)"),
     MayChange("resume", "the checkpoint to continue from"),
