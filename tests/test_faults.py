@@ -293,6 +293,7 @@ def test_a_damaged_row_before_the_last_is_one_error_naming_the_file(tmp_path):
     (["--data.seed", str(2**32)], "--data.seed must be an integer from 0 to 2**32 - 1 (numpy's RandomState range)"),
     (["--out_dir", ""], "--out_dir is empty"),
     (["--out_dir", " "], "--out_dir is empty"),
+    (["--resume", ""], "--resume is empty"),
     (["--federation.max_failed_rounds", "0"], "--federation.max_failed_rounds must be >= 1, got 0"),
     (["--data.max_image_pixels", "0"], "--data.max_image_pixels must be >= 1 (or null for no limit)"),
 ])
@@ -611,3 +612,37 @@ def test_an_image_store_changed_in_place_is_rebuilt_not_used(tmp_path, capsys):
     calls.clear()
     ImageStore.build(splits.source.test, loader, kind, directory=tmp_path, progress=False)
     assert calls == []  # the rebuilt store is used
+
+
+def test_a_cache_that_cannot_be_written_stays_in_memory(tiny_backbone, tmp_path, monkeypatch, capsys):
+    import lightning as L
+
+    import fedprompt.data.store as store
+    from fedprompt.data import Synthetic, clip_transforms
+    from fedprompt.data.cache import FeatureCache
+    from fedprompt.data.store import ImageStore, StoreKind
+
+    splits = Synthetic(num_classes=2, train_per_class=2, test_per_class=2, image_size=32).setup()
+    transform = clip_transforms(tiny_backbone.preprocess_cfg, augment=False)[1]
+    real_save = torch.save
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", full_disk)
+        cache = FeatureCache(tiny_backbone, L.Fabric(accelerator="cpu", devices=1), ("features",), 8, splits.loader,
+                             directory=tmp_path)
+        features = cache.dataset(splits.source.test, transform, "test").tensors["features"]
+    assert features.shape[0] == len(splits.source.test) and not list(tmp_path.rglob("*.pt*"))
+    assert "feature cache: cannot write" in capsys.readouterr().err
+    assert torch.save is real_save
+
+    def no_space(path, write):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "_replace_with", no_space)
+    kind = StoreKind.test(clip_transforms({"size": 32}, augment=False)[1])
+    images = ImageStore.build(splits.source.test, splits.loader, kind, directory=tmp_path / "images", progress=False)
+    assert len(images) == len(splits.source.test) and "the decoded images stay in memory" in capsys.readouterr().err
