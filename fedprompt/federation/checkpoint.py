@@ -107,7 +107,7 @@ def config_differences(saved: dict, now: dict, default_of: Callable[[str], objec
     out = []
     for key in sorted(set(fs) | set(fn)):
         a, b = fs.get(key, _ABSENT), fn.get(key, _ABSENT)
-        if a == b or (a is not _ABSENT and b is not _ABSENT and _equal_numbers(a, b)):
+        if a is not _ABSENT and b is not _ABSENT and _equal_numbers(a, b):
             continue
         rule = next((r for r in RESUME_MAY_CHANGE if r.matches(key)), None)
         if rule is not None and (rule.when is None or rule.when(fs, fn)):
@@ -154,6 +154,21 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename survives a power cut); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
