@@ -61,12 +61,12 @@ def test_fedtpg_reduce_path_two_processes_match_one(cli, tmp_path):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
 
 
-def test_maple_reduce_path_two_processes_match_one(tmp_path):
+def test_maple_reduce_path_two_processes_match_one(cli, tmp_path):
     """MaPLe's deep text prompts and per-client coupling (every tensor shared) through the all-reduce path on two
     processes agree with one process up to float rounding."""
     extra = ["--method", "MaPLe", "--method.text_depth", "2", "--method.lr", "0.01", "--federation.rounds", "2"]
-    run(tmp_path / "one", *extra)
-    run(tmp_path / "two", *extra, "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp")
+    run_one(cli, tmp_path / "one", *extra)
+    run(tmp_path / "two", *extra)
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(one["global"]) == {"text_prompts.ctx", "coupling.weight", "coupling.bias"}
