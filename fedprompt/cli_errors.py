@@ -169,9 +169,10 @@ def _bases() -> dict[str, type]:
 
 
 def _class_in(annotation) -> type | None:
-    """The class a class-typed setting takes (``Optional[Partitioner]`` -> ``Partitioner``), else ``None``."""
-    if isinstance(annotation, type) and annotation not in (int, float, str, bool, dict, list, tuple, type(None)):
-        return annotation
+    """The fedprompt class a class-typed setting takes (``Optional[Partitioner]`` -> ``Partitioner``), else
+    ``None``."""
+    if isinstance(annotation, type):
+        return annotation if annotation.__module__.startswith("fedprompt.") else None
     if typing.get_origin(annotation) is typing.Union or str(typing.get_origin(annotation)) == \
             "<class 'types.UnionType'>":
         found = [c for c in (_class_in(a) for a in typing.get_args(annotation)) if c is not None]

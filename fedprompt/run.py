@@ -59,7 +59,6 @@ class RunArgs:
                 raise FedPromptError(f"--{name} is empty; pass a path (or leave --{name} out).")
 
 
-
 @dataclass(kw_only=True)
 class BenchArgs:
     """``fedprompt bench``'s own options."""

@@ -68,8 +68,6 @@ def describe(folder: Path) -> str:
 
 def not_writable(folder: Path) -> str | None:
     """Why ``folder`` cannot be created or written to (``None`` if it can): one line."""
-    if not str(folder).strip():
-        return "out_dir is empty; pass --out_dir with a folder path (or leave it out: runs/<method>-<time>)."
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
