@@ -48,6 +48,9 @@ def with_run_config(argv: list[str]) -> list[str]:
     resume = _flag_value(rest, "--resume")
     if not resume or resume == "null" or _flag_value(rest, "--config") is not None:
         return argv
+    if not Path(resume).is_file():
+        raise FedPromptError(f"--resume {resume}: checkpoint file not found; pass the checkpoints/last.ckpt of a run "
+                             "directory.")
     run = run_dir_of(resume)
     config = run / "hyperparameters.yaml" if run is not None else None
     if config is None or not config.is_file():

@@ -45,6 +45,22 @@ def check_ranges(group: str, obj, **rules: tuple) -> None:
         raise FedPromptError("; ".join(problems) + ".")
 
 
+#: the largest ``seed``: torch's ``manual_seed`` takes at most 2**64 - 1 (and numpy's ``SeedSequence`` nothing
+#: negative)
+SEED_MAX = 2**64 - 1
+#: the largest ``data.seed``: numpy's ``RandomState`` (the official partitions' generator) takes at most 2**32 - 1
+DATA_SEED_MAX = 2**32 - 1
+
+
+def check_seed(flag: str, value, high: int) -> None:
+    """``value`` is an integer in ``[0, high]`` (``high``: :data:`SEED_MAX` or :data:`DATA_SEED_MAX`); one line
+    naming ``flag`` otherwise."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+    if not ok:
+        limit = "2**64 - 1 (torch's seed range)" if high == SEED_MAX else "2**32 - 1 (numpy's RandomState range)"
+        raise FedPromptError(f"{flag} must be an integer from 0 to {limit}, got {value!r}.")
+
+
 @dataclass
 class BackboneArgs:
     """The frozen open_clip backbone shared by every client."""
@@ -77,7 +93,11 @@ class FederationArgs:
     the device runs out of memory."""
     on_client_failure: Literal["raise", "skip"] = "raise"
     """A client whose training fails or whose loss is not finite stops the run (raise; the last checkpoint is
-    kept) or is left out of that round's aggregation and listed in metrics.jsonl as failed_clients (skip)."""
+    kept) or is left out of that round's aggregation, listed in metrics.jsonl as failed_clients and named on the
+    console (skip)."""
+    max_failed_rounds: int = 3
+    """With on_client_failure skip: stop after this many consecutive rounds in which every sampled client failed
+    (the prompts no longer change)."""
     drop_rate: float = 0.0
     """Stragglers (FLiP's --client_drop_rate): each round, of the n sampled clients only floor((1 - drop_rate) n)
     report, chosen at random (seeded by the run seed and the round, the same on every rank); the others never
@@ -88,7 +108,7 @@ class FederationArgs:
     with local_steps, local_steps x the clients sampled per round (the federation's steps of a round)."""
 
     def __post_init__(self):
-        check_ranges("federation", self, rounds=(1, None), fraction=(0, 1, "open"))
+        check_ranges("federation", self, rounds=(1, None), fraction=(0, 1, "open"), max_failed_rounds=(1, None))
         if self.parallel_clients != "auto":
             check_ranges("federation", self, parallel_clients=(1, None))
         rate = self.drop_rate
@@ -180,12 +200,27 @@ class LogArgs:
         check_ranges("log", self, checkpoint_every=(0, None))
 
 
+def lightning_names() -> tuple[list[str], list[str]]:
+    """The accelerator and precision names Lightning Fabric accepts: ``auto``, ``gpu`` and its accelerator registry;
+    the values of its precision type (``32-true``, ``bf16-mixed``, ..., and the short forms ``32``, ``bf16``)."""
+    import typing
+
+    from lightning.fabric import connector
+    from lightning.fabric.accelerators import ACCELERATOR_REGISTRY
+
+    accelerators = ["auto", "gpu", *sorted(ACCELERATOR_REGISTRY.available_accelerators())]
+    precisions = []
+    for literal in typing.get_args(connector._PRECISION_INPUT):  # Lightning's own list of precision values
+        precisions += [str(value) for value in typing.get_args(literal)]
+    return accelerators, list(dict.fromkeys(precisions))
+
+
 @dataclass
 class FabricArgs:
     """Lightning Fabric: devices, nodes, precision."""
 
     accelerator: str = "auto"
-    """cpu, cuda, auto, ..."""
+    """cpu, cuda, gpu, mps, auto (any name of Lightning's accelerator registry)."""
     devices: Union[int, str] = 1
     """Processes per node (one per GPU), or 'auto'."""
     num_nodes: int = 1
@@ -193,12 +228,22 @@ class FabricArgs:
     strategy: str = "auto"
     """auto, ddp (clients spread over processes; gloo on CPU, NCCL on GPU)."""
     precision: str = "32-true"
-    """32-true, bf16-mixed (prompts stay fp32) or 16-mixed."""
+    """32-true, bf16-mixed (prompts stay fp32) or 16-mixed (any precision Lightning Fabric accepts)."""
 
     def __post_init__(self):
         check_ranges("fabric", self, num_nodes=(1, None))
         if isinstance(self.devices, int) and not isinstance(self.devices, bool) and self.devices != -1:
             check_ranges("fabric", self, devices=(1, None))  # -1 and strings ('auto', '0,1') are Lightning's
+        if (self.accelerator, str(self.precision)) == ("auto", "32-true"):
+            return  # the defaults (valid in every Lightning): a help page imports no Lightning
+        accelerators, precisions = lightning_names()
+        problems = []
+        if self.accelerator not in accelerators:
+            problems.append(f"--fabric.accelerator must be one of {', '.join(accelerators)}, got {self.accelerator!r}")
+        if str(self.precision) not in precisions:
+            problems.append(f"--fabric.precision must be one of {', '.join(precisions)}, got {self.precision!r}")
+        if problems:
+            raise FedPromptError("; ".join(problems) + ".")
 
 
 def require_dp_accounting(setting: str) -> None:

@@ -168,24 +168,57 @@ def _bases() -> dict[str, type]:
     return {"method": Method, "data": FederatedData}
 
 
+def _class_in(annotation) -> type | None:
+    """The fedprompt class a class-typed setting takes (``Optional[Partitioner]`` -> ``Partitioner``), else
+    ``None``."""
+    if isinstance(annotation, type):
+        return annotation if annotation.__module__.startswith("fedprompt.") else None
+    if typing.get_origin(annotation) is typing.Union or str(typing.get_origin(annotation)) == \
+            "<class 'types.UnionType'>":
+        found = [c for c in (_class_in(a) for a in typing.get_args(annotation)) if c is not None]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def _base_at(prefix: str, selected: dict) -> type | None:
+    """The base class of the class-valued setting ``prefix`` (``method``, ``data``, ``data.partition``, ...)."""
+    if prefix in CLASS_KEYS:
+        return _bases()[prefix]
+    parent, _, name = prefix.rpartition(".")
+    owner = _class_at(parent, selected) if parent else None
+    return _class_in(settings_of(owner).get(name)) if owner is not None else None
+
+
+def _class_at(prefix: str, selected: dict) -> type | None:
+    """The class chosen so far for the class-valued setting ``prefix`` (from ``selected``: prefix -> class_path)."""
+    base = _base_at(prefix, selected)
+    return resolve_class(selected.get(prefix), base) if base is not None and prefix in selected else None
+
+
 def check_setting(key: str, value, selected: dict, groups: dict[str, type]) -> str | None:
     """What is wrong with setting ``key`` (dotted, without ``init_args``) = ``value`` (YAML-loaded), or ``None``
-    when nothing is found. ``selected`` maps ``method`` / ``data`` to their class_path value so far; ``groups``
-    maps the other top-level keys to their settings class (or the annotation of a plain top-level setting)."""
+    when nothing is found. ``selected`` maps the class-valued settings chosen so far (``method``, ``data``,
+    ``data.partition``, ...) to their class_path value; ``groups`` maps the other top-level keys to their settings
+    class (or the annotation of a plain top-level setting)."""
     head, _, rest = key.partition(".")
-    bases = _bases()
-    if head in CLASS_KEYS and not rest:
-        if isinstance(value, (str, dict)) and resolve_class(value, bases[head]) is None:
-            return (f"unknown {head} class {value.get('class_path') if isinstance(value, dict) else value!r}; "
-                    f"choose one of {', '.join(class_names(bases[head]))} (or a full class_path)")
-        return None
+    if key.endswith(".class_path"):
+        return check_setting(key[: -len(".class_path")], value, selected, groups)
     if head in CLASS_KEYS:
-        if rest == "class_path":
-            return check_setting(head, value, selected, groups)
-        cls = resolve_class(selected.get(head), bases[head])
-        if cls is None or "." in rest:
+        base = _base_at(key, selected)
+        if base is not None and isinstance(value, (str, dict)):  # a class-valued setting: the class must exist
+            if resolve_class(value, base) is None:
+                shown = value.get("class_path") if isinstance(value, dict) else value
+                return (f"unknown {key} class {shown!r}; choose one of {', '.join(class_names(base))} (or a full "
+                        "class_path)")
+            return None
+        if not rest:
+            return None
+        prefix, _, name = key.rpartition(".")
+        cls = _class_at(prefix, selected)
+        if cls is None:
             return None
         owner, settings = cls.__name__, settings_of(cls)
+        rest = name
     elif head in groups and dataclasses.is_dataclass(groups[head]):
         if not rest or "." in rest:
             return None
@@ -260,18 +293,43 @@ def _groups_of(command: str) -> dict[str, type]:
     return groups
 
 
+def _class_paths(tree, prefix: str = "") -> dict:
+    """``{dotted key: class_path}`` of every class chosen in a config mapping (``data``, ``data.partition``)."""
+    out = {}
+    if isinstance(tree, dict):
+        if "class_path" in tree and prefix:
+            out[prefix] = tree["class_path"]
+        for key, value in tree.items():
+            if key == "init_args":
+                out.update(_class_paths(value, prefix))
+            elif key != "class_path":
+                out.update(_class_paths(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
 def _selected_in(args: list[str]) -> dict:
-    """The method / data class chosen so far by config files and flags."""
+    """The classes chosen so far by config files and flags: ``{"method": ..., "data": ..., "data.partition": ...}``."""
     selected: dict = {}
     for unit in _units(args):
         if unit[0] == "--config" and len(unit) == 2:
             tree = yaml.safe_load(Path(unit[1]).read_text()) or {}
-            for head in CLASS_KEYS:
-                if isinstance(tree, dict) and isinstance(tree.get(head), dict) and "class_path" in tree[head]:
-                    selected[head] = tree[head]["class_path"]
-        key = unit[0][2:].split("=", 1)[0]
-        if key in CLASS_KEYS or key in tuple(f"{h}.class_path" for h in CLASS_KEYS):
-            selected[key.split(".")[0]] = unit[1] if len(unit) == 2 else unit[0].split("=", 1)[1]
+            for prefix, path in _class_paths(tree).items():
+                if prefix.split(".")[0] in CLASS_KEYS:
+                    selected = {k: v for k, v in selected.items() if not k.startswith(prefix + ".")}
+                    selected[prefix] = path
+            continue
+        key = unit[0][2:].split("=", 1)[0].replace(".init_args.", ".")
+        if key.endswith(".class_path"):
+            key = key[: -len(".class_path")]
+        if key.split(".")[0] in CLASS_KEYS and len(unit) <= 2:
+            value = unit[1] if len(unit) == 2 else unit[0].split("=", 1)[1] if "=" in unit[0] else None
+            try:
+                base = _base_at(key, selected)
+            except Exception:  # noqa: BLE001 - an unknown parent class: nothing chosen
+                base = None
+            if base is not None and isinstance(value, str) and resolve_class(value, base) is not None:
+                selected = {k: v for k, v in selected.items() if not k.startswith(key + ".")}
+                selected[key] = value
     return selected
 
 

@@ -9,11 +9,13 @@ directory on rank 0). Everything that can be checked without loading data or a m
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shlex
 import time
-from dataclasses import fields, is_dataclass, replace
+from contextlib import contextmanager
+from dataclasses import MISSING, fields, is_dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -30,12 +32,13 @@ from fedprompt.data.cache import FeatureCache
 from fedprompt.data.reader import FederatedData
 from fedprompt.data.transforms import clip_transforms
 from fedprompt.errors import FedPromptError, warn
-from fedprompt.federation.checkpoint import check_resume, check_shapes, load_checkpoint, read_jsonl, \
+from fedprompt.federation.checkpoint import append_jsonl, check_resume, check_shapes, load_checkpoint, read_jsonl, \
     save_checkpoint, state_shapes, write_json, write_jsonl, write_text
 from fedprompt.federation.feed import CachedFeatures, Feed, ImageFiles, StoredImages, sample_lists
 from fedprompt.federation.loop import Federation
 from fedprompt.federation.scenarios import central_train, evaluation_sets, scenario_keys, scenario_line
-from fedprompt.loggers import build_logger, log_client_table, logger_run_id, numeric_metrics, save_logger
+from fedprompt.loggers import build_logger, check_logger, log_client_table, logger_run_id, numeric_metrics, \
+    save_logger
 from fedprompt.methods.method import Method
 from fedprompt.paths import missing_dirs, remove_if_left_empty
 
@@ -60,25 +63,43 @@ def setup(mode: str, run: RunArgs) -> dict:
     _check_arguments(mode, run)
     checkpoint = load_checkpoint(run.resume) if run.resume else None
     if checkpoint is not None:
-        check_resume(checkpoint, run.resume, run.method.name, run.method.hparams())
         origin = rundir.run_dir_of(run.resume)
         if run.out_dir is None and origin is not None:
             run.out_dir = str(origin)  # a resumed run continues in its own folder
+    if run.resolved_config is None:  # a run started from Python: its config, fixed before anything runs
+        run.resolved_config = run_config(run)
+    if checkpoint is not None:
+        check_resume(checkpoint, run.resume, run.method.name, run.method.hparams(),
+                     config=run_config(run) if mode == "fit" else None,
+                     default_of=lambda key: setting_default(run, key))
         if mode == "fit" and checkpoint["round"] >= run.federation.rounds:
             complete = _completed_run(run, checkpoint)
             if complete is not None:
                 return complete
-    import lightning as L  # here, not at import time: the CLI builds its parser without it
-
-    fab = run.fabric
-    fabric = L.Fabric(accelerator=fab.accelerator, devices=fab.devices, num_nodes=fab.num_nodes,
-                      strategy=fab.strategy, precision=fab.precision)
+    fabric = _build_fabric(run)
     fabric.launch()
     return main(fabric, mode, run, checkpoint)
 
 
+def _build_fabric(run: RunArgs):
+    """Lightning Fabric from the ``fabric`` settings; settings Lightning refuses are one line naming them."""
+    import lightning as L  # here, not at import time: the CLI builds its parser without it
+
+    fab = run.fabric
+    try:
+        return L.Fabric(accelerator=fab.accelerator, devices=fab.devices, num_nodes=fab.num_nodes,
+                        strategy=fab.strategy, precision=fab.precision)
+    except Exception as err:  # noqa: BLE001 - Lightning raises ValueError, RuntimeError, MisconfigurationException
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise FedPromptError(f"fabric: Lightning cannot run with accelerator {fab.accelerator}, devices "
+                             f"{fab.devices}, num_nodes {fab.num_nodes}, strategy {fab.strategy}, precision "
+                             f"{fab.precision} ({reason[:300]}); change the --fabric settings.") from None
+
+
 def _check_arguments(mode: str, run: RunArgs) -> None:
-    """Checks that need no data and no model (the ranges of numbers are checked by the argument dataclasses)."""
+    """Checks that need no data and no model (the ranges of numbers and the names Lightning knows are checked by
+    the argument dataclasses): the settings fit together, the accelerator asked for exists on this machine, the
+    logger's package is installed."""
     if mode == "zeroshot" and run.method is None:
         from fedprompt.methods import ZeroShot
 
@@ -96,6 +117,53 @@ def _check_arguments(mode: str, run: RunArgs) -> None:
         raise FedPromptError("--overwrite true deletes the run that --resume continues: pass only one of them.")
     if mode == "zeroshot" and run.resume:
         raise FedPromptError("zeroshot takes no --resume (it trains nothing); use fedprompt evaluate --resume.")
+    check_accelerator(run.fabric.accelerator)
+    if mode != "evaluate":
+        check_logger(run.log)
+
+
+def check_accelerator(name: str) -> None:
+    """The accelerator asked for is present on this machine (Lightning's own availability test); one line if not."""
+    from lightning.fabric.accelerators import ACCELERATOR_REGISTRY, CUDAAccelerator, MPSAccelerator
+
+    if name == "auto":
+        return
+    if name == "gpu":
+        if not (CUDAAccelerator.is_available() or MPSAccelerator.is_available()):
+            raise FedPromptError("--fabric.accelerator gpu: this machine has no GPU Lightning can use (neither CUDA "
+                                 "nor MPS); pass --fabric.accelerator cpu (or auto).")
+        return
+    if name in ACCELERATOR_REGISTRY and not ACCELERATOR_REGISTRY.get(name).is_available():
+        what = {"cuda": "CUDA device (torch.cuda.is_available() is false)", "mps": "Apple MPS device"}
+        raise FedPromptError(f"--fabric.accelerator {name}: this machine has no {what.get(name, name + ' device')}; "
+                             "pass --fabric.accelerator cpu (or auto, which takes what there is).")
+
+
+def setting_default(run: RunArgs, key: str):
+    """The default of setting ``key`` (dotted, without ``init_args``) of this run's classes: a dataclass field's
+    default or an ``__init__`` parameter's; a value that equals nothing when it cannot be told. Used on resume for
+    a setting the checkpoint does not record (added to fedprompt after the run started)."""
+    import inspect
+
+    unknown = object()
+    *path, name = key.split(".")
+    obj = run
+    for part in path:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return unknown
+    for field in fields(obj) if is_dataclass(obj) else ():
+        if field.name == name:
+            if field.default is not MISSING:
+                return field.default
+            return field.default_factory() if field.default_factory is not MISSING else unknown
+    for klass in type(obj).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None and klass is not object:
+            param = inspect.signature(init).parameters.get(name)
+            if param is not None and param.default is not inspect.Parameter.empty:
+                return param.default
+    return unknown
 
 
 def _completed_run(run: RunArgs, checkpoint: dict) -> dict | None:
@@ -120,17 +188,54 @@ def _out_dir(fabric, run: RunArgs) -> Path:
     return Path(fabric.broadcast(out, src=0))
 
 
-def _claim_run_dir(fabric, mode: str, run: RunArgs, out_dir: Path) -> None:
-    """Rank 0 checks that ``out_dir`` can be written and holds no other run (deleting it with ``--overwrite``);
-    every rank raises the same one-line error."""
+@contextmanager
+def _claimed(fabric, mode: str, run: RunArgs, out_dir: Path):
+    """Hold ``out_dir`` for this command: rank 0 checks that it can be written, takes its one-writer lock
+    (:class:`fedprompt.rundir.RunLock`) and checks that it holds no other run; every rank raises the same one-line
+    error. Nothing is deleted here: ``--overwrite`` clears the old run only once the new run's checks passed
+    (:func:`_begin_writing`)."""
+    lock = rundir.RunLock(out_dir)
     problem = None
     if fabric.global_rank == 0:
-        problem = rundir.claim_problem(out_dir, mode, run.resume, run.overwrite) or rundir.not_writable(out_dir)
-        if problem is None and run.overwrite and mode != "evaluate" and rundir.holds_run(out_dir):
-            rundir.clear(out_dir)
+        problem = (rundir.not_writable(out_dir) or lock.acquire()
+                   or rundir.claim_problem(out_dir, mode, run.resume, run.overwrite))
     problem = fabric.broadcast(problem, src=0)
-    if problem:
-        raise FedPromptError(problem)
+    try:
+        if problem:
+            raise FedPromptError(problem)
+        yield
+    finally:
+        lock.release()
+
+
+def _begin_writing(fabric, mode: str, run: RunArgs, out_dir: Path) -> None:
+    """Every check passed and the run writes its first file: with ``--overwrite`` the old run goes now (rank 0)."""
+    if fabric.global_rank == 0 and run.overwrite and mode != "evaluate" and rundir.holds_run(out_dir):
+        rundir.clear(out_dir)
+
+
+@contextmanager
+def _writing(out_dir: Path, saved_round: int | None = None):
+    """A failed write (a full disk, a read-only or vanished folder) is one line naming the folder and what was kept
+    (``saved_round``: the round checkpoints/last.ckpt holds; ``None`` before training)."""
+    try:
+        yield
+    except OSError as err:
+        raise FedPromptError(_write_problem(out_dir, err, saved_round)) from None
+
+
+def _write_problem(out_dir: Path, err: OSError, saved_round: int | None) -> str:
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (the disk or quota is full)"
+    where = f"; {err.filename}" if err.filename else ""
+    head = f"cannot write the run directory {out_dir} ({reason}{where})"
+    if saved_round is None:
+        return f"{head}; nothing of this run was changed. Free space or fix the folder, then run the command again."
+    if saved_round == 0:
+        return f"{head}; no round was saved yet. Free space or fix the folder, then run the command again."
+    return (f"{head}; checkpoints/last.ckpt keeps round {saved_round} and metrics.jsonl its rows. Free space or fix "
+            f"the folder, then resume: {rundir.resume_command(out_dir)}")
 
 
 def run_config(run: RunArgs) -> dict:
@@ -163,16 +268,23 @@ def _config_yaml(run: RunArgs) -> str:
 
 def _prepare_run_dir(fabric, out_dir: Path, mode: str, run: RunArgs, checkpoint: dict | None,
                      bad_images: list[tuple[str, str]]) -> list[dict]:
-    """Rank 0 of fit: write hyperparameters.yaml and the list of left-out images, keep the metrics rows up to the
-    checkpoint; returns those rows (empty on the other ranks, which log nothing)."""
+    """Rank 0 of fit, once every check passed: clear the old run (``--overwrite``), write hyperparameters.yaml and
+    the list of left-out images, keep the metrics rows up to the checkpoint (a torn last row, cut short by a crash
+    or a full disk, is dropped with a warning); returns those rows (empty on the other ranks, which log nothing)."""
     if mode != "fit" or fabric.global_rank != 0:
         return []
     done = checkpoint["round"] if checkpoint else 0
-    rows = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["round"] <= done]
-    write_text(out_dir / "hyperparameters.yaml", _config_yaml(run))
-    write_jsonl(out_dir / "metrics.jsonl", rows)
-    if bad_images:
-        write_text(out_dir / "bad_images.txt", "".join(f"{path}\t{why}\n" for path, why in bad_images))
+    torn: list[str] = []
+    rows = [r for r in read_jsonl(out_dir / "metrics.jsonl", torn) if r["round"] <= done] if checkpoint else []
+    if torn:
+        warn(f"{out_dir / 'metrics.jsonl'}: dropped its torn last line (a write cut short by a crash or a full disk); "
+             f"the run continues from checkpoints/last.ckpt (round {done}) and the CSV log is rebuilt.")
+    with _writing(out_dir, done if checkpoint else None):
+        _begin_writing(fabric, mode, run, out_dir)
+        write_text(out_dir / "hyperparameters.yaml", _config_yaml(run))
+        write_jsonl(out_dir / "metrics.jsonl", rows)
+        if bad_images:
+            write_text(out_dir / "bad_images.txt", "".join(f"{path}\t{why}\n" for path, why in bad_images))
     return rows
 
 
@@ -356,6 +468,7 @@ def _checkpoint(fed: Federation, round_idx: int, run: RunArgs, run_id: str | Non
     return {"round": round_idx, "global": fed.global_state, "clients": {cid: s for cid, s in fed.states.items()},
             "aggregator": fed.aggregator.state_dict(), "method": fed.method.name,
             "method_hparams": fed.method.hparams(), "shapes": state_shapes(fed.states[min(fed.states)]),
+            "config": run_config(run),
             "sampler": {"seed": run.seed, "fraction": run.federation.fraction, "next_round": round_idx + 1},
             "rng": {"torch": torch.get_rng_state()}, "logger_run_id": run_id}
 
@@ -364,9 +477,9 @@ def main(fabric, mode: str, run: RunArgs, checkpoint: dict | None = None) -> dic
     """Run one command on this rank; returns the summary (on every rank)."""
     out_dir = _out_dir(fabric, run)
     created = missing_dirs(out_dir) if fabric.global_rank == 0 else []
-    _claim_run_dir(fabric, mode, run, out_dir)
     try:
-        with remove_if_left_empty(created):  # a run that fails before writing anything leaves no empty folder
+        # a run that fails before writing anything leaves no empty folder; the lock goes first
+        with remove_if_left_empty(created), _claimed(fabric, mode, run, out_dir):
             return _run(fabric, mode, run, checkpoint, out_dir)
     except KeyboardInterrupt:
         raise Interrupted(_interrupt_message(mode, run, out_dir)) from None
@@ -388,19 +501,25 @@ def _interrupt_message(mode: str, run: RunArgs, out_dir: Path) -> str:
 
 
 def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path) -> dict:
+    """Check everything, then touch anything: the data, the weights, the backbone, the federation and the
+    checkpoint's fit are all checked before the first file of the run directory is written (or, with
+    ``--overwrite``, deleted)."""
     splits = _read_data_and_check_weights(run)
     fed, classnames = build_federation(fabric, run, splits)
-    previous = _prepare_run_dir(fabric, out_dir, mode, run, checkpoint, splits.bad_images)
     if checkpoint is not None:
-        _restore(fed, checkpoint, run.resume)
+        _restore(fed, checkpoint, run.resume)  # checks the prompt shapes and the clients first; memory only
     if mode != "fit" or not fed.method.trains:  # zeroshot never trains, whatever the method
-        return _evaluate_only(fabric, fed, mode, run, out_dir, checkpoint)
-    logger = build_logger(run.log, out_dir, checkpoint.get("logger_run_id") if checkpoint else None,
-                          run_config(run), previous) if fabric.global_rank == 0 else None
+        return _evaluate_only(fabric, fed, mode, run, out_dir, checkpoint, splits.bad_images)
+    previous = _prepare_run_dir(fabric, out_dir, mode, run, checkpoint, splits.bad_images)
     start = checkpoint["round"] + 1 if checkpoint else 1
+    with _writing(out_dir, start - 1):
+        logger = build_logger(run.log, out_dir, checkpoint.get("logger_run_id") if checkpoint else None,
+                              run_config(run), previous) if fabric.global_rank == 0 else None
     rounds = run.federation.rounds
     row: dict = previous[-1] if previous else {}  # a resumed complete run rewrites its summary from its last row
     selector = _Selector(run.eval.select, out_dir)
+    failures = _FailedRounds(run.federation.max_failed_rounds, previous)
+    saved = start - 1  # the round checkpoints/last.ckpt holds
     bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not fed.progress)
     for round_idx in bar:
         tic = time.perf_counter()
@@ -408,27 +527,80 @@ def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path
         if round_idx % run.eval.every == 0 or round_idx == rounds:
             row.update(fed.evaluate_all())
         row["round_seconds"] = time.perf_counter() - tic
+        problem = None
         if fabric.global_rank == 0:
-            _log_round(out_dir, logger, fed, row)
-            save_logger(logger)
-            state = _checkpoint(fed, round_idx, run, logger_run_id(logger))  # the W&B id exists once it logged
-            save_checkpoint(state, out_dir / "checkpoints" / "last.ckpt")
-            selector.update(row, state)
-            every = run.log.checkpoint_every
-            if every and round_idx % every == 0:
-                save_checkpoint(state, out_dir / "checkpoints" / f"round-{round_idx:04d}.ckpt")
+            try:
+                _log_round(out_dir, logger, fed, row)
+                save_logger(logger)
+                state = _checkpoint(fed, round_idx, run, logger_run_id(logger))  # the W&B id exists once it logged
+                save_checkpoint(state, out_dir / "checkpoints" / "last.ckpt")
+                saved = round_idx
+                selector.update(row, state)
+                every = run.log.checkpoint_every
+                if every and round_idx % every == 0:
+                    save_checkpoint(state, out_dir / "checkpoints" / f"round-{round_idx:04d}.ckpt")
+            except OSError as err:  # e.g. a full disk: the last good checkpoint stays
+                problem = _write_problem(out_dir, err, saved)
+        if fabric.world_size > 1:
+            problem = fabric.broadcast(problem, src=0)  # every rank stops together
+        if problem:
+            raise FedPromptError(problem)
+        failures.update(row, fabric.global_rank == 0)
         acc = row.get("local_acc", row.get("own_classes_acc", row.get("global_acc")))
         if acc is not None:
             bar.set_postfix(loss=row.get("train_loss"), acc=acc)
     summary = _summary(fed, classnames, row, out_dir, rounds)
     summary.update(selector.summary())
     if fabric.global_rank == 0:
-        write_json(out_dir / "summary.json", summary)
-        if logger is not None:
-            logger.finalize("success")
+        with _writing(out_dir, saved):
+            write_json(out_dir / "summary.json", summary)
+            if logger is not None:
+                logger.finalize("success")
         _print_clients(fed, row.get("client_acc"), summary)
     fabric.barrier()
     return summary
+
+
+class _FailedRounds:
+    """``federation.on_client_failure: skip``: every round with failed clients is reported on the console, and
+    the run stops after ``limit`` consecutive rounds in which every sampled client failed (counted over a resume,
+    from the metrics rows)."""
+
+    def __init__(self, limit: int, previous: list[dict]):
+        self.limit = limit
+        self.streak = 0
+        for row in previous:
+            self.streak = self.streak + 1 if self.all_failed(row) else 0
+
+    @staticmethod
+    def all_failed(row: dict) -> bool:
+        failed = row.get("failed_clients") or {}
+        return bool(failed) and {str(c) for c in row.get("clients", [])} <= set(failed)
+
+    def update(self, row: dict, report: bool) -> None:
+        failed = row.get("failed_clients") or {}
+        if not failed:
+            self.streak = 0
+            return
+        round_idx = row["round"]
+        shown = "; ".join(f"client {c}: {why}" for c, why in list(failed.items())[:3])
+        shown += f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+        if not self.all_failed(row):
+            self.streak = 0
+            if report:
+                warn(f"round {round_idx}: {len(failed)} of {len(row.get('clients', []))} sampled clients failed and "
+                     f"were left out of the aggregation ({shown}).")
+            return
+        self.streak += 1
+        if self.streak >= self.limit:
+            raise FedPromptError(f"round {round_idx}: every sampled client failed, {self.streak} rounds in a row "
+                                 f"({shown}); the prompts no longer change, so the run stops "
+                                 f"(federation.max_failed_rounds {self.limit}). Lower the learning rate and start a "
+                                 "new run, or resume with a higher --federation.max_failed_rounds.")
+        if report:
+            warn(f"round {round_idx}: every sampled client failed ({shown}); the prompts are unchanged "
+                 f"({self.streak} such round(s) in a row; the run stops at federation.max_failed_rounds "
+                 f"{self.limit}).")
 
 
 class _Selector:
@@ -460,8 +632,7 @@ class _Selector:
 
 
 def _log_round(out_dir: Path, logger, fed: Federation, row: dict) -> None:
-    with open(out_dir / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_jsonl(out_dir / "metrics.jsonl", row)  # whole or absent, whatever happens
     if logger is not None:
         logger.log_metrics(numeric_metrics(row), step=row["round"])
         if "client_acc" in row:
@@ -480,7 +651,8 @@ def _summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path, r
             "classnames": classnames, "out_dir": str(out_dir)}
 
 
-def _evaluate_only(fabric, fed: Federation, mode: str, run: RunArgs, out_dir: Path, checkpoint: dict | None) -> dict:
+def _evaluate_only(fabric, fed: Federation, mode: str, run: RunArgs, out_dir: Path, checkpoint: dict | None,
+                   bad_images: list[tuple[str, str]] = ()) -> dict:
     metrics = fed.evaluate_all()
     done = checkpoint["round"] if checkpoint else 0
     summary = _summary(fed, [], {**metrics, "round": done}, out_dir, done)
@@ -488,11 +660,14 @@ def _evaluate_only(fabric, fed: Federation, mode: str, run: RunArgs, out_dir: Pa
     if mode == "evaluate":
         summary["checkpoint"] = str(run.resume)
     if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if mode != "evaluate":
-            write_text(out_dir / "hyperparameters.yaml", _config_yaml(run))
-            write_jsonl(out_dir / "metrics.jsonl", [{"round": 0, **metrics}])
-        write_json(out_dir / ("eval.json" if mode == "evaluate" else "summary.json"), summary)
+        with _writing(out_dir):
+            _begin_writing(fabric, mode, run, out_dir)
+            if mode != "evaluate":
+                write_text(out_dir / "hyperparameters.yaml", _config_yaml(run))
+                write_jsonl(out_dir / "metrics.jsonl", [{"round": 0, **metrics}])
+                if bad_images:
+                    write_text(out_dir / "bad_images.txt", "".join(f"{p}\t{why}\n" for p, why in bad_images))
+            write_json(out_dir / ("eval.json" if mode == "evaluate" else "summary.json"), summary)
         _print_clients(fed, metrics["client_acc"], summary)
     fabric.barrier()
     return summary

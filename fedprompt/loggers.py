@@ -8,11 +8,26 @@ from ``metrics.jsonl`` (the rounds up to the checkpoint) before the run continue
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 from fedprompt.args import LogArgs
 from fedprompt.errors import FedPromptError
+
+#: the packages each optional logger needs (any one of them) and the fedprompt extra that installs them
+LOGGER_PACKAGES = {"wandb": (("wandb",), "wandb"), "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard")}
+
+
+def check_logger(args: LogArgs) -> None:
+    """The package of the chosen logger is installed; otherwise one line naming the extra that installs it
+    (checked before the run directory is touched)."""
+    if args.logger not in LOGGER_PACKAGES:
+        return
+    packages, extra = LOGGER_PACKAGES[args.logger]
+    if not any(importlib.util.find_spec(name) is not None for name in packages):
+        raise FedPromptError(f"log.logger={args.logger} needs the {packages[0]} package, which is not installed: "
+                             f"pip install 'fedprompt[{extra}]' (or pass --log.logger csv).")
 
 
 def build_logger(args: LogArgs, out_dir: Path, run_id: str | None = None, config: dict | None = None,
@@ -40,15 +55,12 @@ def build_logger(args: LogArgs, out_dir: Path, run_id: str | None = None, config
         for row in previous_rows or []:
             logger.log_metrics(numeric_metrics(row), step=row["round"])
         return logger
+    check_logger(args)
     if args.logger == "tensorboard":
         from lightning.fabric.loggers import TensorBoardLogger
 
         return TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version="")
-    try:
-        import wandb  # noqa: F401
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError:
-        raise FedPromptError("log.logger=wandb needs the wandb package: pip install 'fedprompt[wandb]'") from None
+    from lightning.pytorch.loggers import WandbLogger
     mode = os.environ.get("WANDB_MODE", args.wandb_mode)
     return WandbLogger(project=args.project, name=name, save_dir=str(out_dir), id=run_id, resume="allow",
                        mode=mode, config=config)

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
-from fedprompt.args import BackboneArgs, DPArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs, \
-    check_ranges
+from fedprompt.args import DATA_SEED_MAX, SEED_MAX, BackboneArgs, DPArgs, EvalArgs, FabricArgs, FederationArgs, \
+    LogArgs, TrainArgs, check_ranges, check_seed
 from fedprompt.data.reader import FederatedData
+from fedprompt.errors import FedPromptError
 from fedprompt.methods.method import Method
 
 
@@ -49,10 +50,18 @@ class RunArgs:
     """Seed of prompt initialisation, client sampling and local data order."""
     overwrite: bool = False
     """Delete the run files of out_dir (hyperparameters.yaml, metrics.jsonl, summary.json, checkpoints/, logs) and
-    start a new run there, instead of refusing to write into it (fit, zeroshot)."""
+    start a new run there, instead of refusing to write into it (fit, zeroshot); the old run is deleted only once
+    the new run's checks (config, data, weights) passed."""
     resolved_config: Optional[dict] = None
     """The resolved configuration as the command line parsed it (written as hyperparameters.yaml); not a flag. When
     a command is called from Python without it, one is rebuilt from the objects."""
+
+    def __post_init__(self):
+        check_seed("--seed", self.seed, SEED_MAX)
+        for name in ("out_dir", "resume"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise FedPromptError(f"--{name} is empty; pass a path (or leave --{name} out).")
 
 
 @dataclass(kw_only=True)
@@ -94,6 +103,10 @@ class SweepArgs:
     same_data: bool = False
     """Keep the config's data.seed for every seed (only prompt initialisation, client sampling and data order
     change)."""
+
+    def __post_init__(self):
+        for n in self.seeds:  # each is also a data.seed
+            check_seed("--seeds", n, DATA_SEED_MAX)
 
 
 @dataclass(kw_only=True)

@@ -14,18 +14,25 @@ FLAGS = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--federation.rounds"
 
 
 def run(out_dir, *extra):
+    """Two CPU processes (a subprocess: Lightning launches the second rank by running the command again)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's path
     env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "disabled"}
-    result = subprocess.run([sys.executable, "-m", "fedprompt", "fit", *FLAGS, "--out_dir", str(out_dir), *extra],
+    result = subprocess.run([sys.executable, "-m", "fedprompt", "fit", *FLAGS, "--out_dir", str(out_dir), *extra,
+                             "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+def run_one(cli, out_dir, *extra):
+    """The one-process reference, in this process (no interpreter to start: the tests' slowest part)."""
+    code, _, err = cli("fit", *FLAGS, "--out_dir", out_dir, *extra)
+    assert code == 0, err
+
+
+def test_two_gloo_processes_match_one_process(cli, tmp_path):
     """Bit-identical when the lock-step groups are the same (one client at a time): only the placement differs."""
-    run(tmp_path / "one", "--federation.parallel_clients", "1")
-    run(tmp_path / "two", "--federation.parallel_clients", "1", "--fabric.accelerator", "cpu", "--fabric.devices", "2",
-        "--fabric.strategy", "ddp")
+    run_one(cli, tmp_path / "one", "--federation.parallel_clients", "1")
+    run(tmp_path / "two", "--federation.parallel_clients", "1")
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(one["global"]["prompt.ctx"], two["global"]["prompt.ctx"])  # bit-identical
@@ -36,13 +43,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert [len(r["clients"]) for r in rows_one] == [4, 3, 3]  # round 1 everyone, then 3 of 4 (uneven ranks)
 
 
-def test_fedtpg_reduce_path_two_processes_match_one(tmp_path):
+def test_fedtpg_reduce_path_two_processes_match_one(cli, tmp_path):
     """FedTPG merges by an all-reduce of per-process float64 sums (no client state is gathered). With the default
     parallel_clients (auto) one process trains its 4 clients in one lock-step group and each of two processes 2,
     so the runs agree up to float rounding."""
     extra = ["--method", "FedTPG", "--method.lr", "0.01"]
-    run(tmp_path / "one", *extra)
-    run(tmp_path / "two", *extra, "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp")
+    run_one(cli, tmp_path / "one", *extra)
+    run(tmp_path / "two", *extra)
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
     for key, value in one["global"].items():
@@ -54,12 +61,12 @@ def test_fedtpg_reduce_path_two_processes_match_one(tmp_path):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
 
 
-def test_maple_reduce_path_two_processes_match_one(tmp_path):
+def test_maple_reduce_path_two_processes_match_one(cli, tmp_path):
     """MaPLe's deep text prompts and per-client coupling (every tensor shared) through the all-reduce path on two
     processes agree with one process up to float rounding."""
     extra = ["--method", "MaPLe", "--method.text_depth", "2", "--method.lr", "0.01", "--federation.rounds", "2"]
-    run(tmp_path / "one", *extra)
-    run(tmp_path / "two", *extra, "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp")
+    run_one(cli, tmp_path / "one", *extra)
+    run(tmp_path / "two", *extra)
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(one["global"]) == {"text_prompts.ctx", "coupling.weight", "coupling.bias"}

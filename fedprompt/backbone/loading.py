@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,10 +159,13 @@ def check_source(model: str, pretrained: str | None) -> None:
         if weights is None:
             raise FedPromptError(f"backbone.pretrained: the folder {pretrained} has no weights file "
                                  "(open_clip_model.safetensors or open_clip_pytorch_model.bin).")
+        weight_shapes(weights)
         return
     if pretrained and not os.path.isfile(pretrained) and ("/" in pretrained or pretrained.endswith(
             (".bin", ".pt", ".pth", ".safetensors"))):
         raise FedPromptError(f"backbone.pretrained: no such file or folder: {pretrained}")
+    if pretrained and os.path.isfile(pretrained):
+        weight_shapes(pretrained)  # a file of tensors, readable without running code
     known = _open_clip().list_models()
     if not model.startswith("hf-hub:") and model.replace("/", "-") not in known:
         raise FedPromptError(
@@ -187,6 +191,140 @@ def _quiet_logs():
             lg.setLevel(level)
 
 
+# ------------------------------------------------------------------------------------------------ weight files
+_NOT_WEIGHTS = ("pass an open_clip weights file (.safetensors, or a .bin/.pt/.pth state dict of tensors) or a local "
+                "model folder (open_clip_config.json + weights).")
+#: globals of a PyTorch checkpoint's pickle that are not "other objects" (torch's tensor rebuilding, OrderedDict)
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
+
+
+def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the state dict in a local weights file, read without running code: the safetensors
+    header, or ``torch.load(weights_only=True, mmap=True)`` (tensors are mapped, not read). A file that is not a
+    checkpoint, or whose pickle names other objects than tensors (loading it could run code), is one
+    :class:`FedPromptError` line naming the file, and never advice to load it unsafely."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        except Exception:  # noqa: BLE001 - safetensors raises its own error types for a damaged header
+            raise FedPromptError(f"backbone.pretrained {path} is not a safetensors file (or it is damaged); "
+                                 + _NOT_WEIGHTS) from None
+    if path.endswith((".npz", ".npy")):  # big_vision (SigLIP) weights: numpy arrays, read by open_clip itself
+        return {}
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols: the file is judged below
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError:
+        others = _pickle_globals(path, is_zip)
+        if others:
+            raise FedPromptError(f"backbone.pretrained {path} holds Python objects other than tensors ({', '.join(others)}): "
+                                 "loading it could run code from the file, so fedprompt does not; "
+                                 + _NOT_WEIGHTS) from None
+        raise FedPromptError(f"backbone.pretrained {path} is not a PyTorch checkpoint (or it is damaged); "
+                             + _NOT_WEIGHTS) from None
+    except Exception:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... for a file that is not one
+        raise FedPromptError(f"backbone.pretrained {path} is not a PyTorch checkpoint (or it is damaged); "
+                             + _NOT_WEIGHTS) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(state, dict) else {}
+    if not shapes:
+        raise FedPromptError(f"backbone.pretrained {path} holds no state dict of tensors; " + _NOT_WEIGHTS)
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in shapes.items()}
+
+
+def _pickle_globals(path: str, is_zip: bool, limit: int = 3) -> list[str]:
+    """The objects other than tensors that the pickle of a checkpoint names (read with ``pickletools``, which never
+    runs it); empty when the file is not a readable pickle."""
+    import pickletools
+    import zipfile
+
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                data = archive.read(name)
+        else:
+            data = Path(path).read_bytes()
+        found, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 - not a pickle (random bytes, a damaged archive)
+        return []
+    others = [g for g in dict.fromkeys(found) if not g.startswith(_TENSOR_GLOBALS)]
+    return others[:limit] + ([f"{len(others) - limit} more"] if len(others) > limit else [])
+
+
+def describe_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
+    """A few words on the architecture a state dict is for: the ViT towers' width, depth and patch size and the
+    joint embedding size where its keys show them, else its number of tensors and parameters."""
+    import math
+
+    def layers(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+    parts = []
+    conv = shapes.get("visual.conv1.weight")
+    if conv is not None and len(conv) == 4:
+        parts.append(f"ViT image tower of width {conv[0]}, {layers('visual.transformer.resblocks.')} layers, patch "
+                     f"{conv[-1]}")
+    token = shapes.get("token_embedding.weight")
+    if token is not None and len(token) == 2:
+        parts.append(f"text tower of width {token[1]}, {layers('transformer.resblocks.')} layers")
+    projection = shapes.get("text_projection")
+    if projection is not None and len(projection) == 2:
+        parts.append(f"embedding size {projection[1]}")
+    count = sum(math.prod(s) for s in shapes.values())
+    return ", ".join(parts) or f"{len(shapes)} tensors, {count / 1e6:.1f}M parameters"
+
+
+def _architecture_problem(name: str, weights: str) -> str | None:
+    """One line when the weights file holds another architecture than ``name`` (keys or shapes differ), naming
+    both; ``None`` when they fit (the failure was something else) or cannot be compared."""
+    try:
+        have = weight_shapes(weights)
+        with _quiet_logs():
+            model = _open_clip().create_model(name, pretrained=None)
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except Exception:  # noqa: BLE001 - then the original error is reported
+        return None
+    other = [k for k in want if k in have and have[k] != want[k]]
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    if not (other or missing or unexpected):
+        return None
+    details = []
+    if other:
+        details.append(f"{len(other)} tensors of another shape (e.g. {other[0]}: {list(have[other[0]])} in the file, "
+                       f"{list(want[other[0]])} in {name})")
+    if missing:
+        details.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        details.append(f"{len(unexpected)} not in {name} (e.g. {unexpected[0]})")
+    shown = name if not name.startswith("fedprompt-local-") else "the folder's architecture"
+    return (f"backbone.pretrained {weights} holds the weights of another architecture than {shown}: "
+            f"{describe_architecture(have)} in the file, {describe_architecture(want)} in {shown} "
+            f"({'; '.join(details)}). Pass the file's architecture as --backbone.model (or a local model folder "
+            "whose open_clip_config.json describes it).")
+
+
 def _create(name: str, pretrained: str | None, cache_dir: str | None, source: str, **kwargs):
     try:
         with _quiet_logs():
@@ -194,6 +332,15 @@ def _create(name: str, pretrained: str | None, cache_dir: str | None, source: st
     except FedPromptError:
         raise
     except Exception as err:  # open_clip raises RuntimeError/OSError/HTTP errors for downloads
+        if pretrained and os.path.isfile(pretrained):
+            problem = _architecture_problem(name, pretrained)
+            if problem is not None:
+                raise FedPromptError(problem) from None
+            first = " ".join(str(err).split("\n")[0].split())[:200]
+            if "weights_only" in first:  # torch's advice to load unsafely: never passed on
+                first = ""
+            raise FedPromptError(f"backbone: could not load '{name}' with the weights in {pretrained} "
+                                 f"({type(err).__name__}{': ' + first if first else ''}); " + _NOT_WEIGHTS) from None
         text = f"{type(err).__name__}: {err}"
         if name.startswith("hf-hub:"):
             raise FedPromptError(

@@ -29,6 +29,10 @@ def load_rgb(sample: Sample) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise FedPromptError(f"image file not found: {sample.path}") from None
+    except Image.DecompressionBombError:
+        from fedprompt.data.check import bomb_reason
+
+        raise FedPromptError(f"cannot read image {sample.path}: {bomb_reason()}.") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise FedPromptError(f"cannot read image {sample.path}: {err}. Remove or replace the file.") from None
 

@@ -12,8 +12,11 @@ serving a client's samples is one ``index_select`` per output when they were enc
 
 With a ``directory``, every encoded chunk is also written there as a shard
 ``<directory>/features/<cache key>/<sample-set digest>.pt`` (``torch.save``; written to a temporary file and
-renamed) and a new cache object (or a new process) with the same key reads the shards (``torch.load(...,
-weights_only=True, mmap=True)``) instead of encoding. The cache key covers the backbone's weights
+renamed; it records its cache key and a checksum of its content) and a new cache object (or a new process) with the
+same key reads the shards (``torch.load(..., weights_only=True, mmap=True)``) instead of encoding, once each shard's
+key and checksum are verified (a shard changed in place or damaged is deleted with a warning and encoded again); a
+shard that cannot be written (a full disk) leaves the outputs in memory, with a warning. The cache key covers the
+backbone's weights
 (:func:`weights_fingerprint`: SHA-256 of every parameter and buffer, computed once per backbone object and process),
 its name, the outputs cached, Fabric's precision and device type, the transform
 (:func:`fedprompt.data.store.transform_key`) and the loader's identity (:func:`fedprompt.data.store.loader_key`); a
@@ -36,7 +39,7 @@ from fedprompt.data.base import Sample
 from fedprompt.data.images import ImageDataset
 from fedprompt.data.store import (FORMAT_VERSION, ImageStore, StoreKind, temporary_path, digest, loader_key,
                                   sample_identity, transform_key)
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import FedPromptError, warn
 
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -74,11 +77,27 @@ class CachedFeatures(Dataset):
         return item
 
 
-class _Table:
-    """Stacked outputs of one (kind, transform): chunks of tensors and identity -> (chunk, row)."""
+def shard_digest(key: str, identities: list[str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a shard's cache key, sample identities and the bytes of its tensors (what a shard records and
+    is verified against when loaded)."""
+    hasher = hashlib.sha256(digest({"key": key, "identities": identities}).encode())
+    for name in sorted(tensors):
+        flat = tensors[name].detach().contiguous().reshape(-1)
+        hasher.update(f"{name}|{flat.dtype}|{tuple(tensors[name].shape)}|".encode())
+        hasher.update(flat.view(torch.uint8).numpy())
+    return hasher.hexdigest()
 
-    def __init__(self, folder: Path | None):
+
+class _Table:
+    """Stacked outputs of one (kind, transform): chunks of tensors and identity -> (chunk, row).
+
+    A shard on disk is used only when it records this table's cache ``key``, its file name is the digest of its
+    sample identities and its tensors match its checksum (:func:`shard_digest`); any other shard (changed in place,
+    damaged, copied from another key) is deleted with a warning and its samples are encoded again."""
+
+    def __init__(self, folder: Path | None, key: str = ""):
         self.folder = folder
+        self.key = key
         self.chunks: list[dict[str, torch.Tensor]] = []
         self.where: dict[str, tuple[int, int]] = {}
         if folder is not None and folder.is_dir():
@@ -89,7 +108,15 @@ class _Table:
         try:
             content = torch.load(shard, weights_only=True, mmap=True)
             identities, tensors = content["identities"], content["tensors"]
-        except Exception:  # a damaged or foreign shard is ignored (and rewritten when its samples are encoded)
+            good = (content.get("format") == FORMAT_VERSION and content.get("key") == self.key
+                    and shard.stem == digest(identities)[:32]
+                    and content.get("checksum") == shard_digest(self.key, identities, tensors))
+        except Exception:  # noqa: BLE001 - a damaged or foreign shard
+            good = False
+        if not good:
+            warn(f"feature cache: {shard} does not match its key or its content (changed in place, or damaged); it "
+                 "is deleted and its images are encoded again.")
+            shard.unlink(missing_ok=True)
             return
         self.add(identities, tensors)
 
@@ -104,9 +131,18 @@ class _Table:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{digest(identities)[:32]}.pt"
-        tmp = temporary_path(path)
-        torch.save({"format": FORMAT_VERSION, "identities": identities, "tensors": tensors}, tmp)
-        os.replace(tmp, path)
+        tmp = None
+        try:
+            tmp = temporary_path(path)
+            with open(tmp, "wb") as handle:  # a handle: a full disk is an OSError
+                torch.save({"format": FORMAT_VERSION, "key": self.key, "identities": identities,
+                            "tensors": tensors, "checksum": shard_digest(self.key, identities, tensors)}, handle)
+            os.replace(tmp, path)
+        except OSError as err:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            warn(f"feature cache: cannot write {self.folder} ({getattr(err, 'strerror', None) or err}); the "
+                 "features stay in memory for this run only.")
 
     def gather(self, identities: list[str], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """The rows of ``identities``: one ``index_select`` per output when they live in one chunk."""
@@ -181,11 +217,11 @@ class FeatureCache:
         tkey = transform_key(transform) or f"object {id(transform)}"
         table = self._tables.get((kind, tkey))
         if table is None:
-            folder = None
+            folder, key = None, ""
             if self.directory is not None:
-                key = self.cache_key(transform)
-                folder = self.directory / "features" / key[:32] if key is not None else None
-            table = self._tables[(kind, tkey)] = _Table(folder)
+                key = self.cache_key(transform) or ""
+                folder = self.directory / "features" / key[:32] if key else None
+            table = self._tables[(kind, tkey)] = _Table(folder, key)
         return table
 
     # ---------------------------------------------------------------------------------------------- encode

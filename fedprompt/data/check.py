@@ -41,6 +41,13 @@ def _tail_problem(path: str, fmt: str | None) -> str | None:
     return None
 
 
+def bomb_reason() -> str:
+    """Why an image over Pillow's decompression-bomb limit is refused, and the setting that raises the limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return (f"its header claims more than 2 x {limit} pixels, Pillow's decompression-bomb limit "
+            "(Image.MAX_IMAGE_PIXELS); if the image is genuine, raise --data.max_image_pixels (null: no limit)")
+
+
 def image_problem(path: str) -> str | None:
     """Why the image file at ``path`` cannot be used (``None`` if its header reads and it is not cut short)."""
     try:
@@ -54,6 +61,10 @@ def image_problem(path: str) -> str | None:
         return _tail_problem(path, fmt)
     except FileNotFoundError:
         return "file not found"
+    except PermissionError:
+        return "permission denied: the process cannot read the file"
+    except Image.DecompressionBombError:
+        return bomb_reason()
     except UnidentifiedImageError:
         return "not an image PIL can read"
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some broken headers

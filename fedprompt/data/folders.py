@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,14 +17,31 @@ from fedprompt.errors import FedPromptError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
+def unreadable_folder(folder, err: OSError) -> FedPromptError:
+    """The error for a data folder the process cannot list: never skipped, since its images would be missing."""
+    return FedPromptError(f"data: cannot read the folder {folder} ({err.strerror or err}); its images would be "
+                          "left out. Fix its permissions (e.g. chmod -R u+rX) or move it out of data.root.")
+
+
 def image_files(folder: Path) -> list[Path]:
-    """The image files under ``folder`` (any depth), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The image files under ``folder`` (any depth; symbolic links to folders below it are not followed), sorted.
+    A sub-folder that cannot be read is an error naming it (it is not skipped)."""
+    def stop(err: OSError):
+        raise unreadable_folder(err.filename or folder, err)
+
+    found = []
+    for parent, _, names in os.walk(folder, onerror=stop):
+        found += [Path(parent) / name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
 
 
 def class_folders(folder: Path) -> list[str]:
-    """The names of the sub-folders of ``folder`` (the classes, or the domains), sorted."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+    """The names of the sub-folders of ``folder`` (the classes, or the domains), sorted; an unreadable folder is an
+    error naming it."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+    except PermissionError as err:
+        raise unreadable_folder(folder, err) from None
 
 
 def stratified_split(samples: list[Sample], test_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

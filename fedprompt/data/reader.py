@@ -13,6 +13,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from PIL import Image
+
+from fedprompt.args import DATA_SEED_MAX, check_seed
 from fedprompt.data.base import DatasetSplits, EvalSet, FederatedSplits, load_rgb
 from fedprompt.data.check import bad_images_message, scan_images
 from fedprompt.data.partition import IID, Partitioner, few_shot
@@ -20,6 +23,8 @@ from fedprompt.data.protocols import assign_validation, subsample_classes, valid
 from fedprompt.errors import FedPromptError, warn
 
 DATA_ENV = "FEDPROMPT_DATA"
+#: Pillow's own decompression-bomb limit (the default of ``data.max_image_pixels``)
+PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 def dataset_eval_sets(source: DatasetSplits, novel: DatasetSplits | None, dataset: str,
@@ -44,6 +49,7 @@ def federate(raw: DatasetSplits, partition: Partitioner, num_shots: int | None, 
     novel = subsample_classes(raw, "novel") if subsample == "base" else None
     clients = partition.split(source, seed)
     if num_shots is not None:
+        warn_few_shots(clients, source.classnames, num_shots, dataset)
         clients = [few_shot(c, num_shots, seed) for c in clients]
     if validation:
         clients = assign_validation(clients, source.val, source.classnames)
@@ -53,6 +59,31 @@ def federate(raw: DatasetSplits, partition: Partitioner, num_shots: int | None, 
                              "or another partition.")
     return FederatedSplits(source.classnames, clients, source, novel,
                            dataset_eval_sets(source, novel, dataset, subsample))
+
+
+def warn_few_shots(clients, classnames: list[str], num_shots: int, dataset: str, limit: int = 8) -> None:
+    """One warning naming the classes that have fewer than ``num_shots`` train images on a client (all of theirs
+    are kept), or saying that ``num_shots`` keeps every image."""
+    short, most = [], (0, "", "")
+    for client in clients:
+        names = client.classnames or classnames
+        counts: dict[int, int] = {}
+        for sample in client.train:
+            counts[sample.label] = counts.get(sample.label, 0) + 1
+        who = client.name or f"client {client.client_id}"
+        for label, count in sorted(counts.items()):
+            most = max(most, (count, who, names[label]))
+            if count < num_shots:
+                short.append(f"{who}/{names[label]} {count}")
+    if not short:
+        return
+    if most[0] < num_shots:
+        warn(f"data.num_shots {num_shots} keeps every train image of {dataset}: no class of any client has that many "
+             f"(the most is {most[0]}, {most[1]}/{most[2]}).")
+        return
+    shown = ", ".join(short[:limit]) + (f" and {len(short) - limit} more" if len(short) > limit else "")
+    warn(f"data.num_shots {num_shots}: {len(short)} (client, class) pair(s) of {dataset} have fewer train images, so "
+         f"all of theirs are kept: {shown}.")
 
 
 class FederatedData:
@@ -77,6 +108,9 @@ class FederatedData:
             run directory's ``bad_images.txt``).
         empty_classes: folder readers: a class folder without any image in any split is an ``error`` naming the
             folder, or is dropped with a warning (``drop``).
+        max_image_pixels: Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, its default): an image
+            whose header claims more than twice this many pixels is refused while indexing, as a bad image; raise
+            it for genuine large images (``null``: no limit).
     """
 
     default_dirname = ""
@@ -85,11 +119,19 @@ class FederatedData:
                  num_shots: int | None = None, seed: int = 0, num_workers: int = 0,
                  subsample_classes: Literal["all", "base", "novel"] = "all", validation: bool = False,
                  check_images: bool = True, on_bad_image: Literal["error", "skip"] = "error",
-                 empty_classes: Literal["error", "drop"] = "error"):
+                 empty_classes: Literal["error", "drop"] = "error",
+                 max_image_pixels: int | None = PILLOW_MAX_IMAGE_PIXELS):
         if num_shots is not None and num_shots < 1:
             raise FedPromptError(f"--data.num_shots must be >= 1 (or null for every image), got {num_shots}.")
         if num_workers < 0:
             raise FedPromptError(f"--data.num_workers must be >= 0, got {num_workers}.")
+        check_seed("--data.seed", seed, DATA_SEED_MAX)
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise FedPromptError(f"--data.max_image_pixels must be >= 1 (or null for no limit), got {max_image_pixels}.")
+        self.max_image_pixels = max_image_pixels
+        if root is not None and not str(root).strip():
+            raise FedPromptError("--data.root is empty; pass the dataset folder (or leave it out to use "
+                                 f"${DATA_ENV}).")
         if on_bad_image not in ("error", "skip"):
             raise FedPromptError(f"--data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
         if empty_classes not in ("error", "drop"):
@@ -129,6 +171,12 @@ class FederatedData:
         if not root.exists():
             raise FedPromptError(f"data.root: the folder {root} does not exist. Pass --data.root with the path of "
                                  f"the dataset (see README.md, 'Data').")
+        if not root.is_dir():
+            raise FedPromptError(f"data.root: {root} is a file, not a folder. Pass --data.root with the folder of "
+                                 "the dataset (see README.md, 'Data').")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise FedPromptError(f"data.root: the folder {root} cannot be read (permission denied); fix its "
+                                 "permissions or pass another --data.root.")
         return root
 
     def keep_classes_with_images(self, classnames: list[str], counts: dict[str, int],
@@ -151,6 +199,7 @@ class FederatedData:
         return self._without_bad_images(self.read())
 
     def _without_bad_images(self, raw: DatasetSplits) -> tuple[DatasetSplits, list[tuple[str, str]]]:
+        Image.MAX_IMAGE_PIXELS = self.max_image_pixels  # Pillow's limit, in this process and its data workers
         if not self.check_images or raw.loader is not load_rgb:  # generated or archive-backed samples: no files
             return raw, []
         bad = scan_images(raw.train + raw.val + raw.test)

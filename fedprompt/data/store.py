@@ -17,8 +17,10 @@ the dataset's ``loader``, sample -> PIL RGB) and one deterministic resize, as on
   waste at most 1/4.
 
 Persistence: with a ``directory`` the store is written there (``<kind>-<digest>.u8`` raw pixels and
-``<kind>-<digest>.pt`` metadata, each written to a temporary file and renamed) and the next build with the same
-key loads it instead of decoding. The key (:meth:`ImageStore.key_for`) covers the kind's parameters, the loader's
+``<kind>-<digest>.pt`` metadata with the SHA-256 of the pixel file, each written to a temporary file and renamed)
+and the next build with the same key loads it instead of decoding, once the pixel file's checksum is verified (a
+file changed in place, or damaged, is rebuilt with a warning, never used; verifying reads the file, about a second
+per GB). The key (:meth:`ImageStore.key_for`) covers the kind's parameters, the loader's
 identity (:func:`loader_key`: for ``fedprompt.data.Synthetic`` its seed and image size) and every sample's identity
 (:func:`sample_identity`: path, size and mtime of a file, or the synthetic key). Stores larger than
 ``mmap_threshold`` bytes (default 4 GiB, or ``mmap=True``) are memory-mapped from that file instead of read into
@@ -49,7 +51,7 @@ from fedprompt.data.base import Sample
 from fedprompt.errors import FedPromptError
 
 CACHE_ENV = "FEDPROMPT_CACHE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every persisted file records a checksum of its content, verified on load
 MMAP_THRESHOLD = 4 << 30
 PROGRESS_MIN = 1000  # show a progress bar when decoding at least this many images
 
@@ -333,14 +335,28 @@ class ImageStore:
             found = _load(base, key, kind, mmap)
             if found is not None:
                 return found
-        images, sizes, shape = _decode_packed(unique, loader, kind, num_workers, batch_size, progress,
-                                              base if mmap else None)
+        try:
+            images, sizes, shape = _decode_packed(unique, loader, kind, num_workers, batch_size, progress,
+                                                  base if mmap else None)
+        except OSError as err:  # the memory-mapped store is decoded into the cache folder
+            raise FedPromptError(f"image store: cannot write {directory} ({err.strerror or err}); free space there, "
+                                 "or pass another --train.cache_dir.") from None
         paths = [s.path for s in unique]
         if key is None:
             return cls(images, sizes, paths, kind, "")
-        if not mmap:
-            _write_pixels(base.with_suffix(".u8"), images)
-        _write_meta(base, key, shape, sizes, paths)
+        try:
+            checksum = _write_pixels(base.with_suffix(".u8"), images) if not mmap \
+                else content_digest(base.with_suffix(".u8"))
+            _write_meta(base, key, shape, sizes, paths, checksum)
+        except OSError as err:
+            if mmap:
+                raise FedPromptError(f"image store: cannot write {directory} ({err.strerror or err}); free space "
+                                     "there, or pass another --train.cache_dir.") from None
+            from fedprompt.errors import warn
+
+            warn(f"image store: cannot write {directory} ({err.strerror or err}); the decoded images stay in memory "
+                 "for this run only.")
+            return cls(images, sizes, paths, kind, "")
         return _load(base, key, kind, mmap) if mmap else cls(images, sizes, paths, kind, key)
 
 
@@ -408,19 +424,51 @@ def _pack_buffer(shapes: list[tuple[int, int]]) -> torch.Tensor:
     return torch.zeros(len(shapes), 3, height, width, dtype=torch.uint8)
 
 
-def _write_pixels(path: Path, images: torch.Tensor) -> None:
+def content_digest(data) -> str:
+    """SHA-256 of a buffer (bytes, a memoryview, a numpy array) or of a file's bytes (a path; read in chunks)."""
+    hasher = hashlib.sha256()
+    if isinstance(data, (str, Path)):
+        with open(data, "rb") as source:
+            for chunk in iter(lambda: source.read(1 << 24), b""):
+                hasher.update(chunk)
+    else:
+        hasher.update(data)
+    return hasher.hexdigest()
+
+
+def _replace_with(path: Path, write) -> None:
+    """Write a temporary file beside ``path`` with ``write(handle)``, then rename it onto ``path``; on failure the
+    temporary file goes and the error (``OSError``: a full disk) is raised."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    with open(tmp, "wb") as out:
-        out.write(memoryview(images.contiguous().numpy()).cast("B"))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as out:
+            write(out)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _write_meta(base: Path, key: str, shape, sizes: torch.Tensor, paths: list[str]) -> None:
-    meta = {"format": FORMAT_VERSION, "key": key, "shape": list(shape), "sizes": sizes, "paths": paths}
-    tmp = temporary_path(base.with_suffix(".pt"))
-    torch.save(meta, tmp)
-    os.replace(tmp, base.with_suffix(".pt"))
+def _write_pixels(path: Path, images: torch.Tensor) -> str:
+    """Write the pixel buffer; returns its checksum."""
+    buffer = memoryview(images.contiguous().numpy()).cast("B")
+    _replace_with(path, lambda out: out.write(buffer))
+    return content_digest(buffer)
+
+
+def _write_meta(base: Path, key: str, shape, sizes: torch.Tensor, paths: list[str], checksum: str) -> None:
+    meta = {"format": FORMAT_VERSION, "key": key, "shape": list(shape), "sizes": sizes, "paths": paths,
+            "checksum": checksum}
+    _replace_with(base.with_suffix(".pt"), lambda out: torch.save(meta, out))  # a handle: OSError on a full disk
+
+
+def _rejected(path: Path, why: str) -> None:
+    """A persisted cache file that does not match its key: say so and delete it (it is rebuilt)."""
+    from fedprompt.errors import warn
+
+    warn(f"cache: {path} {why}; it is rebuilt.")
+    path.unlink(missing_ok=True)
 
 
 def _load(base: Path, key: str, kind: StoreKind, mmap: bool) -> ImageStore | None:
@@ -430,16 +478,27 @@ def _load(base: Path, key: str, kind: StoreKind, mmap: bool) -> ImageStore | Non
         return None
     try:
         meta = torch.load(meta_path, weights_only=True)
-    except Exception:  # a damaged cache file is rebuilt, never trusted
+    except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
+        _rejected(meta_path, "cannot be read")
         return None
     shape = tuple(meta.get("shape", ()))
-    if meta.get("key") != key or len(shape) != 4 or pixels.stat().st_size != math.prod(shape):
+    if meta.get("key") != key or len(shape) != 4:
+        _rejected(meta_path, "does not belong to its key")
+        return None
+    if pixels.stat().st_size != math.prod(shape):
+        _rejected(pixels, "has another size than its metadata says")
         return None
     count = math.prod(shape)
     if mmap:
+        checksum = content_digest(pixels)
         images = torch.from_file(str(pixels), shared=False, size=count, dtype=torch.uint8).view(shape)
     else:
         images = torch.empty(shape, dtype=torch.uint8)
+        buffer = memoryview(images.numpy()).cast("B")
         with open(pixels, "rb") as source:
-            source.readinto(memoryview(images.numpy()).cast("B"))
+            source.readinto(buffer)
+        checksum = content_digest(buffer)
+    if checksum != meta.get("checksum"):
+        _rejected(pixels, "does not match its checksum (changed in place, or damaged)")
+        return None
     return ImageStore(images, meta["sizes"], list(meta["paths"]), kind, key, mmapped=mmap)

@@ -1,9 +1,13 @@
 """Checkpoints and run files: atomic writes (a temporary file in the same folder, then a rename) with the usual
-permissions, safe loading, and the checks that a checkpoint fits the config that resumes it.
+permissions, crash-safe appends to ``metrics.jsonl``, safe loading, and the checks that a checkpoint fits the config
+that resumes it.
 
-A checkpoint records the method's name, its hyperparameters (``method_hparams``) and the shape of every client state
-key (``shapes``). :func:`check_resume` compares the first two with the config before anything is loaded;
-:func:`check_shapes` compares the shapes with the freshly built client before any state is restored.
+A checkpoint records the run's resolved config (``config``), the method's name and hyperparameters
+(``method_hparams``) and the shape of every client state key (``shapes``). :func:`check_resume` compares the first
+three with the config that resumes it before anything is loaded: a resumed run is the same run, so every setting
+must be the checkpoint's except those of :data:`RESUME_MAY_CHANGE` (default-deny: a setting not listed there, a new
+one included, counts as one that changes results). :func:`check_shapes` compares the shapes with the freshly built
+client before any state is restored.
 """
 
 from __future__ import annotations
@@ -11,11 +15,121 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import FedPromptError, warn
+
+
+@dataclass(frozen=True)
+class MayChange:
+    """A setting a resumed run may change (see :data:`RESUME_MAY_CHANGE`)."""
+
+    key: str
+    """Dotted config key without ``init_args`` (``federation.rounds``); ``group.*`` names every key of a group."""
+    why: str
+    """Why changing it cannot change the run's numbers (shown in the README and in the refusal)."""
+    when: Callable[[dict, dict], bool] | None = None
+    """Only when this holds of the (flattened) checkpoint config and resumed config; ``None``: always."""
+
+    def matches(self, key: str) -> bool:
+        return key == self.key or (self.key.endswith(".*") and key.startswith(self.key[:-1]))
+
+
+def _same_lockstep_groups(saved: dict, now: dict) -> bool:
+    return saved.get("federation.parallel_clients") == 1 and now.get("federation.parallel_clients") == 1
+
+
+#: The settings a resumed run may change: those that cannot change its numbers. Every other setting, including any
+#: setting added to fedprompt later (default-deny), must equal the checkpoint's; a difference stops the resume with
+#: one line naming each setting and both values. Deliberately not here (they change numbers, if only by float
+#: rounding): ``federation.parallel_clients`` (the lock-step group size: K-invariant only up to rounding),
+#: ``fabric.accelerator`` and ``fabric.precision``, ``train.compile``, ``backbone.truncate``, the ``eval`` group
+#: (evaluation batch size and cache round differently), ``data.root`` (other data), ``data.check_images`` (with
+#: ``on_bad_image: skip`` it decides which images are used).
+RESUME_MAY_CHANGE: tuple[MayChange, ...] = (
+    MayChange("federation.rounds", "the round to reach: a run continues to more rounds (with fewer it is complete)"),
+    MayChange("federation.on_client_failure", "what happens at a failure, not what a round computes: a run stopped "
+                                              "by a failure (raise) continues leaving failed clients out (skip)"),
+    MayChange("federation.max_failed_rounds", "when a run whose clients all fail stops"),
+    MayChange("log.*", "logging, progress bars and extra checkpoint files only"),
+    MayChange("out_dir", "a resumed run continues in its own folder (checked on its own)"),
+    MayChange("resume", "the checkpoint to continue from"),
+    MayChange("overwrite", "never together with resume"),
+    MayChange("data.num_workers", "DataLoader worker processes: every sample is augmented under its own seed"),
+    MayChange("train.cache_dir", "where decoded images and image features persist (a cache hit gives the same "
+                                 "tensors)"),
+    MayChange("backbone.cache_dir", "the download cache of pretrained weights"),
+    MayChange("fabric.devices", "with federation.parallel_clients 1, any number of processes gives bit-identical "
+                                "results", _same_lockstep_groups),
+    MayChange("fabric.num_nodes", "as fabric.devices", _same_lockstep_groups),
+    MayChange("fabric.strategy", "as fabric.devices", _same_lockstep_groups),
+)
+
+
+def flat_config(tree, prefix: str = "") -> dict:
+    """A resolved config as ``{dotted key: value}``: ``init_args`` levels left out, a ``class_path`` as the value of
+    its key (``data: fedprompt.data.Synthetic``, ``data.seed: 0``), lists as values."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree} if prefix else {}
+    out = {}
+    for key, value in tree.items():
+        if key == "init_args":
+            out.update(flat_config(value, prefix))
+        elif key == "class_path":
+            out[prefix.rstrip(".")] = value
+        elif isinstance(value, dict) and value:
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+_ABSENT = object()
+
+
+def _shown(value) -> str:
+    if value is _ABSENT:
+        return "not a setting"
+    return json.dumps(value, default=str)
+
+
+def config_differences(saved: dict, now: dict, default_of: Callable[[str], object] | None = None) -> list[str]:
+    """``"key: A in the checkpoint, B now"`` for every setting of the resolved config ``now`` that differs from the
+    checkpoint's config ``saved`` and may not change on resume (:data:`RESUME_MAY_CHANGE`).
+
+    A setting the checkpoint does not record (added to fedprompt after the run started) may be at its default
+    (``default_of(key)``; a default that cannot be told counts as a difference)."""
+    fs, fn = flat_config(saved), flat_config(now)
+    out = []
+    for key in sorted(set(fs) | set(fn)):
+        a, b = fs.get(key, _ABSENT), fn.get(key, _ABSENT)
+        if a is not _ABSENT and b is not _ABSENT and _equal_numbers(a, b):
+            continue
+        rule = next((r for r in RESUME_MAY_CHANGE if r.matches(key)), None)
+        if rule is not None and (rule.when is None or rule.when(fs, fn)):
+            continue
+        if a is _ABSENT and default_of is not None and _equal_numbers(default_of(key), b):
+            continue
+        where = "not recorded in the checkpoint" if a is _ABSENT else f"{_shown(a)} in the checkpoint"
+        out.append(f"{key}: {where}, {_shown(b)} now")
+    return out
+
+
+def _equal_numbers(a, b) -> bool:
+    """Equal values, with 1 and 1.0 equal (a YAML float written as an integer) but not True and 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def resume_rules_text() -> str:
+    """The settings a resumed run may change, in one line (for messages)."""
+    return ", ".join(rule.key + (" (with federation.parallel_clients 1)" if rule.when else "")
+                     for rule in RESUME_MAY_CHANGE if rule.key not in ("out_dir", "resume", "overwrite"))
 
 
 def _file_mode() -> int:
@@ -40,6 +154,21 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename survives a power cut); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
@@ -72,9 +201,12 @@ def state_shapes(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
     return {key: list(value.shape) for key, value in state.items()}
 
 
-def check_resume(checkpoint: dict, path: str | os.PathLike, method_name: str, hparams: dict) -> None:
+def check_resume(checkpoint: dict, path: str | os.PathLike, method_name: str, hparams: dict,
+                 config: dict | None = None, default_of: Callable[[str], object] | None = None) -> None:
     """Before anything loads: the checkpoint must come from the config's method with the same hyperparameters
-    (``n_ctx``, ``csc``, ``lr``, ...: a resumed run continues the same run). One line on a mismatch."""
+    (``n_ctx``, ``csc``, ``lr``, ...) and, when it records its run config, with the same settings as ``config``
+    (the resolved config resuming it) except those of :data:`RESUME_MAY_CHANGE`: a resumed run continues the same
+    run. One line on a mismatch, naming every differing setting with both values."""
     fix = ("resume with the run's own config (leave out --config: it is read from the run's hyperparameters.yaml), "
            "or start a new run with another --out_dir.")
     saved = checkpoint.get("method")
@@ -89,6 +221,19 @@ def check_resume(checkpoint: dict, path: str | os.PathLike, method_name: str, hp
     if changed:
         raise FedPromptError(f"--resume: {path} was trained with other {method_name} settings (method."
                              + "; method.".join(changed) + "); " + fix)
+    if config is None:
+        return
+    saved_config = checkpoint.get("config")
+    if saved_config is None:
+        warn(f"--resume: {path} records no run config (it was written by an older fedprompt): only its method "
+             "settings and prompt shapes are checked; resume it with the run's own settings.")
+        return
+    differences = config_differences(saved_config, config, default_of)
+    if differences:
+        raise FedPromptError(f"--resume: {path} was run with other settings ({'; '.join(differences)}); a resumed "
+                             "run continues the same run, so only these may change: " + resume_rules_text()
+                             + ". Leave out the differing flags (without --config the run's hyperparameters.yaml is "
+                             "read), or start a new run with another --out_dir.")
 
 
 def check_shapes(checkpoint: dict, path: str | os.PathLike, expected: dict[str, list[int]]) -> None:
@@ -116,12 +261,63 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSON-lines file (empty if absent)."""
+def read_jsonl(path: str | os.PathLike, torn: list | None = None) -> list[dict]:
+    """Rows of a JSON-lines file (empty if absent).
+
+    A last line that is not a whole row (a write cut short by a crash or a full disk) is left out; when ``torn`` is
+    given, that line is appended to it (so the caller can say so). A damaged line before the last is one error
+    naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    last = max((number for number, line in enumerate(lines, 1) if line.strip()), default=0)
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if number == last and not text.endswith("\n"):
+                if torn is not None:
+                    torn.append(line)
+                continue
+            raise FedPromptError(f"{path}: line {number} is not a JSON row ({line[:60]!r}); the file was changed "
+                                 "by something else than fedprompt: restore it, or delete the line.") from None
+        rows.append(row)
+    return rows
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a short write is retried; a failed one raises ``OSError``)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append one row to a JSON-lines file so that it is whole or absent: one write, flushed to disk; if the write
+    fails (e.g. the disk is full) the file is cut back to its previous end before the error is raised."""
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass  # the torn row is then dropped on resume (read_jsonl)
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
