@@ -330,6 +330,42 @@ class Federation:
         results: dict = {}
         for part in all_gather_objects(self.fabric, local):
             results.update(part)
+        out = self.summarize_evaluation(results)
+        if self.timer is not None:
+            self.timer.add("evaluation", time.perf_counter() - start)
+        return out
+
+    # -------------------------------------------------- pieces for runtimes that evaluate each client where it lives
+    def evaluate_clients(self, ids: list[int]) -> dict:
+        """The evaluation results of the clients ``ids`` from their states in :attr:`states`, on this process:
+        ``{cid: (test_acc, val_acc)}`` and ``{(set name, cid): acc}`` for each evaluation set a client of ``ids`` is
+        scored on. Every client's results together make :meth:`summarize_evaluation`'s input; for runtimes where each
+        client lives on its own node (:mod:`fedprompt.flower`). :meth:`evaluate_all` does the same for every client,
+        spread over the ranks."""
+        groups: dict[tuple, list[int]] = {}
+        for cid in ids:
+            groups.setdefault(tuple(self.client_classnames(cid)), []).append(cid)
+        out: dict = {}
+        for members in groups.values():
+            for chunk in self.chunks(members):
+                out.update(self._evaluate_own(chunk))
+        for eval_set in self.eval_sets:
+            mine = [cid for cid in self._set_clients(eval_set) if cid in ids]
+            for chunk in self.chunks(mine):
+                client, slots, text = self._load_group(eval_set.classnames, chunk)
+                for pos, cid in enumerate(chunk):
+                    out[(eval_set.name, cid)] = self._accuracy(client, text, slots, pos, f"test:{eval_set.name}")
+        return out
+
+    def summarize_evaluation(self, results: dict) -> dict:
+        """The round's evaluation metrics (what :meth:`evaluate_all` returns) from every client's results (the
+        entries of :meth:`evaluate_clients`; a client missing from ``results`` counts as not evaluated, NaN)."""
+        ids = list(range(len(self.clients)))
+        nan = (math.nan, math.nan)
+        results = {**{cid: nan for cid in ids}, **results}
+        for eval_set in self.eval_sets:
+            for cid in self._set_clients(eval_set):
+                results.setdefault((eval_set.name, cid), math.nan)
         accs = {cid: results[cid][0] for cid in ids}
         counts = {cid: len(self.clients[cid].test) for cid in ids}
         valid = {cid: a for cid, a in accs.items() if not math.isnan(a)}
@@ -341,8 +377,6 @@ class Federation:
         if any(c.classnames for c in self.clients):
             out = self._own_classes(out)
         out.update(self._set_summary(results, out.get("local_acc", out.get("own_classes_acc"))))
-        if self.timer is not None:
-            self.timer.add("evaluation", time.perf_counter() - start)
         return out
 
     def _own_classes(self, out: dict) -> dict:
