@@ -45,6 +45,7 @@ class LocalGrid(Grid):
         self.contexts = {i + 1: Context(run_id=1, node_id=i + 1, node_config=dict(cfg), state=RecordDict(),
                                         run_config=dict(run_config or {})) for i, cfg in enumerate(node_configs)}
         self.down: set[int] = set()  # nodes that do not answer (a test stops them)
+        self.down_from: dict[int, int] = {}  # node -> the round from which it no longer answers
         self._replies: dict[str, Message] = {}
         self._run = None
 
@@ -75,7 +76,9 @@ class LocalGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
-            if message.metadata.dst_node_id in self.down:
+            node, group = message.metadata.dst_node_id, message.metadata.group_id
+            if node in self.down or (node in self.down_from and group.isdigit()
+                                     and int(group) >= self.down_from[node]):
                 continue
             ids.append(f"r{next(_ids)}")
             self._replies[ids[-1]] = self._deliver(message)
@@ -89,9 +92,10 @@ class LocalGrid(Grid):
 
 
 def run_local(config: str, args: str = "", num_nodes: int | None = None, node_configs: list[dict] | None = None,
-              **settings) -> LocalGrid:
+              down_from: dict[int, int] | None = None, **settings) -> LocalGrid:
     """Run a fedprompt config as a Flower app in this process (one node per client unless ``node_configs`` are
-    given); returns the grid (its nodes' contexts hold the clients' states)."""
+    given; ``down_from``: node id -> the round from which it stops answering); returns the grid (its nodes'
+    contexts hold the clients' states)."""
     from fedprompt.flower.client_app import make_client_app
     from fedprompt.flower.server_app import make_server_app
     from fedprompt.flower.simulation import num_clients
@@ -104,6 +108,7 @@ def run_local(config: str, args: str = "", num_nodes: int | None = None, node_co
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a runtime sets for the app
     grid = LocalGrid(make_client_app(), node_configs, values)
+    grid.down_from = dict(down_from or {})
     make_server_app(values)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                           run_config=values))
     return grid

@@ -79,7 +79,8 @@ class FedPromptStrategy(Strategy):
         self.fed, self.classnames = fedfit.build_federation(self.fabric, self.run, self.splits, feed_clients=[])
         self.reference = fingerprint(self.fed)
         self.out_dir = fedfit._out_dir(self.fabric, self.run)
-        self.key = run_key(fedfit.run_config(self.run), str(self.out_dir))
+        saved = (self.checkpoint or {}).get("flower", {}).get("run_key")  # a resumed run keeps its identity
+        self.key = saved or run_key({**fedfit.run_config(self.run), "started": time.time()}, str(self.out_dir))
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.left_out: dict[int, str] = {}  # node id -> why it is not used
         self.counted: set[int] = set()  # the clients whose training the last aggregation used
@@ -108,7 +109,8 @@ class FedPromptStrategy(Strategy):
             why = self._node_problem(reply)
             if why is not None:
                 self.left_out[nid] = why
-                _say(f"node {nid} is left out: {why}")
+                if not reply.has_error():  # the node printed its own error line; this one the server found
+                    _say(f"node {nid} is left out: {why}")
                 continue
             cid = int(reply.content.config_records["fedprompt"]["cid"])
             self.nodes[cid] = nid
@@ -262,7 +264,8 @@ class FedPromptStrategy(Strategy):
         state = fedfit._checkpoint(self.fed, round_idx, self.run, logger_run_id(logger))
         if not self.options.report_states:
             state["clients"] = {}  # the clients' own states stay on their nodes
-        state["flower"] = {"client_states": "checkpoint" if self.options.report_states else "nodes",
+        state["flower"] = {"run_key": self.key,
+                           "client_states": "checkpoint" if self.options.report_states else "nodes",
                            "secure_aggregation": self.options.secure_aggregation}
         return state
 
