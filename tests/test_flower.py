@@ -234,7 +234,7 @@ def test_deployment_superlink_two_supernodes(tmp_path):
                  for i in range(2)]
         time.sleep(3)
         submitted = subprocess.run([tools["flwr"], "run", str(ROOT / "flower"), "test", "--run-config",
-                                    f"config='{SMOKE}' args='{args}' timeout=60.0"], env=env, cwd=tmp_path,
+                                    f"config='{SMOKE}' args='{args}' timeout=300.0"], env=env, cwd=tmp_path,
                                    capture_output=True, text=True, timeout=120)
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         metrics = out / "metrics.jsonl"

@@ -20,13 +20,15 @@ from flwr.serverapp import Grid
 _ids = itertools.count(1)
 
 
-def _through_the_wire(message: Message) -> Message:
-    """The message as a node receives it: every object deflated to bytes and inflated again."""
+def _through_the_wire(message: Message) -> tuple[Message, int]:
+    """The message as a node receives it (every object deflated to bytes and inflated again), and its size in
+    bytes (the deflated objects: what Flower transfers)."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
     objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
-    return inflate_object_from_contents(message.object_id, objects, keep_object_contents=False)
+    size = sum(len(data) for data in objects.values())
+    return inflate_object_from_contents(message.object_id, objects, keep_object_contents=False), size
 
 
 class LocalGrid(Grid):
@@ -46,6 +48,8 @@ class LocalGrid(Grid):
                                         run_config=dict(run_config or {})) for i, cfg in enumerate(node_configs)}
         self.down: set[int] = set()  # nodes that do not answer (a test stops them)
         self.down_from: dict[int, int] = {}  # node -> the round from which it no longer answers
+        #: (message type, group id = round, node, "down" | "up", bytes) of every message that crossed the "wire"
+        self.traffic: list[tuple[str, str, int, str, int]] = []
         self._replies: dict[str, Message] = {}
         self._run = None
 
@@ -65,13 +69,20 @@ class LocalGrid(Grid):
     def _deliver(self, message: Message) -> Message:
         node = message.metadata.dst_node_id
         message.metadata.__dict__["_src_node_id"] = 0
-        received = _through_the_wire(message) if self.serialize else message
+        received = message
+        if self.serialize:
+            received, size = _through_the_wire(message)
+            self.traffic.append((message.metadata.message_type, message.metadata.group_id, node, "down", size))
         try:
             reply = self.client_app(received, self.contexts[node])
         except Exception as err:  # noqa: BLE001 - what the runtimes do: an error reply to the server
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"),
                            reply_to=received)
-        return _through_the_wire(reply) if self.serialize else reply
+        if not self.serialize:
+            return reply
+        reply, size = _through_the_wire(reply)
+        self.traffic.append((message.metadata.message_type, message.metadata.group_id, node, "up", size))
+        return reply
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -80,6 +91,7 @@ class LocalGrid(Grid):
             if node in self.down or (node in self.down_from and group.isdigit()
                                      and int(group) >= self.down_from[node]):
                 continue
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grids do
             ids.append(f"r{next(_ids)}")
             self._replies[ids[-1]] = self._deliver(message)
         return ids

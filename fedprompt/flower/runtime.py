@@ -111,7 +111,10 @@ def run_key(config: dict, out_dir: str) -> str:
 
 
 def to_bytes(obj) -> bytes:
-    """``torch.save`` of a (nested) dict of tensors and plain values (an aggregator's ``state_dict``)."""
+    """``torch.save`` of a (nested) dict of tensors and plain values (an aggregator's ``state_dict``); an empty
+    dict (a stateless aggregator) is no bytes at all."""
+    if isinstance(obj, dict) and not obj:
+        return b""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
@@ -119,6 +122,8 @@ def to_bytes(obj) -> bytes:
 
 def from_bytes(data: bytes):
     """The inverse of :func:`to_bytes` (``weights_only``: never unpickles code)."""
+    if not data:
+        return {}
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 

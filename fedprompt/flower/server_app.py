@@ -101,7 +101,7 @@ class FedPromptStrategy(Strategy):
             return
         messages = [Message(RecordDict({"fedprompt": ConfigRecord({"run_key": self.key})}), dst_node_id=nid,
                             message_type="query", group_id="discover") for nid in new]
-        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=self.options.timeout)}
+        replies = self._send(grid, messages)
         for nid in new:
             reply = replies.get(nid)
             if reply is None:
@@ -155,20 +155,30 @@ class FedPromptStrategy(Strategy):
                                     message_type="train", group_id=str(server_round)))
         return messages
 
-    def _client_of(self, reply: Message) -> int | None:
-        return next((c for c, n in self.nodes.items() if n == reply.metadata.src_node_id), None)
+    def _send(self, grid: Grid, messages: list[Message]) -> dict[int, Message]:
+        """Send and wait for the replies (``timeout`` of the run config); returns them by destination node (an
+        error reply of the SuperLink, e.g. "node unavailable" when a node stopped sending heartbeats, included)."""
+        if not messages:
+            return {}
+        replies = list(grid.send_and_receive(messages, timeout=self.options.timeout))
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return {sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in replies}
+
+    def _client_of(self, node: int) -> int | None:
+        return next((c for c, n in self.nodes.items() if n == node), None)
 
     def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Merge the uploads with the method's aggregator, as the single-process loop does (client-id order)."""
+                        replies: dict[int, Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Merge the uploads (the replies by node) with the method's aggregator, as the single-process loop does
+        (client-id order)."""
         fed, pending = self.fed, self._pending
         failed, trained, uploads = pending["failed"], {}, {}
-        for reply in replies:
-            cid = self._client_of(reply)
+        for node, reply in replies.items():
+            cid = self._client_of(node)
             if cid is None:
                 continue
             if reply.has_error():
-                failed[cid] = f"node {reply.metadata.src_node_id} failed: {reply.error.reason}"
+                failed[cid] = f"node {node} failed: {reply.error.reason}"
                 continue
             info = reply.content.config_records["fedprompt"]
             if info["failure"]:
@@ -220,12 +230,12 @@ class FedPromptStrategy(Strategy):
                                     message_type="evaluate", group_id=str(server_round)))
         return messages
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """The round's evaluation metrics from every client's accuracies (a client without a reply: NaN)."""
+    def aggregate_evaluate(self, server_round: int, replies: dict[int, Message]) -> MetricRecord | None:
+        """Collect every client's accuracies (the replies by node; a client without a reply: NaN)."""
         results: dict = {}
         self._pending["evaluated"] = evaluated = {}
-        for reply in replies:
-            cid = self._client_of(reply)
+        for node, reply in replies.items():
+            cid = self._client_of(node)
             if cid is None or reply.has_error():
                 continue
             self.restore.pop(cid, None)
@@ -294,9 +304,8 @@ class FedPromptStrategy(Strategy):
             self.discover(grid)
             row = self._train_round(grid, round_idx)
             evaluate = round_idx % run.eval.every == 0 or round_idx == rounds
-            replies = grid.send_and_receive(
-                self.configure_evaluate(round_idx, ArrayRecord(), ConfigRecord({"evaluate": evaluate}), grid),
-                timeout=self.options.timeout)
+            replies = self._send(grid, list(
+                self.configure_evaluate(round_idx, ArrayRecord(), ConfigRecord({"evaluate": evaluate}), grid)))
             self.aggregate_evaluate(round_idx, replies)
             if evaluate:
                 row.update(fed.summarize_evaluation(self._pending["results"]))
@@ -335,7 +344,7 @@ class FedPromptStrategy(Strategy):
             secure_round(self, grid, round_idx)
         else:
             messages = self.configure_train(round_idx, ArrayRecord(), ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=self.options.timeout) if messages else []
+            replies = self._send(grid, list(messages))
             self.aggregate_train(round_idx, replies)
         pending = self._pending
         losses = pending["losses"]
