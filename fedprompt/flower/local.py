@@ -68,10 +68,10 @@ class LocalGrid(Grid):
 
     def _deliver(self, message: Message) -> Message:
         node = message.metadata.dst_node_id
-        message.metadata.__dict__["_src_node_id"] = 0
         received = message
         if self.serialize:
             received, size = _through_the_wire(message)
+            received.metadata.__dict__["_message_id"] = message.metadata.message_id  # a node knows what it answers
             self.traffic.append((message.metadata.message_type, message.metadata.group_id, node, "down", size))
         try:
             reply = self.client_app(received, self.contexts[node])
@@ -87,11 +87,11 @@ class LocalGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grids do
             node, group = message.metadata.dst_node_id, message.metadata.group_id
             if node in self.down or (node in self.down_from and group.isdigit()
                                      and int(group) >= self.down_from[node]):
                 continue
-            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grids do
             ids.append(f"r{next(_ids)}")
             self._replies[ids[-1]] = self._deliver(message)
         return ids

@@ -95,8 +95,10 @@ class FedPromptStrategy(Strategy):
     def discover(self, grid: Grid) -> None:
         """Ask the nodes not seen yet which client they hold and check their config against the server's; a node
         without a usable client is left out with one line."""
+        alive = set(grid.get_node_ids())
+        self.nodes = {cid: nid for cid, nid in self.nodes.items() if nid in alive}  # a restarted node comes back new
         known = set(self.nodes.values()) | set(self.left_out)
-        new = [nid for nid in grid.get_node_ids() if nid not in known]
+        new = [nid for nid in sorted(alive) if nid not in known]
         if not new:
             return
         messages = [Message(RecordDict({"fedprompt": ConfigRecord({"run_key": self.key})}), dst_node_id=nid,
@@ -161,8 +163,8 @@ class FedPromptStrategy(Strategy):
         if not messages:
             return {}
         replies = list(grid.send_and_receive(messages, timeout=self.options.timeout))
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        return {sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in replies}
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        return {sent.get(r.metadata.reply_to_message_id or None, r.metadata.src_node_id): r for r in replies}
 
     def _client_of(self, node: int) -> int | None:
         return next((c for c, n in self.nodes.items() if n == node), None)

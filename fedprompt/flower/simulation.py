@@ -34,3 +34,32 @@ def simulate(config: str, args: str = "", num_supernodes: int | None = None, cpu
                "init_args": {"include_dashboard": False, "log_to_driver": True}}
     run_simulation(server_app=make_server_app(values), client_app=make_client_app(values), num_supernodes=nodes,
                    backend_config=backend)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedprompt.flower.simulation CONFIG ["FLAGS"] [--key value ...]``: :func:`simulate` from a shell
+    (``--report-states true``, ``--secure-aggregation true``, ... set run-config keys)."""
+    import argparse
+
+    from fedprompt.errors import FedPromptError
+    from fedprompt.flower.options import AppOptions
+
+    parser = argparse.ArgumentParser(prog="python -m fedprompt.flower.simulation",
+                                     description="Run a fedprompt config on Flower's simulation engine.")
+    parser.add_argument("config", help="the fedprompt config (YAML)")
+    parser.add_argument("args", nargs="?", default="", help="fedprompt flags, one quoted string")
+    parser.add_argument("--nodes", type=int, default=None, help="virtual SuperNodes (default: one per client)")
+    for name in AppOptions.__dataclass_fields__:
+        if name not in ("config", "args"):
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None)
+    options = vars(parser.parse_args(argv))
+    settings = {k: v for k, v in options.items() if k not in ("config", "args", "nodes") and v is not None}
+    try:
+        AppOptions.from_config({"config": options["config"], **{k.replace("_", "-"): v for k, v in settings.items()}})
+        simulate(options["config"], options["args"], options["nodes"], **settings)
+    except FedPromptError as err:
+        raise SystemExit(f"fedprompt: error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
