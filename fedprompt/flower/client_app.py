@@ -27,6 +27,10 @@ from __future__ import annotations
 import json
 import sys
 
+from fedprompt.flower import require_flower
+
+require_flower()  # one clear line without the flower extra
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 

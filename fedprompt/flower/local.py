@@ -13,6 +13,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
+from fedprompt.flower import require_flower
+
+require_flower()  # one clear line without the flower extra
+
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid

@@ -31,6 +31,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from fedprompt.flower import require_flower
+
+require_flower()  # one clear line without the flower extra
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
