@@ -20,7 +20,7 @@ import torch
 
 flwr = pytest.importorskip("flwr", reason="Flower is not installed (pip install -e \".[flower]\")")
 
-from fedprompt.flower.local import run_local  # noqa: E402
+from fedprompt.flower.local import run_local  # noqa: E402 - after the skip
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -166,7 +166,9 @@ def test_secure_aggregation_within_quantisation_error(tmp_path, capfd):
     assert_rows_equal(rows(tmp_path / "secure"), rows(tmp_path / "plain"))
     assert checkpoint(tmp_path / "secure")["flower"]["secure_aggregation"] is True
     capfd.readouterr()
-    with pytest.raises(Exception):
+    from fedprompt.errors import FedPromptError
+
+    with pytest.raises(FedPromptError):
         run_local(SMOKE, f"{args} --method FedMGP --method.n_ctx 2 --out_dir {tmp_path / 'mgp'}",
                   secure_aggregation=True)
     assert "secure-aggregation: FedMGP's aggregator (FedMGPAggregator) needs every client's upload" in \
@@ -234,10 +236,12 @@ def test_deployment_superlink_two_supernodes(tmp_path):
         "PYTHONPATH", "")]), "PATH": os.pathsep.join([str(bindir), os.environ.get("PATH", "")]),
         "FLWR_DISABLE_UPDATE_CHECK": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     procs: list[subprocess.Popen] = []
+    logs = []
 
     def start(*cmd, log):
+        logs.append(open(tmp_path / log, "w"))  # noqa: SIM115 - closed at the end of the test
         proc = subprocess.Popen([str(c) for c in cmd], env=env, cwd=tmp_path, start_new_session=True,
-                                stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT)
+                                stdout=logs[-1], stderr=subprocess.STDOUT)
         procs.append(proc)
         return proc
 
@@ -276,6 +280,8 @@ def test_deployment_superlink_two_supernodes(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for handle in logs:
+            handle.close()
     assert all(proc.poll() is not None for proc in procs)
     time.sleep(1)
     assert not _started_by_us(ports)

@@ -28,7 +28,6 @@ import math
 import sys
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from fedprompt.flower import require_flower
@@ -40,6 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedprompt import fit as fedfit
+from fedprompt import rundir
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import state_bytes
 from fedprompt.federation.checkpoint import check_resume, check_shapes, load_checkpoint, save_checkpoint, \
@@ -48,7 +48,6 @@ from fedprompt.flower.options import AppOptions
 from fedprompt.flower.runtime import differences, evaluation_from_flat, fingerprint, one_at_a_time, run_args, \
     run_key, single_fabric, to_bytes
 from fedprompt.loggers import build_logger, logger_run_id, save_logger
-from fedprompt import rundir
 
 State = dict[str, torch.Tensor]
 
@@ -112,7 +111,7 @@ class FedPromptStrategy(Strategy):
             reply = replies.get(nid)
             if reply is None:
                 continue  # asked again next round
-            why = self._node_problem(reply)
+            why = self._node_problem(nid, reply)
             if why is not None:
                 self.left_out[nid] = why
                 if not reply.has_error():  # the node printed its own error line; this one the server found
@@ -121,7 +120,7 @@ class FedPromptStrategy(Strategy):
             cid = int(reply.content.config_records["fedprompt"]["cid"])
             self.nodes[cid] = nid
 
-    def _node_problem(self, reply: Message) -> str | None:
+    def _node_problem(self, nid: int, reply: Message) -> str | None:
         if reply.has_error():
             return reply.error.reason or "its ClientApp failed"
         info = reply.content.config_records["fedprompt"]
@@ -131,7 +130,7 @@ class FedPromptStrategy(Strategy):
         if diff:
             return (f"its config differs from the server's in {'; '.join(diff)} (client {cid}); start it with the "
                     "run's config")
-        if cid in self.nodes and self.nodes[cid] != reply.metadata.src_node_id:
+        if cid in self.nodes and self.nodes[cid] != nid:
             return f"client {cid} is already held by node {self.nodes[cid]}"
         return None
 
