@@ -98,12 +98,12 @@ def test_flower_app_equals_fit(method, tmp_path):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_simulation_engine_equals_fit(method, tmp_path):
     """Flower's simulation engine (Ray backend, one virtual SuperNode per client): the rows and prompts, local
-    prompts included, equal fit's. FedOTP always (about 1.5 minutes on 2 cores); the three methods with
+    prompts included, equal fit's. FedOTP always (about 1.5 minutes on 2 cores); every method with
     FEDPROMPT_FLOWER_ALL=1."""
     pytest.importorskip("ray", reason="Flower's simulation engine needs ray (pip install \"flwr[simulation]\")")
     if method != "FedOTP" and not os.environ.get("FEDPROMPT_FLOWER_ALL"):
-        pytest.skip("one method through Ray by default (the three run through Flower's in-process message path "
-                    "above); FEDPROMPT_FLOWER_ALL=1 runs all three")
+        pytest.skip("one method through Ray by default (every method runs through Flower's in-process message "
+                    "path above); FEDPROMPT_FLOWER_ALL=1 runs them all through Ray")
     from fedprompt.flower.simulation import simulate
 
     args = f"{COMMON} {METHODS[method]}"
