@@ -308,9 +308,11 @@ def _read_data_and_check_weights(run: RunArgs):
     return splits
 
 
-def build_federation(fabric, run: RunArgs, splits=None, timer=None) -> tuple[Federation, list[str]]:
+def build_federation(fabric, run: RunArgs, splits=None, timer=None,
+                     feed_clients: list[int] | None = None) -> tuple[Federation, list[str]]:
     """Load the backbone, read and split the data (unless ``splits`` are given), build the method's client modules,
-    feed and aggregator (``timer``: the round benchmark's section timer)."""
+    feed and aggregator (``timer``: the round benchmark's section timer; ``feed_clients``: the clients whose images
+    this process reads, default all: a deployed node reads only its own client's, a server none)."""
     splits = splits if splits is not None else _read_data_and_check_weights(run)
     aggregator = _build_aggregator(fabric, run, len(splits.clients))  # before the backbone: dp errors fail fast
     bargs: BackboneArgs = run.backbone
@@ -328,7 +330,7 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None) -> tuple[Fed
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets, global, domains
     eval_sets = evaluation_sets(splits, run.eval)
     extra = {e.name: e.samples for e in eval_sets}
-    feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf)
+    feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf, feed_clients)
     fed = Federation(fabric=fabric, method=method, backbone=backbone, classnames=splits.classnames,
                      aggregator=aggregator, clients=splits.clients, feed=feed,
                      federation=run.federation, train=train_args, eval=run.eval, seed=run.seed,
@@ -383,9 +385,11 @@ def _store(fabric, samples, loader, kind, directory: Path | None, num_workers: i
     return store
 
 
-def _build_feed(fabric, run: RunArgs, splits, extra: dict, backbone, train_tf, test_tf) -> Feed:
+def _build_feed(fabric, run: RunArgs, splits, extra: dict, backbone, train_tf, test_tf,
+                feed_clients: list[int] | None = None) -> Feed:
     """The data side of the run: the feature cache where the image tower is frozen, decode-once image stores where
-    images go through the tower (exact test-transform store; train store for ``train.device_augment``)."""
+    images go through the tower (exact test-transform store; train store for ``train.device_augment``); only the
+    clients of ``feed_clients`` when given (and the extra evaluation sets only when it is not empty)."""
     from fedprompt.data.store import StoreKind, default_store_size
 
     method: Method = run.method
@@ -404,8 +408,10 @@ def _build_feed(fabric, run: RunArgs, splits, extra: dict, backbone, train_tf, t
     progress = run.log.progress and fabric.global_rank == 0
     cache_train = train_args.feature_cache and not train_args.augment
     cache_eval = frozen and run.eval.feature_cache
-    eval_samples = [s for c in splits.clients for s in c.test + c.val] + [s for v in extra.values() for s in v]
-    train_samples = [s for c in splits.clients for s in c.train]
+    clients = [c for c in splits.clients if feed_clients is None or c.client_id in feed_clients]
+    extra = extra if clients else {}
+    eval_samples = [s for c in clients for s in c.test + c.val] + [s for v in extra.values() for s in v]
+    train_samples = [s for c in clients for s in c.train]
     test_needed = ([] if cache_eval else eval_samples) + ([] if cache_train or train_args.augment else train_samples)
     test_store = None
     if test_needed:
@@ -422,9 +428,9 @@ def _build_feed(fabric, run: RunArgs, splits, extra: dict, backbone, train_tf, t
     if cache_train or cache_eval:
         cache = FeatureCache(backbone, fabric, method.image_inputs, run.eval.batch_size, splits.loader,
                              data.num_workers, directory=directory)
-        if cache_eval:
+        if cache_eval and eval_samples:
             cache.prepare(eval_samples, test_tf, "test")  # one chunk, encoded once (or loaded from the cache dir)
-    lists = sample_lists(splits.clients, extra)
+    lists = sample_lists(clients, extra)
     transforms = {"train": train_tf, "test": test_tf, "val": test_tf}
     files = ImageFiles(lists, transforms, splits.loader, data.num_workers, pin_memory=fabric.device.type == "cuda")
     cached = CachedFeatures(cache, lists, transforms) if cache is not None else None

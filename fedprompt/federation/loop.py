@@ -319,16 +319,20 @@ class Federation:
         ids = ids or list(range(len(self.clients)))
         return ids[:1] if self.method.global_model else ids
 
-    def _evaluate_sets(self) -> dict[tuple[str, int], float]:
+    def _evaluate_sets(self, ids: list[int] | None = None) -> dict[tuple[str, int], float]:
         """Accuracy of the clients of each evaluation set (base / novel classes, unseen datasets, the global and
-        per-domain test splits) on it. Sets with the same class list and clients share one text pass: each client's
-        text features are computed once per class list and evaluation."""
+        per-domain test splits) on it: this rank's share of them, or (``ids``) those of the clients ``ids``, all on
+        this process. Sets with the same class list and clients share one text pass: each client's text features are
+        computed once per class list and evaluation."""
         groups: dict[tuple, list] = {}
         for eval_set in self.eval_sets:
             groups.setdefault((tuple(eval_set.classnames), tuple(self._set_clients(eval_set))), []).append(eval_set)
         out = {}
         for (classnames, cids), sets in groups.items():
-            mine = place(list(cids), self.fabric.global_rank, self.fabric.world_size)
+            if ids is None:
+                mine = place(list(cids), self.fabric.global_rank, self.fabric.world_size)
+            else:
+                mine = [cid for cid in cids if cid in ids]
             for chunk in self.chunks(mine):
                 client, slots, text = self._load_group(list(classnames), chunk)
                 for eval_set in sets:
@@ -336,34 +340,62 @@ class Federation:
                         out[(eval_set.name, cid)] = self._accuracy(client, text, slots, pos, f"test:{eval_set.name}")
         return out
 
+    def _evaluate_own_tests(self, ids: list[int], bar=None) -> dict:
+        """``{cid: (test_acc, val_acc)}`` of the clients ``ids`` on their own data (test accuracy only in the
+        personal views of ``eval.mode``), grouped by class list."""
+        groups: dict[tuple, list[int]] = {}
+        for cid in ids:
+            groups.setdefault(tuple(self.client_classnames(cid)), []).append(cid)
+        out: dict = {}
+        for members in groups.values():
+            for chunk in self.chunks(members):
+                out.update(self._evaluate_own(chunk, test=self.eval.mode != "global"))
+                if bar is not None:
+                    bar.update(len(chunk))
+        return out
+
     def evaluate_all(self) -> dict:
         """Every client's accuracy on its own test data (and on the evaluation sets), spread over ranks; returns the
         summary metrics."""
         start = time.perf_counter()
-        ids = list(range(len(self.clients)))
-        mine = place(ids, self.fabric.global_rank, self.fabric.world_size)
-        groups: dict[tuple, list[int]] = {}
-        for cid in mine:
-            groups.setdefault(tuple(self.client_classnames(cid)), []).append(cid)
-        local: dict = {}
+        mine = place(list(range(len(self.clients))), self.fabric.global_rank, self.fabric.world_size)
         bar = tqdm(total=len(mine), desc="evaluating", leave=False, disable=not self.progress)
-        personal = self.eval.mode != "global"
-        for members in groups.values():
-            for chunk in self.chunks(members):
-                local.update(self._evaluate_own(chunk, test=personal))
-                bar.update(len(chunk))
+        local = self._evaluate_own_tests(mine, bar)
         bar.close()
         local.update(self._evaluate_sets())
         results: dict = {}
         for part in all_gather_objects(self.fabric, local):
             results.update(part)
-        out = self._personal_summary(results, ids) if personal else {}
+        out = self.summarize_evaluation(results)
+        if self.timer is not None:
+            self.timer.add("evaluation", time.perf_counter() - start)
+        return out
+
+    # -------------------------------------------------- pieces for runtimes that evaluate each client where it lives
+    def evaluate_clients(self, ids: list[int]) -> dict:
+        """The evaluation results of the clients ``ids`` from their states in :attr:`states`, on this process:
+        ``{cid: (test_acc, val_acc)}`` and ``{(set name, cid): acc}`` for each evaluation set a client of ``ids`` is
+        scored on. Every client's results together make :meth:`summarize_evaluation`'s input; for runtimes where each
+        client lives on its own node (:mod:`fedprompt.flower`). :meth:`evaluate_all` does the same for every client,
+        spread over the ranks."""
+        out = self._evaluate_own_tests(ids)
+        out.update(self._evaluate_sets(ids))
+        return out
+
+    def summarize_evaluation(self, results: dict) -> dict:
+        """The round's evaluation metrics (what :meth:`evaluate_all` returns) from every client's results (the
+        entries of :meth:`evaluate_clients`; a client missing from ``results`` counts as not evaluated, NaN)."""
+        ids = list(range(len(self.clients)))
+        nan = (math.nan, math.nan)
+        results = {**{cid: nan for cid in ids}, **results}
+        for eval_set in self.eval_sets:
+            for cid in self._set_clients(eval_set):
+                results.setdefault((eval_set.name, cid), math.nan)
+        out = self._personal_summary(results, ids) if self.eval.mode != "global" else {}
         val = [results[cid][1] for cid in ids if not math.isnan(results[cid][1])]
         if val:
             out["val_acc"] = sum(val) / len(val)
         out.update(self._set_summary(results, out.get("local_acc", out.get("own_classes_acc"))))
-        if self.timer is not None:
-            self.timer.add("evaluation", time.perf_counter() - start)
         return out
 
     def _personal_summary(self, results: dict, ids: list[int]) -> dict:

@@ -353,8 +353,13 @@ class FedMGPAggregator(Aggregator):
         return new
 
     def state_dict(self) -> dict:
-        return {"global_prompts": {k: v.clone() for k, v in self.global_prompts.items()},
-                "last_round": self.last_round}
+        state = {"global_prompts": {k: v.clone() for k, v in self.global_prompts.items()},
+                 "last_round": self.last_round}
+        if self._record is not None:  # what apply needs after the last aggregate (a client-side apply elsewhere)
+            record = self._record
+            state["record"] = {"round": record.round_idx, "senders": sorted(record.senders),
+                               "previous": {k: v.clone() for k, v in record.previous.items()}}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "global_prompts" not in state:
@@ -362,7 +367,10 @@ class FedMGPAggregator(Aggregator):
                                  "the next round selects against); resume from a checkpoint written by a FedMGP run.")
         self.global_prompts = {k: v.clone() for k, v in state["global_prompts"].items()}
         self.last_round = int(state.get("last_round", 0))
-        self._record = None
+        record = state.get("record")
+        self._record = None if record is None else _RoundRecord(
+            int(record["round"]), frozenset(int(c) for c in record["senders"]),
+            {k: v.clone() for k, v in record["previous"].items()})
 
 
 # --------------------------------------------------------------------------------------------------- client

@@ -1,0 +1,204 @@
+"""Secure aggregation of the shared prompts with Flower's SecAgg+ (``secure-aggregation = true``).
+
+The server runs Flower's :class:`~flwr.server.workflow.SecAggPlusWorkflow` for the training half of each round; the
+ClientApp answers it through Flower's ``secaggplus_mod`` (applied to the SecAgg+ messages only). Each client trains
+exactly as without it and hands its upload, in the order of the server's key list, to the mod, which scales it by
+its weight (its train-sample count, or 1 for an unweighted mean), clips it to [-c, c], quantises it to integers in
+[0, Q) with stochastic rounding, masks it (pairwise and private masks) and sends only the masked vector. The server
+recovers the sum, never an individual upload, and Flower turns it into the weighted mean.
+
+The quantisation error: each client's scaled upload is rounded to a step of ``2c / Q``, so each value of the secure
+mean differs from the plain weighted mean by at most ``n * (2c / Q) / sum(r_i)`` (n: clients in the sum; r_i: their
+weights divided by ``max_weight``, which fedprompt sets to the largest weight so that the largest r_i is 1), plus
+the rounding of each r_i to ``1 / Q`` (relative ``0.5 / (r_i Q)``), provided every shared value lies in [-c, c]
+(:func:`error_bound`). With c = 8, Q = 2**22 and 4 clients of similar size, that is about 1.5e-5 per value.
+
+Only aggregators that merge by a weighted mean (:class:`~fedprompt.federation.aggregators.WeightedMean` and its
+subclasses: PromptFL, FedProx, FedPer, FedOTP, FedPGP, PromptFolio, FedTPG) can be summed; FedMGP's similarity-guided
+selection needs each upload and is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from fedprompt.errors import FedPromptError
+from fedprompt.federation.aggregators import WeightedMean, state_bytes
+
+
+def check_secure(fed) -> None:
+    """One line when the method's aggregation cannot be a secure sum, or a round would sum fewer than 2 clients."""
+    if not fed.method.communicates:
+        return
+    if not isinstance(fed.aggregator, WeightedMean):
+        raise FedPromptError(f"secure-aggregation: {fed.method.name}'s aggregator ({type(fed.aggregator).__name__}) "
+                             "needs every client's upload, not only their sum; SecAgg+ works for weighted-mean "
+                             "aggregators (PromptFL, FedOTP, FedPGP, ...). Set secure-aggregation = false.")
+    count = max(1, int(round(fed.federation.fraction * len(fed.clients))))
+    if min(count, len(fed.clients)) < 2:
+        raise FedPromptError("secure-aggregation: SecAgg+ needs at least 2 clients in a round; raise "
+                             "--federation.fraction or use more clients.")
+
+
+def weight_of(fed, cid: int) -> int:
+    """The weight a client's upload enters the mean with (its train-sample count, or 1 for an unweighted mean)."""
+    return len(fed.clients[cid].train) if fed.aggregator.weighted else 1
+
+
+def error_bound(weights: list[float], clipping_range: float, quantization_range: int) -> float:
+    """The largest difference per value between the SecAgg+ mean and the plain weighted mean (values within
+    [-c, c]): ``n (2c / Q) / sum(r_i)`` with ``r_i = w_i / max(w)``, plus the weight rounding."""
+    top = max(weights)
+    ratios = [w / top for w in weights]
+    step = 2 * clipping_range / quantization_range
+    rounding = clipping_range * sum(0.5 / quantization_range for _ in ratios) / sum(ratios)
+    return len(weights) * step / sum(ratios) + 2 * rounding
+
+
+# ------------------------------------------------------------------------------------------------ client side
+def read_fit_instructions(msg) -> tuple[dict, dict, dict]:
+    """(config, received global state, aggregator state) of a SecAgg+ train message (legacy ``FitIns``)."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import parameters_to_ndarrays
+
+    from fedprompt.flower.runtime import from_bytes
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    cfg = dict(fitins.config)
+    keys = json.loads(str(cfg["keys"]))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    received = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays)}
+    return cfg, received, from_bytes(cfg.pop("aggregator"))
+
+
+def fit_reply(msg, node, upload: dict, result):
+    """The reply the SecAgg+ mod masks: the upload in the server's key order, the client's weight as
+    ``num_examples``, its loss and steps as metrics."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.app import Message
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    fitins_cfg = compat.recorddict_to_fitins(msg.content, keep_input=True).config
+    keys = json.loads(str(fitins_cfg["keys"]))
+    if sorted(keys) != sorted(upload):
+        raise FedPromptError(f"client {node.cid}: its upload has the keys {sorted(upload)}, the server sums "
+                             f"{sorted(keys)}; start the node with the run's config.")
+    weight = len(node.fed.clients[node.cid].train) if node.aggregator.weighted else 1
+    arrays = [upload[k].detach().cpu().float().numpy() for k in keys]
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight,
+                    {"loss": float(result.loss), "steps": int(result.steps), "cid": node.cid})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+# ------------------------------------------------------------------------------------------------ server side
+def secure_round(strategy, grid, round_idx: int) -> None:
+    """The training half of a round through Flower's SecAgg+ workflow; leaves the round's results in the strategy
+    (as :meth:`~fedprompt.flower.server_app.FedPromptStrategy.aggregate_train` does)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import ServerConfig
+    from flwr.server.client_proxy import ClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import Strategy as LegacyStrategy
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+    from fedprompt.flower.runtime import to_bytes
+
+    fed, options = strategy.fed, strategy.options
+    template = fed.global_state
+    keys = list(template)
+    sampled = fed.sampled(round_idx)
+    failed = {cid: "no node holds this client" for cid in sampled if cid not in strategy.nodes}
+    chosen = [cid for cid in sampled if cid in strategy.nodes]
+    received = {cid: fed.aggregator.download(template, cid) for cid in chosen}
+
+    class _Proxy(ClientProxy):
+        def __init__(self, cid: int):
+            super().__init__(str(cid))
+            self.node_id = strategy.nodes[cid]
+
+        def get_properties(self, ins, timeout, group_id):
+            raise NotImplementedError
+
+        def get_parameters(self, ins, timeout, group_id):
+            raise NotImplementedError
+
+        def fit(self, ins, timeout, group_id):
+            raise NotImplementedError
+
+        def evaluate(self, ins, timeout, group_id):
+            raise NotImplementedError
+
+        def reconnect(self, ins, timeout, group_id):
+            raise NotImplementedError
+
+    outcome: dict = {}
+
+    class _Round(LegacyStrategy):
+        """Hands the workflow fedprompt's sampled clients and takes the mean it computed."""
+
+        def initialize_parameters(self, client_manager):
+            return None
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            pairs = []
+            for cid in chosen:
+                config = {"cid": cid, "version": round_idx - 1, "round": round_idx, "run_key": strategy.key,
+                          "counted": cid in strategy.counted, "keys": json.dumps(keys),
+                          "aggregator": to_bytes(fed.aggregator.state_dict())}
+                arrays = [received[cid][k].detach().cpu().numpy() for k in keys]
+                pairs.append((_Proxy(cid), FitIns(ndarrays_to_parameters(arrays), config)))
+            return pairs
+
+        def aggregate_fit(self, server_round, results, failures):
+            outcome["results"] = [(proxy, res) for proxy, res in results]
+            outcome["failures"] = failures
+            return (results[0][1].parameters if results else None), {}
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            return []
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            return None, {}
+
+        def evaluate(self, server_round, parameters):
+            return None
+
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            config=ServerConfig(num_rounds=fed.federation.rounds), strategy=_Round())
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: round_idx})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
+        {k: v.detach().cpu().contiguous() for k, v in template.items()})
+    weights = [weight_of(fed, cid) for cid in chosen] or [1]
+    workflow = SecAggPlusWorkflow(num_shares=options.secagg_num_shares,
+                                  reconstruction_threshold=options.secagg_reconstruction_threshold,
+                                  max_weight=float(max(weights)), clipping_range=options.secagg_clipping_range,
+                                  quantization_range=options.secagg_quantization_range, timeout=options.timeout)
+    if len(chosen) >= 2:
+        workflow(grid, context)
+    results = outcome.get("results", [])
+    by_node = {n: c for c, n in strategy.nodes.items()}
+    losses, ok = {}, []
+    for proxy, res in results:
+        cid = by_node.get(proxy.node_id)
+        if cid is not None:
+            ok.append(cid)
+            losses[cid] = float(res.metrics.get("loss", float("nan")))
+    ok = sorted(ok)
+    reasons = "; ".join(str(f) for f in outcome.get("failures", [])) or "no SecAgg+ result"
+    for cid in chosen:
+        if cid not in ok:
+            failed[cid] = f"left out of the secure sum ({reasons})"
+    merged = None
+    if ok and results:
+        arrays = parameters_to_ndarrays(results[0][1].parameters)
+        merged = {k: torch.from_numpy(np.asarray(a)).to(template[k].dtype).reshape(template[k].shape)
+                  for k, a in zip(keys, arrays)}
+    uploads = {cid: template for cid in ok}  # the server never sees an upload: its size is the template's
+    strategy._pending = {"sampled": sampled, "failed": failed}
+    strategy._merge(round_idx, uploads, [losses[c] for c in ok], failed, merged=merged)
+    strategy._pending["bytes_up"] = state_bytes(template) * len(ok)
