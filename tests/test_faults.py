@@ -22,7 +22,7 @@ from PIL import Image
 
 import fedprompt.fit
 import fedprompt.federation.checkpoint as checkpoint_module
-from conftest import ROOT, TINY, read_rows, without_timings
+from conftest import ROOT, read_rows, without_timings
 from fedprompt.errors import FedPromptError
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
