@@ -137,19 +137,39 @@ class Result:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FedPromptError(f"table: {path} is missing; the run directory is incomplete.")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise FedPromptError(f"table: {path} is not valid YAML ({' '.join(str(err).split())}); "
+                             "rerun the run that wrote it.") from None
+    return _mapping(data, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FedPromptError(f"table: {path} is not valid JSON ({err}); rerun the run that wrote it.") from None
+    return _mapping(data, path)
+
+
+def _mapping(data, path: Path) -> dict:
+    if not isinstance(data, dict):
+        raise FedPromptError(f"table: {path} holds a {type(data).__name__}, not a mapping; "
+                             "rerun the run that wrote it.")
+    return data
 
 
 def _read_summary(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FedPromptError(f"table: {path} is missing; {what} has not finished (rerun it to complete it).")
-    return json.loads(path.read_text())
+    return _read_json(path)
 
 
-def load(path: Path, labels: dict[str, str]) -> list[tuple[Path, dict, int, dict]]:
+def load(path: Path) -> list[tuple[Path, dict, int, dict]]:
     """``(run dir, config, seed, summary)`` of a run directory, or of every seed of a sweep folder."""
     if (path / "seeds.json").is_file():
-        seeds = json.loads((path / "seeds.json").read_text()).get("seeds") or []
+        seeds = _read_json(path / "seeds.json").get("seeds") or []
         config = _read_yaml(path / "sweep.yaml")
         return [(path, config, int(n), _read_summary(path / f"seed{n}" / "summary.json", f"seed {n} of the sweep"))
                 for n in seeds]
@@ -173,7 +193,7 @@ def collect(paths: list[str], labels: dict[str, str]) -> list[Result]:
     """The results of the run directories, runs of one row and dataset merged as seeds of one result."""
     results: dict[tuple[str, str], Result] = {}
     for name in paths:
-        for path, config, seed, summary in load(Path(name), labels):
+        for path, config, seed, summary in load(Path(name)):
             label, dataset = row_label(path, config, summary, labels), dataset_name(config.get("data"))
             result = results.get((label, dataset))
             if result is None:

@@ -150,6 +150,25 @@ def test_bad_run_directories(tmp_path):
         table(tmp_path, fake_run(tmp_path / "b2n", config(), hm=0.5))
 
 
+def test_unreadable_json_and_yaml_are_one_line_errors(tmp_path):
+    run = fake_run(tmp_path / "run", config(), local_acc=0.5)
+    (run / "summary.json").write_text('{"local_acc": 0.5')  # cut off mid-write
+    with pytest.raises(FedPromptError, match=r"run/summary.json is not valid JSON \(.*\); rerun the run"):
+        table(tmp_path, run)
+    (run / "summary.json").write_text("[0.5]")
+    with pytest.raises(FedPromptError, match=r"run/summary.json holds a list, not a mapping"):
+        table(tmp_path, run)
+    sweep = fake_sweep(tmp_path / "sweep", config(), {1: {"local_acc": 0.5}})
+    (sweep / "seeds.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(FedPromptError, match=r"sweep/seeds.json is not valid JSON"):
+        table(tmp_path, sweep)
+    other = fake_run(tmp_path / "other", config(), local_acc=0.5)
+    (other / "hyperparameters.yaml").write_text("method: [unclosed\n")
+    with pytest.raises(FedPromptError) as err:
+        table(tmp_path, other)
+    assert "other/hyperparameters.yaml is not valid YAML" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_without_matplotlib_the_table_is_still_written(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = table(tmp_path, fake_run(tmp_path / "a", config(), local_acc=0.5))
