@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import lightning  # noqa: F401  (imported here, its log handler binds to the session's stderr, not one test's capsys)
 import pytest
 import torch
 

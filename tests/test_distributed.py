@@ -54,6 +54,22 @@ def test_fedtpg_reduce_path_two_processes_match_one(tmp_path):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
 
 
+def test_maple_reduce_path_two_processes_match_one(tmp_path):
+    """MaPLe's deep text prompts and per-client coupling (every tensor shared) through the all-reduce path on two
+    processes agree with one process up to float rounding."""
+    extra = ["--method", "MaPLe", "--method.text_depth", "2", "--method.lr", "0.01", "--federation.rounds", "2"]
+    run(tmp_path / "one", *extra)
+    run(tmp_path / "two", *extra, "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp")
+    one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(one["global"]) == {"text_prompts.ctx", "coupling.weight", "coupling.bias"}
+    for key, value in one["global"].items():
+        torch.testing.assert_close(value, two["global"][key], rtol=1e-4, atol=1e-6)
+    rows_one, rows_two = without_timings(read_rows(tmp_path / "one")), without_timings(read_rows(tmp_path / "two"))
+    assert [r["client_acc"] for r in rows_one] == [r["client_acc"] for r in rows_two]
+    assert [r["bytes_up"] for r in rows_one] == [r["bytes_up"] for r in rows_two]
+
+
 def test_client_level_dp_noise_is_the_same_on_every_process(tmp_path):
     """DP-FedAvg with Poisson sampling and adaptive clipping: the server's noise is seeded by the run seed and the
     round, so two processes give the one-process run (one client at a time: bit-identical)."""

@@ -38,6 +38,13 @@ METHODS = {
     # per-example clipping and noise from each client's own step seed; client 1 has a second step of 3 images
     "DPFPL": ["--method.n_ctx", "4", "--method.rank", "2", "--method.noise_multiplier", "0.5",
               "--method.clip_norm", "0.5", "--method.lr", "0.1"],
+    # deep prompts in both towers of the tiny ViT (2 layers each); MaPLe through the reduce path
+    "VPT": ["--method.visual_depth", "2", "--method.lr", "0.05"],
+    "IVLP": ["--method.text_depth", "2", "--method.visual_depth", "2", "--method.lr", "0.05",
+             "--method.aggregate", "vision"],
+    "MaPLe": ["--method.text_depth", "2", "--method.lr", "0.01"],
+    "PromptSRC": ["--method.text_depth", "2", "--method.visual_depth", "2", "--method.lr", "0.05",
+                  "--method.gpa_mean", "2"],
 }
 
 

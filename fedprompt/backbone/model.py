@@ -5,7 +5,8 @@ Methods never touch open_clip themselves. They ask the backbone for
 - :meth:`Backbone.prompt_tokens`: the frozen token embeddings of ``[SOS] X X .. X <class>. [EOS]`` for a list of
   class names, with the positions of the ``n_ctx`` learnable context vectors;
 - :meth:`Backbone.encode_prompts`: text features for those sentences with the context replaced by learnable
-  vectors (any number of leading prompt dimensions, so several prompts are encoded in one call);
+  vectors (any number of leading prompt dimensions, so several prompts are encoded in one call), optionally with deep
+  prompts that replace the context rows of the text residual stream at each of the first J layers (MaPLe / IVLP);
 - :meth:`Backbone.encode_image` and :meth:`Backbone.encode_image_tokens`: pooled image features and projected
   patch tokens (ViT), spatial positions (timm / ModifiedResNet towers);
 - :meth:`Backbone.encode_image_prompted`: pooled image features of a ViT tower that also sees learnable visual
@@ -191,7 +192,8 @@ class Backbone(nn.Module):
         n = int(self._attention_mask(ids[None])[0].sum()) - 2  # minus start and end tokens
         return self.token_embedding(ids[1: 1 + n].to(self.token_embedding.weight.device)).detach().clone()
 
-    def encode_prompts(self, tokens: PromptTokens, ctx: torch.Tensor, class_specific: bool = False) -> torch.Tensor:
+    def encode_prompts(self, tokens: PromptTokens, ctx: torch.Tensor, class_specific: bool = False,
+                       deep: torch.Tensor | None = None) -> torch.Tensor:
         """Text features for learnable context vectors placed into the sentences of ``tokens``.
 
         Args:
@@ -199,6 +201,13 @@ class Backbone(nn.Module):
             ctx: [*P, n_ctx, D] unified context (shared by all classes), or with ``class_specific`` [*P, C, n_ctx, D],
                 with any leading prompt dimensions ``*P`` (e.g. FedOTP's global and local prompt, FedMGP's groups).
             class_specific: whether ``ctx`` holds one context per class (CoOp's CSC).
+            deep: deep text prompts [*P, J - 1, n_ctx, D] (MaPLe / IVLP, shared by the C classes of each prompt):
+                before text layer i (1 <= i < J) the residual-stream rows of the context positions 1 .. n_ctx are
+                replaced by ``deep[..., i - 1, :, :]`` as they are (no positional embedding, no LayerNorm); the start
+                token and every row after the context are kept, layers i >= J are untouched, and the causal mask is
+                the tower's own (the context rows come before every end-of-text token, so end-of-text truncation
+                stays exact). ``None``, or J - 1 = 0 rows (depth 1), is the shallow path exactly; at most
+                :attr:`text_layers` - 1 deep layers.
 
         Returns:
             [*P, C, E] unnormalised text features.
@@ -215,9 +224,39 @@ class Backbone(nn.Module):
         flat = x.reshape(-1, length, dim)
         repeat = flat.shape[0] // n_cls
         encode = self._compiled_text or self._encode_embeddings
-        features = encode(flat, tokens.attention_mask.repeat(repeat, 1),
-                                           tokens.pool_index.repeat(repeat))
+        if deep is not None and deep.shape[-3] > 0:
+            deep = self._deep_text_prompts(deep, lead, tokens.n_ctx, dim)
+            features = encode(flat, tokens.attention_mask.repeat(repeat, 1), tokens.pool_index.repeat(repeat), deep)
+        else:
+            features = encode(flat, tokens.attention_mask.repeat(repeat, 1), tokens.pool_index.repeat(repeat))
         return features.reshape(*lead, n_cls, -1)
+
+    @property
+    def text_layers(self) -> int:
+        """Number of transformer layers of the text tower (the largest deep text-prompt depth J)."""
+        if self.is_hf_text:
+            encoder = getattr(self.model.text.transformer, "encoder", None)
+            return len(encoder.layer) if encoder is not None and hasattr(encoder, "layer") else 0
+        return len(self.model.transformer.resblocks)
+
+    @property
+    def supports_deep_text_prompts(self) -> bool:
+        """Whether :meth:`encode_prompts` takes ``deep`` prompts (open_clip's CLIP text transformer; not HF towers)."""
+        return not self.is_hf_text
+
+    def _deep_text_prompts(self, deep: torch.Tensor, lead: tuple, n_ctx: int, dim: int) -> torch.Tensor:
+        """``deep`` checked and flattened to [prod(P), J - 1, n_ctx, D] (one row per prompt of the flat batch)."""
+        if not self.supports_deep_text_prompts:
+            raise FedPromptError(f"backbone: deep text prompts need open_clip's CLIP text transformer, but "
+                                 f"'{self.name}' has a Hugging Face text tower; use text_depth: 1 (shallow) or a CLIP "
+                                 "backbone.")
+        layers = self.text_layers
+        if tuple(deep.shape[:-3]) != tuple(lead) or tuple(deep.shape[-2:]) != (n_ctx, dim) \
+                or not deep.shape[-3] < layers:
+            raise FedPromptError(f"backbone.encode_prompts: deep prompts of shape {tuple(deep.shape)}; expected "
+                                 f"[{', '.join(map(str, lead)) + ', ' if lead else ''}J - 1, {n_ctx}, {dim}] with "
+                                 f"J <= {layers} (the text tower's layers).")
+        return deep.reshape(-1, *deep.shape[-3:])
 
     _compiled_text = None
 
@@ -234,7 +273,8 @@ class Backbone(nn.Module):
         self.__dict__["_compiled_text"] = torch.compile(self._encode_embeddings, backend=backend, mode=mode,
                                                         dynamic=False)
 
-    def _encode_embeddings(self, x: torch.Tensor, mask: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+    def _encode_embeddings(self, x: torch.Tensor, mask: torch.Tensor, pool_index: torch.Tensor,
+                           deep: torch.Tensor | None = None) -> torch.Tensor:
         if self.is_hf_text:
             text = self.model.text
             out = text.transformer(inputs_embeds=x, attention_mask=mask)
@@ -244,7 +284,20 @@ class Backbone(nn.Module):
         cast = m.transformer.get_cast_dtype()
         x = x.to(cast) + m.positional_embedding[:length].to(cast)
         attn_mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
-        x = m.transformer(x, attn_mask=attn_mask)
+        if deep is None:
+            x = m.transformer(x, attn_mask=attn_mask)
+        else:
+            rows = x.shape[0] // deep.shape[0]  # the classes of each prompt
+
+            def replace(i: int, h: torch.Tensor, batch_first: bool) -> torch.Tensor:
+                fresh = deep[:, i - 1].to(h.dtype)  # [prod(P), n_ctx, D]
+                fresh = fresh.unsqueeze(1).expand(-1, rows, -1, -1).reshape(-1, *fresh.shape[1:])
+                n_ctx = fresh.shape[1]
+                if batch_first:
+                    return torch.cat([h[:, :1], fresh, h[:, 1 + n_ctx:]], dim=1)
+                return torch.cat([h[:1], fresh.transpose(0, 1), h[1 + n_ctx:]], dim=0)
+
+            x = self._run_blocks(m.transformer, x, attn_mask, deep.shape[1], replace)
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), pool_index]
         if m.text_projection is None:
@@ -380,22 +433,31 @@ class Backbone(nn.Module):
         return prompts
 
     @staticmethod
-    def _deep_transformer(transformer, x: torch.Tensor, deeper: torch.Tensor, rows: torch.Tensor,
-                          n_tokens: int) -> torch.Tensor:
-        """open_clip's ``Transformer.forward`` with the prompt outputs replaced by ``deeper[:, i - 1]`` before
-        layer i (1 <= i <= deeper.shape[1])."""
-        batch_first = transformer.batch_first
+    def _run_blocks(transformer, x: torch.Tensor, attn_mask: torch.Tensor | None, deep_layers: int,
+                    replace) -> torch.Tensor:
+        """open_clip's ``Transformer.forward`` on batch-first ``x`` with ``x = replace(i, x, batch_first)`` before
+        layer i for 1 <= i <= ``deep_layers`` (deep prompts: the text context rows, or the visual prompt rows)."""
+        batch_first = getattr(transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1).contiguous()  # NLD -> LND
         for i, block in enumerate(transformer.resblocks):
-            if 1 <= i <= deeper.shape[1]:
-                fresh = deeper[:, i - 1].to(x.dtype)[rows]  # [R*B, V, width]
-                if batch_first:
-                    x = torch.cat([x[:, :n_tokens], fresh], dim=1)
-                else:
-                    x = torch.cat([x[:n_tokens], fresh.transpose(0, 1)], dim=0)
-            x = block(x, attn_mask=None)
+            if 1 <= i <= deep_layers:
+                x = replace(i, x, batch_first)
+            x = block(x, attn_mask=attn_mask)
         return x if batch_first else x.transpose(0, 1)
+
+    @classmethod
+    def _deep_transformer(cls, transformer, x: torch.Tensor, deeper: torch.Tensor, rows: torch.Tensor,
+                          n_tokens: int) -> torch.Tensor:
+        """The image tower's transformer with the prompt outputs replaced by ``deeper[:, i - 1]`` before layer i
+        (1 <= i <= deeper.shape[1])."""
+        def replace(i: int, h: torch.Tensor, batch_first: bool) -> torch.Tensor:
+            fresh = deeper[:, i - 1].to(h.dtype)[rows]  # [R*B, V, width]
+            if batch_first:
+                return torch.cat([h[:, :n_tokens], fresh], dim=1)
+            return torch.cat([h[:n_tokens], fresh.transpose(0, 1)], dim=0)
+
+        return cls._run_blocks(transformer, x, None, deeper.shape[1], replace)
 
     @staticmethod
     def _vit_tokens(visual, images):

@@ -165,7 +165,7 @@ class Combined(FederatedData):
         """Dataset ``index`` (``datasets`` then ``unseen``) read; its errors name its place in the config."""
         reader = (self.datasets + self.unseen)[index]
         try:
-            raw, bad = reader._without_bad_images(reader.read())
+            raw, bad = reader.read_checked()
             self._bad_images.extend(bad)
             return raw
         except FedPromptError as err:

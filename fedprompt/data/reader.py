@@ -145,6 +145,11 @@ class FederatedData:
         warn(f"data: dropped {len(empty)} class(es) without any image ({where}).")
         return [c for c in classnames if c not in empty]
 
+    def read_checked(self) -> tuple[DatasetSplits, list[tuple[str, str]]]:
+        """:meth:`read`, then check the image files (``check_images``): the splits without the bad files it may
+        leave out (``on_bad_image: skip``) and those files as ``(path, reason)``."""
+        return self._without_bad_images(self.read())
+
     def _without_bad_images(self, raw: DatasetSplits) -> tuple[DatasetSplits, list[tuple[str, str]]]:
         if not self.check_images or raw.loader is not load_rgb:  # generated or archive-backed samples: no files
             return raw, []
@@ -161,7 +166,7 @@ class FederatedData:
 
     def setup(self) -> FederatedSplits:
         """Read, check the image files, partition and few-shot sample; deterministic for a given ``seed``."""
-        raw, bad = self._without_bad_images(self.read())
+        raw, bad = self.read_checked()
         splits = federate(raw, self.partition or self.default_partition(), self.num_shots, self.seed,
                           self.subsample_classes, self.validation)
         splits.bad_images = bad

@@ -17,12 +17,15 @@ REGISTRY = {
     "PromptClient": "base",
     "CoOpClient": "coop", "FedPer": "coop", "FedProx": "coop", "LocalCoOp": "coop", "PromptFL": "coop",
     "DPFPL": "dpfpl", "DPFPLClient": "dpfpl",
+    "DeepPromptClient": "deep", "IVLP": "deep", "IVLPClient": "deep", "MaPLe": "deep", "MaPLeClient": "deep",
+    "VPT": "deep", "VPTClient": "deep",
     "FedMGP": "fedmgp", "FedMGPAggregator": "fedmgp", "FedMGPClient": "fedmgp",
     "FedOTP": "fedotp", "FedOTPClient": "fedotp",
     "FedPGP": "fedpgp", "FedPGPClient": "fedpgp",
     "FedTPG": "fedtpg", "FedTPGClient": "fedtpg",
     "PFedMoAP": "pfedmoap", "PFedMoAPClient": "pfedmoap", "MixtureOfPromptsServer": "pfedmoap",
     "PromptFolio": "promptfolio", "PromptFolioClient": "promptfolio",
+    "GPAAggregator": "promptsrc", "PromptSRC": "promptsrc", "PromptSRCClient": "promptsrc",
     "ZeroShot": "zeroshot",
 }
 

@@ -249,17 +249,24 @@ class PromptClient(L.LightningModule):
         step = self.step
         return segment_mean(values, step.owner, step.clients, step.counts)
 
-    def encode_context(self, ctx: torch.Tensor, class_specific: bool = False) -> torch.Tensor:
+    def encode_context(self, ctx: torch.Tensor, class_specific: bool = False,
+                       deep: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised fp32 text features ``[A, *P, C, E]`` of context vectors ``ctx`` ``[A, *P, n_ctx, D]`` (or
         ``[A, *P, C, n_ctx, D]`` with ``class_specific``) placed into the current class list's prompt sentences
-        (:attr:`prompt_template`), every client and prompt in one text-encoder call."""
-        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx, class_specific=class_specific)
+        (:attr:`prompt_template`), every client and prompt in one text-encoder call. ``deep`` ``[A, *P, J - 1,
+        n_ctx, D]``: deep text prompts replacing the context rows before each of text layers 1 .. J - 1 (MaPLe,
+        IVLP; see :meth:`fedprompt.backbone.Backbone.encode_prompts`)."""
+        feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx, class_specific=class_specific,
+                                             deep=deep)
         return F.normalize(feats.float(), dim=-1)
 
-    def encode_visual(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_visual(self, images: torch.Tensor, tokens: torch.Tensor, of_active: bool = False) -> torch.Tensor:
         """L2-normalised fp32 image features ``[n, G, E]``: each image with each of the G visual prompt sets of its
-        own client, from stacked tokens ``[slots, G, (depth,) V, width]``, in one image-tower call."""
-        tokens = self.active(tokens)
+        own client, from stacked tokens ``[slots, G, (depth,) V, width]``, in one image-tower call. ``of_active``:
+        ``tokens`` already hold the active clients' values ``[A, G, ...]`` (tokens computed from their prompts, e.g.
+        MaPLe's coupling)."""
+        if not of_active:
+            tokens = self.active(tokens)
         groups = tokens.shape[1]
         index = self.backbone.group_index(self.step.owner, groups)  # [G, n]
         feats = self.backbone.encode_image_prompted(images, tokens.flatten(0, 1), index)
