@@ -162,8 +162,8 @@ def test_experts_are_encoded_once_per_download_not_per_step(tiny_backbone, monke
         client.experts.valid[0] = True
     calls = []
     original = Backbone.encode_prompts
-    monkeypatch.setattr(Backbone, "encode_prompts", lambda self, tokens, ctx, class_specific=False:
-                        calls.append(tuple(ctx.shape[:-2])) or original(self, tokens, ctx, class_specific))
+    monkeypatch.setattr(Backbone, "encode_prompts", lambda self, tokens, ctx, class_specific=False, **kw:
+                        calls.append(tuple(ctx.shape[:-2])) or original(self, tokens, ctx, class_specific, **kw))
     client.on_round_start({"prompt.ctx": torch.zeros(4, 64)})
     optimizer = client.configure_optimizers()
     client.train()

@@ -221,7 +221,8 @@ def test_bad_dp_flags_on_the_command_line(cli, tmp_path):
 
 
 @pytest.mark.parametrize("method, why", [("LocalCoOp", "shares no trained state"),
-                                         ("PFedMoAP", "per-client downloads"), ("FedMGP", "not a mean")])
+                                         ("PFedMoAP", "per-client downloads"), ("FedMGP", "not a mean"),
+                                         ("PromptSRC", "not a mean")])
 def test_dp_refuses_methods_it_cannot_protect(cli, tmp_path, method, why):
     code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, "--method", method,
                        "--dp.noise_multiplier", "1", "--dp.clip_norm", "1")

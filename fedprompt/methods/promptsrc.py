@@ -113,6 +113,8 @@ class GPAAggregator(WeightedMean):
         flip_rounds: R, for FLiP's normalisation (``None``: the fixed running average).
     """
 
+    averages_uploads = False  # it also keeps the running GPA average: client-level DP's mean cannot replace it
+
     def __init__(self, copies: dict[str, str], mean: float, std: float, weighted: bool = True,
                  flip_rounds: int | None = None):
         super().__init__(tuple(copies), weighted=weighted)
