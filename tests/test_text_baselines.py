@@ -392,6 +392,27 @@ def test_proda_training_loss_and_the_mean_classifier(backbone):
     torch.testing.assert_close(loss, expected.unsqueeze(0).detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("limit, calls", [(10, 2), (15, 2), (1, 4)])
+def test_proda_mean_classifier_in_chunks_equals_one_call(backbone, monkeypatch, limit, calls):
+    """The K x C evaluation sentences split over the K prompts (at most ``EVAL_SENTENCES`` per call; at least one
+    prompt per call) give the same mean classifier as one call over all K."""
+    import fedprompt.methods.proda as proda
+    client = build(ProDA(n_prompts=4, prompt_batch=2, n_ctx=4), backbone, slots=2)
+    perturb(client, scale=0.3)
+    client.eval()
+    with torch.no_grad():
+        ctx = client.prompt.ctx  # [2, K, n_ctx, D]: two active clients
+        positions = client.positions.expand(2, -1)
+        whole = client.encode(ctx, positions).mean(1)
+        seen = []
+        encode = client.encode
+        monkeypatch.setattr(client, "encode", lambda c, p: seen.append(c.shape[1]) or encode(c, p))
+        monkeypatch.setattr(proda, "EVAL_SENTENCES", limit * 2)  # per call: limit sentences per client
+        chunked = client.mean_classifier(ctx, positions)
+    assert len(seen) == calls and sum(seen) == 4
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_proda_flip_is_coop_with_one_end_prompt(backbone):
     method = ProDA(compat="flip", n_ctx=4)
     assert (method.prompts, method.batch_of_prompts) == (1, 1) and (ProDA().prompts, ProDA().batch_of_prompts) == (

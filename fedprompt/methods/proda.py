@@ -46,6 +46,8 @@ from fedprompt.prompts import ContextVectors
 PRODA_DEFAULTS = {"paper": (32, 4), "flip": (1, 1)}
 #: class-token positions
 FRONT, MIDDLE, END = 0, 1, 2
+#: the most sentences per text-encoder call when the K x C prompts are encoded for evaluation
+EVAL_SENTENCES = 16384
 
 
 def prompt_positions(k: int, mixed: bool = True) -> torch.Tensor:
@@ -174,13 +176,21 @@ class ProDAClient(PromptClient):
                                              class_specific=True)
         return F.normalize(feats.float(), dim=-1)
 
+    @torch.no_grad()
+    def mean_classifier(self, ctx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The mean class feature over all K prompts ``[A, C, E]`` (each L2-normalised, the mean not), the K x C
+        sentences of each client encoded in chunks of at most ``EVAL_SENTENCES`` sentences."""
+        per_call = max(1, EVAL_SENTENCES // (ctx.shape[0] * max(1, len(self.classnames))))
+        total = sum(self.encode(c, p).sum(1) for c, p in zip(ctx.split(per_call, 1), positions.split(per_call, 1)))
+        return total / ctx.shape[1]
+
     def text_features(self) -> ProDAText:
         """Training: the step's prompt mini-batch's class features and (|S| > 1) all K class-agnostic features;
         evaluation: the mean class feature over all K prompts (see :class:`ProDAText`)."""
         ctx = self.active(self.prompt.ctx)  # [A, K, n_ctx, D]
         positions = self.positions.expand(ctx.shape[0], -1)
         if not self.training:
-            return ProDAText(mean=self.encode(ctx, positions).mean(1))
+            return ProDAText(mean=self.mean_classifier(ctx, positions))
         chosen = self.draw_batch(ctx)
         picked = ctx.gather(1, chosen[..., None, None].expand(*chosen.shape, *ctx.shape[2:]))
         feats = self.encode(picked, positions.gather(1, chosen))
