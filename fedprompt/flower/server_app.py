@@ -296,7 +296,12 @@ class FedPromptStrategy(Strategy):
                 (self.out_dir / "summary.json").is_file():
             _say(f"the run in {self.out_dir} is complete (round {self.checkpoint['round']}); nothing changed.")
             return result
-        fedfit._claim_run_dir(fabric, "fit", run, self.out_dir)
+        with fedfit._claimed(fabric, "fit", run, self.out_dir):  # one writer per run folder, as fedprompt fit
+            return self._run_rounds(grid, rounds, result)
+
+    def _run_rounds(self, grid: Grid, rounds: int, result: Result) -> Result:
+        """The rounds of :meth:`start`, with the run folder held: checked, then written."""
+        run, fed, fabric = self.run, self.fed, self.fabric
         previous = fedfit._prepare_run_dir(fabric, self.out_dir, "fit", run, self.checkpoint, self.splits.bad_images)
         start = self._resume()
         logger = build_logger(run.log, self.out_dir, self.checkpoint.get("logger_run_id") if self.checkpoint else None,
