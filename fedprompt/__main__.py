@@ -164,9 +164,26 @@ def parse(argv: list[str]):
         raise FedPromptError(explain_argument_error(err, argv, {name: parser})) from None
 
 
+def instantiate(parser, cfg) -> tuple[dict, dict]:
+    """The objects of a parsed command line (``parser.instantiate``; a :class:`FedPromptError` raised in a settings
+    class's ``__init__`` comes out as itself, not wrapped by jsonargparse) and the resolved config as plain YAML
+    data (what hyperparameters.yaml holds, without ``config``)."""
+    import yaml
+
+    try:
+        init = parser.instantiate(cfg)
+    except Exception as err:  # jsonargparse wraps errors raised in __init__ (e.g. a bad method.mu)
+        cause = _find_cause(err, FedPromptError)
+        if cause is None:
+            raise
+        raise cause from None
+    resolved = yaml.safe_load(parser.dump(cfg, skip_validation=True, skip_unset=False)) or {}
+    resolved.pop("config", None)
+    return init, resolved
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fedprompt`` console script."""
-    import yaml
     from jsonargparse import set_parsing_settings
 
     from fedprompt.methods.method import Method
@@ -188,15 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             fedprompt.methods.import_all()  # short names (--method FedOTP, --data Caltech101) resolve among the
             fedprompt.data.import_readers()  # imported subclasses
         name, parser, cfg = parse(argv)
-        try:
-            init = parser.instantiate(cfg)
-        except Exception as err:  # jsonargparse wraps errors raised in __init__ (e.g. a bad method.mu)
-            cause = _find_cause(err, FedPromptError)
-            if cause is None:
-                raise
-            raise cause from None
-        resolved = yaml.safe_load(parser.dump(cfg, skip_validation=True, skip_unset=False)) or {}
-        resolved.pop("config", None)
+        init, resolved = instantiate(parser, cfg)
         run_command(name, init, resolved)
     except FedPromptError as err:
         print(f"fedprompt: error: {err}", file=sys.stderr)

@@ -35,12 +35,11 @@ def run_args(config: str, args: str = "", node_args: str = "", data_root: str | 
     """The :class:`fedprompt.run.RunArgs` of a fedprompt config file with command-line flags (``args``: the app's,
     ``node_args``: this node's own, applied last; ``data_root``: ``--data.root``), parsed exactly as ``fedprompt fit``
     parses them (one :class:`FedPromptError` line for a bad file, key or value)."""
-    import yaml
     from jsonargparse import set_parsing_settings
 
     import fedprompt.data
     import fedprompt.methods
-    from fedprompt.__main__ import _find_cause, parse
+    from fedprompt.__main__ import instantiate, parse
     from fedprompt.methods.method import Method
     from fedprompt.run import RunArgs
 
@@ -51,15 +50,7 @@ def run_args(config: str, args: str = "", node_args: str = "", data_root: str | 
     if data_root:
         argv += ["--data.root", str(data_root)]
     _, parser, cfg = parse(argv)
-    try:
-        init = parser.instantiate(cfg)
-    except Exception as err:  # jsonargparse wraps errors raised in __init__
-        cause = _find_cause(err, FedPromptError)
-        if cause is None:
-            raise
-        raise cause from None
-    resolved = yaml.safe_load(parser.dump(cfg, skip_validation=True, skip_unset=False)) or {}
-    resolved.pop("config", None)
+    init, resolved = instantiate(parser, cfg)
     from dataclasses import fields
 
     return RunArgs(**{f.name: init[f.name] for f in fields(RunArgs) if f.name != "resolved_config"},

@@ -289,7 +289,7 @@ class FedPromptStrategy(Strategy):
               evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
         """Run the fedprompt rounds (``federation.rounds``; a resumed run from its next round) and write the run
         directory; returns Flower's :class:`~flwr.serverapp.strategy.Result` (the last global state and the rows)."""
-        run, fed, fabric = self.run, self.fed, self.fabric
+        run, fabric = self.run, self.fabric
         rounds = num_rounds or run.federation.rounds
         result = Result()
         if self.checkpoint is not None and self.checkpoint["round"] >= rounds and \
