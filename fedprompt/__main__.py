@@ -143,7 +143,7 @@ def run_command(name: str, init, resolved: dict):
 def parse(argv: list[str]):
     """Parse ``fedprompt COMMAND ARGS``: ``(command, its parser, the parsed config)``; a bad argument is one
     :class:`FedPromptError` line naming it."""
-    from fedprompt.cli_errors import check_config_files, explain_argument_error
+    from fedprompt.cli_errors import check_config_files, check_inline_values, explain_argument_error
     from fedprompt.commands import COMMANDS
 
     if not argv or argv[0] not in COMMANDS:
@@ -155,6 +155,7 @@ def parse(argv: list[str]):
     name = argv[0]
     parser = command_parser(name)
     check_config_files(argv[1:])
+    check_inline_values(argv[1:])
     try:
         return name, parser, parser.parse_args(argv[1:])
     except ArgumentError as err:

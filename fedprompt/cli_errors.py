@@ -5,7 +5,8 @@ does not read that text. Instead, when parsing fails, :func:`explain_argument_er
 by parsing again with the arguments given one more at a time (the config files, then each flag, with jsonargparse's
 public parser), and checks that argument against the typed settings themselves (the fields of the method's
 dataclass, of the argument groups in :mod:`fedprompt.args`, and the data reader's signature). YAML syntax errors in
-a config file are found before parsing (:func:`check_config_files`).
+a config file and in a flag's inline YAML value are found before parsing (:func:`check_config_files`,
+:func:`check_inline_values`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,37 @@ def check_config_files(argv: list[str]) -> None:
             raise FedPromptError(f"--config {name}: YAML syntax error{where}: {err.problem}. Fix the file.") from None
         except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
             raise FedPromptError(f"--config {name}: cannot read it as YAML ({err}).") from None
+
+
+def inline_values(argv: list[str]) -> list[tuple[str, str]]:
+    """``(flag, value)`` of every flag in ``argv`` whose value is inline YAML (a mapping or list: it starts with ``{``
+    or ``[``), as ``--flag VALUE`` or ``--flag=VALUE``."""
+    found = []
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or arg == "--config" or arg.startswith("--config="):
+            continue
+        flag, _, value = arg.partition("=")
+        if not _ and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+        if value.lstrip().startswith(("{", "[")):
+            found.append((flag, value))
+    return found
+
+
+def check_inline_values(argv: list[str]) -> None:
+    """Each inline YAML value of a flag (``--federation '{rounds: 3}'``) is valid YAML; otherwise one
+    :class:`FedPromptError` naming the flag, the value and where its syntax breaks."""
+    for flag, value in inline_values(argv):
+        try:
+            yaml.safe_load(value)
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark
+            where = f" at column {mark.column + 1}" if mark is not None else ""
+            hint = (f"an inline mapping is written '{{key: value, ...}}', or give its settings as flags, {flag}.KEY "
+                    "VALUE" if value.lstrip().startswith("{") else "an inline list is written '[a, b, ...]'")
+            raise FedPromptError(f"{flag} {value}: YAML syntax error{where}: {err.problem} ({hint}).") from None
+        except yaml.YAMLError as err:
+            raise FedPromptError(f"{flag} {value}: cannot read it as YAML ({err}).") from None
 
 
 # ------------------------------------------------------------------------------------------------------ types

@@ -112,6 +112,11 @@ def test_a_bad_config_file_is_named_with_its_key_or_its_yaml_line(cli, tmp_path)
     assert code == 2 and f"--config {broken}: YAML syntax error at line 3, column 1" in err, err
     code, _, err = cli("fit", "--config", tmp_path / "missing.yaml")
     assert code == 2 and "missing.yaml: no such file" in err
+    # an inline YAML value of a flag: the flag, the value and the column, in one line
+    for flag in (["--federation", "{rounds: [1"], ["--federation={rounds: [1"]):
+        code, _, err = cli("fit", "--config", SMOKE, *flag)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "--federation {rounds: [1: YAML syntax error at column 12" in err and "--federation.KEY VALUE" in err, err
     code, _, err = cli("fitt")
     assert code == 2 and "unknown command 'fitt'; choose one of fit, evaluate" in err
 
