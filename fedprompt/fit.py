@@ -535,18 +535,9 @@ def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path
         row["round_seconds"] = time.perf_counter() - tic
         problem = None
         if fabric.global_rank == 0:
-            try:
-                _log_round(out_dir, logger, fed, row)
-                save_logger(logger)
-                state = _checkpoint(fed, round_idx, run, logger_run_id(logger))  # the W&B id exists once it logged
-                save_checkpoint(state, out_dir / "checkpoints" / "last.ckpt")
-                saved = round_idx
-                selector.update(row, state)
-                every = run.log.checkpoint_every
-                if every and round_idx % every == 0:
-                    save_checkpoint(state, out_dir / "checkpoints" / f"round-{round_idx:04d}.ckpt")
-            except OSError as err:  # e.g. a full disk: the last good checkpoint stays
-                problem = _write_problem(out_dir, err, saved)
+            problem = _save_round(out_dir, logger, fed, row, run, selector, saved,
+                                  lambda: _checkpoint(fed, round_idx, run, logger_run_id(logger)))
+            saved = round_idx if problem is None else saved
         if fabric.world_size > 1:
             problem = fabric.broadcast(problem, src=0)  # every rank stops together
         if problem:
@@ -565,6 +556,29 @@ def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path
         _print_clients(fed, row.get("client_acc"), summary)
     fabric.barrier()
     return summary
+
+
+def _save_round(out_dir: Path, logger, fed: Federation, row: dict, run: RunArgs, selector: _Selector, saved: int,
+                state_of) -> str | None:
+    """Rank 0 at the end of a round: the metrics row (file and logger), then ``checkpoints/last.ckpt`` of
+    ``state_of()`` (called after the logger logged: a W&B run id exists by then), the best-round selection and the
+    every-``log.checkpoint_every`` checkpoint. Returns ``None``, or the one-line problem of a failed write (a full
+    disk: the last good checkpoint stays; ``saved`` is the round it holds before this one)."""
+    try:
+        _log_round(out_dir, logger, fed, row)
+        save_logger(logger)
+        state = state_of()
+        save_checkpoint(state, out_dir / "checkpoints" / "last.ckpt")
+    except OSError as err:
+        return _write_problem(out_dir, err, saved)
+    try:
+        selector.update(row, state)
+        every = run.log.checkpoint_every
+        if every and row["round"] % every == 0:
+            save_checkpoint(state, out_dir / "checkpoints" / f"round-{row['round']:04d}.ckpt")
+    except OSError as err:
+        return _write_problem(out_dir, err, row["round"])
+    return None
 
 
 class _FailedRounds:

@@ -42,12 +42,11 @@ from fedprompt import fit as fedfit
 from fedprompt import rundir
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import state_bytes
-from fedprompt.federation.checkpoint import check_resume, check_shapes, load_checkpoint, save_checkpoint, \
-    state_shapes, write_json
+from fedprompt.federation.checkpoint import check_resume, check_shapes, load_checkpoint, state_shapes, write_json
 from fedprompt.flower.options import AppOptions
 from fedprompt.flower.runtime import differences, evaluation_from_flat, fingerprint, one_at_a_time, run_args, \
     run_key, single_fabric, to_bytes
-from fedprompt.loggers import build_logger, logger_run_id, save_logger
+from fedprompt.loggers import build_logger, logger_run_id
 
 State = dict[str, torch.Tensor]
 
@@ -309,6 +308,7 @@ class FedPromptStrategy(Strategy):
         selector = fedfit._Selector(run.eval.select, self.out_dir)
         self.summary()
         row: dict = previous[-1] if previous else {}
+        saved = start - 1  # the round checkpoints/last.ckpt holds
         for round_idx in range(start, rounds + 1):
             tic = time.perf_counter()
             self.discover(grid)
@@ -320,14 +320,11 @@ class FedPromptStrategy(Strategy):
             if evaluate:
                 row.update(fed.summarize_evaluation(self._pending["results"]))
             row["round_seconds"] = time.perf_counter() - tic
-            fedfit._log_round(self.out_dir, logger, fed, row)
-            save_logger(logger)
-            state = self._checkpoint_state(round_idx, logger)
-            save_checkpoint(state, self.out_dir / "checkpoints" / "last.ckpt")
-            selector.update(row, state)
-            every = run.log.checkpoint_every
-            if every and round_idx % every == 0:
-                save_checkpoint(state, self.out_dir / "checkpoints" / f"round-{round_idx:04d}.ckpt")
+            problem = fedfit._save_round(self.out_dir, logger, fed, row, run, selector, saved,
+                                         lambda: self._checkpoint_state(round_idx, logger))
+            if problem:
+                raise FedPromptError(problem)
+            saved = round_idx
             if fed.global_state:
                 result.arrays = _arrays(fed.global_state)
             result.train_metrics_clientapp[round_idx] = MetricRecord(
