@@ -29,7 +29,7 @@ import torch
 from fedprompt.errors import FedPromptError
 from fedprompt.methods.base import PromptClient
 from fedprompt.methods.method import TrainedMethod
-from fedprompt.ot import PLAN_KINDS, transport_plan
+from fedprompt.ot import PLAN_KINDS, check_solver_settings, transport_plan
 from fedprompt.prompts import ContextVectors
 
 
@@ -166,9 +166,4 @@ class FedOTP(TrainedMethod):
         if not 0 < self.gamma <= 1:
             raise FedPromptError(f"method.gamma must be in (0, 1] (the transported fraction of the patch mass), "
                                  f"got {self.gamma}")
-        if not self.eps > 0:
-            raise FedPromptError(f"method.eps must be > 0, got {self.eps}")
-        if self.max_iter < 1:
-            raise FedPromptError(f"method.max_iter must be >= 1, got {self.max_iter}")
-        if self.tol < 0:
-            raise FedPromptError(f"method.tol must be >= 0, got {self.tol}")
+        check_solver_settings(self.eps, self.max_iter, self.tol)

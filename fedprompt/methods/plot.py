@@ -31,6 +31,7 @@ from fedprompt.errors import FedPromptError
 from fedprompt.methods.base import PromptClient
 from fedprompt.methods.fedotp import ot_logits
 from fedprompt.methods.method import TrainedMethod
+from fedprompt.ot import check_solver_settings
 from fedprompt.prompts import ContextVectors
 
 #: PLOT's number of prompts by ``compat`` when ``n_prompts`` is null: the paper's 4, FLiP's run_batch 1
@@ -131,9 +132,4 @@ class PLOT(TrainedMethod):
             raise FedPromptError(f"method.n_prompts must be >= 1 (prompts per class), got {self.n_prompts}")
         if self.n_ctx < 1:
             raise FedPromptError(f"method.n_ctx must be >= 1, got {self.n_ctx}")
-        if not self.eps > 0:
-            raise FedPromptError(f"method.eps must be > 0, got {self.eps}")
-        if self.max_iter < 1:
-            raise FedPromptError(f"method.max_iter must be >= 1, got {self.max_iter}")
-        if self.tol < 0:
-            raise FedPromptError(f"method.tol must be >= 0, got {self.tol}")
+        check_solver_settings(self.eps, self.max_iter, self.tol)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import torch
 
+from fedprompt.errors import FedPromptError
+
 from .sinkhorn import Marginal, partial_sinkhorn, sinkhorn, uniform_plan
 
-__all__ = ["sinkhorn", "partial_sinkhorn", "uniform_plan", "transport_plan", "PLAN_KINDS"]
+__all__ = ["sinkhorn", "partial_sinkhorn", "uniform_plan", "transport_plan", "check_solver_settings", "PLAN_KINDS"]
 
 #: The values accepted by :func:`transport_plan`'s ``kind``.
 PLAN_KINDS = ("unbalanced", "balanced", "uniform")
@@ -65,3 +67,14 @@ def transport_plan(
     if kind == "uniform":
         return uniform_plan(cost, a, b)
     raise ValueError(f"unknown transport plan kind {kind!r}; expected one of {', '.join(map(repr, PLAN_KINDS))}")
+
+
+def check_solver_settings(eps: float, max_iter: int, tol: float) -> None:
+    """A method's Sinkhorn settings (``method.eps`` > 0, ``method.max_iter`` >= 1, ``method.tol`` >= 0); one
+    :class:`FedPromptError` line naming the first one out of range."""
+    if not eps > 0:
+        raise FedPromptError(f"method.eps must be > 0, got {eps}")
+    if max_iter < 1:
+        raise FedPromptError(f"method.max_iter must be >= 1, got {max_iter}")
+    if tol < 0:
+        raise FedPromptError(f"method.tol must be >= 0, got {tol}")
