@@ -146,9 +146,10 @@ class Federation:
         every rank): they do not train and send nothing."""
         return drop_clients(sampled, self.federation.drop_rate, self.seed, round_idx)
 
-    def trained(self, round_idx: int) -> list[int]:
-        """The clients that train in ``round_idx``: the sampled ones that do not drop out."""
-        sampled = self.sampled(round_idx)
+    def trained(self, round_idx: int, sampled: list[int] | None = None) -> list[int]:
+        """The clients that train in ``round_idx``: the sampled ones (``sampled``, if the caller has them) that do
+        not drop out."""
+        sampled = self.sampled(round_idx) if sampled is None else sampled
         dropped = self.dropped(sampled, round_idx)
         return [cid for cid in sampled if cid not in dropped]
 
@@ -192,8 +193,7 @@ class Federation:
         self.aggregator.begin_round(round_idx, self.global_state)
         bytes_down = sum(state_bytes(self.aggregator.download(self.global_state, cid)) for cid in sampled) \
             if self.global_state else 0
-        dropped = self.dropped(sampled, round_idx)
-        mine = place(self.trained(round_idx), fabric.global_rank, fabric.world_size)
+        mine = place(self.trained(round_idx, sampled), fabric.global_rank, fabric.world_size)
         bar = tqdm(total=len(mine), desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
         trained = self.train_clients(mine, round_idx, bar)
         bar.close()
@@ -213,7 +213,7 @@ class Federation:
         if summary["failed"]:
             row["failed_clients"] = {str(c): why for c, why in summary["failed"].items()}
         if self.federation.drop_rate > 0:
-            row["dropped_clients"] = dropped
+            row["dropped_clients"] = self.dropped(sampled, round_idx)
         row["train_seconds"] = time.perf_counter() - start
         row.update(round_privacy(self, round_idx))  # epsilon (client-level DP), record_epsilon (DP-FPL)
         return row
