@@ -69,6 +69,13 @@ def local_epoch_count(num_samples: int, batch_size: int, epochs: int, max_steps:
     return math.ceil(max_steps / per_epoch)
 
 
+def local_steps_per_round(num_samples: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    """The batches of one local round of :func:`local_plan` (the same every round)."""
+    if max_steps is not None:
+        return max_steps
+    return epochs * max(1, math.ceil(num_samples / batch_size))
+
+
 def local_plan(cid: int, num_samples: int, batch_size: int, epochs: int, max_steps: int | None,
                seed: int) -> LocalPlan:
     """The batches of a client's local round: ``epochs`` passes over its ``num_samples`` train samples in a fresh

@@ -53,6 +53,7 @@ import torch
 
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.federation.aggregators import Aggregator
+from fedprompt.federation.feed import local_steps_per_round
 from fedprompt.federation.sampling import derive_seed
 
 State = dict[str, torch.Tensor]
@@ -502,13 +503,6 @@ def _warn_if_weak(private: PrivateAggregator, rounds: int, num_clients: int, del
 
 
 # ------------------------------------------------------------------------------------------- the round's row
-def local_steps_per_round(num_samples: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
-    """The local steps of one local round of :func:`fedprompt.federation.feed.local_plan` (the same every round)."""
-    if max_steps is not None:
-        return max_steps
-    return epochs * max(1, math.ceil(num_samples / batch_size))
-
-
 def round_privacy(fed, round_idx: int) -> dict:
     """The privacy entries of round ``round_idx``'s metrics row: the server's (``epsilon`` of client-level DP, see
     :class:`PrivateAggregator`) and, for a method that adds record-level noise in every local step
