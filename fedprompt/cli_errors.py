@@ -63,8 +63,8 @@ def inline_values(argv: list[str]) -> list[tuple[str, str]]:
     for i, arg in enumerate(argv):
         if not arg.startswith("--") or arg == "--config" or arg.startswith("--config="):
             continue
-        flag, _, value = arg.partition("=")
-        if not _ and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        flag, equals, value = arg.partition("=")
+        if not equals and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value = argv[i + 1]
         if value.lstrip().startswith(("{", "[")):
             found.append((flag, value))
