@@ -148,22 +148,26 @@ def test_federated_run_bytes_gating_kept_and_resume(cli, tmp_path):
             assert torch.equal(value, other["clients"][cid][key]), key
 
 
-def test_experts_are_encoded_once_per_download_not_per_step(tiny_backbone, monkeypatch):
+def test_experts_are_encoded_once_per_download_not_per_step(monkeypatch):
     """One local round of 5 steps with 2 experts: the encoder sees the experts' prompts once (at the round's start)
-    and the local prompt once per step."""
-    from fedprompt.backbone.model import Backbone
+    and the local prompt once per step. The spy sits on a backbone of this test's own (an instance attribute), so
+    no other test's use of the session backbone can hide the calls from it."""
+    from fedprompt.backbone import load_backbone
 
+    torch.manual_seed(0)
+    backbone = load_backbone("fedprompt-tiny", None)
     method = PFedMoAP(n_ctx=4, gating_dim=8, gating_heads=2, num_experts=3, lr=0.05, lr_schedule="constant",
                       warmup_epochs=0)
     torch.manual_seed(0)
-    client = method.build_client(tiny_backbone, ["cat", "dog", "car"], slots=1)
+    client = method.build_client(backbone, ["cat", "dog", "car"], slots=1)
+    assert client.backbone is backbone
     with torch.no_grad():
         client.experts.ctx[0].normal_(0, 0.02)
         client.experts.valid[0] = True
     calls = []
-    original = Backbone.encode_prompts
-    monkeypatch.setattr(Backbone, "encode_prompts", lambda self, tokens, ctx, class_specific=False, **kw:
-                        calls.append(tuple(ctx.shape[:-2])) or original(self, tokens, ctx, class_specific, **kw))
+    original = backbone.encode_prompts
+    monkeypatch.setattr(backbone, "encode_prompts", lambda tokens, ctx, *a, **kw:
+                        calls.append(tuple(ctx.shape[:-2])) or original(tokens, ctx, *a, **kw))
     client.on_round_start({"prompt.ctx": torch.zeros(4, 64)})
     optimizer = client.configure_optimizers()
     client.train()
