@@ -2,9 +2,15 @@
 
 The commands themselves (:func:`fit`, :func:`zeroshot`, :func:`evaluate`, typed on :class:`fedprompt.run.RunArgs`)
 live in :mod:`fedprompt.commands`; each is :func:`setup` (checks the arguments and the checkpoint, builds Fabric
-and launches one process per device) followed by :func:`main` on every rank (claims the run directory, reads the data, loads the
-backbone once, builds the method's client and aggregator, runs :mod:`fedprompt.federation.loop`, writes the run
-directory on rank 0). Everything that can be checked without loading data or a model is checked first.
+and launches one process per device) followed by :func:`main` on every rank (claims the run directory, reads the
+data, loads the backbone once, builds the method's client and aggregator, runs :mod:`fedprompt.federation.loop`,
+writes the run directory on rank 0). Everything that can be checked without loading data or a model is checked first.
+
+The run-directory steps are public, because the Flower server (:mod:`fedprompt.flower.server_app`) writes the same
+folder the same way: :func:`resolve_out_dir`, :func:`claimed_run_dir` (the one-writer lock and the claim checks),
+:func:`read_data_and_check_weights`, :func:`prepare_run_dir`, then per round :func:`save_round` (metrics row,
+logger, :func:`checkpoint_state` into ``checkpoints/last.ckpt``, :class:`BestRoundSelector`) and at the end
+:func:`run_summary`.
 """
 
 from __future__ import annotations
@@ -181,7 +187,9 @@ def _completed_run(run: RunArgs, checkpoint: dict) -> dict | None:
     return json.loads(summary_path.read_text())
 
 
-def _out_dir(fabric, run: RunArgs) -> Path:
+def resolve_out_dir(fabric, run: RunArgs) -> Path:
+    """The run directory: ``--out_dir``, or ``runs/<method>-<date-time>`` chosen on rank 0 (every rank gets the
+    same one)."""
     out = run.out_dir
     if out is None:
         out = f"runs/{run.method.name.lower()}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -189,7 +197,7 @@ def _out_dir(fabric, run: RunArgs) -> Path:
 
 
 @contextmanager
-def _claimed(fabric, mode: str, run: RunArgs, out_dir: Path):
+def claimed_run_dir(fabric, mode: str, run: RunArgs, out_dir: Path):
     """Hold ``out_dir`` for this command: rank 0 checks that it can be written, takes its one-writer lock
     (:class:`fedprompt.rundir.RunLock`) and checks that it holds no other run; every rank raises the same one-line
     error. Nothing is deleted here: ``--overwrite`` clears the old run only once the new run's checks passed
@@ -266,8 +274,8 @@ def _config_yaml(run: RunArgs) -> str:
     return yaml.safe_dump(run_config(run), sort_keys=False)
 
 
-def _prepare_run_dir(fabric, out_dir: Path, mode: str, run: RunArgs, checkpoint: dict | None,
-                     bad_images: list[tuple[str, str]]) -> list[dict]:
+def prepare_run_dir(fabric, out_dir: Path, mode: str, run: RunArgs, checkpoint: dict | None,
+                    bad_images: list[tuple[str, str]]) -> list[dict]:
     """Rank 0 of fit, once every check passed: clear the old run (``--overwrite``), write hyperparameters.yaml and
     the list of left-out images, keep the metrics rows up to the checkpoint (a torn last row, cut short by a crash
     or a full disk, is dropped with a warning); returns those rows (empty on the other ranks, which log nothing)."""
@@ -288,7 +296,7 @@ def _prepare_run_dir(fabric, out_dir: Path, mode: str, run: RunArgs, checkpoint:
     return rows
 
 
-def _read_data_and_check_weights(run: RunArgs):
+def read_data_and_check_weights(run: RunArgs):
     """Read and split the data and check that the backbone's weights can be had; a problem with both is reported
     in one message (so a first run does not stop on the data and a second on the weights)."""
     bargs: BackboneArgs = run.backbone
@@ -313,7 +321,7 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None,
     """Load the backbone, read and split the data (unless ``splits`` are given), build the method's client modules,
     feed and aggregator (``timer``: the round benchmark's section timer; ``feed_clients``: the clients whose images
     this process reads, default all: a deployed node reads only its own client's, a server none)."""
-    splits = splits if splits is not None else _read_data_and_check_weights(run)
+    splits = splits if splits is not None else read_data_and_check_weights(run)
     aggregator = _build_aggregator(fabric, run, len(splits.clients))  # before the backbone: dp errors fail fast
     bargs: BackboneArgs = run.backbone
     torch.manual_seed(run.seed)  # a random-init backbone is the same on every rank and every run
@@ -470,7 +478,10 @@ def _restore(fed: Federation, checkpoint: dict, path: str) -> None:
     fed.aggregator.load_state_dict(checkpoint.get("aggregator", {}))
 
 
-def _checkpoint(fed: Federation, round_idx: int, run: RunArgs, run_id: str | None) -> dict:
+def checkpoint_state(fed: Federation, round_idx: int, run: RunArgs, run_id: str | None) -> dict:
+    """What ``checkpoints/last.ckpt`` holds after ``round_idx``: the global and every client's prompt state, the
+    aggregator's state, the method and its settings, the config, the sampler's position, the RNG and the logger's
+    run id (so ``--resume`` continues the same W&B run)."""
     return {"round": round_idx, "global": fed.global_state, "clients": {cid: s for cid, s in fed.states.items()},
             "aggregator": fed.aggregator.state_dict(), "method": fed.method.name,
             "method_hparams": fed.method.hparams(), "shapes": state_shapes(fed.states[min(fed.states)]),
@@ -481,11 +492,11 @@ def _checkpoint(fed: Federation, round_idx: int, run: RunArgs, run_id: str | Non
 
 def main(fabric, mode: str, run: RunArgs, checkpoint: dict | None = None) -> dict:
     """Run one command on this rank; returns the summary (on every rank)."""
-    out_dir = _out_dir(fabric, run)
+    out_dir = resolve_out_dir(fabric, run)
     created = missing_dirs(out_dir) if fabric.global_rank == 0 else []
     try:
         # a run that fails before writing anything leaves no empty folder; the lock goes first
-        with remove_if_left_empty(created), _claimed(fabric, mode, run, out_dir):
+        with remove_if_left_empty(created), claimed_run_dir(fabric, mode, run, out_dir):
             return _run(fabric, mode, run, checkpoint, out_dir)
     except KeyboardInterrupt:
         raise Interrupted(_interrupt_message(mode, run, out_dir)) from None
@@ -510,20 +521,20 @@ def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path
     """Check everything, then touch anything: the data, the weights, the backbone, the federation and the
     checkpoint's fit are all checked before the first file of the run directory is written (or, with
     ``--overwrite``, deleted)."""
-    splits = _read_data_and_check_weights(run)
+    splits = read_data_and_check_weights(run)
     fed, classnames = build_federation(fabric, run, splits)
     if checkpoint is not None:
         _restore(fed, checkpoint, run.resume)  # checks the prompt shapes and the clients first; memory only
     if mode != "fit" or not fed.method.trains:  # zeroshot never trains, whatever the method
         return _evaluate_only(fabric, fed, mode, run, out_dir, checkpoint, splits.bad_images)
-    previous = _prepare_run_dir(fabric, out_dir, mode, run, checkpoint, splits.bad_images)
+    previous = prepare_run_dir(fabric, out_dir, mode, run, checkpoint, splits.bad_images)
     start = checkpoint["round"] + 1 if checkpoint else 1
     with _writing(out_dir, start - 1):
         logger = build_logger(run.log, out_dir, checkpoint.get("logger_run_id") if checkpoint else None,
                               run_config(run), previous) if fabric.global_rank == 0 else None
     rounds = run.federation.rounds
     row: dict = previous[-1] if previous else {}  # a resumed complete run rewrites its summary from its last row
-    selector = _Selector(run.eval.select, out_dir)
+    selector = BestRoundSelector(run.eval.select, out_dir)
     failures = _FailedRounds(run.federation.max_failed_rounds, previous)
     saved = start - 1  # the round checkpoints/last.ckpt holds
     bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not fed.progress)
@@ -535,8 +546,8 @@ def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path
         row["round_seconds"] = time.perf_counter() - tic
         problem = None
         if fabric.global_rank == 0:
-            problem = _save_round(out_dir, logger, fed, row, run, selector, saved,
-                                  lambda: _checkpoint(fed, round_idx, run, logger_run_id(logger)))
+            problem = save_round(out_dir, logger, fed, row, run, selector, saved,
+                                 lambda: checkpoint_state(fed, round_idx, run, logger_run_id(logger)))
             saved = round_idx if problem is None else saved
         if fabric.world_size > 1:
             problem = fabric.broadcast(problem, src=0)  # every rank stops together
@@ -546,7 +557,7 @@ def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path
         acc = row.get("local_acc", row.get("own_classes_acc", row.get("global_acc")))
         if acc is not None:
             bar.set_postfix(loss=row.get("train_loss"), acc=acc)
-    summary = _summary(fed, classnames, row, out_dir, rounds)
+    summary = run_summary(fed, classnames, row, out_dir, rounds)
     summary.update(selector.summary())
     if fabric.global_rank == 0:
         with _writing(out_dir, saved):
@@ -558,8 +569,8 @@ def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path
     return summary
 
 
-def _save_round(out_dir: Path, logger, fed: Federation, row: dict, run: RunArgs, selector: _Selector, saved: int,
-                state_of) -> str | None:
+def save_round(out_dir: Path, logger, fed: Federation, row: dict, run: RunArgs, selector: BestRoundSelector,
+               saved: int, state_of) -> str | None:
     """Rank 0 at the end of a round: the metrics row (file and logger), then ``checkpoints/last.ckpt`` of
     ``state_of()`` (called after the logger logged: a W&B run id exists by then), the best-round selection and the
     every-``log.checkpoint_every`` checkpoint. Returns ``None``, or the one-line problem of a failed write (a full
@@ -623,7 +634,7 @@ class _FailedRounds:
                  f"{self.limit}).")
 
 
-class _Selector:
+class BestRoundSelector:
     """Tracks the round with the best mean validation accuracy (``eval.select: val``)."""
 
     def __init__(self, rule: str, out_dir: Path):
@@ -660,7 +671,9 @@ def _log_round(out_dir: Path, logger, fed: Federation, row: dict) -> None:
                              [len(c.train) for c in fed.clients])
 
 
-def _summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path, rounds: int) -> dict:
+def run_summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path, rounds: int) -> dict:
+    """``summary.json`` of a run from its last metrics ``row``: the headline metrics, the clients and their
+    sizes, the class names and the run directory."""
     keys = ("local_acc", "local_acc_std", "own_classes_acc", "own_classes_acc_std", "global_acc", "val_acc",
             "base_acc", "novel_acc", "hm", "cm", "unseen_acc", "set_acc", "client_acc",
             "client_base_acc", "client_novel_acc", "train_loss", "epsilon", "record_epsilon", "dp_noise_multiplier"
@@ -675,7 +688,7 @@ def _evaluate_only(fabric, fed: Federation, mode: str, run: RunArgs, out_dir: Pa
                    bad_images: list[tuple[str, str]] = ()) -> dict:
     metrics = fed.evaluate_all()
     done = checkpoint["round"] if checkpoint else 0
-    summary = _summary(fed, [], {**metrics, "round": done}, out_dir, done)
+    summary = run_summary(fed, [], {**metrics, "round": done}, out_dir, done)
     summary.pop("classnames")
     if mode == "evaluate":
         summary["checkpoint"] = str(run.resume)

@@ -35,7 +35,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("data or model loaded")
 
-    monkeypatch.setattr(fedprompt.fit, "_read_data_and_check_weights", refuse)
+    monkeypatch.setattr(fedprompt.fit, "read_data_and_check_weights", refuse)
     monkeypatch.setattr(fedprompt.fit, "load_backbone", refuse)
 
 

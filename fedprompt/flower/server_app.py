@@ -77,10 +77,10 @@ class FedPromptStrategy(Strategy):
             if run.out_dir is None and rundir.run_dir_of(run.resume) is not None:
                 self.run.out_dir = str(rundir.run_dir_of(run.resume))
         self.fabric = single_fabric(self.run, accelerator="cpu")  # the server only merges and writes
-        self.splits = fedfit._read_data_and_check_weights(self.run)
+        self.splits = fedfit.read_data_and_check_weights(self.run)
         self.fed, self.classnames = fedfit.build_federation(self.fabric, self.run, self.splits, feed_clients=[])
         self.reference = fingerprint(self.fed)
-        self.out_dir = fedfit._out_dir(self.fabric, self.run)
+        self.out_dir = fedfit.resolve_out_dir(self.fabric, self.run)
         saved = (self.checkpoint or {}).get("flower", {}).get("run_key")  # a resumed run keeps its identity
         self.key = saved or run_key({**fedfit.run_config(self.run), "started": time.time()}, str(self.out_dir))
         self.nodes: dict[int, int] = {}  # client id -> node id
@@ -275,7 +275,7 @@ class FedPromptStrategy(Strategy):
         return checkpoint["round"] + 1
 
     def _checkpoint_state(self, round_idx: int, logger) -> dict:
-        state = fedfit._checkpoint(self.fed, round_idx, self.run, logger_run_id(logger))
+        state = fedfit.checkpoint_state(self.fed, round_idx, self.run, logger_run_id(logger))
         if not self.options.report_states:
             state["clients"] = {}  # the clients' own states stay on their nodes
         state["flower"] = {"run_key": self.key,
@@ -295,17 +295,17 @@ class FedPromptStrategy(Strategy):
                 (self.out_dir / "summary.json").is_file():
             _say(f"the run in {self.out_dir} is complete (round {self.checkpoint['round']}); nothing changed.")
             return result
-        with fedfit._claimed(fabric, "fit", run, self.out_dir):  # one writer per run folder, as fedprompt fit
+        with fedfit.claimed_run_dir(fabric, "fit", run, self.out_dir):  # one writer per run folder, as fedprompt fit
             return self._run_rounds(grid, rounds, result)
 
     def _run_rounds(self, grid: Grid, rounds: int, result: Result) -> Result:
         """The rounds of :meth:`start`, with the run folder held: checked, then written."""
         run, fed, fabric = self.run, self.fed, self.fabric
-        previous = fedfit._prepare_run_dir(fabric, self.out_dir, "fit", run, self.checkpoint, self.splits.bad_images)
+        previous = fedfit.prepare_run_dir(fabric, self.out_dir, "fit", run, self.checkpoint, self.splits.bad_images)
         start = self._resume()
         logger = build_logger(run.log, self.out_dir, self.checkpoint.get("logger_run_id") if self.checkpoint else None,
                               fedfit.run_config(run), previous)
-        selector = fedfit._Selector(run.eval.select, self.out_dir)
+        selector = fedfit.BestRoundSelector(run.eval.select, self.out_dir)
         self.summary()
         row: dict = previous[-1] if previous else {}
         saved = start - 1  # the round checkpoints/last.ckpt holds
@@ -320,8 +320,8 @@ class FedPromptStrategy(Strategy):
             if evaluate:
                 row.update(fed.summarize_evaluation(self._pending["results"]))
             row["round_seconds"] = time.perf_counter() - tic
-            problem = fedfit._save_round(self.out_dir, logger, fed, row, run, selector, saved,
-                                         lambda: self._checkpoint_state(round_idx, logger))
+            problem = fedfit.save_round(self.out_dir, logger, fed, row, run, selector, saved,
+                                        lambda: self._checkpoint_state(round_idx, logger))
             if problem:
                 raise FedPromptError(problem)
             saved = round_idx
@@ -331,7 +331,7 @@ class FedPromptStrategy(Strategy):
                 {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
             _say(f"round {round_idx}: train_loss {row.get('train_loss')}, "
                  f"acc {row.get('local_acc', row.get('own_classes_acc'))}")
-        summary = fedfit._summary(fed, self.classnames, row, self.out_dir, rounds)
+        summary = fedfit.run_summary(fed, self.classnames, row, self.out_dir, rounds)
         summary.update(selector.summary())
         write_json(self.out_dir / "summary.json", summary)
         if logger is not None:
