@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from fedprompt.config_keys import setting_keys
 from fedprompt.errors import FedPromptError
 
 #: top-level run settings that select a class by class_path (their settings are ``<key>.<name>``)
@@ -267,23 +268,6 @@ def check_setting(key: str, value, selected: dict, groups: dict[str, type]) -> s
     return None
 
 
-def _flat(tree, prefix: str = "") -> list[tuple[str, object]]:
-    """Leaves of a config mapping as (dotted key without ``init_args``, value); a class_path mapping is a leaf too."""
-    out = []
-    if not isinstance(tree, dict):
-        return [(prefix.rstrip("."), tree)]
-    for key, value in tree.items():
-        if key == "init_args":
-            out += _flat(value, prefix)
-        elif key == "class_path":
-            out.append((prefix.rstrip("."), value))
-        elif isinstance(value, dict):
-            out += _flat(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ localising
 def _units(args: list[str]) -> list[list[str]]:
     """The arguments as units: ``["--config", F]``, ``["--key", value]``, ``["--key=value"]``, ``[other]``."""
@@ -383,7 +367,9 @@ def explain_argument_error(err: Exception, argv: list[str], subparsers: dict) ->
         if unit[0] == "--config":
             tree = yaml.safe_load(Path(unit[1]).read_text()) or {}
             selected.update(_selected_in(unit))
-            for key, value in _flat(tree if isinstance(tree, dict) else {}):
+            for key, value in setting_keys(tree if isinstance(tree, dict) else {}).items():
+                if value == {}:  # an empty group sets nothing
+                    continue
                 problem = check_setting(key, value, selected, groups)
                 if problem:
                     return f"--config {unit[1]}: {key}: {problem}{hint}"

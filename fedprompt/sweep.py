@@ -22,6 +22,7 @@ import yaml
 
 from fedprompt import rundir
 from fedprompt.run import RunArgs, SweepArgs
+from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.checkpoint import write_json, write_text
 
@@ -65,19 +66,9 @@ def run_sweep(run: RunArgs, options: SweepArgs) -> dict:
     return table
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_differences(a: dict, b: dict) -> list[str]:
     """The dotted keys (besides :data:`PER_SEED_KEYS`) whose values differ between two resolved configs."""
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = raw_keys(a), raw_keys(b)
     return [k for k in sorted(set(fa) | set(fb)) if k not in PER_SEED_KEYS and fa.get(k) != fb.get(k)]
 
 

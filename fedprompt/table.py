@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.run import TableArgs
 
@@ -54,34 +55,20 @@ NAMES = {"local_acc": "Local", "base_acc": "Base", "novel_acc": "Novel", "hm": "
          "unseen_acc": "Mean", "multidomain_acc": "Multi-domain", "average": "Average"}
 
 
-def flat(tree, prefix: str = "") -> dict:
-    """A nested config as ``{"a.b.c": value}`` (lists of mappings indexed: ``data.init_args.targets.0.class_path``)."""
-    out = {}
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            out.update(flat(value, f"{prefix}{key}."))
-    elif isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
-        for i, value in enumerate(tree):
-            out.update(flat(value, f"{prefix}{i}."))
-    else:
-        out[prefix[:-1]] = tree
-    return out
-
-
 def _local(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in LOCAL
 
 
 def settings(config: dict) -> dict:
     """What a run computed: its flat config without seeds, paths, logging and devices."""
-    return {k: v for k, v in flat(config).items() if k not in PER_SEED and not _local(k)
+    return {k: v for k, v in raw_keys(config).items() if k not in PER_SEED and not _local(k)
             and not k.startswith(IGNORED)}
 
 
 def protocol(config: dict) -> dict:
     """The protocol of a run's column (see the module docstring)."""
     out = {}
-    for key, value in flat(config).items():
+    for key, value in raw_keys(config).items():
         if key in PER_SEED or _local(key):
             continue
         if key.startswith("data.") or key in PROTOCOL:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from fedprompt.config_keys import setting_keys
 from fedprompt.errors import FedPromptError, warn
 
 
@@ -70,24 +71,6 @@ RESUME_MAY_CHANGE: tuple[MayChange, ...] = (
 )
 
 
-def flat_config(tree, prefix: str = "") -> dict:
-    """A resolved config as ``{dotted key: value}``: ``init_args`` levels left out, a ``class_path`` as the value of
-    its key (``data: fedprompt.data.Synthetic``, ``data.seed: 0``), lists as values."""
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree} if prefix else {}
-    out = {}
-    for key, value in tree.items():
-        if key == "init_args":
-            out.update(flat_config(value, prefix))
-        elif key == "class_path":
-            out[prefix.rstrip(".")] = value
-        elif isinstance(value, dict) and value:
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 _ABSENT = object()
 
 
@@ -103,7 +86,7 @@ def config_differences(saved: dict, now: dict, default_of: Callable[[str], objec
 
     A setting the checkpoint does not record (added to fedprompt after the run started) may be at its default
     (``default_of(key)``; a default that cannot be told counts as a difference)."""
-    fs, fn = flat_config(saved), flat_config(now)
+    fs, fn = setting_keys(saved), setting_keys(now)
     out = []
     for key in sorted(set(fs) | set(fn)):
         a, b = fs.get(key, _ABSENT), fn.get(key, _ABSENT)
