@@ -240,6 +240,8 @@ def test_combined_bad_input_is_one_clear_error(two_fake_datasets, tmp_path):
         Combined([])
     with pytest.raises(FedPromptError, match="data.names has 1 names for 2 datasets"):
         Combined([dtd], unseen=[dtd], names=["a"])
+    with pytest.raises(FedPromptError, match=r"data.names must be unique, got \['a', 'a'\] \('a' more than once\)"):
+        Combined([dtd], unseen=[dtd], names=["a", "a"])
     with pytest.raises(FedPromptError, match="cannot be nested"):
         Combined([Combined([dtd])])
     with pytest.raises(FedPromptError, match=r"data.unseen\[0\] \(UCF101\): .*does not exist"):

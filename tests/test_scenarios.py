@@ -99,6 +99,10 @@ def test_transfer_target_problems_are_one_line_each(tmp_path):
         Transfer(source=Combined(datasets=[source()]), targets=[Synthetic()])
     with pytest.raises(FedPromptError, match=r"data.targets is empty"):
         Transfer(source=source(), targets=[])
+    with pytest.raises(FedPromptError, match=r"data.names has 1 names for 2 targets"):
+        Transfer(source=source(), targets=[Synthetic(), Synthetic()], names=["a"])
+    with pytest.raises(FedPromptError, match=r"data.names must be unique"):
+        Transfer(source=source(), targets=[Synthetic(), Synthetic()], names=["a", "a"])
 
 
 def test_transfer_run_reports_every_target_and_their_mean(tmp_path, monkeypatch):

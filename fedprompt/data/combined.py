@@ -80,6 +80,20 @@ def default_name(raw: DatasetSplits, reader: FederatedData) -> str:
     return f"{name}-{domains.pop()}" if len(domains) == 1 else name
 
 
+def check_given_names(names: list[str] | None, count: int, what: str) -> None:
+    """``data.names`` (Combined, Transfer): ``None``, or one distinct name per dataset (``count`` of them, ``what``
+    says which: "datasets (datasets then unseen)", "targets")."""
+    if names is None:
+        return
+    if len(names) != count:
+        raise FedPromptError(f"data.names has {len(names)} names for {count} {what}; give one name per dataset or "
+                             "leave it null.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise FedPromptError(f"data.names must be unique, got {names} ({', '.join(map(repr, repeated))} more than "
+                             "once); rename them or leave data.names null (repeats then get -2, -3, ...).")
+
+
 def unique_names(names: list[str]) -> list[str]:
     """``names`` with later repeats suffixed ``-2``, ``-3``, ..."""
     seen: dict[str, int] = {}
@@ -155,11 +169,7 @@ class Combined(FederatedData):
                 if getattr(reader, key) != default:
                     raise FedPromptError(f"{where}.{key} is set to {getattr(reader, key)!r}; Combined applies its own "
                                          f"{key} to every dataset: set data.{key} instead and remove this one.")
-        if names is not None and len(names) != len(readers):
-            raise FedPromptError(f"data.names has {len(names)} names for {len(readers)} datasets (datasets then "
-                                 "unseen); give one name per dataset or leave it null.")
-        if names is not None and len(set(names)) != len(names):
-            raise FedPromptError(f"data.names must be unique, got {names}")
+        check_given_names(names, len(readers), "datasets (datasets then unseen)")
         self.names = names
 
     def read(self) -> DatasetSplits:

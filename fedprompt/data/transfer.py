@@ -21,8 +21,8 @@ from dataclasses import replace
 
 from fedprompt.data.base import DatasetSplits, EvalSet, FederatedSplits, load_rgb
 from fedprompt.data.check import bad_images_message, scan_images
-from fedprompt.data.combined import (ROUTE_PREFIX, ROUTE_SEP, RoutedLoader, default_name, route_index,
-                                     unique_names)
+from fedprompt.data.combined import (ROUTE_PREFIX, ROUTE_SEP, RoutedLoader, check_given_names, default_name,
+                                     route_index, unique_names)
 from fedprompt.data.reader import FederatedData
 from fedprompt.errors import FedPromptError, warn
 
@@ -70,11 +70,7 @@ class Transfer(FederatedData):
             if isinstance(reader, (Combined, Transfer)):
                 raise FedPromptError(f"{where}: a {type(reader).__name__} dataset cannot be nested in Transfer; "
                                      "give a single dataset.")
-        if names is not None and len(names) != len(targets):
-            raise FedPromptError(f"data.names has {len(names)} names for {len(targets)} targets; give one name per "
-                                 "target or leave it null.")
-        if names is not None and len(set(names)) != len(names):
-            raise FedPromptError(f"data.names must be unique, got {names}")
+        check_given_names(names, len(targets), "targets")
         self.source = source
         self.targets = list(targets)
         self.names = names
