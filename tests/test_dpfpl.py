@@ -41,7 +41,7 @@ def _batch(seeds=(11, 22)):
 def _gradients(client, batch):
     client.zero_grad(set_to_none=True)
     losses = client.training_step(batch)
-    with client.stepping(batch["slots"], batch["owner"], batch["counts"], batch["seeds"]):  # as the engine does
+    with client.stepping_for(batch):  # as the engine does
         client.backward(losses, lambda t, **kw: t.backward(**kw))
     return client.global_prompt.ctx.grad.clone(), client.local_prompt.ctx.grad.clone()
 
@@ -65,7 +65,7 @@ def test_per_example_gradients_equal_one_backward_per_image(tiny_backbone):
     batch = _batch()
     losses = client.training_step(batch)
     saved = client._saved
-    with client.stepping(batch["slots"], batch["owner"], batch["counts"], batch["seeds"]):
+    with client.stepping_for(batch):
         ours = client.per_example_grads(saved)
     reference = _reference_per_example(client, batch)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())

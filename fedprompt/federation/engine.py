@@ -101,8 +101,7 @@ class LockstepTrainer:
             data["seeds"] = [derive_seed(plans[j].seeds[step], METHOD_STREAM) for j in batch.members]
         with fabric.autocast():
             terms = client.training_step(data, step)
-        with timer.section("backward"), client.stepping(data["slots"], data["owner"], data.get("counts"),
-                                                        data["seeds"]):
+        with timer.section("backward"), client.stepping_for(data):
             client.backward(terms, fabric.backward)  # (its self.step is this step's, seeds included)
         per_client = sum(terms.values()) if isinstance(terms, dict) else terms
         with timer.section("optimizer"):

@@ -222,6 +222,11 @@ class PromptClient(L.LightningModule):
         finally:
             self._step = previous
 
+    def stepping_for(self, batch: dict):
+        """The step block of an engine batch (its ``slots``, ``owner``, ``counts`` and ``seeds``): the block
+        :meth:`training_step` runs the parts in, and the engine runs :meth:`backward` in."""
+        return self._batch_step(batch)[1]
+
     def _batch_step(self, batch: dict):
         batch = with_owners(batch, self.device)
         return batch, self.stepping(batch["slots"], batch["owner"], batch.get("counts"), batch.get("seeds"))
