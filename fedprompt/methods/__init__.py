@@ -14,7 +14,7 @@ from fedprompt.methods.method import Method, OptimizerArgs, TrainedMethod
 
 #: public name -> module that defines it
 REGISTRY = {
-    "PromptClient": "base",
+    "PromptClient": "base", "GlobalLocalClient": "base",
     "CoCoOp": "cocoop", "CoCoOpClient": "cocoop",
     "CoOpClient": "coop", "FedPer": "coop", "FedProx": "coop", "LocalCoOp": "coop", "PromptFL": "coop",
     "DeepPromptClient": "deep", "IVLP": "deep", "IVLPClient": "deep", "MaPLe": "deep", "MaPLeClient": "deep",

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from fedprompt.backbone import Backbone
 from fedprompt.methods.method import Method, OptimizerArgs
 from fedprompt.optim import StackedSGD
+from fedprompt.prompts import ContextVectors
 from fedprompt.timing import NoTimer
 
 State = dict[str, torch.Tensor]
@@ -394,3 +395,20 @@ class PromptClient(L.LightningModule):
 
     def on_round_start(self, global_state: State | None) -> None:
         """Hook called after the clients' states were loaded into their slots and before local training."""
+
+
+class GlobalLocalClient(PromptClient):
+    """Clients with two prompts of ``settings.n_ctx`` vectors (both from ``settings.ctx_init``, or random):
+    ``global_prompt.ctx`` (shared by the federation) and ``local_prompt.ctx`` (kept by the client). FedOTP and
+    PromptFolio build on it; the method's aggregator decides which one is shared."""
+
+    def __init__(self, backbone, classnames, settings, slots=1):
+        super().__init__(backbone, classnames, settings, slots)
+        words = self.init_words(settings.ctx_init)
+        self.n_ctx = settings.n_ctx
+        self.global_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
+        self.local_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
+
+    def prompts(self) -> torch.Tensor:
+        """``[A, 2, n_ctx, D]``: each active client's global prompt (index 0) and local prompt (index 1)."""
+        return self.active(torch.stack([self.global_prompt.ctx, self.local_prompt.ctx], dim=1))

@@ -27,10 +27,9 @@ from typing import Literal, Optional
 import torch
 
 from fedprompt.errors import FedPromptError
-from fedprompt.methods.base import PromptClient
+from fedprompt.methods.base import GlobalLocalClient
 from fedprompt.methods.method import TrainedMethod
 from fedprompt.ot import PLAN_KINDS, check_solver_settings, transport_plan
-from fedprompt.prompts import ContextVectors
 
 
 def ot_logits(patches: torch.Tensor, text: torch.Tensor, logit_scale: float, kind: str = "unbalanced",
@@ -74,7 +73,7 @@ def ot_logits(patches: torch.Tensor, text: torch.Tensor, logit_scale: float, kin
         return logit_scale * (plan * sim).sum(dim=(-2, -1))
 
 
-class FedOTPClient(PromptClient):
+class FedOTPClient(GlobalLocalClient):
     """FedOTP clients: global prompt ``global_prompt.ctx`` (shared) and local prompt ``local_prompt.ctx`` (kept),
     from the :class:`FedOTP` settings.
 
@@ -83,17 +82,6 @@ class FedOTPClient(PromptClient):
     """
 
     early_exit: bool | None = True
-
-    def __init__(self, backbone, classnames, settings, slots=1):
-        super().__init__(backbone, classnames, settings, slots)
-        words = self.init_words(settings.ctx_init)
-        self.n_ctx = settings.n_ctx
-        self.global_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
-        self.local_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
-
-    def prompts(self) -> torch.Tensor:
-        """[A, 2, n_ctx, D]: each active client's global prompt (index 0) and local prompt (index 1)."""
-        return self.active(torch.stack([self.global_prompt.ctx, self.local_prompt.ctx], dim=1))
 
     def text_features(self) -> torch.Tensor:
         """L2-normalised text features [A, 2, C, E] of both prompts of the active clients (one encoder call)."""

@@ -18,9 +18,8 @@ from typing import Literal, Optional
 import torch
 
 from fedprompt.errors import FedPromptError
-from fedprompt.methods.base import PromptClient
+from fedprompt.methods.base import GlobalLocalClient
 from fedprompt.methods.method import TrainedMethod
-from fedprompt.prompts import ContextVectors
 
 
 def mix_features(global_features: torch.Tensor, local_features: torch.Tensor, theta: float) -> torch.Tensor:
@@ -28,21 +27,14 @@ def mix_features(global_features: torch.Tensor, local_features: torch.Tensor, th
     return (1.0 - theta) * global_features + theta * local_features
 
 
-class PromptFolioClient(PromptClient):
+class PromptFolioClient(GlobalLocalClient):
     """PromptFolio clients: ``global_prompt.ctx`` (shared) and ``local_prompt.ctx`` (kept), from the
     :class:`PromptFolio` settings."""
-
-    def __init__(self, backbone, classnames, settings, slots=1):
-        super().__init__(backbone, classnames, settings, slots)
-        words = self.init_words(settings.ctx_init)
-        self.n_ctx = settings.n_ctx
-        self.global_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
-        self.local_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, words=words, slots=slots)
 
     def prompt_features(self) -> torch.Tensor:
         """L2-normalised features ``[A, 2, C, E]`` of the global (index 0) and local (index 1) prompts of the active
         clients, from one encoder call."""
-        return self.encode_context(self.active(torch.stack([self.global_prompt.ctx, self.local_prompt.ctx], dim=1)))
+        return self.encode_context(self.prompts())
 
     def text_features(self) -> torch.Tensor:
         """The mixed class text features ``[A, C, E]`` (see :func:`mix_features`)."""
