@@ -1,0 +1,274 @@
+"""Parity of fedprompt's FedOTP and FedPGP clients with the official code, on the same random CLIP weights.
+
+The official repositories (HongxiaLee/FedOTP, TianyuCuiOvO/FedPGP) are read at run time from local git mirrors
+(``--mirror``, default ``$FEDPROMPT_MIRROR`` or ``/work/.mirror``, holding ``<owner>+<name>/repo``: bare clones, e.g.
+made by ``git clone --mirror``); nothing of them is copied into fedprompt. Each repository is extracted into a
+temporary folder and its own ``clip`` package and trainer file are imported from there, with stand-ins for the
+``Dassl.dassl`` modules the trainer imports (the model classes never call them).
+
+For each method one random-init OpenAI CLIP is built with the repository's own ``clip.model.CLIP`` (a tiny ViT; for
+FedOTP the release's modified ViT that projects every token), converted to open_clip (same weights) and wrapped as
+fedprompt's frozen backbone. The official prompt learner's tensors (perturbed at random, so that nothing sits at its
+initial value) are copied into fedprompt's client; then the same random images go through both:
+
+- the evaluation logits;
+- one training step: the release's own ``forward_backward`` (its loss: FedOTP's cross-entropy on the OT logits,
+  FedPGP's cross-entropy plus mu x the contrastive term) on a stand-in trainer whose update is one SGD step
+  (momentum 0.9, weight decay 5e-4), against fedprompt's ``training_step``, ``backward`` and StackedSGD step: the
+  loss, the gradients and the prompt tensors after the step.
+
+FedOTP runs both solvers to convergence (the release stops when the batch's mean |v - v_prev| falls below
+``thresh``, fedprompt per problem at ``tol``: a different rule, the same fixed point). FedPGP uses the release's
+contrastive positive, the literal "X X ... X {class}." sentence (``literal_x_prompt: true``; fedprompt's default is
+the hand-crafted prompt, see ``fedprompt/methods/fedpgp.py``).
+
+The script prints the largest absolute difference of each and fails (exit status 1) above ``--tol`` (1e-5). A
+missing mirror skips its method with a line saying so.
+
+    python benchmarks/parity_official_pfl.py
+    python benchmarks/parity_official_pfl.py --mirror /path/to/mirrors --methods FedOTP
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import io
+import importlib
+import importlib.util
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+sys.path.insert(0, str(HERE))
+
+from parity_text_baselines import default_mirror, extract, fedprompt_backbone, images, ns, perturb_, \
+    report  # noqa: E402
+from fedprompt.methods import FedOTP, FedPGP  # noqa: E402
+
+CLASSES = ["dog", "golden retriever", "giraffe", "guitar", "house"]
+#: method -> (mirror folder, trainer file, trainer class name in the release's design_details)
+REPOS = {
+    "FedOTP": ("HongxiaLee+FedOTP", "trainers/GLP_OT.py", "GLP_OT"),
+    "FedPGP": ("TianyuCuiOvO+FedPGP", "trainers/fedpgp.py", "FedPGP"),
+}
+LR = 0.002
+
+
+# -------------------------------------------------------------------------------------------- the official code
+def install_dassl_stubs() -> None:
+    """Stand-ins for the ``Dassl.dassl`` modules the trainer files import (their model classes use none)."""
+    def unused(*args, **kwargs):
+        raise RuntimeError("the parity check never calls Dassl's training loop")
+
+    def compute_accuracy(output, label):
+        return [(output.argmax(1) == label).float().mean() * 100]
+
+    modules = {
+        "Dassl": {}, "Dassl.dassl": {}, "Dassl.dassl.engine": {},
+        "Dassl.dassl.engine.trainer": {"TrainerX": type("TrainerX", (), {})},
+        "Dassl.dassl.metrics": {"compute_accuracy": compute_accuracy},
+        "Dassl.dassl.utils": {"load_pretrained_weights": unused, "load_checkpoint": unused},
+        "Dassl.dassl.optim": {"build_optimizer": unused, "build_lr_scheduler": unused},
+    }
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+
+
+def import_official(root: Path, trainer: str):
+    """The repository's ``clip`` package and trainer module, imported from ``root`` (fresh each time)."""
+    for name in [m for m in sys.modules if m == "clip" or m.startswith(("clip.", "Dassl", "official_trainer"))]:
+        del sys.modules[name]
+    install_dassl_stubs()
+    sys.path.insert(0, str(root))
+    try:
+        clip = importlib.import_module("clip")
+        importlib.import_module("clip.model")
+        spec = importlib.util.spec_from_file_location("official_trainer", root / trainer)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["official_trainer"] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root))
+    return clip, module
+
+
+def trainer_method(module, path: Path, class_name: str, name: str):
+    """The method ``name`` of class ``class_name`` in the trainer file, defined on its own over the module's
+    globals (so it can run on a stand-in trainer)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    namespace = dict(vars(module))
+                    exec(compile(ast.Module([item], []), str(path), "exec"), namespace)
+                    return namespace[name]
+    raise LookupError(f"{class_name}.{name} not found in {path}")
+
+
+def tiny_clip(clip, trainer: str, seed: int = 0):
+    """A random-init OpenAI CLIP from the repository's ``clip.model.CLIP``: embed 32, text 2 layers x 64 wide,
+    vision a 2-layer ViT of width 64 (patch 8, 32 px: 16 patches)."""
+    torch.manual_seed(seed)
+    design = {"trainer": trainer, "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
+    model = clip.model.CLIP(32, 32, 2, 64, 8, 77, 49408, 64, 1, 2, design)
+    with torch.no_grad():  # a logit scale that makes the softmax sharp enough to matter (exp(3) = 20)
+        model.logit_scale.fill_(3.0)
+    return model.float().eval()
+
+
+def official_step(module, root: Path, trainer_class: str, official, params, image, label, **attrs):
+    """The release's ``forward_backward`` on a stand-in trainer whose update is one SGD step; returns the loss."""
+    forward_backward = trainer_method(module, root / REPOS_BY_CLASS[trainer_class], trainer_class, "forward_backward")
+    parse_batch_train = trainer_method(module, root / REPOS_BY_CLASS[trainer_class], trainer_class,
+                                       "parse_batch_train")
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4)
+
+    def update(loss):
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    trainer = ns(model=official, device=torch.device("cpu"), batch_idx=0, num_batches=2, update_lr=lambda: None,
+                 model_backward_and_update=update, **attrs)
+    trainer.parse_batch_train = lambda batch: parse_batch_train(trainer, batch)
+    official.train()
+    summary = forward_backward(trainer, {"img": image, "label": label})
+    return torch.tensor(summary["loss"])
+
+
+REPOS_BY_CLASS = {cls: trainer for _, trainer, cls in REPOS.values()}
+
+
+def fedprompt_step(client, image, label) -> torch.Tensor:
+    """fedprompt's training loss, backward (the client's own) and one StackedSGD step; returns the loss."""
+    client.train()
+    optimizer = client.configure_optimizers()
+    for group in optimizer.param_groups:
+        group["lr"] = LR
+    losses = client.training_step({"image": image, "label": label})
+    client.backward(losses, lambda t, **kw: t.backward(**kw))
+    optimizer.step()
+    total = sum(losses.values()) if isinstance(losses, dict) else losses
+    return total[0].detach()
+
+
+# ---------------------------------------------------------------------------------------------- the methods
+def parity_fedotp(root: Path, tol: float, seed: int) -> bool:
+    clip, module = import_official(root, REPOS["FedOTP"][1])
+    clip_model = tiny_clip(clip, "GLP_OT")
+    backbone = fedprompt_backbone(clip_model)
+    settings = ns(N_CTX=4, CTX_INIT="", CSC=False, PREC="fp32", CLASS_TOKEN_POSITION="end", N=2, EPS=0.1,
+                  THRESH=0.0, OT="COT", TOP_PERCENT=0.8, MAX_ITER=1000)
+    cfg = ns(TRAINER=ns(GLP_OT=settings), INPUT=ns(SIZE=(32, 32)), DATASET=ns(NAME="Caltech101"),
+             MODEL=ns(BACKBONE=ns(NAME="tiny")))
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # the release prints its prompt settings
+        official = module.CustomCLIP(cfg, CLASSES, clip_model)
+    learner = official.prompt_learner
+    perturb_([learner.ctx], seed, scale=0.2)
+    client = FedOTP(n_ctx=4, ot="unbalanced", gamma=0.8, eps=0.1, max_iter=1000, tol=1e-7).build_client(
+        backbone, CLASSES)
+    with torch.no_grad():  # ctx[0] is the global prompt, ctx[1] the local one
+        client.global_prompt.ctx[0].copy_(learner.ctx[0])
+        client.local_prompt.ctx[0].copy_(learner.ctx[1])
+    image, label = images(backbone, 3, seed)
+
+    official.eval()
+    with torch.no_grad():
+        logits_o = official(image)
+    client.eval()
+    logits_f = client.predict_logits({"image": image})
+
+    loss_o = official_step(module, root, "GLP_OT", official, [learner.ctx], image, label, cfg=cfg)
+    loss_f = fedprompt_step(client, image, label)
+    pairs = {"logits": (logits_o, logits_f), "loss": (loss_o, loss_f),
+             "grad global": (learner.ctx.grad[0], client.global_prompt.ctx.grad[0]),
+             "grad local": (learner.ctx.grad[1], client.local_prompt.ctx.grad[0]),
+             "prompts after step": (learner.ctx, torch.stack([client.global_prompt.ctx[0],
+                                                              client.local_prompt.ctx[0]]))}
+    return report("FedOTP", pairs, tol)
+
+
+def parity_fedpgp(root: Path, tol: float, seed: int) -> bool:
+    clip, module = import_official(root, REPOS["FedPGP"][1])
+    clip_model = tiny_clip(clip, "FedPGP")
+    backbone = fedprompt_backbone(clip_model)
+    settings = ns(N_CTX=4, CTX_INIT="", CSC=False, PREC="fp32", CLASS_TOKEN_POSITION="end", N=1, BOTTLENECK=2,
+                  mu=0.5, temp=0.5)
+    cfg = ns(TRAINER=ns(FEDPGP=settings), INPUT=ns(SIZE=(32, 32)), DATASET=ns(NAME="Caltech101"),
+             MODEL=ns(BACKBONE=ns(NAME="tiny")))
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # the release prints its prompt settings
+        official = module.CustomCLIP(cfg, CLASSES, clip_model)
+    learner = official.prompt_learner
+    perturb_([learner.U, learner.V, learner.sigma], seed, scale=0.2)
+    client = FedPGP(n_ctx=4, bottleneck=2, mu=0.5, tau=0.5, literal_x_prompt=True).build_client(backbone, CLASSES)
+    with torch.no_grad():
+        client.personal.U[0].copy_(learner.U[0])
+        client.personal.V[0].copy_(learner.V[0])
+        client.sigma.ctx[0].copy_(learner.sigma[0])
+    image, label = images(backbone, 4, seed)
+
+    official.eval()
+    with torch.no_grad():
+        logits_o = official(image)
+    client.eval()
+    logits_f = client.predict_logits({"image": image})
+
+    params = [learner.U, learner.V, learner.sigma]
+    loss_o = official_step(module, root, "FedPGP", official, params, image, label, cfg=cfg, mu=0.5, temp=0.5)
+    loss_f = fedprompt_step(client, image, label)
+    pairs = {"logits": (logits_o, logits_f), "loss CE + mu con": (loss_o, loss_f),
+             "grad sigma": (learner.sigma.grad[0], client.sigma.ctx.grad[0]),
+             "grad U": (learner.U.grad[0], client.personal.U.grad[0]),
+             "grad V": (learner.V.grad[0], client.personal.V.grad[0]),
+             "U, V, sigma after step": (torch.cat([p[0].flatten() for p in params]),
+                                        torch.cat([client.personal.U[0].flatten(), client.personal.V[0].flatten(),
+                                                   client.sigma.ctx[0].flatten()]))}
+    return report("FedPGP", pairs, tol)
+
+
+PARITY = {"FedOTP": parity_fedotp, "FedPGP": parity_fedpgp}
+
+
+def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1)) -> dict[str, bool | None]:
+    """Run the parity checks; ``None`` for a method whose mirror is absent."""
+    mirror = Path(mirror or default_mirror())
+    results: dict[str, bool | None] = {}
+    torch.set_num_threads(1)
+    for method in methods:
+        repo = REPOS[method][0]
+        if not (mirror / repo / "repo").is_dir():
+            print(f"{method:8s} skipped: no mirror of the official code at {mirror / repo / 'repo'}")
+            results[method] = None
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"parity-{method}-") as tmp:
+            root = extract(mirror, repo, "", Path(tmp))
+            results[method] = all(PARITY[method](root, tol, seed) for seed in seeds)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mirror", type=Path, default=default_mirror(),
+                        help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or /work/.mirror")
+    parser.add_argument("--methods", nargs="+", default=list(PARITY), choices=list(PARITY))
+    parser.add_argument("--tol", type=float, default=1e-5)
+    args = parser.parse_args(argv)
+    results = run(args.methods, args.mirror, args.tol)
+    return 1 if any(r is False for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
