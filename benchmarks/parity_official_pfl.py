@@ -1,26 +1,31 @@
-"""Parity of fedprompt's FedOTP and FedPGP clients with the official code, on the same random CLIP weights.
+"""Parity of fedprompt's FedOTP, FedPGP and FedMGP clients with the official code, on the same random CLIP weights.
 
-The official repositories (HongxiaLee/FedOTP, TianyuCuiOvO/FedPGP) are read at run time from local git mirrors
-(``--mirror``, default ``$FEDPROMPT_MIRROR`` or ``/work/.mirror``, holding ``<owner>+<name>/repo``: bare clones, e.g.
+The official repositories (HongxiaLee/FedOTP, TianyuCuiOvO/FedPGP, weihao-bo/FedMGP) are read at run time from
+local git mirrors (``--mirror``, default ``$FEDPROMPT_MIRROR`` or ``/work/.mirror``, holding
+``<owner>+<name>/repo``: bare clones, e.g.
 made by ``git clone --mirror``); nothing of them is copied into fedprompt. Each repository is extracted into a
 temporary folder and its own ``clip`` package and trainer file are imported from there, with stand-ins for the
 ``Dassl.dassl`` modules the trainer imports (the model classes never call them).
 
 For each method one random-init OpenAI CLIP is built with the repository's own ``clip.model.CLIP`` (a tiny ViT; for
-FedOTP the release's modified ViT that projects every token), converted to open_clip (same weights) and wrapped as
+FedOTP the release's modified ViT that projects every token; for FedMGP its ViT with visual prompt groups),
+converted to open_clip (same weights) and wrapped as
 fedprompt's frozen backbone. The official prompt learner's tensors (perturbed at random, so that nothing sits at its
 initial value) are copied into fedprompt's client; then the same random images go through both:
 
 - the evaluation logits;
 - one training step: the release's own ``forward_backward`` (its loss: FedOTP's cross-entropy on the OT logits,
-  FedPGP's cross-entropy plus mu x the contrastive term) on a stand-in trainer whose update is one SGD step
+  FedPGP's cross-entropy plus mu x the contrastive term, FedMGP's mean group cross-entropy plus its diversity
+  term) on a stand-in trainer whose update is one SGD step
   (momentum 0.9, weight decay 5e-4), against fedprompt's ``training_step``, ``backward`` and StackedSGD step: the
   loss, the gradients and the prompt tensors after the step.
 
 FedOTP runs both solvers to convergence (the release stops when the batch's mean |v - v_prev| falls below
 ``thresh``, fedprompt per problem at ``tol``: a different rule, the same fixed point). FedPGP uses the release's
 contrastive positive, the literal "X X ... X {class}." sentence (``literal_x_prompt: true``; fedprompt's default is
-the hand-crafted prompt, see ``fedprompt/methods/fedpgp.py``).
+the hand-crafted prompt, see ``fedprompt/methods/fedpgp.py``). FedMGP runs 3 text and 2 visual groups (the extra
+text group pairs with visual group 0, as the release) and the release's diversity term (``diversity: code``, its l1
+distance and sign).
 
 The script prints the largest absolute difference of each and fails (exit status 1) above ``--tol`` (1e-5). A
 missing mirror skips its method with a line saying so.
@@ -43,7 +48,6 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
@@ -51,13 +55,14 @@ sys.path.insert(0, str(HERE))
 
 from parity_text_baselines import default_mirror, extract, fedprompt_backbone, images, ns, perturb_, \
     report  # noqa: E402
-from fedprompt.methods import FedOTP, FedPGP  # noqa: E402
+from fedprompt.methods import FedMGP, FedOTP, FedPGP  # noqa: E402
 
 CLASSES = ["dog", "golden retriever", "giraffe", "guitar", "house"]
 #: method -> (mirror folder, trainer file, trainer class name in the release's design_details)
 REPOS = {
     "FedOTP": ("HongxiaLee+FedOTP", "trainers/GLP_OT.py", "GLP_OT"),
     "FedPGP": ("TianyuCuiOvO+FedPGP", "trainers/fedpgp.py", "FedPGP"),
+    "FedMGP": ("weihao-bo+FedMGP", "trainers/fedmgp.py", "FedMGP"),
 }
 LR = 0.002
 
@@ -116,11 +121,15 @@ def trainer_method(module, path: Path, class_name: str, name: str):
     raise LookupError(f"{class_name}.{name} not found in {path}")
 
 
-def tiny_clip(clip, trainer: str, seed: int = 0):
+def tiny_clip(clip, trainer: str, seed: int = 0, **design_details):
     """A random-init OpenAI CLIP from the repository's ``clip.model.CLIP``: embed 32, text 2 layers x 64 wide,
-    vision a 2-layer ViT of width 64 (patch 8, 32 px: 16 patches)."""
+    vision a 2-layer ViT of width 64 (patch 8, 32 px: 16 patches); ``design_details`` as the release's loader
+    passes them (FedMGP: its visual prompt groups)."""
+    if hasattr(clip.model, "time"):  # FedMGP's release reseeds torch from the clock for its visual groups
+        clip.model.time = types.SimpleNamespace(time=lambda: 0.0)
     torch.manual_seed(seed)
-    design = {"trainer": trainer, "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
+    design = {"trainer": trainer, "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0,
+              **design_details}
     model = clip.model.CLIP(32, 32, 2, 64, 8, 77, 49408, 64, 1, 2, design)
     with torch.no_grad():  # a logit scale that makes the softmax sharp enough to matter (exp(3) = 20)
         model.logit_scale.fill_(3.0)
@@ -239,7 +248,50 @@ def parity_fedpgp(root: Path, tol: float, seed: int) -> bool:
     return report("FedPGP", pairs, tol)
 
 
-PARITY = {"FedOTP": parity_fedotp, "FedPGP": parity_fedpgp}
+def parity_fedmgp(root: Path, tol: float, seed: int) -> bool:
+    text_groups, visual_groups, n_ctx, visual_tokens = 3, 2, 2, 2  # more text groups than visual: the extra pairs
+    clip, module = import_official(root, REPOS["FedMGP"][1])
+    clip_model = tiny_clip(clip, "FedMGP", vision_depth=1, language_depth=1, vision_ctx=visual_tokens,
+                           language_ctx=n_ctx, vision_num_prompts=visual_groups, language_num_prompts=text_groups)
+    weights = {k: v for k, v in clip_model.state_dict().items() if k != "visual.VPT"}  # the prompts are not CLIP's
+    backbone = fedprompt_backbone(ns(state_dict=lambda: weights))
+    settings = ns(N_CTX_TEXT=n_ctx, CTX_INIT="a photo of a", PREC="fp32", NUM_PROMPTS_TEXT=text_groups,
+                  NUM_PROMPTS_VISION=visual_groups, PROMPT_DEPTH_TEXT=1, PROMPT_DEPTH_VISION=1,
+                  N_CTX_VISION=visual_tokens, USE_DIVERGENT_LOSS=True, DIVERGENT_LOSS_WEIGHT=1.0,
+                  DIVERGENT_LOSS_TYPE="l1", INFERENCE_MODE="average")
+    cfg = ns(TRAINER=ns(FEDMGP=settings), INPUT=ns(SIZE=(32, 32)), DATASET=ns(NAME="Caltech101"),
+             MODEL=ns(BACKBONE=ns(NAME="tiny")))
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # the release prints its prompt settings
+        official = module.CustomCLIP(cfg, CLASSES, clip_model)
+    text, visual = official.prompt_learner.ctx, clip_model.visual.VPT
+    perturb_([text, visual], seed, scale=0.2)
+    client = FedMGP(text_groups=text_groups, visual_groups=visual_groups, n_ctx=n_ctx, visual_tokens=visual_tokens,
+                    ctx_init="a photo of a", diversity="code", distance="l1", diversity_weight=1.0,
+                    inference="average").build_client(backbone, CLASSES)
+    with torch.no_grad():
+        client.text_prompts.ctx[0].copy_(text)
+        client.visual_prompts.tokens[0].copy_(visual)
+    image, label = images(backbone, 4, seed)
+
+    official.eval()
+    with torch.no_grad():
+        logits_o = official(image)
+    client.eval()
+    logits_f = client.predict_logits({"image": image})
+
+    loss_o = official_step(module, root, "FedMGP", official, [text, visual], image, label, cfg=cfg)
+    loss_f = fedprompt_step(client, image, label)
+    pairs = {"logits": (logits_o, logits_f), "loss CE + diversity": (loss_o, loss_f),
+             "grad text": (text.grad, client.text_prompts.ctx.grad[0]),
+             "grad visual": (visual.grad, client.visual_prompts.tokens.grad[0]),
+             "prompts after step": (torch.cat([text.flatten(), visual.flatten()]),
+                                    torch.cat([client.text_prompts.ctx[0].flatten(),
+                                               client.visual_prompts.tokens[0].flatten()]))}
+    return report("FedMGP", pairs, tol)
+
+
+PARITY = {"FedOTP": parity_fedotp, "FedPGP": parity_fedpgp, "FedMGP": parity_fedmgp}
 
 
 def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1)) -> dict[str, bool | None]:
@@ -262,7 +314,8 @@ def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, se
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mirror", type=Path, default=default_mirror(),
-                        help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or /work/.mirror")
+                        help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or "
+                             "/work/.mirror")
     parser.add_argument("--methods", nargs="+", default=list(PARITY), choices=list(PARITY))
     parser.add_argument("--tol", type=float, default=1e-5)
     args = parser.parse_args(argv)

@@ -299,8 +299,8 @@ def test_pacs_config_runs_end_to_end_and_the_loss_falls(tmp_path):
     assert 0.0 <= summary["local_acc"] <= 1.0
 
 
-def test_official_fedotp_and_fedpgp_code_give_the_same_logits_loss_and_sgd_step():
-    """benchmarks/parity_official_pfl.py: the released FedOTP and FedPGP model code and training step, read from
+def test_official_fedotp_fedpgp_and_fedmgp_code_give_the_same_logits_loss_and_sgd_step():
+    """benchmarks/parity_official_pfl.py: the released FedOTP, FedPGP and FedMGP model code and training step, read from
     local git mirrors, against fedprompt's clients on the same random CLIP weights and images (within 1e-5); skipped
     when the mirrors are absent (the repositories are never copied into fedprompt)."""
     import importlib.util
