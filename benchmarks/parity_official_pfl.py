@@ -2,9 +2,8 @@
 
 The official repositories (HongxiaLee/FedOTP, TianyuCuiOvO/FedPGP, weihao-bo/FedMGP) are read at run time from
 local git mirrors (``--mirror``, default ``$FEDPROMPT_MIRROR`` or ``/work/.mirror``, holding
-``<owner>+<name>/repo``: bare clones, e.g.
-made by ``git clone --mirror``); nothing of them is copied into fedprompt. Each repository is extracted into a
-temporary folder and its own ``clip`` package and trainer file are imported from there, with stand-ins for the
+``<owner>+<name>/repo``: bare clones, e.g. made by ``git clone --mirror``); nothing of them is copied into
+fedprompt. Each repository is extracted into a temporary folder and its own ``clip`` package and trainer file are imported from there, with stand-ins for the
 ``Dassl.dassl`` modules the trainer imports (the model classes never call them).
 
 For each method one random-init OpenAI CLIP is built with the repository's own ``clip.model.CLIP`` (a tiny ViT; for
