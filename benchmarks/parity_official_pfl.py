@@ -3,8 +3,9 @@
 The official repositories (HongxiaLee/FedOTP, TianyuCuiOvO/FedPGP, weihao-bo/FedMGP) are read at run time from
 local git mirrors (``--mirror``, default ``$FEDPROMPT_MIRROR`` or ``/work/.mirror``, holding
 ``<owner>+<name>/repo``: bare clones, e.g. made by ``git clone --mirror``); nothing of them is copied into
-fedprompt. Each repository is extracted into a temporary folder and its own ``clip`` package and trainer file are imported from there, with stand-ins for the
-``Dassl.dassl`` modules the trainer imports (the model classes never call them).
+fedprompt. Each repository is extracted into a temporary folder and its own ``clip`` package and trainer file are
+imported from there, with stand-ins for the ``Dassl.dassl`` modules the trainer imports (the model classes never
+call them).
 
 For each method one random-init OpenAI CLIP is built with the repository's own ``clip.model.CLIP`` (a tiny ViT; for
 FedOTP the release's modified ViT that projects every token; for FedMGP its ViT with visual prompt groups),
@@ -39,8 +40,6 @@ import argparse
 import ast
 import contextlib
 import io
-import importlib
-import importlib.util
 import sys
 import tempfile
 import types
@@ -52,18 +51,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
-from parity_text_baselines import default_mirror, extract, fedprompt_backbone, images, ns, perturb_, \
-    report  # noqa: E402
+from parity_text_baselines import CLASSES, default_mirror, extract, fedprompt_backbone, fedprompt_step, images, ns, \
+    perturb_, report, sgd  # noqa: E402
+from parity_text_baselines import import_official as import_text_baselines_official  # noqa: E402
 from fedprompt.methods import FedMGP, FedOTP, FedPGP  # noqa: E402
 
-CLASSES = ["dog", "golden retriever", "giraffe", "guitar", "house"]
 #: method -> (mirror folder, trainer file, trainer class name in the release's design_details)
 REPOS = {
     "FedOTP": ("HongxiaLee+FedOTP", "trainers/GLP_OT.py", "GLP_OT"),
     "FedPGP": ("TianyuCuiOvO+FedPGP", "trainers/fedpgp.py", "FedPGP"),
     "FedMGP": ("weihao-bo+FedMGP", "trainers/fedmgp.py", "FedMGP"),
 }
-LR = 0.002
 
 
 # -------------------------------------------------------------------------------------------- the official code
@@ -89,21 +87,8 @@ def install_dassl_stubs() -> None:
 
 
 def import_official(root: Path, trainer: str):
-    """The repository's ``clip`` package and trainer module, imported from ``root`` (fresh each time)."""
-    for name in [m for m in sys.modules if m == "clip" or m.startswith(("clip.", "Dassl", "official_trainer"))]:
-        del sys.modules[name]
-    install_dassl_stubs()
-    sys.path.insert(0, str(root))
-    try:
-        clip = importlib.import_module("clip")
-        importlib.import_module("clip.model")
-        spec = importlib.util.spec_from_file_location("official_trainer", root / trainer)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["official_trainer"] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(root))
-    return clip, module
+    """The repository's ``clip`` package and trainer module, with the ``Dassl.dassl`` stand-ins."""
+    return import_text_baselines_official(root, trainer, install_dassl_stubs, "Dassl")
 
 
 def trainer_method(module, path: Path, class_name: str, name: str):
@@ -135,12 +120,21 @@ def tiny_clip(clip, trainer: str, seed: int = 0, **design_details):
     return model.float().eval()
 
 
-def official_step(module, root: Path, trainer_class: str, official, params, image, label, **attrs):
+def evaluation_logits(official, client, image) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' logits in evaluation mode (the release's, fedprompt's)."""
+    official.eval()
+    with torch.no_grad():
+        logits_o = official(image)
+    client.eval()
+    return logits_o, client.predict_logits({"image": image})
+
+
+def official_step(module, root: Path, method: str, official, params, image, label, **attrs):
     """The release's ``forward_backward`` on a stand-in trainer whose update is one SGD step; returns the loss."""
-    forward_backward = trainer_method(module, root / REPOS_BY_CLASS[trainer_class], trainer_class, "forward_backward")
-    parse_batch_train = trainer_method(module, root / REPOS_BY_CLASS[trainer_class], trainer_class,
-                                       "parse_batch_train")
-    optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4)
+    _, trainer_file, trainer_class = REPOS[method]
+    forward_backward = trainer_method(module, root / trainer_file, trainer_class, "forward_backward")
+    parse_batch_train = trainer_method(module, root / trainer_file, trainer_class, "parse_batch_train")
+    optimizer = sgd(params)  # lr 0.002, momentum 0.9, weight decay 5e-4, as fedprompt_step
 
     def update(loss):
         optimizer.zero_grad()
@@ -154,21 +148,6 @@ def official_step(module, root: Path, trainer_class: str, official, params, imag
     summary = forward_backward(trainer, {"img": image, "label": label})
     return torch.tensor(summary["loss"])
 
-
-REPOS_BY_CLASS = {cls: trainer for _, trainer, cls in REPOS.values()}
-
-
-def fedprompt_step(client, image, label) -> torch.Tensor:
-    """fedprompt's training loss, backward (the client's own) and one StackedSGD step; returns the loss."""
-    client.train()
-    optimizer = client.configure_optimizers()
-    for group in optimizer.param_groups:
-        group["lr"] = LR
-    losses = client.training_step({"image": image, "label": label})
-    client.backward(losses, lambda t, **kw: t.backward(**kw))
-    optimizer.step()
-    total = sum(losses.values()) if isinstance(losses, dict) else losses
-    return total[0].detach()
 
 
 # ---------------------------------------------------------------------------------------------- the methods
@@ -192,13 +171,9 @@ def parity_fedotp(root: Path, tol: float, seed: int) -> bool:
         client.local_prompt.ctx[0].copy_(learner.ctx[1])
     image, label = images(backbone, 3, seed)
 
-    official.eval()
-    with torch.no_grad():
-        logits_o = official(image)
-    client.eval()
-    logits_f = client.predict_logits({"image": image})
+    logits_o, logits_f = evaluation_logits(official, client, image)
 
-    loss_o = official_step(module, root, "GLP_OT", official, [learner.ctx], image, label, cfg=cfg)
+    loss_o = official_step(module, root, "FedOTP", official, [learner.ctx], image, label, cfg=cfg)
     loss_f = fedprompt_step(client, image, label)
     pairs = {"logits": (logits_o, logits_f), "loss": (loss_o, loss_f),
              "grad global": (learner.ctx.grad[0], client.global_prompt.ctx.grad[0]),
@@ -228,11 +203,7 @@ def parity_fedpgp(root: Path, tol: float, seed: int) -> bool:
         client.sigma.ctx[0].copy_(learner.sigma[0])
     image, label = images(backbone, 4, seed)
 
-    official.eval()
-    with torch.no_grad():
-        logits_o = official(image)
-    client.eval()
-    logits_f = client.predict_logits({"image": image})
+    logits_o, logits_f = evaluation_logits(official, client, image)
 
     params = [learner.U, learner.V, learner.sigma]
     loss_o = official_step(module, root, "FedPGP", official, params, image, label, cfg=cfg, mu=0.5, temp=0.5)
@@ -273,11 +244,7 @@ def parity_fedmgp(root: Path, tol: float, seed: int) -> bool:
         client.visual_prompts.tokens[0].copy_(visual)
     image, label = images(backbone, 4, seed)
 
-    official.eval()
-    with torch.no_grad():
-        logits_o = official(image)
-    client.eval()
-    logits_f = client.predict_logits({"image": image})
+    logits_o, logits_f = evaluation_logits(official, client, image)
 
     loss_o = official_step(module, root, "FedMGP", official, [text, visual], image, label, cfg=cfg)
     loss_f = fedprompt_step(client, image, label)

@@ -101,11 +101,12 @@ def install_dassl_stubs() -> None:
         sys.modules[name] = module
 
 
-def import_official(root: Path, trainer: str):
-    """The repository's ``clip`` package and trainer module, imported from ``root`` (fresh each time)."""
-    for name in [m for m in sys.modules if m == "clip" or m.startswith(("clip.", "dassl", "official_trainer"))]:
+def import_official(root: Path, trainer: str, stubs=install_dassl_stubs, dassl: str = "dassl"):
+    """The repository's ``clip`` package and trainer module, imported from ``root`` (fresh each time), after
+    ``stubs()`` installed the stand-ins for its Dassl package (imported as ``dassl``)."""
+    for name in [m for m in sys.modules if m == "clip" or m.startswith(("clip.", dassl, "official_trainer"))]:
         del sys.modules[name]
-    install_dassl_stubs()
+    stubs()
     sys.path.insert(0, str(root))
     try:
         clip = importlib.import_module("clip")

@@ -99,3 +99,22 @@ def without_timings(rows: list[dict]) -> list[dict]:
     """Metrics rows without what may differ between runs that compute the same thing: the ``*_seconds`` timings and
     the lock-step group size (``parallel_clients``)."""
     return [{k: v for k, v in row.items() if not k.endswith("_seconds") and k not in EXECUTION_KEYS} for row in rows]
+
+
+def run_parity_script(name: str) -> dict:
+    """Run ``benchmarks/<name>.py``'s parity checks against the official code (one seed; the script runs two) and
+    return the methods that ran with their results; skip the test when no mirror of the official code is present."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    threads = torch.get_num_threads()
+    try:
+        results = parity.run(seeds=(1,))
+    finally:
+        torch.set_num_threads(threads)
+    ran = {k: v for k, v in results.items() if v is not None}
+    if not ran:
+        pytest.skip(f"no mirror of the official repositories under {parity.default_mirror()} (set FEDPROMPT_MIRROR)")
+    return ran

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_fit
+from conftest import run_parity_script, tiny_fit
 from fedprompt.backbone import load_backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.methods import FedOTP, FedOTPClient
@@ -303,17 +303,5 @@ def test_official_fedotp_fedpgp_and_fedmgp_code_give_the_same_logits_loss_and_sg
     """benchmarks/parity_official_pfl.py: the released FedOTP, FedPGP and FedMGP model code and training step, read from
     local git mirrors, against fedprompt's clients on the same random CLIP weights and images (within 1e-5); skipped
     when the mirrors are absent (the repositories are never copied into fedprompt)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("parity_official_pfl", ROOT / "benchmarks" / "parity_official_pfl.py")
-    parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parity)
-    threads = torch.get_num_threads()
-    try:
-        results = parity.run(seeds=(1,))  # one seed here (the script runs two)
-    finally:
-        torch.set_num_threads(threads)
-    ran = {k: v for k, v in results.items() if v is not None}
-    if not ran:
-        pytest.skip(f"no mirror of the official repositories under {parity.default_mirror()} (set FEDPROMPT_MIRROR)")
-    assert all(ran.values()), results
+    ran = run_parity_script("parity_official_pfl")
+    assert all(ran.values()), ran

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import read_rows, tiny_fit, without_timings
+from conftest import read_rows, run_parity_script, tiny_fit, without_timings
 from fedprompt.backbone import load_backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.methods import PLOT, CoCoOp, KgCoOp, ProDA, ProGrad
@@ -516,20 +516,5 @@ def test_official_model_code_gives_the_same_logits_loss_and_sgd_step():
     """benchmarks/parity_text_baselines.py: the official CoCoOp, KgCoOp, ProGrad (with its update rule) and PLOT
     model classes, read from local git mirrors, against fedprompt's clients on the same random CLIP weights and
     images (within 1e-5); skipped when the mirrors are absent (the repositories are never copied into fedprompt)."""
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("parity_text_baselines",
-                                                  ROOT / "benchmarks" / "parity_text_baselines.py")
-    parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parity)
-    threads = torch.get_num_threads()
-    try:
-        results = parity.run(seeds=(1,))  # one seed here (the script runs two)
-    finally:
-        torch.set_num_threads(threads)
-    ran = {k: v for k, v in results.items() if v is not None}
-    if not ran:
-        pytest.skip(f"no mirror of the official repositories under {parity.default_mirror()} (set FEDPROMPT_MIRROR)")
-    assert all(ran.values()), results
+    ran = run_parity_script("parity_text_baselines")
+    assert all(ran.values()), ran
