@@ -118,8 +118,9 @@ class FedMVPClient(PromptClient):
         super().__init__(backbone, classnames, settings, slots)
         if not backbone.supports_visual_prompts:
             raise FedPromptError(f"backbone.model: FedMVP's PromptFormer reads the patch tokens of a ViT image tower "
-                                 f"and adds visual prompts to its sequence, but '{backbone.name}' has a "
-                                 f"{type(backbone.model.visual).__name__} image tower; use a ViT backbone (ViT-B-16).")
+                                 "and adds visual prompts to its sequence, but this backbone's image tower is a "
+                                 f"{type(backbone.model.visual).__name__} without a token sequence; use a ViT backbone "
+                                 "(ViT-B-16).")
         template = PromptFormer(backbone.visual_width, backbone.embed_dim, settings.heads, settings.ff_mult,
                                 settings.visual_tokens)
         self.former = SlotStacked(template, slots)
