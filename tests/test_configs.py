@@ -15,6 +15,7 @@ PAPER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).name
                                                                                               "fedmgp_",
                                                                                               "pfedmoap_",
                                                                                               "dpfpl_",
+                                                                                              "fedpha_",
                                                                                               *BASELINES))
          and not Path(c).stem.endswith("_flip") and c not in TRANSFER]  # the FLiP variants use the same data sections
 
