@@ -32,7 +32,6 @@ The script prints the largest absolute difference of each quantity and fails (ex
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -49,8 +48,8 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
 from parity_official_pfl import import_official, tiny_clip, trainer_method  # noqa: E402
-from parity_text_baselines import CLASSES, default_mirror, extract, fedprompt_backbone, fedprompt_step, images, ns, \
-    perturb_, report, sgd  # noqa: E402
+from parity_text_baselines import CLASSES, extract, fedprompt_backbone, fedprompt_step, images, ns, \
+    parity_main, perturb_, report, run_checks, sgd  # noqa: E402
 from parity_text_baselines import import_official as import_plain  # noqa: E402
 from fedprompt.methods import FedMVP, FedPHA  # noqa: E402
 
@@ -292,33 +291,18 @@ def official_mvp_step(module, root: Path, official, image, label) -> torch.Tenso
 PARITY = {"FedPHA": parity_fedpha, "FedPHA-HE": parity_fedpha_he, "FedMVP": parity_fedmvp}
 
 
+def _extract_repo(method: str, mirror: Path, folder: Path):
+    repo = REPOS[method][0]
+    return repo, extract(mirror, repo, "", folder) if (mirror / repo / "repo").is_dir() else None
+
+
 def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1)) -> dict[str, bool | None]:
     """Run the parity checks; ``None`` for a method whose mirror is absent."""
-    mirror = Path(mirror or default_mirror())
-    results: dict[str, bool | None] = {}
-    torch.set_num_threads(1)
-    for method in methods:
-        repo = REPOS[method][0]
-        if not (mirror / repo / "repo").is_dir():
-            print(f"{method:8s} skipped: no mirror of the official code at {mirror / repo / 'repo'}")
-            results[method] = None
-            continue
-        with tempfile.TemporaryDirectory(prefix=f"parity-{method}-") as tmp:
-            root = extract(mirror, repo, "", Path(tmp))
-            results[method] = all(PARITY[method](root, tol, seed) for seed in seeds)
-    return results
+    return run_checks(PARITY, _extract_repo, methods, mirror, tol, seeds)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mirror", type=Path, default=default_mirror(),
-                        help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or "
-                             "/work/.mirror")
-    parser.add_argument("--methods", nargs="+", default=list(PARITY), choices=list(PARITY))
-    parser.add_argument("--tol", type=float, default=1e-5)
-    args = parser.parse_args(argv)
-    results = run(args.methods, args.mirror, args.tol)
-    return 1 if any(r is False for r in results.values()) else 0
+    return parity_main(__doc__.split("\n\n")[0], PARITY, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """FedPHA: the SVD projections, the alignment terms, local prompts of per-client lengths in one lock-step step (state
 cut and padded, each client's own sentence length, the released pooling under compat), K-invariance, exact resume,
-bytes per round, the Flower runtime, and parity with the released code."""
+bytes per round, and parity with the released code (the Flower runtime: tests/test_flower.py)."""
 
 from __future__ import annotations
 
@@ -143,21 +143,6 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
             assert torch.equal(cut["clients"][cid][key], value), (cid, key)
     assert full["clients"][1]["local_prompt.ctx"].shape[0] == 5
     assert "global_acc" not in read_rows(tmp_path / "full")[-1]  # personalised: each client's local prompt
-
-
-def test_flower_runtime_equals_fit(tmp_path):
-    pytest.importorskip("flwr", reason="Flower is not installed")
-    from fedprompt.flower.local import run_local
-    from test_flower import COMMON, SMOKE, assert_rows_equal, assert_states_equal, checkpoint, rows
-    from test_flower import fit as flower_fit
-
-    args = f"{COMMON} {' '.join(HETEROGENEOUS)}"
-    run_local(SMOKE, f"{args} --out_dir {tmp_path / 'flower'}", report_states=True)
-    reference = flower_fit(args, tmp_path / "fit")
-    assert_rows_equal(rows(tmp_path / "flower"), rows(reference))
-    got, expected = checkpoint(tmp_path / "flower"), checkpoint(reference)
-    for cid, state in expected["clients"].items():
-        assert_states_equal(got["clients"][cid], state)
 
 
 def test_heterogeneous_config_gives_one_length_per_client():
