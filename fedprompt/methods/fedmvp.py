@@ -24,7 +24,6 @@ datasets) or the raw attributes' (``context: attributes``, the release for Offic
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -312,7 +311,7 @@ class FedMVP(TrainedMethod):
         if min(self.visual_tokens, self.heads, self.ff_mult) < 1:
             raise FedPromptError(f"method.visual_tokens, method.heads and method.ff_mult must be >= 1, got "
                                  f"{self.visual_tokens}, {self.heads}, {self.ff_mult}")
-        if not 0 <= self.flip_probability <= 1 or math.isnan(self.alpha) or self.alpha < 0:
+        if not (0 <= self.flip_probability <= 1 and self.alpha >= 0):
             raise FedPromptError(f"method.flip_probability must be in [0, 1] and method.alpha >= 0, got "
                                  f"{self.flip_probability} and {self.alpha}")
         if self.lora_threshold is not None:

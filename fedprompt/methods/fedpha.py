@@ -27,7 +27,6 @@ Evaluation scores each client with its local prompt only (``z^L``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
@@ -224,9 +223,9 @@ class FedPHA(TrainedMethod):
                                  f"got {self.n_ctx_global}, {self.n_ctx_local}, {self.local_lengths}")
         if self.local_lengths is not None and not self.local_lengths:
             raise FedPromptError("method.local_lengths is empty: give one length per client, or null.")
-        if not 0 <= self.ratio <= 1 or math.isnan(self.ratio):
+        if not 0 <= self.ratio <= 1:
             raise FedPromptError(f"method.ratio must be in [0, 1], got {self.ratio}")
-        if min(self.alpha, self.pull_weight, self.push_weight) < 0:
+        if not all(value >= 0 for value in (self.alpha, self.pull_weight, self.push_weight)):
             raise FedPromptError(f"method.alpha, method.pull_weight and method.push_weight must be >= 0, got "
                                  f"{self.alpha}, {self.pull_weight}, {self.push_weight}")
         if self.projection not in PROJECTIONS:
