@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,8 @@ def _message_nodes(function: ast.FunctionDef, kind: str):
             yield node.value
 
 
-def messages(kind: str) -> list[tuple[str, str, str, str]]:
+@lru_cache(maxsize=None)
+def messages(kind: str) -> tuple[tuple[str, str, str, str], ...]:
     """(module, function, message, pattern) of every error (``kind="errors"``) or warning (``"warnings"``)."""
     unique = {}
     for path in sorted((ROOT / "fedprompt").rglob("*.py")):
@@ -98,7 +100,7 @@ def messages(kind: str) -> list[tuple[str, str, str, str]]:
                 if len(literal.strip()) > 12:  # more than a bare placeholder or a joiner
                     text = _text(parts)  # nested functions are walked twice: the innermost name is kept
                     unique[(module, text)] = (module, function.name, text, _pattern(parts))
-    return sorted(unique.values())
+    return tuple(sorted(unique.values()))
 
 
 #: module prefix -> the area a message belongs to (first match wins)
