@@ -33,6 +33,7 @@ The script prints the largest absolute difference of each quantity and fails (ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -296,13 +297,9 @@ def _extract_repo(method: str, mirror: Path, folder: Path):
     return repo, extract(mirror, repo, "", folder) if (mirror / repo / "repo").is_dir() else None
 
 
-def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1)) -> dict[str, bool | None]:
-    """Run the parity checks; ``None`` for a method whose mirror is absent."""
-    return run_checks(PARITY, _extract_repo, methods, mirror, tol, seeds)
-
-
-def main(argv=None) -> int:
-    return parity_main(__doc__.split("\n\n")[0], PARITY, run, argv)
+#: ``run(methods=None, mirror=None, tol=1e-5, seeds=(0, 1))``: the parity checks; ``None`` for an absent mirror
+run = functools.partial(run_checks, PARITY, _extract_repo)
+main = functools.partial(parity_main, __doc__.split("\n\n")[0], PARITY, run)
 
 
 if __name__ == "__main__":

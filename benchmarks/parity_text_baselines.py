@@ -32,6 +32,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import functools
 import importlib.util
 import io
 import os
@@ -376,11 +377,14 @@ def default_mirror() -> Path:
     return Path(os.environ.get("FEDPROMPT_MIRROR", "/work/.mirror"))
 
 
-def run_checks(checks: dict, source, methods, mirror: Path | None, tol: float, seeds) -> dict[str, bool | None]:
-    """Run parity ``checks`` (method -> ``check(root, tol, seed)``) on each method's repository, extracted from the
-    mirrors into a temporary folder (``source(method, mirror, folder)`` -> the mirror folder name and the root it
-    extracted, or ``None`` when the mirror is absent); ``None`` for a method whose mirror is absent."""
+def run_checks(checks: dict, source, methods=None, mirror: Path | None = None, tol: float = 1e-5,
+               seeds=(0, 1)) -> dict[str, bool | None]:
+    """Run parity ``checks`` (method -> ``check(root, tol, seed)``; ``methods``: all by default) on each method's
+    repository, extracted from the mirrors into a temporary folder (``source(method, mirror, folder)`` -> the mirror
+    folder name and the root it extracted, or ``None`` when the mirror is absent); ``None`` for a method whose mirror
+    is absent."""
     mirror = Path(mirror or default_mirror())
+    methods = list(checks) if methods is None else methods
     results: dict[str, bool | None] = {}
     torch.set_num_threads(1)
     for method in methods:
@@ -416,13 +420,9 @@ def _extract_repo(method: str, mirror: Path, folder: Path):
     return repo, root
 
 
-def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1)) -> dict[str, bool | None]:
-    """Run the parity checks; ``None`` for a method whose mirror is absent."""
-    return run_checks(PARITY, _extract_repo, methods, mirror, tol, seeds)
-
-
-def main(argv=None) -> int:
-    return parity_main(__doc__.split("\n\n")[0], PARITY, run, argv)
+#: ``run(methods=None, mirror=None, tol=1e-5, seeds=(0, 1))``: the parity checks; ``None`` for an absent mirror
+run = functools.partial(run_checks, PARITY, _extract_repo)
+main = functools.partial(parity_main, __doc__.split("\n\n")[0], PARITY, run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import EFFL0, PACS, ROOT, read_rows, require, tiny_fit, without_timings
+from conftest import EFFL0, PACS, ROOT, require, resumed_and_straight
 from fedprompt.data import DomainFolders
 from fedprompt.data.synthetic import SYNTHETIC_NAMES
 from fedprompt.errors import FedPromptError
@@ -155,13 +155,7 @@ def test_k_clients_in_lockstep_equal_one_at_a_time(cli, tmp_path, attributes):
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path, attributes):
-    method = FedMVP(attributes=str(attributes), lr=0.05)
-    tiny_fit(method, tmp_path / "full", rounds=3)
-    tiny_fit(method, tmp_path / "cut", rounds=2)
-    tiny_fit(method, tmp_path / "cut", rounds=3, resume=tmp_path / "cut" / "checkpoints" / "last.ckpt")
-    assert without_timings(read_rows(tmp_path / "cut")) == without_timings(read_rows(tmp_path / "full"))
-    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    cut = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    cut, full = resumed_and_straight(FedMVP(attributes=str(attributes), lr=0.05), tmp_path)
     for key, value in full["global"].items():
         assert torch.equal(cut["global"][key], value), key
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EFFL0, ROOT, read_rows, require, run_parity_script, tiny_fit, without_timings
+from conftest import EFFL0, ROOT, read_rows, require, resumed_and_straight, run_parity_script
 from fedprompt.errors import FedPromptError
 from fedprompt.methods import FedPHA
 from fedprompt.methods.fedpha import alignment_terms, project_local, svd_cutoff
@@ -131,18 +131,12 @@ def test_compat_official_lockstep_equals_one_at_a_time(cli, tmp_path):
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path):
-    method = FedPHA(n_ctx_global=4, local_lengths=[3, 5], lr=0.5)
-    tiny_fit(method, tmp_path / "full", rounds=3)
-    tiny_fit(method, tmp_path / "cut", rounds=2)
-    tiny_fit(method, tmp_path / "cut", rounds=3, resume=tmp_path / "cut" / "checkpoints" / "last.ckpt")
-    assert without_timings(read_rows(tmp_path / "cut")) == without_timings(read_rows(tmp_path / "full"))
-    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    cut = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    cut, full = resumed_and_straight(FedPHA(n_ctx_global=4, local_lengths=[3, 5], lr=0.5), tmp_path)
     for cid in (0, 1):
         for key, value in full["clients"][cid].items():
             assert torch.equal(cut["clients"][cid][key], value), (cid, key)
     assert full["clients"][1]["local_prompt.ctx"].shape[0] == 5
-    assert "global_acc" not in read_rows(tmp_path / "full")[-1]  # personalised: each client's local prompt
+    assert "global_acc" not in read_rows(tmp_path / "straight")[-1]  # personalised: each client's local prompt
 
 
 def test_heterogeneous_config_gives_one_length_per_client():
