@@ -77,7 +77,7 @@ def sweep(run: RunArgs | None = None, options: SweepArgs | None = None, **settin
 
 
 def partition(run: RunArgs | None = None, options: PartitionArgs | None = None, **settings) -> None:
-    """Print the client x class table of train samples of a config's federated split (no model is loaded).
+    """Print the class x client table of train samples of a config's federated split (no model is loaded).
 
     When clients have their own class lists (data: Combined, partition: CrossClass) it prints one line per client
     instead (dataset, number of classes, train/test samples, its first class names) and the evaluation sets (name,

@@ -15,7 +15,6 @@ logger, :func:`checkpoint_state` into ``checkpoints/last.ckpt``, :class:`BestRou
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import shlex
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm.auto import tqdm
+from fedprompt.progress import tqdm
 
 from fedprompt import rundir
 from fedprompt.args import BackboneArgs, TrainArgs
@@ -38,10 +37,12 @@ from fedprompt.data.cache import FeatureCache
 from fedprompt.data.reader import FederatedData
 from fedprompt.data.transforms import clip_transforms
 from fedprompt.errors import FedPromptError, warn
+from fedprompt.files import write_problem
 from fedprompt.federation.checkpoint import append_jsonl, check_resume, check_shapes, load_checkpoint, read_jsonl, \
     save_checkpoint, state_shapes, write_json, write_jsonl, write_text
 from fedprompt.federation.feed import CachedFeatures, Feed, ImageFiles, StoredImages, sample_lists
 from fedprompt.federation.loop import Federation
+from fedprompt.federation.privacy import warn_record_privacy
 from fedprompt.federation.scenarios import central_train, evaluation_sets, scenario_keys, scenario_line
 from fedprompt.loggers import build_logger, check_logger, log_client_table, logger_run_id, numeric_metrics, \
     save_logger
@@ -233,17 +234,14 @@ def _writing(out_dir: Path, saved_round: int | None = None):
 
 
 def _write_problem(out_dir: Path, err: OSError, saved_round: int | None) -> str:
-    reason = err.strerror or str(err)
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason += " (the disk or quota is full)"
-    where = f"; {err.filename}" if err.filename else ""
-    head = f"cannot write the run directory {out_dir} ({reason}{where})"
     if saved_round is None:
-        return f"{head}; nothing of this run was changed. Free space or fix the folder, then run the command again."
-    if saved_round == 0:
-        return f"{head}; no round was saved yet. Free space or fix the folder, then run the command again."
-    return (f"{head}; checkpoints/last.ckpt keeps round {saved_round} and metrics.jsonl its rows. Free space or fix "
-            f"the folder, then resume: {rundir.resume_command(out_dir)}")
+        kept = "nothing of this run was changed. Free space or fix the folder, then run the command again."
+    elif saved_round == 0:
+        kept = "no round was saved yet. Free space or fix the folder, then run the command again."
+    else:
+        kept = (f"checkpoints/last.ckpt keeps round {saved_round} and metrics.jsonl its rows. Free space or fix the "
+                f"folder, then resume: {rundir.resume_command(out_dir)}")
+    return write_problem(f"the run directory {out_dir}", err, kept)
 
 
 def run_config(run: RunArgs) -> dict:
@@ -323,6 +321,7 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None,
     this process reads, default all: a deployed node reads only its own client's, a server none)."""
     splits = splits if splits is not None else read_data_and_check_weights(run)
     aggregator = _build_aggregator(fabric, run, len(splits.clients))  # before the backbone: dp errors fail fast
+    warn_record_privacy(run.method, splits.clients, quiet=fabric.global_rank != 0)
     bargs: BackboneArgs = run.backbone
     torch.manual_seed(run.seed)  # a random-init backbone is the same on every rank and every run
     backbone = fabric.to_device(load_backbone(bargs.model, bargs.pretrained, bargs.truncate, bargs.cache_dir))
@@ -436,7 +435,7 @@ def _build_feed(fabric, run: RunArgs, splits, extra: dict, backbone, train_tf, t
     cache = None
     if cache_train or cache_eval:
         cache = FeatureCache(backbone, fabric, method.image_inputs, run.eval.batch_size, splits.loader,
-                             data.num_workers, directory=directory)
+                             data.num_workers, directory=directory, progress=progress)
         if cache_eval and eval_samples:
             cache.prepare(eval_samples, test_tf, "test")  # one chunk, encoded once (or loaded from the cache dir)
     lists = sample_lists(clients, extra)
@@ -538,7 +537,7 @@ def _run(fabric, mode: str, run: RunArgs, checkpoint: dict | None, out_dir: Path
     selector = BestRoundSelector(run.eval.select, out_dir)
     failures = _FailedRounds(run.federation.max_failed_rounds, previous)
     saved = start - 1  # the round checkpoints/last.ckpt holds
-    bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not fed.progress)
+    bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not fed.progress, interval=0)
     for round_idx in bar:
         tic = time.perf_counter()
         row = fed.run_round(round_idx)

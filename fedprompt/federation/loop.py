@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from fedprompt.progress import tqdm
 
 from fedprompt.args import EvalArgs, FederationArgs, TrainArgs
 from fedprompt.data.base import ClientSplit

@@ -490,16 +490,36 @@ def _warn_if_weak(private: PrivateAggregator, rounds: int, num_clients: int, del
     eps = private.accountant.epsilon(rounds)
     if not math.isfinite(eps):
         warn("dp.noise_multiplier is 0: updates are clipped but not noised, so there is no privacy guarantee "
-             "(epsilon is infinite).")
+             "(epsilon is infinite: metrics.jsonl and summary.json write it as null).")
     elif eps > WEAK_EPSILON:
         rate = private.shape.rate
         who = "every client in every round" if rate >= 1 else f"a fraction {rate:g} of the clients each round"
         warn(f"dp: epsilon will be {eps:.3g} at delta {delta:g} after {rounds} rounds (noise multiplier "
              f"{private.noise_multiplier:.3g}, {who} of {num_clients}), a weak guarantee; add noise, sample fewer "
              "clients per round, or train fewer rounds.")
-    if delta >= 1.0 / num_clients:
+    if leaks_outright(delta, num_clients):
         warn(f"dp.delta {delta:g} is not below 1 / {num_clients} clients: the guarantee allows one client's data to "
              "leak outright with that probability; lower dp.delta.")
+
+
+def leaks_outright(delta: float, units: int) -> bool:
+    """The one check of a DP delta, client-level (``dp.delta`` against the number of clients) and record-level
+    (DP-FPL's ``method.delta`` against a client's training samples): a delta of at least 1 / ``units`` allows one
+    unit's data to leak outright with probability delta (each warns in one line; the run goes on)."""
+    return units > 0 and delta >= 1.0 / units
+
+
+def warn_record_privacy(method, clients, quiet: bool = False) -> None:
+    """A method with record-level DP (``method.record_privacy``: DP-FPL's noise multiplier and delta) gets the same
+    check of its delta as client-level DP (:func:`leaks_outright`), against the smallest client's training
+    samples."""
+    record = method.record_privacy
+    if record is None or quiet or not clients:
+        return
+    delta, smallest = record[1], min(len(client.train) for client in clients)
+    if leaks_outright(delta, smallest):
+        warn(f"method.delta {delta:g} is not below 1 / {smallest} training samples (the smallest client's): the "
+             "guarantee allows one training sample to leak outright with that probability; lower method.delta.")
 
 
 # ------------------------------------------------------------------------------------------- the round's row
