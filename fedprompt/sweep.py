@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from fedprompt import rundir
-from fedprompt.run import RunArgs, SweepArgs
+from fedprompt.run import RunArgs, SweepArgs, run_config
 from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.checkpoint import write_json, write_text
@@ -37,8 +37,6 @@ PER_SEED_KEYS = ("seed", "out_dir", "resume", "overwrite", "federation.rounds", 
 
 def run_sweep(run: RunArgs, options: SweepArgs) -> dict:
     """``fedprompt sweep`` (see :func:`fedprompt.commands.sweep`)."""
-    from fedprompt.fit import run_config
-
     seeds, same_data = options.seeds, options.same_data
     if run.method is None or run.data is None:
         raise FedPromptError("sweep needs a fit config: --config FILE with method.class_path and data.class_path.")

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fedprompt.build
 import fedprompt.fit
 import fedprompt.federation.checkpoint as checkpoint_module
 from conftest import ROOT, read_rows, without_timings
@@ -66,7 +67,7 @@ def no_loading(monkeypatch):
         raise AssertionError("data or model loaded")
 
     monkeypatch.setattr(fedprompt.fit, "read_data_and_check_weights", refuse)
-    monkeypatch.setattr(fedprompt.fit, "load_backbone", refuse)
+    monkeypatch.setattr(fedprompt.build, "load_backbone", refuse)
 
 
 def last(run: Path) -> Path:

@@ -326,6 +326,11 @@ class PrivateAggregator(Aggregator):
         self.reference: State = {}
         self._metrics: dict = {}
 
+    @property
+    def poisson_sampling(self) -> bool:
+        """Whether a round's clients are drawn by Poisson sampling (a sample of varying size, maybe empty)."""
+        return self.shape.sampling == "poisson" and self.shape.rate < 1
+
     # the run seed reaches the inner aggregator too
     @property
     def seed(self) -> int:
@@ -503,31 +508,18 @@ def _warn_if_weak(private: PrivateAggregator, rounds: int, num_clients: int, del
 
 
 # ------------------------------------------------------------------------------------------- the round's row
-def round_privacy(fed, round_idx: int) -> dict:
-    """The privacy entries of round ``round_idx``'s metrics row: the server's (``epsilon`` of client-level DP, see
-    :class:`PrivateAggregator`) and, for a method that adds record-level noise in every local step
-    (``method.record_privacy``: its noise multiplier and delta), ``record_epsilon``: the largest over the clients,
-    counting every local step each client took in rounds 1 to ``round_idx`` with sampling rate
-    ``batch_size / n_k`` (a function of the seeds and sizes only, so it needs no checkpoint)."""
-    row = dict(fed.aggregator.round_metrics())
-    record = fed.method.record_privacy
-    if record is None or not fed.method.trains:
-        return row
+def record_privacy_row(record: tuple[float, float], rounds_trained: dict[int, int], sizes: list[int], train) -> dict:
+    """``record_epsilon`` of a method that adds record-level noise in every local step (``method.record_privacy``:
+    its noise multiplier and delta): the largest over the clients, counting every local step each client took in
+    the rounds it trained in so far (``rounds_trained``, from the sampler: a function of the seeds and sizes only,
+    so it needs no checkpoint) with sampling rate ``batch_size / n_k``."""
     z, delta = record
-    train = fed.train
-    rounds_trained = {cid: 0 for cid in range(len(fed.clients))}
-    for r in range(1, round_idx + 1):
-        if r not in fed.round_members:
-            fed.round_members[r] = frozenset(fed.trained(r))
-        for cid in fed.round_members[r]:
-            rounds_trained[cid] += 1
     participation: dict[tuple[float, int], int] = {}
     for cid, count in rounds_trained.items():
-        n = len(fed.clients[cid].train)
+        n = sizes[cid]
         if n == 0:
             continue
         steps = count * local_steps_per_round(n, train.batch_size, train.local_epochs, train.local_steps)
         key = (min(1.0, train.batch_size / n), steps)
         participation[key] = participation.get(key, 0) + 1
-    row["record_epsilon"] = record_epsilon(z, delta, participation)
-    return row
+    return {"record_epsilon": record_epsilon(z, delta, participation)}
