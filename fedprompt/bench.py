@@ -39,6 +39,9 @@ def run_bench(run: RunArgs, options: BenchArgs) -> dict:
         torch.set_num_threads(options.threads)
     if options.truncation:
         return bench_truncation(options.model, options.num_classes, options.n_ctx, options.repeats)
+    if run.runtime != "fabric":
+        raise FedPromptError("bench times the rounds of the Fabric runtime; leave out --runtime flower "
+                             "(benchmarks/bench_flower.py measures Flower's overhead).")
     if run.method is None or run.data is None:
         raise FedPromptError("bench: give a run config (--config CONFIG, as for fit) for the round benchmark, or "
                              "--truncation true for the text-path benchmark.")

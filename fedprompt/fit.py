@@ -28,6 +28,8 @@ def setup(mode: str, run: RunArgs) -> dict:
         complete = completed_run(run, checkpoint)
         if complete is not None:
             return complete
+    if run.runtime == "flower":
+        return _run_flower(mode, run)
     fabric = _build_fabric(run)
     fabric.launch()
     return main(fabric, mode, run, checkpoint)
@@ -76,7 +78,33 @@ def _check_arguments(mode: str, run: RunArgs) -> RunArgs:
     check_accelerator(run.fabric.accelerator)
     if mode != "evaluate":
         check_logger(run.log)
+    if run.runtime == "flower":
+        check_flower_runtime(run)
     return run
+
+
+def check_flower_runtime(run: RunArgs) -> None:
+    """``--runtime flower`` runs one process on one device, each client alone on its node (K = 1), and needs
+    Flower; one line for a setting it cannot honour."""
+    from fedprompt.flower import require_flower
+
+    fab, parallel = run.fabric, run.federation.parallel_clients
+    if str(fab.devices) not in ("1", "auto") or fab.num_nodes != 1:
+        raise FedPromptError(f"--runtime flower runs in one process on one device (each client on its own node); "
+                             f"it cannot use --fabric.devices {fab.devices} --fabric.num_nodes {fab.num_nodes}: pass "
+                             "--fabric.devices 1 --fabric.num_nodes 1, or --runtime fabric.")
+    if parallel not in ("auto", 1):
+        raise FedPromptError(f"--federation.parallel_clients {parallel}: under --runtime flower each client trains "
+                             "alone on its node (K = 1); pass --federation.parallel_clients 1 (or auto), or "
+                             "--runtime fabric.")
+    require_flower()
+
+
+def _run_flower(mode: str, run: RunArgs) -> dict:
+    """The command as a Flower app in this process (:func:`fedprompt.flower.grid.run_flower`)."""
+    from fedprompt.flower.grid import run_flower
+
+    return run_flower(mode, run)
 
 
 def check_accelerator(name: str) -> None:

@@ -23,6 +23,10 @@ from fedprompt.errors import FedPromptError
 from fedprompt.methods.method import Method
 
 
+#: the runtimes of a run (``--runtime``)
+RUNTIMES = ("fabric", "flower")
+
+
 @dataclass(kw_only=True)
 class RunArgs:
     """A run: what every command takes (a run config: ``--config FILE`` and flags that override it)."""
@@ -40,6 +44,11 @@ class RunArgs:
     dp: DPArgs = field(default_factory=DPArgs)
     """Client-level differential privacy (DP-FedAvg with an RDP accountant); off unless dp.noise_multiplier or
     dp.target_epsilon is set."""
+    runtime: Literal["fabric", "flower"] = "fabric"
+    """How a round's states travel: fabric (this process and Lightning Fabric's collectives, one process per device,
+    K clients in lock-step) or flower (a Flower app in this process: the ServerApp and one ClientApp node per client,
+    every message through Flower's serialisation; one device, K = 1; needs the flower extra). Both run the same round
+    and write the same run folder: flower equals fabric with --federation.parallel_clients 1."""
     out_dir: Optional[str] = None
     """Run directory (default runs/<method>-<time>; with --resume, the checkpoint's run directory). A folder that
     holds another run is refused (see overwrite)."""
@@ -58,6 +67,8 @@ class RunArgs:
 
     def __post_init__(self):
         check_seed("--seed", self.seed, SEED_MAX)
+        if self.runtime not in RUNTIMES:
+            raise FedPromptError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}.")
         for name in ("out_dir", "resume"):
             value = getattr(self, name)
             if value is not None and not str(value).strip():

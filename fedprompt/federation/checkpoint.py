@@ -47,7 +47,8 @@ def _same_lockstep_groups(saved: dict, now: dict) -> bool:
 #: The settings a resumed run may change: those that cannot change its numbers. Every other setting, including any
 #: setting added to fedprompt later (default-deny), must equal the checkpoint's; a difference stops the resume with
 #: one line naming each setting and both values. Deliberately not here (they change numbers, if only by float
-#: rounding): ``federation.parallel_clients`` (the lock-step group size: K-invariant only up to rounding),
+#: rounding): ``federation.parallel_clients`` (the lock-step group size: K-invariant only up to rounding), ``runtime``
+#: (Flower trains one client at a time, Fabric K with ``auto``),
 #: ``fabric.accelerator`` and ``fabric.precision``, ``train.compile``, ``backbone.truncate``, the ``eval`` group
 #: (evaluation batch size and cache round differently), ``data.root`` (other data), ``data.check_images`` (with
 #: ``on_bad_image: skip`` it decides which images are used).

@@ -117,15 +117,27 @@ class RoundDriver:
         tic = time.perf_counter()
         scores = self.transport.deliver(round_idx, ok, merged, evaluate)
         if evaluate:
-            row.update(self.evaluator.summarize(scores))
+            row.update(self._summary(round_idx, scores))
             self._time("evaluation", tic)
         return row
 
     def evaluate(self, round_idx: int) -> dict:
         """Score every client as it is now (no training): the evaluation metrics (``evaluate``, ``zeroshot``)."""
         tic = time.perf_counter()
-        out = self.evaluator.summarize(self.transport.deliver(round_idx, [], False, True))
+        out = self._summary(round_idx, self.transport.deliver(round_idx, [], False, True))
         self._time("evaluation", tic)
+        return out
+
+    def _summary(self, round_idx: int, scores: dict) -> dict:
+        """The evaluator's summary of every client's scores; clients the transport could not score (a Flower node
+        that did not answer) are named in one line and in the row (``unscored_clients``), their accuracies NaN."""
+        out = self.evaluator.summarize(scores)
+        missing = [cid for cid in range(len(self.clients)) if not scores.get(cid)]
+        if missing:
+            out["unscored_clients"] = missing
+            warn(f"round {round_idx}: {len(missing)} of {len(self.clients)} clients could not be scored (clients "
+                 f"{', '.join(map(str, missing[:8]))}{', ...' if len(missing) > 8 else ''}: no answer from their "
+                 "nodes); their accuracies are NaN and the means leave them out.")
         return out
 
     def _time(self, section: str, since: float) -> None:

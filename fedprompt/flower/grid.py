@@ -122,15 +122,17 @@ def run_grid(server_app, client_app, node_configs: list[dict], run_config: dict 
     return grid
 
 
-def run_flower(mode: str, run, num_clients: int) -> dict:
+def run_flower(mode: str, run) -> dict:
     """A command's run as a Flower app in this process (``--runtime flower``): the ServerApp and one ClientApp node
     per client, every message through Flower's serialisation; every client's state is reported to the server (so
     the checkpoint holds it, as ``fedprompt fit``'s does). Returns the summary."""
+    from fedprompt.build import read_data_and_check_weights
     from fedprompt.flower.client import make_client_app
     from fedprompt.flower.server import FlowerServer
 
-    options = AppOptions(config="", report_states=True)
-    server = FlowerServer(run, options, mode, announce=False)
+    splits = read_data_and_check_weights(run)
+    num_clients = 1 if run.federation.central else len(splits.clients)
+    server = FlowerServer(run, AppOptions(config="", report_states=True), mode, announce=False, splits=splits)
     grid = LocalGrid(make_client_app(run=run), [{"partition-id": i} for i in range(num_clients)])
     _as_a_runtime()
     return server.start(grid)

@@ -40,10 +40,12 @@ class FlowerServer:
         options: the app's settings.
         mode: ``fit`` (the rounds), or ``evaluate`` / ``zeroshot`` (every client scored once).
         announce: one line per round on the console (a deployed server has no progress bar).
+        splits: the run's data, if it was read already.
     """
 
-    def __init__(self, run, options: AppOptions, mode: str = "fit", announce: bool = True):
+    def __init__(self, run, options: AppOptions, mode: str = "fit", announce: bool = True, splits=None):
         self.options = options
+        self.splits = splits
         self.mode = mode
         self.announce = announce
         single = one_at_a_time(run)
@@ -64,7 +66,7 @@ class FlowerServer:
 
     def _run(self, grid: Grid, folder: RunFolder) -> dict:
         run, checkpoint = self.run, self.checkpoint
-        splits = read_data_and_check_weights(run)
+        splits = self.splits or read_data_and_check_weights(run)
         parts = build_parts(self.fabric, run, splits, feed_clients=[])
         if self.options.secure_aggregation:
             from fedprompt.flower.secure import check_secure
