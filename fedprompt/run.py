@@ -207,3 +207,9 @@ class TableArgs:
                                                      "sweep)"}
     #: the command takes no run settings (method, data, ...)
     takes_run: ClassVar[bool] = False
+
+
+#: each command's own options class (``None``: the run settings alone), paired with the command functions in
+#: :data:`fedprompt.commands.COMMANDS`
+COMMAND_OPTIONS: dict[str, type | None] = {"fit": None, "evaluate": None, "zeroshot": None, "sweep": SweepArgs,
+                                           "partition": PartitionArgs, "bench": BenchArgs, "table": TableArgs}

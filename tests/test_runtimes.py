@@ -126,6 +126,27 @@ def test_flower_runtime_killed_after_a_round_resumes_to_the_same_bits(cli, tmp_p
     assert "runtime: flower" in config
 
 
+def test_evaluate_and_zeroshot_under_flower_equal_fabric(cli, tmp_path):
+    """``evaluate`` of a checkpoint (every node gets its client's state from it) and ``zeroshot``: the same files."""
+    run = fit(cli, tmp_path / "run", *CASES["FedOTP"], "--federation.parallel_clients", "1")
+    evaluations = {}
+    for runtime in ("fabric", "flower"):
+        code, _, err = cli("evaluate", "--resume", run / "checkpoints" / "last.ckpt", "--runtime", runtime)
+        assert code == 0, err
+        evaluations[runtime] = json.loads((run / "eval.json").read_text())
+    assert same(evaluations["flower"], evaluations["fabric"]) and "client_acc" in evaluations["fabric"]
+    summaries = {}
+    for runtime in ("fabric", "flower"):
+        out = tmp_path / f"zeroshot-{runtime}"
+        code, _, err = cli("zeroshot", "--config", SMOKE, "--log.logger", "none", "--runtime", runtime,
+                           "--out_dir", out)
+        assert code == 0, err
+        summaries[runtime] = {k: v for k, v in json.loads((out / "summary.json").read_text()).items()
+                              if k != "out_dir"}
+        summaries[runtime]["rows"] = read_rows(out)
+    assert same(summaries["flower"], summaries["fabric"])
+
+
 def test_runtime_may_not_change_on_resume(cli, tmp_path):
     run = fit(cli, tmp_path / "run", "--federation.rounds", "1")
     code, _, err = cli("fit", "--resume", run / "checkpoints" / "last.ckpt", "--federation.rounds", "2",
