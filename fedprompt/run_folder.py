@@ -85,6 +85,15 @@ def completed_run(run: RunArgs, checkpoint: dict | None) -> dict | None:
     return json.loads((out_dir / "summary.json").read_text())
 
 
+def folder_state(folder: Path, rounds: int) -> str:
+    """Where the fit run in ``folder`` stands: ``done`` (a summary of at least ``rounds`` rounds), ``resume`` (a
+    checkpoint to continue) or ``new`` (used by ``fedprompt sweep`` for each seed's folder)."""
+    summary = Path(folder) / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("rounds", 0) >= rounds:
+        return "done"
+    return "resume" if (Path(folder) / "checkpoints" / "last.ckpt").is_file() else "new"
+
+
 class RunFolder:
     """One command's run directory (see the module docstring).
 

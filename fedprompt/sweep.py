@@ -22,6 +22,7 @@ import yaml
 
 from fedprompt import rundir
 from fedprompt.run import RunArgs, SweepArgs, run_config
+from fedprompt.run_folder import folder_state
 from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.checkpoint import write_json, write_text
@@ -93,17 +94,9 @@ def _prepare(out: Path, config: dict, seeds: list[int], overwrite: bool) -> None
     write_text(saved, yaml.safe_dump(config, sort_keys=False))
 
 
-def _seed_state(run: Path, rounds: int) -> str:
-    """``done`` (a summary of at least ``rounds`` rounds), ``resume`` (a checkpoint) or ``new``."""
-    summary = run / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("rounds", 0) >= rounds:
-        return "done"
-    return "resume" if (run / "checkpoints" / "last.ckpt").is_file() else "new"
-
-
 def _run_seed(out: Path, n: int, rounds: int, same_data: bool) -> None:
     run = out / f"seed{n}"
-    state = _seed_state(run, rounds)
+    state = folder_state(run, rounds)
     if state == "done":
         print(f"sweep: seed {n}: complete in {run}", flush=True)
         return

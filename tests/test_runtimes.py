@@ -225,3 +225,17 @@ def test_every_flower_node_gone_is_told_and_stops_the_run(tmp_path, capfd):
     rows = read_rows(out)
     assert [r["round"] for r in rows] == [1, 2, 3] and rows[1]["unscored_clients"] == [0, 1, 2, 3]
     assert "failed_clients" not in rows[0] and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("flags, rule", [(CASES["PFedMoAP"], "MixtureOfPromptsServer"),
+                                         (CASES["DPFPL"] + ["--method.compat", "official"], "ReleasedNoiseServer")])
+def test_secure_aggregation_refuses_rules_that_need_more_than_the_sum(tmp_path, capfd, flags, rule):
+    """SecAgg+ gives the server the weighted mean only: a rule that keeps the uploads or adds to the mean would
+    silently lose that, so it is refused in one line before any round."""
+    from fedprompt.errors import FedPromptError
+    from fedprompt.flower.local import run_local
+
+    with pytest.raises(FedPromptError, match=f"secure-aggregation: .*\\({rule}\\) needs every client's upload"):
+        run_local(SMOKE, " ".join([*flags, "--log.logger", "none", "--out_dir", str(tmp_path / "run")]),
+                  secure_aggregation=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

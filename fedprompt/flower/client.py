@@ -57,15 +57,16 @@ def partition_id(context: Context) -> int:
     return int(value)
 
 
-def node_for(context: Context, settings: dict, run=None, load_run=None, built: dict | None = None) -> Node:
+def node_for(context: Context, settings: dict, run=None, load_run=None, built: dict | None = None,
+             splits=None) -> Node:
     """The fedprompt client of this node in this process (built on first use; one line and an error reply for a
-    bad partition id or config): from ``run`` (an app made for one run's settings, in this process; its nodes are
-    kept in ``built``) or from the run config's fedprompt config file (``load_run``, with the node's own flags and
-    data root)."""
+    bad partition id or config): from ``run`` (an app made for one run's settings and data ``splits``, in this
+    process; its nodes are kept in ``built``) or from the run config's fedprompt config file (``load_run``, with the
+    node's own flags and data root)."""
     cid = partition_id(context)
     if run is not None:
         if cid not in built:
-            built[cid] = Node(run, cid)
+            built[cid] = Node(run, cid, splits=splits)
         return built[cid]
     app = opts.AppOptions.from_config(context.run_config, settings)
     data_root = context.node_config.get("data-root")
@@ -193,10 +194,11 @@ def secure_when_asked(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-def make_client_app(settings: dict | None = None, run=None, load_run=None) -> ClientApp:
-    """A fedprompt :class:`~flwr.clientapp.ClientApp`: for one run's settings ``run`` (in this process), or reading
-    the run config's fedprompt config file with ``load_run`` (:func:`fedprompt.flower.config.run_args`; ``settings``
-    fill in run-config keys, for Flower's in-process simulation API, which has no run config of its own)."""
+def make_client_app(settings: dict | None = None, run=None, load_run=None, splits=None) -> ClientApp:
+    """A fedprompt :class:`~flwr.clientapp.ClientApp`: for one run's settings ``run`` (in this process; ``splits``:
+    its data, read once for every node), or reading the run config's fedprompt config file with ``load_run``
+    (:func:`fedprompt.flower.config.run_args`; ``settings`` fill in run-config keys, for Flower's in-process
+    simulation API, which has no run config of its own)."""
     settings = dict(settings or {})
     app = ClientApp()
     built: dict[int, Node] = {}
@@ -204,7 +206,7 @@ def make_client_app(settings: dict | None = None, run=None, load_run=None) -> Cl
     def handler(answer):
         def run_message(msg: Message, context: Context) -> Message:
             try:
-                return answer(node_for(context, settings, run, load_run, built), msg, context)
+                return answer(node_for(context, settings, run, load_run, built, splits), msg, context)
             except FedPromptError as err:  # bad input on this node: one line here, an error reply for the server
                 say(f"error: {err}")
                 raise

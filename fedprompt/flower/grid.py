@@ -133,7 +133,7 @@ def run_flower(mode: str, run) -> dict:
     splits = read_data_and_check_weights(run)
     num_clients = 1 if run.federation.central else len(splits.clients)
     server = FlowerServer(run, AppOptions(config="", report_states=True), mode, announce=False, splits=splits)
-    grid = LocalGrid(make_client_app(run=run), [{"partition-id": i} for i in range(num_clients)])
+    grid = LocalGrid(make_client_app(run=run, splits=splits), [{"partition-id": i} for i in range(num_clients)])
     _as_a_runtime()
     return server.start(grid)
 

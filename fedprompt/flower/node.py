@@ -150,15 +150,16 @@ class Node:
         run: the run settings (a config with the node's flags).
         cid: the client (the node's partition id).
         fabric: the node's Fabric (default: one device of the config's accelerator).
+        splits: the run's data, if this process read it already (default: read it here).
     """
 
-    def __init__(self, run, cid: int, fabric=None):
+    def __init__(self, run, cid: int, fabric=None, splits=None):
         from fedprompt.build import build_parts
 
         self.run = one_at_a_time(run)
         self.cid = cid
         self.fabric = fabric or single_fabric(self.run)
-        self.parts = build_parts(self.fabric, self.run, feed_clients=[cid], quiet=True)
+        self.parts = build_parts(self.fabric, self.run, splits, feed_clients=[cid], quiet=True)
         if not 0 <= cid < len(self.parts.clients):
             raise FedPromptError(f"node-config partition-id={cid}: this config makes {len(self.parts.clients)} "
                                  f"clients (0..{len(self.parts.clients) - 1}); give each node one of those ids.")

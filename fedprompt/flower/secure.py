@@ -13,9 +13,10 @@ weights divided by ``max_weight``, which fedprompt sets to the largest weight so
 the rounding of each r_i to ``1 / Q`` (relative ``0.5 / (r_i Q)``), provided every shared value lies in [-c, c]
 (:func:`error_bound`). With c = 8, Q = 2**22 and 4 clients of similar size, that is about 1.5e-5 per value.
 
-Only aggregators that merge by a weighted mean (:class:`~fedprompt.federation.aggregators.WeightedMean` and its
-subclasses: PromptFL, FedProx, FedPer, FedOTP, FedPGP, PromptFolio, FedTPG) can be summed; FedMGP's similarity-guided
-selection needs each upload and is refused with one line.
+Only aggregators whose merge is the plain weighted mean (:class:`~fedprompt.federation.aggregators.WeightedMean`'s
+``aggregate``: PromptFL, FedProx, FedPer, FedOTP, FedPGP, PromptFolio, FedTPG) can be summed; FedMGP's
+similarity-guided selection, pFedMoAP's expert store, PromptSRC's running average, DP-FPL's released server noise and
+client-level DP need more than the sum and are refused with one line.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ def check_secure(parts) -> None:
     method, server = parts.method, parts.server
     if not method.communicates:
         return
-    if not isinstance(server.aggregator, WeightedMean):
-        raise FedPromptError(f"secure-aggregation: {method.name}'s aggregator ({type(server.aggregator).__name__}) "
-                             "needs every client's upload, not only their sum; SecAgg+ works for weighted-mean "
-                             "aggregators (PromptFL, FedOTP, FedPGP, ...). Set secure-aggregation = false.")
+    rule = type(server.aggregator)
+    if not issubclass(rule, WeightedMean) or rule.aggregate is not WeightedMean.aggregate:
+        raise FedPromptError(f"secure-aggregation: {method.name}'s aggregator ({rule.__name__}) needs every client's "
+                             "upload, not only their sum; SecAgg+ works for plain weighted-mean aggregators "
+                             "(PromptFL, FedOTP, FedPGP, ...). Set secure-aggregation = false.")
     if server.upload_steps:
         raise FedPromptError("secure-aggregation: the server's upload steps need every client's upload, which SecAgg+ "
                              "never shows it. Set secure-aggregation = false.")
