@@ -239,3 +239,19 @@ def test_secure_aggregation_refuses_rules_that_need_more_than_the_sum(tmp_path, 
         run_local(SMOKE, " ".join([*flags, "--log.logger", "none", "--out_dir", str(tmp_path / "run")]),
                   secure_aggregation=True)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_without_client_states_is_refused_where_no_node_holds_them(cli, tmp_path):
+    """A deployed Flower run without report-states keeps the client states on its nodes: evaluating or continuing
+    its checkpoint with fresh clients (Fabric, or Flower's in-process nodes) would start them from the initial
+    prompts, so both say so in one line."""
+    from fedprompt.flower.local import run_local
+
+    run = tmp_path / "run"
+    run_local(SMOKE, f"--federation.rounds 1 --log.logger none --log.progress false --out_dir {run}")
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["clients"] == {}
+    for runtime in ("fabric", "flower"):
+        code, _, err = cli("evaluate", "--resume", last, "--runtime", runtime)
+        assert code == 2 and "holds no client states" in err and f"and --runtime {runtime} has nowhere" in err
+        assert not (run / "eval.json").exists()

@@ -307,3 +307,12 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     """Rewrite a JSON-lines file atomically."""
     write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def require_client_states(states: dict, runtime: str) -> None:
+    """One line when a checkpoint holds no client states (a deployed Flower run whose clients keep their own state
+    on their nodes: ``report-states`` off) and ``runtime`` has no other place to get them from."""
+    if not states:
+        raise FedPromptError(f"--resume: the checkpoint holds no client states (a Flower run whose clients keep "
+                             f"their own on their nodes: report-states off), and {runtime} has nowhere to get them "
+                             "from; continue it as the deployed Flower app, whose nodes still hold them.")

@@ -17,7 +17,7 @@ import time
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fedprompt.errors import FedPromptError
+from fedprompt.federation.checkpoint import require_client_states
 from fedprompt.federation.sampling import place
 
 
@@ -113,8 +113,5 @@ class FabricTransport:
         return dict(self.pool.states)
 
     def restore(self, states: dict, round_idx: int) -> None:
-        if not states:
-            raise FedPromptError("--resume: the checkpoint holds no client states (a Flower run whose clients keep "
-                                 "their own on their nodes: report-states off); continue it as a Flower app, whose "
-                                 "nodes still hold them.")
+        require_client_states(states, "--runtime fabric")
         self.pool.states = dict(states)

@@ -22,6 +22,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from fedprompt.federation.checkpoint import require_client_states
 from fedprompt.flower.options import AppOptions
 
 _ids = itertools.count(1)
@@ -133,6 +134,8 @@ def run_flower(mode: str, run) -> dict:
     splits = read_data_and_check_weights(run)
     num_clients = 1 if run.federation.central else len(splits.clients)
     server = FlowerServer(run, AppOptions(config="", report_states=True), mode, announce=False, splits=splits)
+    if server.checkpoint is not None:  # its nodes are new: they have no state of their own
+        require_client_states(server.checkpoint["clients"], "--runtime flower")
     grid = LocalGrid(make_client_app(run=run, splits=splits), [{"partition-id": i} for i in range(num_clients)])
     _as_a_runtime()
     return server.start(grid)
