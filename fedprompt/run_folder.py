@@ -223,11 +223,7 @@ class RunFolder:
             tic = time.perf_counter()
             row = driver.run_round(round_idx)
             row["round_seconds"] = time.perf_counter() - tic
-
-            def state(done: int = round_idx) -> dict:
-                return {**checkpoint_state(driver, done, run, logger_run_id(logger)), **(extra() if extra else {})}
-
-            problem = self.save_round(logger, driver, row, selector, state) if self.writer else None
+            problem = self.save_round(logger, driver, row, selector, extra) if self.writer else None
             if fabric.world_size > 1:
                 problem = fabric.broadcast(problem, src=0)  # every rank stops together
             if problem:
@@ -239,11 +235,11 @@ class RunFolder:
                 on_round(row)
         return self.finish(driver, row, selector, logger)
 
-    def save_round(self, logger, driver, row: dict, selector: "BestRoundSelector", state_of) -> str | None:
-        """Rank 0 at the end of a round: the metrics row (file and logger), then ``checkpoints/last.ckpt`` of
-        ``state_of()`` (called after the logger logged: a W&B run id exists by then), the best-round selection and
-        the every-``log.checkpoint_every`` checkpoint. Returns ``None``, or the one-line problem of a failed write
-        (a full disk: the last good checkpoint stays)."""
+    def save_round(self, logger, driver, row: dict, selector: "BestRoundSelector", extra=None) -> str | None:
+        """Rank 0 at the end of a round: the metrics row (file and logger), then ``checkpoints/last.ckpt`` (made
+        after the logger logged: a W&B run id exists by then; ``extra()`` adds a runtime's entries), the best-round
+        selection and the every-``log.checkpoint_every`` checkpoint. Returns ``None``, or the one-line problem of a
+        failed write (a full disk: the last good checkpoint stays)."""
         try:
             append_jsonl(self.out_dir / "metrics.jsonl", row)  # whole or absent, whatever happens
             if logger is not None:
@@ -252,7 +248,8 @@ class RunFolder:
                     log_client_table(logger, row["round"], [c.name for c in driver.clients], row["client_acc"],
                                      [len(c.train) for c in driver.clients])
             save_logger(logger)
-            state = state_of()
+            state = {**checkpoint_state(driver, row["round"], self.run, logger_run_id(logger)),
+                     **(extra() if extra else {})}
             save_checkpoint(state, self.out_dir / "checkpoints" / "last.ckpt")
         except OSError as err:
             return self.write_problem(err)
