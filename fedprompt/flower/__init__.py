@@ -18,7 +18,7 @@ transport and the thin adapters around it:
   the fedprompt config file read by the deployed app.
 
 Needs the ``flower`` extra (``pip install -e ".[flower]"``); the app folder ``flower/`` holds the pyproject.toml
-that ``flwr run`` reads.
+that ``flwr run`` reads (see docs/flower.md and docs/runtimes.md).
 """
 
 from __future__ import annotations
