@@ -23,6 +23,7 @@ import torch
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import state_bytes
 from fedprompt.federation.engine import GroupResult, GroupSize, LockstepTrainer, run_groups
+from fedprompt.federation.protocols import ClientModule, MethodSpec
 
 State = dict[str, torch.Tensor]
 
@@ -89,8 +90,8 @@ class ClientPool:
         timer: the round benchmark's section timer, or ``None``.
     """
 
-    def __init__(self, fabric, method, backbone, classnames: list[str], clients: list, feed, aggregator, sampler,
-                 parallel_clients, seed: int, timer=None):
+    def __init__(self, fabric, method: MethodSpec, backbone, classnames: list[str], clients: list, feed, aggregator,
+                 sampler, parallel_clients, seed: int, timer=None):
         self.fabric = fabric
         self.method = method
         self.backbone = backbone
@@ -102,7 +103,7 @@ class ClientPool:
         self.seed = seed
         self.timer = timer
         self.states: dict[int, State] = {}
-        self.modules: dict[tuple, object] = {}
+        self.modules: dict[tuple, ClientModule] = {}
         self.update_steps: list[UpdateStep] = []
         # lock-step groups hold clients of one class list: no group is larger than the largest set of clients that
         # share one (1 when every client has its own list, as in FedTPG's cross_cls)
@@ -119,7 +120,7 @@ class ClientPool:
         """The lock-step group size K now (smaller than at the start after an out-of-memory error)."""
         return self.group.size
 
-    def module_for(self, classnames: list[str]):
+    def module_for(self, classnames: list[str]) -> ClientModule:
         """A client module (``module_slots`` slots) set to a class list: the pool's module pointed at it, or, for
         methods whose prompts depend on the classes, a module built for it once."""
         key = tuple(classnames)
@@ -134,7 +135,7 @@ class ClientPool:
         return self.modules[key]
 
     @property
-    def client(self):
+    def client(self) -> ClientModule:
         """The module of the federation's shared class list."""
         return self.module_for(self.classnames)
 

@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 
 from fedprompt.errors import FedPromptError
-from fedprompt.federation.aggregators import state_bytes
-from fedprompt.federation.privacy import record_privacy_row
+from fedprompt.federation.aggregators import Aggregator, state_bytes
+from fedprompt.federation.accounting import record_privacy_row
+from fedprompt.federation.protocols import MethodSpec
 
 State = dict[str, torch.Tensor]
 
@@ -44,7 +45,7 @@ class Server:
         train: the local-training settings (record-level privacy).
     """
 
-    def __init__(self, method, aggregator, sizes: list[int], federation, sampler, train):
+    def __init__(self, method: MethodSpec, aggregator: Aggregator, sizes: list[int], federation, sampler, train):
         self.method = method
         self.aggregator = aggregator
         self.sizes = list(sizes)
