@@ -69,8 +69,10 @@ class Parts:
     """The initial client state (the server's initialisation)."""
 
     def driver(self, transport, rounds: int, timer=None) -> RoundDriver:
-        """The round driver of these roles over ``transport``."""
-        return RoundDriver(self.sampler, self.server, self.evaluator, transport, rounds, self.initial,
+        """The round driver of these roles over ``transport`` (checkpoints record the shapes of client 0's
+        initial state)."""
+        first = self.pool.states[min(self.pool.states)]
+        return RoundDriver(self.sampler, self.server, self.evaluator, transport, rounds, first,
                            group_size=lambda: self.pool.group_size, timer=timer)
 
     def fabric_driver(self, rounds: int, progress: bool, timer=None) -> RoundDriver:
@@ -103,6 +105,7 @@ def build_parts(fabric, run: RunArgs, splits=None, timer=None, feed_clients: lis
     train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, train_args.augment)
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets, global, domains
     eval_sets = evaluation_sets(splits, run.eval)
+    method.prepare_data(splits, eval_sets)  # per-dataset side data (FedMVP's attributes), checked before any write
     extra = {e.name: e.samples for e in eval_sets}
     feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf, feed_clients)
     pool = ClientPool(fabric, method, backbone, splits.classnames, splits.clients, feed, aggregator, sampler,

@@ -150,10 +150,11 @@ class ClientPool:
         """The initial prompt state every client starts from (the server's initialisation)."""
         return self.client.slot_state(0)
 
-    def start(self, initial: State, ids: list[int] | None = None) -> None:
-        """Every client of ``ids`` (default all) starts from ``initial``."""
-        ids = range(len(self.clients)) if ids is None else ids
-        self.states = {cid: {k: v.clone() for k, v in initial.items()} for cid in ids}
+    def start(self, initial: State) -> None:
+        """Every client starts from ``initial`` (the server's initialisation), as the method makes it its own
+        (``method.initial_client_state``: e.g. FedPHA's local prompt lengths)."""
+        self.states = {cid: self.method.initial_client_state(cid, {k: v.clone() for k, v in initial.items()})
+                       for cid in range(len(self.clients))}
 
     # ------------------------------------------------------------------------------------------------ a round
     def train(self, cids: list[int], round_idx: int, global_state: State, on_group=None) -> dict[int, LocalResult]:

@@ -163,7 +163,7 @@ class Node:
         if not 0 <= cid < len(self.parts.clients):
             raise FedPromptError(f"node-config partition-id={cid}: this config makes {len(self.parts.clients)} "
                                  f"clients (0..{len(self.parts.clients) - 1}); give each node one of those ids.")
-        self.initial = {k: v.clone() for k, v in self.parts.initial.items()}
+        self.initial = {k: v.clone() for k, v in self.parts.pool.states[cid].items()}  # its own initial state
         self.fingerprint = fingerprint(self.parts)
 
     @property

@@ -67,7 +67,7 @@ class FlowerTransport:
         self.restored_round = 0  # the round of those states
         self.reported: dict[int, State] = {}  # with report-states: every client's state, for the checkpoint
         if options.report_states:
-            self.reported = {cid: parts.initial for cid in range(self.num_clients)}
+            self.reported = dict(parts.pool.states)  # every client's initial state
         self._uploads: dict[int, State] = {}
         self._mean: State | None = None
 
