@@ -312,10 +312,9 @@ def _collapsed(err: Exception, limit: int = 3) -> str:
 
 def _groups_of(command: str) -> dict[str, type]:
     import fedprompt.run
-    from fedprompt.commands import COMMANDS
 
     groups = {}
-    for cls in (fedprompt.run.RunArgs, COMMANDS[command][1]):
+    for cls in (fedprompt.run.RunArgs, fedprompt.run.COMMAND_OPTIONS[command]):
         if cls is not None:
             groups.update({k: v for k, v in settings_of(cls).items() if k not in CLASS_KEYS})
     return groups

@@ -24,7 +24,8 @@ from fedprompt import rundir
 from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError
 from fedprompt.files import checked_writes, read_json, read_yaml, write_json, write_text
-from fedprompt.run import RunArgs, SweepArgs
+from fedprompt.run import RunArgs, SweepArgs, run_config
+from fedprompt.run_folder import folder_state
 
 #: summary.json entries averaged over seeds (those a run has)
 METRICS = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "novel_acc", "hm", "cm",
@@ -37,8 +38,6 @@ PER_SEED_KEYS = ("seed", "out_dir", "resume", "overwrite", "federation.rounds", 
 
 def run_sweep(run: RunArgs, options: SweepArgs) -> dict:
     """``fedprompt sweep`` (see :func:`fedprompt.commands.sweep`)."""
-    from fedprompt.fit import run_config
-
     seeds, same_data = options.seeds, options.same_data
     if run.method is None or run.data is None:
         raise FedPromptError("sweep needs a fit config: --config FILE with method.class_path and data.class_path.")
@@ -106,17 +105,9 @@ def _read_sweep_config(path: Path) -> dict:
                                              "--overwrite true to delete the sweep's runs and start again")
 
 
-def _seed_state(run: Path, rounds: int) -> str:
-    """``done`` (a summary of at least ``rounds`` rounds), ``resume`` (a checkpoint) or ``new``."""
-    summary = run / "summary.json"
-    if summary.is_file() and (_read_summary(summary).get("rounds") or 0) >= rounds:
-        return "done"
-    return "resume" if (run / "checkpoints" / "last.ckpt").is_file() else "new"
-
-
 def _run_seed(out: Path, n: int, rounds: int, same_data: bool) -> None:
     run = out / f"seed{n}"
-    state = _seed_state(run, rounds)
+    state = folder_state(run, rounds, _read_summary)
     if state == "done":
         print(f"sweep: seed {n}: complete in {run}", flush=True)
         return

@@ -75,7 +75,7 @@ def tiny_fit(method, out_dir: Path, rounds: int, resume: Path | None = None, loc
     summary."""
     from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
     from fedprompt.data import Synthetic
-    from fedprompt.fit import fit
+    from fedprompt.commands import fit
 
     return fit(method=method,
                data=Synthetic(num_classes=4, train_per_class=8, test_per_class=4, image_size=32, num_domains=2),

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fedprompt.build
 import fedprompt.fit
 import fedprompt.files as files_module
 from conftest import ROOT, one_line, png_claiming, read_rows, snapshot, without_timings
@@ -54,7 +55,7 @@ def no_loading(monkeypatch):
         raise AssertionError("data or model loaded")
 
     monkeypatch.setattr(fedprompt.fit, "read_data_and_check_weights", refuse)
-    monkeypatch.setattr(fedprompt.fit, "load_backbone", refuse)
+    monkeypatch.setattr(fedprompt.build, "load_backbone", refuse)
 
 
 def last(run: Path) -> Path:

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from PIL import Image, UnidentifiedImageError
 
-from fedprompt.data.base import Sample
+from fedprompt.data.base import Sample, bomb_reason
 
 #: how many bytes at the end of a file are searched for the end marker (some writers pad after it)
 TAIL_BYTES = 4096
@@ -39,13 +39,6 @@ def _tail_problem(path: str, fmt: str | None) -> str | None:
     if marker not in tail:
         return f"truncated {fmt} (no end marker)"
     return None
-
-
-def bomb_reason() -> str:
-    """Why an image over Pillow's decompression-bomb limit is refused, and the setting that raises the limit."""
-    limit = Image.MAX_IMAGE_PIXELS
-    return (f"its header claims more than 2 x {limit} pixels, Pillow's decompression-bomb limit "
-            "(Image.MAX_IMAGE_PIXELS); if the image is genuine, raise --data.max_image_pixels (null: no limit)")
 
 
 def memory_bytes() -> int | None:

@@ -48,7 +48,8 @@ def _same_lockstep_groups(saved: dict, now: dict) -> bool:
 #: The settings a resumed run may change: those that cannot change its numbers. Every other setting, including any
 #: setting added to fedprompt later (default-deny), must equal the checkpoint's; a difference stops the resume with
 #: one line naming each setting and both values. Deliberately not here (they change numbers, if only by float
-#: rounding): ``federation.parallel_clients`` (the lock-step group size: K-invariant only up to rounding),
+#: rounding): ``federation.parallel_clients`` (the lock-step group size: K-invariant only up to rounding), ``runtime``
+#: (Flower trains one client at a time, Fabric K with ``auto``),
 #: ``fabric.accelerator`` and ``fabric.precision``, ``train.compile``, ``backbone.truncate``, the ``eval`` group
 #: (evaluation batch size and cache round differently), ``data.root`` (other data), ``data.check_images`` (with
 #: ``on_bad_image: skip`` it decides which images are used).
@@ -193,3 +194,12 @@ def check_shapes(checkpoint: dict, path: str | os.PathLike, expected: dict[str, 
     raise FedPromptError(f"--resume: the prompt shapes of {path} do not match this config ({'; '.join(diff)}); "
                          "resume with the run's own config (its hyperparameters.yaml: same backbone, data and "
                          "method).")
+
+
+def require_client_states(states: dict, runtime: str) -> None:
+    """One line when a checkpoint holds no client states (a deployed Flower run whose clients keep their own state
+    on their nodes: ``report-states`` off) and ``runtime`` has no other place to get them from."""
+    if not states:
+        raise FedPromptError(f"--resume: the checkpoint holds no client states (a Flower run whose clients keep "
+                             f"their own on their nodes: report-states off), and {runtime} has nowhere to get them "
+                             "from; continue it as the deployed Flower app, whose nodes still hold them.")
