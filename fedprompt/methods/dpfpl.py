@@ -148,27 +148,21 @@ class DPFPLClient(PromptClient):
         """``G_i = d loss_i / d p`` for every sample: ``[n, n_ctx, D]``, from one batched vector-Jacobian product of
         the per-example cotangents of the text features (the j-th samples of every client in one product: each
         client's prompts meet only their own samples)."""
-        image, text, owner = saved["image"], saved["text"], self.step.owner
-        clients = text.shape[0]
+        image, text = saved["image"], saved["text"]
         p = saved["logits"].float().softmax(dim=1)
         p[torch.arange(p.shape[0], device=p.device), saved["label"]] -= 1.0
         cot = self._logit_scale * p.unsqueeze(2) * image.float().unsqueeze(1)  # [n, C, E]: d loss_i / d text
-        position = (F.one_hot(owner, clients).cumsum(0) - 1).gather(1, owner.unsqueeze(1)).squeeze(1)
-        rows = int(position.max()) + 1
-        batched = torch.zeros(rows, *text.shape, dtype=text.dtype, device=text.device)
-        batched[position, owner] = cot.to(text.dtype)
+        batched = self.client_rows(cot.to(text.dtype))  # [R, A, C, E]: row j, every client's j-th sample
         grads, = torch.autograd.grad(text, saved["ctx"], grad_outputs=batched, is_grads_batched=True)
-        return grads[position, owner]  # [n, n_ctx, D]
+        return self.from_client_rows(grads)  # [n, n_ctx, D]
 
     def backward(self, losses, backward) -> None:
         """The private gradients of the active clients (see the module docstring), set through Fabric's backward of
         ``sum(param * grad)`` so that its precision handling applies."""
         saved, self._saved = self._saved, None
         g_global, g_local = self._gradients(losses, saved)
-        slots = self.step.slots
-        full_global = torch.zeros_like(self.global_prompt.ctx).index_copy(0, slots, g_global.detach())
-        full_local = torch.zeros_like(self.local_prompt.ctx).index_copy(0, slots, g_local.detach())
-        backward((self.global_prompt.ctx * full_global).sum() + (self.local_prompt.ctx * full_local).sum())
+        backward((self.active(self.global_prompt.ctx) * g_global.detach()).sum()
+                 + (self.active(self.local_prompt.ctx) * g_local.detach()).sum())
 
     def _gradients(self, losses, saved) -> tuple[torch.Tensor, torch.Tensor]:
         """The active clients' gradients of the global and the local prompt ``[A, n_ctx, D]`` each."""
@@ -176,9 +170,7 @@ class DPFPLClient(PromptClient):
         generators = self._generators()
         local = self.active(self.local_prompt.ctx).detach()
         u, v = factorize(local, self._draw(generators, (local.shape[-1], s.rank)))
-        counts = self.step.counts if self.step.counts is not None else torch.bincount(
-            self.step.owner, minlength=self.clients)
-        counts = counts.to(local.dtype).view(-1, 1, 1)
+        counts = self.client_counts().to(local.dtype).view(-1, 1, 1)
         if s.compat == "official":
             g_global, g_local = self._official(losses, saved, generators, u, v, counts)
         elif s.noise_multiplier > 0:
@@ -193,14 +185,13 @@ class DPFPLClient(PromptClient):
     def _private(self, saved, generators, u, v, counts):
         """DP-SGD per step: per-example flat clipping of (G_i, G_i v^T, u^T G_i) to C, sums, N(0, (z C)^2)."""
         s = self.settings
-        owner = self.step.owner
         grads = self.per_example_grads(saved)  # [n, n_ctx, D]
         u_s, v_s = self.per_sample(u), self.per_sample(v)
         norms = (grads.pow(2).sum((1, 2)) + (grads @ v_s.transpose(-1, -2)).pow(2).sum((1, 2))
                  + (u_s.transpose(-1, -2) @ grads).pow(2).sum((1, 2))).sqrt()
         factors = (s.clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
         clipped = grads * factors.view(-1, 1, 1)
-        summed = torch.zeros_like(saved["ctx"].detach()).index_add(0, owner, clipped)  # [A, n_ctx, D]
+        summed = self.client_sum(clipped)  # [A, n_ctx, D]
         std = s.noise_multiplier * s.clip_norm
         noise_global = self._draw(generators, summed.shape[1:]) * std
         noise_u = self._draw(generators, u.shape[1:]) * std

@@ -202,15 +202,15 @@ class PFedMoAPClient(PromptClient):
 
     # --------------------------------------------------------------------------------------- the experts
     @torch.no_grad()
-    def expert_features(self, slots: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The pooled, L2-normalised text features ``[S, X, C, g]`` of the received experts of ``slots`` (every
-        slot by default), only up to the last set expert of any of them (``None`` if none), and ``valid`` ``[S, X]``."""
-        slots = self.all_slots() if slots is None else slots
-        valid = self.experts.valid[slots]
+    def expert_features(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The pooled, L2-normalised text features ``[A, X, C, g]`` of the active clients' received experts (every
+        slot outside a step), only up to the last set expert of any of them (``None`` if none), and ``valid``
+        ``[A, X]``."""
+        valid = self.active(self.experts.valid)
         used = int(valid.sum(1).max()) if valid.numel() else 0  # one host read per download
         if used == 0:
             return None, valid[:, :0]
-        feats = self.encode_context(self.experts.ctx[slots, :used])  # [S, X, C, E]
+        feats = self.encode_context(self.active(self.experts.ctx)[:, :used])  # [A, X, C, E]
         return self.pool(feats), valid[:, :used]
 
     def on_round_start(self, global_state):
@@ -220,7 +220,7 @@ class PFedMoAPClient(PromptClient):
             with torch.no_grad():
                 self.prompt.ctx.copy_(global_state["prompt.ctx"].to(self.prompt.ctx.device).expand_as(
                     self.prompt.ctx))
-        self._cache = self.expert_features()
+        self._cache = self.expert_features()  # outside a step: every slot
         self._has_experts = self.experts.valid.any(1).tolist()
 
     def configure_optimizers(self):
@@ -244,7 +244,7 @@ class PFedMoAPClient(PromptClient):
                 experts = self.active(experts)
             valid = self.active(valid)
         else:  # evaluation: once per evaluated group (text_for)
-            experts, valid = self.expert_features(self.step.slots)
+            experts, valid = self.expert_features()
         return local, experts, valid
 
     def logits(self, text, image, batch):
