@@ -41,7 +41,7 @@ Differences from the released code, each with a switch where the official behavi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -237,10 +237,35 @@ class _DeepPrompts(TrainedMethod):
     """fixed (fp32 prompts) or official (every inserted prompt rounded to fp16, as the released .half() casts)."""
 
     frozen_image_tower = False  # visual prompts: the image tower's outputs depend on the prompts
+    #: the released value of each depth setting (null in the config: this value where the tower has the layers)
+    released_depths: ClassVar[dict[str, int]] = {}
 
-    def check_common(self, compat: tuple[str, ...] = ("fixed", "official"), **counts: int) -> None:
-        """One error line for a token count or depth below 1 (``counts``: setting -> value) or an unknown compat."""
-        bad = [f"method.{name}={value}" for name, value in counts.items() if value < 1]
+    def depth_limit(self, backbone, name: str) -> tuple[int, str] | None:
+        """The most layers ``backbone`` takes for depth setting ``name``, and why (``None``: no limit to derive
+        from, e.g. an image tower that takes no prompts at all, which the client refuses in one line)."""
+        if name == "visual_depth":
+            if not backbone.supports_visual_prompts:
+                return None
+            return backbone.visual_layers, f"the image tower of '{backbone.name}' has {backbone.visual_layers} layers"
+        if not backbone.supports_deep_text_prompts:
+            return 1, f"the Hugging Face text tower of '{backbone.name}' takes input-layer prompts only"
+        return backbone.text_layers, f"the text tower of '{backbone.name}' has {backbone.text_layers} layers"
+
+    def derived_settings(self, backbone):
+        """Each depth left null: the released depth, or every layer of a tower that has fewer."""
+        derived = {}
+        for name, official in self.released_depths.items():
+            if getattr(self, name) is not None:
+                continue
+            limit = self.depth_limit(backbone, name)  # None: the client refuses the backbone in one line
+            derived[name] = (official, official, "") if limit is None else (min(official, limit[0]), official,
+                                                                             limit[1])
+        return derived
+
+    def check_common(self, compat: tuple[str, ...] = ("fixed", "official"), **counts: int | None) -> None:
+        """One error line for a token count or depth below 1 (``counts``: setting -> value; null: derived) or an
+        unknown compat."""
+        bad = [f"method.{name}={value}" for name, value in counts.items() if value is not None and value < 1]
         if bad:
             raise FedPromptError(f"{', '.join(bad)}: {self.name} needs at least one prompt token and a depth of at "
                                  "least 1 (1: the input layer only).")
@@ -257,8 +282,9 @@ class VPT(_DeepPrompts):
 
     visual_tokens: int = 8
     """Visual prompt tokens per layer (8 in the released config; 4 in FedMGP's)."""
-    visual_depth: int = 12
-    """Layers that get fresh visual prompts (1: input only, shallow; 12: every layer of ViT-B/16)."""
+    visual_depth: Optional[int] = None
+    """Layers that get fresh visual prompts (1: input only, shallow; null: the released 12, every layer of ViT-B/16,
+    or every layer of a smaller image tower)."""
     text_template: str = "a photo of a {name}."
     """The frozen sentence of each class ({name}: the class name)."""
     lr: float = 0.0025
@@ -266,6 +292,7 @@ class VPT(_DeepPrompts):
 
     client_class = VPTClient
     shared_prefixes = ("visual_prompts.",)
+    released_depths = {"visual_depth": 12}
 
     def check(self):
         self.check_common(visual_tokens=self.visual_tokens, visual_depth=self.visual_depth)
@@ -279,8 +306,9 @@ class _TextPrompts(_DeepPrompts):
 
     n_ctx: int = 2
     """Learnable text tokens per layer (2: "a photo" of "a photo of a")."""
-    text_depth: int = 9
-    """Text layers that get prompts (1: input only, shallow; J)."""
+    text_depth: Optional[int] = None
+    """Text layers that get prompts J (1: input only, shallow; null: the released 9, or every layer of a smaller
+    tower)."""
     ctx_init: Optional[str] = "a photo of a"
     """The words whose first n_ctx token embeddings initialise the layer-0 context (null: N(0, 0.02^2))."""
     keep_init_words: bool = True
@@ -296,12 +324,14 @@ class IVLP(_TextPrompts):
     the released ``IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml`` (2 + 2 tokens, depth 12 / 12, lr 0.0035); FedMGP's
     federated baseline runs it shallow (depth 1 / 1, ``configs/ivlp_*.yaml``)."""
 
-    text_depth: int = 12
-    """Text layers that get prompts (1: input only, shallow; 12 in the released config)."""
+    text_depth: Optional[int] = None
+    """Text layers that get prompts (1: input only, shallow; null: the released 12, or every layer of a smaller
+    text tower)."""
     visual_tokens: int = 2
     """Visual prompt tokens per layer (2)."""
-    visual_depth: int = 12
-    """Image layers that get prompts (1: input only, shallow; 12 in the released config)."""
+    visual_depth: Optional[int] = None
+    """Image layers that get prompts (1: input only, shallow; null: the released 12, or every layer of a smaller
+    image tower)."""
     aggregate: Literal["all", "vision", "language"] = "all"
     """What the server averages: all (default), vision (text prompts stay local) or language (visual prompts stay
     local)."""
@@ -309,6 +339,7 @@ class IVLP(_TextPrompts):
     """Local SGD learning rate (0.0035 in the released config)."""
 
     client_class = IVLPClient
+    released_depths = {"text_depth": 12, "visual_depth": 12}
 
     @property
     def shared_prefixes(self) -> tuple[str, ...]:
@@ -339,6 +370,13 @@ class MaPLe(_TextPrompts):
 
     client_class = MaPLeClient
     shared_prefixes = ("text_prompts.", COUPLING_PREFIX)
+    released_depths = {"text_depth": 9}
+
+    def depth_limit(self, backbone, name):
+        """J prompts the text tower and, coupled, the image tower: the smaller of the two limits."""
+        limits = [limit for limit in (super().depth_limit(backbone, "text_depth"),
+                                      super().depth_limit(backbone, "visual_depth")) if limit is not None]
+        return min(limits) if limits else None
 
     def check(self):
         self.check_common(n_ctx=self.n_ctx, text_depth=self.text_depth)

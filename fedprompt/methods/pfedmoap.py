@@ -38,6 +38,22 @@ from fedprompt.optim import StackedSGD
 from fedprompt.prompts import ContextVectors
 
 SELECTIONS = ("knn", "fixed_order", "random")
+#: the released gating width (``federated_main.py:46-49``: CLIP's 512 sub-sampled every 4th coordinate)
+RELEASED_GATING_DIM = 128
+
+
+def gating_stride(width: int, gating_dim: int) -> int | None:
+    """The stride r that sub-samples the joint width to ``gating_dim`` coordinates (``x[..., ::r]`` has
+    ``ceil(width / r)`` of them), or ``None`` when no whole stride does."""
+    stride = width // gating_dim if 1 <= gating_dim <= width else 0
+    return stride if stride >= 1 and math.ceil(width / stride) == gating_dim else None
+
+
+def nearest_gating_dim(width: int, wanted: int, heads: int) -> int | None:
+    """The gating width nearest ``wanted`` (the larger one on a tie) that a whole stride of ``width`` gives and
+    ``heads`` divides, or ``None``."""
+    valid = [g for g in range(heads, width + 1, heads) if gating_stride(width, g)]
+    return min(valid, key=lambda g: (abs(g - wanted), -g)) if valid else None
 #: the random streams of the two random expert orders
 ORDER_STREAM = 0x4D4F4150
 
@@ -186,11 +202,11 @@ class PFedMoAPClient(PromptClient):
         self.n_ctx = words.shape[0] if words is not None and (official or settings.n_ctx is None) else settings.n_ctx
         self.prompt = ContextVectors(self.n_ctx, backbone.ctx_dim, words=words, slots=slots)
         width = backbone.embed_dim
-        self.stride = width // settings.gating_dim if settings.gating_dim <= width else 0
-        if self.stride < 1 or math.ceil(width / self.stride) != settings.gating_dim:
+        self.stride = gating_stride(width, settings.gating_dim)
+        if self.stride is None:
             raise FedPromptError(f"method.gating_dim: {settings.gating_dim} is not the backbone's embedding width "
                                  f"{width} sub-sampled with a whole stride (width / stride); use a divisor of "
-                                 f"{width} (128 for CLIP's 512).")
+                                 f"{width} (128 for CLIP's 512), or null (the nearest such width).")
         self.gating = Gating(settings.gating_dim, slots)
         self.experts = Experts(max(settings.num_experts - 1, 0), self.n_ctx, backbone.ctx_dim, slots)
         self._cache: torch.Tensor | None = None  # the experts' pooled text features of every slot, per download
@@ -268,7 +284,8 @@ class PFedMoAP(TrainedMethod):
     """pFedMoAP: a CoOp prompt per client (FedAvg), other clients' prompts as experts, a local gating attention.
 
     The defaults are the paper's intent on the released code's settings (``train.sh``, ``configs/trainers/PFEDMOAP``):
-    16 random-init tokens, K_e = 10 experts (the local prompt and 9 others), gating width 128 with 8 heads, score
+    16 random-init tokens, K_e = 10 experts (the local prompt and 9 others), gating width 128 (on CLIP's 512-wide
+    joint space; the nearest width E / stride on other backbones when left null) with 8 heads, score
     scale 10, lambda 0.5; the prompt trains with SGD lr 0.002 and Dassl's cosine schedule (one warm-up epoch at
     1e-5), the gating with SGD lr 0.01, constant (both momentum 0.9, weight decay 5e-4); 5 local epochs
     (``train.local_epochs``).
@@ -293,8 +310,9 @@ class PFedMoAP(TrainedMethod):
     selection: Literal["knn", "fixed_order", "random"] = "knn"
     """Which K_e - 1 other clients' prompts a client receives: knn (nearest prompts, the paper's), fixed_order (one
     fixed random order, the released code's) or random (a new random order each round)."""
-    gating_dim: int = 128
-    """Gating width g: the joint width E sub-sampled every E / g coordinates (128 for CLIP's 512)."""
+    gating_dim: Optional[int] = None
+    """Gating width g: the joint width E sub-sampled every E / g coordinates (null: the released 128, or on a
+    backbone whose width has no whole stride to 128, the nearest width that one gives and gating_heads divides)."""
     gating_heads: int = 8
     """Attention heads of the gating."""
     scaling: float = 10.0
@@ -326,13 +344,21 @@ class PFedMoAP(TrainedMethod):
         if self.selection not in SELECTIONS:
             raise FedPromptError(f"method.selection: unknown selection {self.selection!r}; choose one of "
                                  f"{', '.join(SELECTIONS)}.")
-        if self.gating_dim < 1 or self.gating_heads < 1 or self.gating_dim % self.gating_heads:
+        dim = RELEASED_GATING_DIM if self.gating_dim is None else self.gating_dim
+        if dim < 1 or self.gating_heads < 1 or dim % self.gating_heads:
             raise FedPromptError(f"method.gating_heads must divide method.gating_dim, got {self.gating_heads} heads "
-                                 f"for width {self.gating_dim}")
+                                 f"for width {dim}")
         if not self.gating_lr > 0:
             raise FedPromptError(f"method.gating_lr must be > 0, got {self.gating_lr}")
         if self.compat not in ("fixed", "official"):
             raise FedPromptError(f"method.compat must be fixed or official, got {self.compat!r}")
+
+    def derived_settings(self, backbone):
+        if self.gating_dim is not None:
+            return {}
+        width = backbone.embed_dim
+        dim = nearest_gating_dim(width, RELEASED_GATING_DIM, self.gating_heads) or RELEASED_GATING_DIM
+        return {"gating_dim": (dim, RELEASED_GATING_DIM, f"the joint width of '{backbone.name}' is {width}")}
 
     def build_aggregator(self):
         selection = "fixed_order" if self.compat == "official" else self.selection
