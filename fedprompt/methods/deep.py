@@ -29,7 +29,9 @@ All active clients go through one text-encoder call and one image-tower call per
 Differences from the released code, each with a switch where the official behaviour is reproducible:
 
 - ``compat: fixed`` (default) keeps the prompts in fp32; ``compat: official`` rounds every inserted prompt to fp16
-  as the released ``.half()`` casts do (``clip/model.py:238, 249, 306, 323, 405, 457``), even in an fp32 model.
+  as the released ``.half()`` casts do (``clip/model.py:238, 249, 306, 323, 405, 457``), even in an fp32 model, and,
+  as there, after the copy per image (visual prompts) or per class (deep text prompts): the backward of the cast
+  rounds each image's or class's gradient to fp16 before they are summed.
 - MaPLe's layer-0 coupling runs in the prompts' precision (the released ``self.proj.half()`` breaks fp32 and amp
   runs: ``maple.py:104``).
 - ``n_ctx`` larger than the tokens of ``ctx_init`` is an error (the released code silently switches to random
@@ -138,10 +140,6 @@ def check_text_tower(backbone, method: str, depth: int, setting: str = "method.t
 class DeepPromptClient(PromptClient):
     """What the VPT, IVLP and MaPLe clients share: the ``compat`` rounding and the text prompts' sentence."""
 
-    def official(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` as the released code inserts it: rounded to fp16 under ``compat: official``, else unchanged."""
-        return fp16_rounded(tensor) if self.settings.compat == "official" else tensor
-
     def build_text_prompts(self, backbone, settings, slots: int) -> None:
         """``text_prompts.ctx`` [slots, text_depth, n_ctx, D] and the sentence around it (:attr:`prompt_template`)."""
         depth = settings.text_depth
@@ -157,13 +155,24 @@ class DeepPromptClient(PromptClient):
 
     def prompted_text(self, ctx: torch.Tensor) -> torch.Tensor:
         """L2-normalised text features [A, C, E] of the active clients' text prompts ``ctx`` [A, J, n_ctx, D] (layer
-        0 into the sentence, layers 1 .. J - 1 as deep prompts), in one encoder call."""
-        return self.encode_context(ctx[:, 0], deep=self.official(ctx[:, 1:]))
+        0 into the sentence, layers 1 .. J - 1 as deep prompts), in one encoder call. Under ``compat: official``
+        every class's sentence gets its own copy of the deep prompts, rounded to fp16 (the released ``.half()`` comes
+        after ``.expand`` over the classes: each class's gradient is rounded before the sum over classes)."""
+        deep = ctx[:, 1:]
+        if self.settings.compat == "official":
+            deep = fp16_rounded(deep.unsqueeze(1).expand(-1, len(self.classnames), *deep.shape[1:]))
+        return self.encode_context(ctx[:, 0], deep=deep)
 
     def prompted_image(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features [n, E]: each image with its own client's visual prompts ``tokens`` (the
-        active clients' [A, (depth,) V, width]), in one image-tower call."""
-        return self.encode_visual(images, self.official(tokens).unsqueeze(1), of_active=True)[:, 0]
+        active clients' [A, (depth,) V, width]), in one image-tower call. Under ``compat: official`` every image gets
+        its own copy of its client's prompts, rounded to fp16 (the released ``.half()`` after ``.expand`` over the
+        batch: each image's gradient is rounded before the sum over the batch)."""
+        if self.settings.compat != "official":
+            return self.encode_visual(images, tokens.unsqueeze(1), of_active=True)[:, 0]
+        own = fp16_rounded(self.per_sample(tokens))  # [n, (depth,) V, width]
+        feats = self.backbone.encode_image_prompted(images, own, torch.arange(own.shape[0], device=own.device))
+        return F.normalize(feats.float(), dim=-1)
 
 
 class VPTClient(DeepPromptClient):
