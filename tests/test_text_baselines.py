@@ -518,3 +518,8 @@ def test_official_model_code_gives_the_same_logits_loss_and_sgd_step():
     images (within 1e-5); skipped when the mirrors are absent (the repositories are never copied into fedprompt)."""
     ran = run_parity_script("parity_text_baselines")
     assert all(ran.values()), ran
+
+
+def test_plots_parity_check_sees_the_optimal_transport():
+    """The check's local features differ enough that fedprompt's PLOT at eps 0.11 (the official 0.1 + 10 %) fails."""
+    assert run_parity_script("parity_text_baselines", methods=("PLOT",), plot_eps=0.11) == {"PLOT": False}
