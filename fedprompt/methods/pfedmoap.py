@@ -4,9 +4,12 @@ a local attention gate.
 Each client holds a CoOp context ``prompt.ctx`` ([n_ctx, D], uploaded; the server averages it, weighted by data
 size), a gating network ``gating.*`` (a multi-head attention over experts, never communicated) and the experts it
 received ``experts.ctx`` ([K_e - 1, n_ctx, D]) with ``experts.valid`` (which of them are set). The server keeps
-every client's latest uploaded prompt and sends each client the global prompt plus K_e - 1 other clients' latest
-prompts (:class:`MixtureOfPromptsServer`, a per-client download). At the start of local training a client's prompt
-becomes the global prompt; the experts stay fixed.
+every client's latest uploaded prompt and, after each round's aggregation, sends each client the global prompt plus
+K_e - 1 other clients' latest prompts (:class:`MixtureOfPromptsServer`, a per-client download). At the start of local
+training a client's prompt becomes the global prompt; the experts stay fixed. Every client of a round therefore
+receives experts from the same pool, the prompts uploaded up to the end of the previous round: the round's clients
+train independently of each other, so lock-step groups of any size K give the K = 1 results. This is not the
+release's order (see :class:`PFedMoAP`).
 
 Forward pass for a batch (C classes, B images; specs section 3.2), with ``pool(x) = x[..., ::r]``, the strided
 sub-sample from the joint width E to the gating width g = E / r (no projection, not re-normalised):
@@ -295,10 +298,21 @@ class PFedMoAP(TrainedMethod):
     from its first round (the release's empty-dict checks let a client inherit the previous client's gating); each
     client gets a fresh optimizer every round and its own cosine schedule (``lr_scope: official`` for the single
     one); every client is evaluated after the round's aggregation with its own latest prompt, its gating and the
-    experts the server holds for it then (the release evaluates a round's trained clients right after training, with
-    the experts of the start of the round). ``compat: official`` reproduces what changes numbers in ``train.sh``:
-    ``--ctx_init False`` is the *string* "False", so the prompt is one token initialised from the word "false", and
-    the fixed random expert order.
+    experts the server holds for it then (the release tests each of a round's trained clients right after its local
+    training, with the experts it trained with).
+
+    **Expert order.** fedprompt's experts are the other clients' prompts as the server holds them at the start of
+    the round. The release trains a round's clients one after another and stores each one's prompt in its pool right
+    after its training (``federated_main.py:357-387``), so a client later in the round receives experts that earlier
+    clients already retrained in that round (and, in its first rounds, more of them). That order makes each client's
+    local round depend on the result of the previous one: it can only be reproduced with the round's clients trained
+    one at a time (K = 1, on one process) and a download from the server between two clients' local rounds. Neither
+    ``compat`` value reproduces it: fedprompt's round trains its clients independently (lock-step groups, several
+    processes) and the server sends once per round; ``docs/method-notes.md`` says what a round driver would need.
+
+    ``compat: official`` reproduces what changes numbers in ``train.sh`` and fits that round: ``--ctx_init False`` is
+    the *string* "False", so the prompt is one token initialised from the word "false", and the fixed random expert
+    order.
     """
 
     n_ctx: Optional[int] = 16
@@ -324,7 +338,8 @@ class PFedMoAP(TrainedMethod):
     weighted: bool = True
     """Data-size weighted FedAvg of the prompts (the official average_weights); false: the plain mean."""
     compat: Literal["fixed", "official"] = "fixed"
-    """official: train.sh's one-token prompt from the string "False" and the fixed random expert order."""
+    """official: train.sh's one-token prompt from the string "False" and the fixed random expert order (experts
+    still from the pool at the start of the round: the release's in-round order is not reproduced)."""
     lr: float = 0.002
     """The prompt's SGD learning rate (the official YAML's 0.002, which overrides --lr)."""
     lr_schedule: Literal["constant", "cosine"] = "cosine"
