@@ -42,13 +42,11 @@ missing mirror skips its method with a line saying so.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import functools
 import io
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -59,7 +57,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
 from parity_text_baselines import CLASSES, default_mirror, extract, fedprompt_backbone, fedprompt_step, images, ns, \
-    perturb_, report, sgd  # noqa: E402
+    parity_main, perturb_, report, run_checks, sgd  # noqa: E402
 from parity_text_baselines import import_official as import_text_baselines_official  # noqa: E402
 from fedprompt.methods import FedMGP, FedOTP, FedPGP, PromptFolio  # noqa: E402
 
@@ -343,39 +341,23 @@ PARITY = {"FedOTP": parity_fedotp, "FedPGP": parity_fedpgp, "FedMGP": parity_fed
           "PromptFolio": parity_promptfolio}
 
 
-def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1),
+def _extract_repo(method: str, mirror: Path, folder: Path):
+    repo = REPOS[method][0]
+    if not (mirror / repo / "repo").is_dir():
+        return repo, None
+    return repo, extract(mirror, repo, "", folder)
+
+
+def run(methods=None, mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1),
         promptfolio_theta: float = 0.4) -> dict[str, bool | None]:
-    """Run the parity checks; ``None`` for a method whose mirror is absent. ``promptfolio_theta``: fedprompt's
-    PromptFolio theta (the release's frac_p is 0.4; another value must fail)."""
-    mirror = Path(mirror or default_mirror())
-    results: dict[str, bool | None] = {}
-    torch.set_num_threads(1)
-    for method in methods:
-        repo = REPOS[method][0]
-        if not (mirror / repo / "repo").is_dir():
-            print(f"{method:8s} skipped: no mirror of the official code at {mirror / repo / 'repo'}")
-            results[method] = None
-            continue
-        with tempfile.TemporaryDirectory(prefix=f"parity-{method}-") as tmp:
-            root = extract(mirror, repo, "", Path(tmp))
-            check = (functools.partial(parity_promptfolio, theta=promptfolio_theta) if method == "PromptFolio"
-                     else PARITY[method])
-            results[method] = all(check(root, tol, seed) for seed in seeds)
-    return results
+    """The parity checks; ``None`` for an absent mirror. ``promptfolio_theta``: fedprompt's PromptFolio theta (the
+    release's frac_p is 0.4; another value must fail)."""
+    checks = {**PARITY, "PromptFolio": functools.partial(parity_promptfolio, theta=promptfolio_theta)}
+    return run_checks(checks, _extract_repo, methods, mirror, tol, seeds)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mirror", type=Path, default=default_mirror(),
-                        help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or "
-                             "/work/.mirror")
-    parser.add_argument("--methods", nargs="+", default=list(PARITY), choices=list(PARITY))
-    parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--promptfolio-theta", type=float, default=0.4,
-                        help="fedprompt's PromptFolio theta (the release's 0.4; e.g. 0.41 must fail)")
-    args = parser.parse_args(argv)
-    results = run(args.methods, args.mirror, args.tol, promptfolio_theta=args.promptfolio_theta)
-    return 1 if any(r is False for r in results.values()) else 0
+THETA = ("--promptfolio-theta", 0.4, "fedprompt's PromptFolio theta (the release's 0.4; 0.41 must fail)")
+main = functools.partial(parity_main, __doc__.split("\n\n")[0], PARITY, run, options=(THETA,))
 
 
 if __name__ == "__main__":

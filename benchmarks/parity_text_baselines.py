@@ -394,39 +394,64 @@ def default_mirror() -> Path:
     return Path(os.environ.get("FEDPROMPT_MIRROR", "/work/.mirror"))
 
 
-def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1),
-        plot_eps: float = 0.1) -> dict[str, bool | None]:
-    """Run the parity checks; ``None`` for a method whose mirror is absent. ``plot_eps``: fedprompt's PLOT eps (the
-    official code's is 0.1; another value must fail)."""
+def run_checks(checks: dict, source, methods=None, mirror: Path | None = None, tol: float = 1e-5,
+               seeds=(0, 1)) -> dict[str, bool | None]:
+    """Run parity ``checks`` (method -> ``check(root, tol, seed)``; ``methods``: all by default) on each method's
+    repository, extracted from the mirrors into a temporary folder (``source(method, mirror, folder)`` -> the mirror
+    folder name and the root it extracted, or ``None`` when the mirror is absent); ``None`` for a method whose mirror
+    is absent."""
     mirror = Path(mirror or default_mirror())
+    methods = list(checks) if methods is None else methods
     results: dict[str, bool | None] = {}
     torch.set_num_threads(1)
     for method in methods:
-        repo, subtree, _ = REPOS[method]
-        if not (mirror / repo / "repo").is_dir():
-            print(f"{method:8s} skipped: no mirror of the official code at {mirror / repo / 'repo'}")
-            results[method] = None
-            continue
         with tempfile.TemporaryDirectory(prefix=f"parity-{method}-") as tmp:
-            root = extract(mirror, repo, subtree, Path(tmp))
-            if method == "ProGrad":
-                extract(mirror, repo, str(Path(PROGRAD_DASSL).parent), Path(tmp))
-            check = functools.partial(parity_plot, eps=plot_eps) if method == "PLOT" else PARITY[method]
-            results[method] = all(check(root, tol, seed) for seed in seeds)
+            repo, root = source(method, mirror, Path(tmp))
+            if root is None:
+                print(f"{method:8s} skipped: no mirror of the official code at {mirror / repo / 'repo'}")
+                results[method] = None
+                continue
+            results[method] = all(checks[method](root, tol, seed) for seed in seeds)
     return results
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parity_main(description: str, checks: dict, run, argv=None, options: tuple = ()) -> int:
+    """The command line of a parity script: ``--mirror``, ``--methods``, ``--tol`` and the script's own ``options``
+    (``(flag, default, help)``: a number passed to ``run`` as the keyword named by the flag, e.g. ``--plot-eps`` ->
+    ``plot_eps``); exit status 1 on a failure."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--mirror", type=Path, default=default_mirror(),
                         help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or /work/.mirror")
-    parser.add_argument("--methods", nargs="+", default=list(PARITY), choices=list(PARITY))
+    parser.add_argument("--methods", nargs="+", default=list(checks), choices=list(checks))
     parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--plot-eps", type=float, default=0.1,
-                        help="fedprompt's PLOT eps (the official 0.1; e.g. 0.11 shows the check sees the transport)")
+    for flag, default, text in options:
+        parser.add_argument(flag, type=float, default=default, help=text)
     args = parser.parse_args(argv)
-    results = run(args.methods, args.mirror, args.tol, plot_eps=args.plot_eps)
+    names = [flag.lstrip("-").replace("-", "_") for flag, _, _ in options]
+    results = run(args.methods, args.mirror, args.tol, **{name: getattr(args, name) for name in names})
     return 1 if any(r is False for r in results.values()) else 0
+
+
+def _extract_repo(method: str, mirror: Path, folder: Path):
+    repo, subtree, _ = REPOS[method]
+    if not (mirror / repo / "repo").is_dir():
+        return repo, None
+    root = extract(mirror, repo, subtree, folder)
+    if method == "ProGrad":
+        extract(mirror, repo, str(Path(PROGRAD_DASSL).parent), folder)
+    return repo, root
+
+
+def run(methods=None, mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1),
+        plot_eps: float = 0.1) -> dict[str, bool | None]:
+    """The parity checks; ``None`` for an absent mirror. ``plot_eps``: fedprompt's PLOT eps (the official code's is
+    0.1; another value must fail)."""
+    checks = {**PARITY, "PLOT": functools.partial(parity_plot, eps=plot_eps)}
+    return run_checks(checks, _extract_repo, methods, mirror, tol, seeds)
+
+
+PLOT_EPS = ("--plot-eps", 0.1, "fedprompt's PLOT eps (the official 0.1; 0.11 must fail: the check sees the transport)")
+main = functools.partial(parity_main, __doc__.split("\n\n")[0], PARITY, run, options=(PLOT_EPS,))
 
 
 if __name__ == "__main__":
