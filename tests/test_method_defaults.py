@@ -1,6 +1,7 @@
-"""Every method runs on the smoke config with its defaults (``--method fedprompt.methods.X`` alone), deriving the
-nearest valid value, in one warning line, where an official default cannot fit the tiny backbone; the official values
-stay wherever they fit (ViT-B/16 widths and depths). Method files never index by slot or sample owner."""
+"""Every method runs on the smoke config with its defaults (``--method fedprompt.methods.X`` alone; FedMVP also needs
+its class attributes, a data file), deriving the nearest valid value, in one warning line, where an official default
+cannot fit the tiny backbone; the official values stay wherever they fit (ViT-B/16 widths and depths). Method files
+never index by slot or sample owner."""
 
 from __future__ import annotations
 
@@ -26,9 +27,14 @@ DERIVED = {
 }
 
 
+#: inputs a method cannot default (data files), not settings
+REQUIRED = {"FedMVP": ["--method.attributes", str(ROOT / "tests" / "data" / "synthetic_attributes.json")]}
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_runs_the_smoke_config_with_its_defaults(cli, tmp_path, name):
-    code, _, err = cli("fit", "--config", SMOKE, "--method", f"fedprompt.methods.{name}", "--out_dir", tmp_path)
+    code, _, err = cli("fit", "--config", SMOKE, "--method", f"fedprompt.methods.{name}", *REQUIRED.get(name, []),
+                       "--out_dir", tmp_path)
     assert code == 0, err
     rows = read_rows(tmp_path)
     assert rows and (name == "ZeroShot" or rows[-1]["round"] == 2)  # the smoke config's 2 rounds
