@@ -158,6 +158,26 @@ def official_step(module, root: Path, method: str, official, params, image, labe
 
 
 
+def global_local_pairs(module, root: Path, method: str, official, client, cfg, batch, seed: int) -> dict:
+    """The release's two prompts ``ctx`` [2, n_ctx, D] (index 0 global, 1 local: FedOTP, PromptFolio), perturbed,
+    copied into fedprompt's global and local prompt; the evaluation logits and one training step of both on
+    ``batch`` (images, labels): the pairs to compare."""
+    learner = official.prompt_learner
+    perturb_([learner.ctx], seed, scale=0.2)
+    with torch.no_grad():
+        client.global_prompt.ctx[0].copy_(learner.ctx[0])
+        client.local_prompt.ctx[0].copy_(learner.ctx[1])
+    image, label = batch
+    logits_o, logits_f = evaluation_logits(official, client, image)
+    loss_o = official_step(module, root, method, official, [learner.ctx], image, label, cfg=cfg)
+    loss_f = fedprompt_step(client, image, label)
+    return {"logits": (logits_o, logits_f), "loss": (loss_o, loss_f),
+            "grad global": (learner.ctx.grad[0], client.global_prompt.ctx.grad[0]),
+            "grad local": (learner.ctx.grad[1], client.local_prompt.ctx.grad[0]),
+            "prompts after step": (learner.ctx, torch.stack([client.global_prompt.ctx[0],
+                                                             client.local_prompt.ctx[0]]))}
+
+
 # ---------------------------------------------------------------------------------------------- the methods
 def parity_fedotp(root: Path, tol: float, seed: int) -> bool:
     clip, module = import_official(root, REPOS["FedOTP"][1])
@@ -170,24 +190,9 @@ def parity_fedotp(root: Path, tol: float, seed: int) -> bool:
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):  # the release prints its prompt settings
         official = module.CustomCLIP(cfg, CLASSES, clip_model)
-    learner = official.prompt_learner
-    perturb_([learner.ctx], seed, scale=0.2)
     client = FedOTP(n_ctx=4, ot="unbalanced", gamma=0.8, eps=0.1, max_iter=1000, tol=1e-7).build_client(
         backbone, CLASSES)
-    with torch.no_grad():  # ctx[0] is the global prompt, ctx[1] the local one
-        client.global_prompt.ctx[0].copy_(learner.ctx[0])
-        client.local_prompt.ctx[0].copy_(learner.ctx[1])
-    image, label = images(backbone, 3, seed)
-
-    logits_o, logits_f = evaluation_logits(official, client, image)
-
-    loss_o = official_step(module, root, "FedOTP", official, [learner.ctx], image, label, cfg=cfg)
-    loss_f = fedprompt_step(client, image, label)
-    pairs = {"logits": (logits_o, logits_f), "loss": (loss_o, loss_f),
-             "grad global": (learner.ctx.grad[0], client.global_prompt.ctx.grad[0]),
-             "grad local": (learner.ctx.grad[1], client.local_prompt.ctx.grad[0]),
-             "prompts after step": (learner.ctx, torch.stack([client.global_prompt.ctx[0],
-                                                              client.local_prompt.ctx[0]]))}
+    pairs = global_local_pairs(module, root, "FedOTP", official, client, cfg, images(backbone, 3, seed), seed)
     return report("FedOTP", pairs, tol)
 
 
@@ -307,31 +312,17 @@ def parity_promptfolio(root: Path, tol: float, seed: int, theta: float = 0.4) ->
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):  # the release prints its prompt settings
         official = module.CustomCLIP(cfg, CLASSES, clip_model)
-    learner = official.prompt_learner
-    perturb_([learner.ctx], seed, scale=0.2)
     method = PromptFolio(n_ctx=4, theta=theta)
     client = method.build_client(backbone, CLASSES)
-    with torch.no_grad():  # ctx[0] is the global prompt, ctx[1] the local one
-        client.global_prompt.ctx[0].copy_(learner.ctx[0])
-        client.local_prompt.ctx[0].copy_(learner.ctx[1])
-    image, label = images(backbone, 4, seed)
-
-    logits_o, logits_f = evaluation_logits(official, client, image)
-
-    loss_o = official_step(module, root, "PromptFolio", official, [learner.ctx], image, label, cfg=cfg)
-    loss_f = fedprompt_step(client, image, label)
+    pairs = global_local_pairs(module, root, "PromptFolio", official, client, cfg, images(backbone, 4, seed), seed)
+    learner = official.prompt_learner
     g = torch.Generator().manual_seed(seed)  # three clients' prompts and data sizes for the server's side
     prompts = {cid: learner.ctx.detach() + 0.1 * torch.randn(learner.ctx.shape, generator=g) for cid in range(3)}
     sizes = {0: 5, 1: 12, 2: 7}
     ours = fedprompt_aggregation(method, prompts, sizes)
     theirs = official_aggregation(module, root, prompts, sizes, [0, 1, 2])
     shuffled = official_aggregation(module, root, prompts, sizes, [2, 0, 1])  # np.random.choice's order
-    pairs = {"logits": (logits_o, logits_f), "loss": (loss_o, loss_f),
-             "grad global": (learner.ctx.grad[0], client.global_prompt.ctx.grad[0]),
-             "grad local": (learner.ctx.grad[1], client.local_prompt.ctx.grad[0]),
-             "prompts after step": (learner.ctx, torch.stack([client.global_prompt.ctx[0],
-                                                              client.local_prompt.ctx[0]])),
-             "after aggregation": (torch.stack(list(theirs.values())), torch.stack(list(ours.values())))}
+    pairs["after aggregation"] = (torch.stack(list(theirs.values())), torch.stack(list(ours.values())))
     gap = max(float((shuffled[cid] - ours[cid]).abs().max()) for cid in ours)
     return report("PromptFolio", pairs, tol, f" (the release's aggregation with the clients listed 2, 0, 1: "
                                              f"{gap:.1e}, each prompt weighted by another client's data size)")
