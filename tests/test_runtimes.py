@@ -36,6 +36,21 @@ CASES = {
     "PromptFL-drop": ["--method", "PromptFL", "--federation.drop_rate", "0.5", "--federation.rounds", "3"],
     "FedOTP-dual": ["--method", "FedOTP", "--method.n_ctx", "4", "--method.lr", "0.5", "--eval.mode", "dual"],
     "PromptFL-central": ["--method", "PromptFL", "--federation.central", "true"],
+    # malicious clients and robust rules (issue 29): every attack kind and every rule once
+    "PromptFL-backdoor-median-bound": ["--method", "PromptFL", "--attack.kind", "backdoor", "--attack.fraction", "0.5",
+                                       "--attack.target_class", "1", "--attack.trigger_size", "0.25",
+                                       "--attack.scale", "2", "--robust.rule", "median", "--robust.norm_bound", "0.5"],
+    "PromptFL-label-flip-trimmed-mean": ["--method", "PromptFL", "--attack.kind", "label_flip", "--robust.rule",
+                                         "trimmed_mean", "--robust.trim", "0.34"],
+    "FedMGP-scale-krum": ["--method", "FedMGP", "--method.n_ctx", "2", "--method.lr", "0.01", "--attack.kind", "scale",
+                          "--attack.scale", "3", "--robust.rule", "krum", "--robust.malicious", "0",
+                          "--robust.keep", "2"],  # Krum in front of a selection rule
+    "FedTPG-sign-flip-krum-bound": ["--method", "FedTPG", "--method.lr", "0.01", "--attack.kind", "sign_flip",
+                                    "--attack.scale", "2", "--robust.rule", "krum", "--robust.malicious", "0",
+                                    "--robust.keep", "2", "--robust.norm_bound", "0.05"],  # a reduce rule, gathered
+    "PromptFL-client-dp-bound-sign-flip": ["--method", "PromptFL", "--dp.noise_multiplier", "1", "--dp.clip_norm", "1",
+                                           "--dp.delta", "0.01", "--robust.norm_bound", "0.02", "--attack.kind",
+                                           "sign_flip"],
 }
 
 
@@ -98,6 +113,13 @@ def test_flower_runtime_equals_fabric_one_client_at_a_time(cli, tmp_path, case):
         assert all(len(row["dropped_clients"]) for row in rows)
     if case == "FedOTP-dual":
         assert {"local_acc", "global_acc", "dual_hm"} <= rows[-1].keys()
+    if "--attack.kind" in flags:
+        assert rows[-1]["malicious_clients"] and "benign_acc" in rows[-1]
+        assert ("attack_success_rate" in rows[-1]) == any(kind in case for kind in ("backdoor", "label-flip"))
+    if "krum" in case:
+        assert all(len(row["robust_kept"]) == 2 for row in rows)
+    if "bound" in case:
+        assert all("robust_bounded" in row for row in rows) and any(row["robust_bounded"] for row in rows)
 
 
 def test_flower_runtime_killed_after_a_round_resumes_to_the_same_bits(cli, tmp_path, monkeypatch):
