@@ -261,3 +261,19 @@ def test_audit_argument_errors_happen_without_importing_torch(smoke_run):
     assert len(errors) == len(cases), out.stderr[-3000:]
     for (name, (_, text)), line in zip(cases.items(), errors):
         assert results[name] == [2, []] and text in line, (name, results[name], line)
+
+
+def test_an_audit_of_a_flower_run_equals_the_audit_of_the_same_run_under_fabric(cli, tmp_path):
+    """The audit reads the run's checkpoint and trains its shadows in this process, whatever the run's runtime: a
+    run made with --runtime flower and the same run made by Fabric one client at a time give the same audit."""
+    pytest.importorskip("flwr", reason="Flower is not installed")
+    found = {}
+    for runtime, flags in (("flower", ["--runtime", "flower"]), ("fabric", ["--federation.parallel_clients", "1"])):
+        run = tmp_path / runtime
+        code, _, err = cli("fit", "--config", SMOKE, "--log.logger", "none", "--out_dir", run, *flags)
+        assert code == 0, err
+        code, _, err = cli("audit", run, "--shadows", "2", "--federation.parallel_clients", "1")
+        assert code == 0, err
+        found[runtime] = json.loads((run / "audit" / "result.json").read_text())
+        found[runtime].pop("run")
+    assert found["flower"] == found["fabric"]
