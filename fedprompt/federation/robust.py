@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fedprompt.errors import FedPromptError, warn
-from fedprompt.federation.aggregators import Aggregator
+from fedprompt.federation.aggregators import Aggregator, WrappingAggregator
 from fedprompt.federation.privacy import clip_update
 
 State = dict[str, torch.Tensor]
@@ -126,7 +126,7 @@ def bound_update(upload: State, reference: State, bound: float) -> tuple[State, 
 
 
 # --------------------------------------------------------------------------------------------- the server
-class RobustAggregator(Aggregator):
+class RobustAggregator(WrappingAggregator):
     """A method's rule (or client-level DP's) behind a robust merge (see the module docstring): ``upload``,
     ``download``, ``apply``, ``sample`` and the state are the inner rule's; ``aggregate`` is the robust rule;
     :meth:`bound` is the norm-bounding server step. Rows get ``robust_kept`` (Krum's kept clients) and
@@ -140,8 +140,7 @@ class RobustAggregator(Aggregator):
 
     def __init__(self, inner: Aggregator, rule: str, trim: float = 0.25, malicious: int = 1, keep: int = 1,
                  norm_bound: float | None = None):
-        super().__init__(inner.shared_prefixes)
-        self.inner = inner
+        super().__init__(inner)
         self.rule = rule
         self.trim, self.malicious, self.keep, self.norm_bound = trim, malicious, keep, norm_bound
         self.reduce = False  # single uploads, always
@@ -154,23 +153,6 @@ class RobustAggregator(Aggregator):
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
-
-    @property
-    def seed(self) -> int:
-        return self.inner.seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        self.inner.seed = value
-
-    def upload(self, client_id, state, round_idx):
-        return self.inner.upload(client_id, state, round_idx)
-
-    def download(self, global_state, client_id):
-        return self.inner.download(global_state, client_id)
-
-    def apply(self, client_state, received, client_id):
-        return self.inner.apply(client_state, received, client_id)
 
     def sample(self, num_clients, fraction, seed, round_idx, everyone=False):
         return self.inner.sample(num_clients, fraction, seed, round_idx, everyone)
