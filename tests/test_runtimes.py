@@ -250,7 +250,9 @@ def test_every_flower_node_gone_is_told_and_stops_the_run(tmp_path, capfd):
 
 
 @pytest.mark.parametrize("flags, rule", [(CASES["PFedMoAP"], "MixtureOfPromptsServer"),
-                                         (CASES["DPFPL"] + ["--method.compat", "official"], "ReleasedNoiseServer")])
+                                         (CASES["DPFPL"] + ["--method.compat", "official"], "ReleasedNoiseServer"),
+                                         (CASES["PromptFL"] + ["--robust.norm_bound", "1"], "RobustAggregator"),
+                                         (CASES["PromptFL"] + ["--robust.rule", "median"], "RobustAggregator")])
 def test_secure_aggregation_refuses_rules_that_need_more_than_the_sum(tmp_path, capfd, flags, rule):
     """SecAgg+ gives the server the weighted mean only: a rule that keeps the uploads or adds to the mean would
     silently lose that, so it is refused in one line before any round."""
