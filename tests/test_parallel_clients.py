@@ -54,6 +54,13 @@ METHODS = {
     # per-example clipping and noise from each client's own step seed; client 1 has a second step of 3 images
     "DPFPL": ["--method.n_ctx", "4", "--method.rank", "2", "--method.noise_multiplier", "0.5",
               "--method.clip_norm", "0.5", "--method.lr", "0.1"],
+    # LoRA on q, k, v, o and the MLP of both towers, the default dropout 0.25 (each client's masks from its own step
+    # seeds), AdamW stacked per client
+    "FedLoRA": ["--method.params", "[q,k,v,o,mlp_in,mlp_out]", "--method.lr", "0.01"],
+    # the attention adapter on pooled features, Adam, the in-batch contrastive loss per client
+    "FedCLIP": ["--method.lr", "0.001"],
+    # parallel adapters in both towers (layers 1 .. 2 of the tiny model), only the shared projection averaged
+    "PFedMMA": ["--method.adapter_start", "1", "--method.adapter_end", "2", "--method.lr", "0.01"],
 }
 
 

@@ -21,6 +21,8 @@ REGISTRY = {
     "VPT": "deep", "VPTClient": "deep",
     "DPFPL": "dpfpl", "DPFPLClient": "dpfpl",
     "FedMGP": "fedmgp", "FedMGPAggregator": "fedmgp", "FedMGPClient": "fedmgp",
+    "FedCLIP": "fedclip", "FedCLIPClient": "fedclip",
+    "FedLoRA": "fedlora", "FedLoRAClient": "fedlora",
     "FedOTP": "fedotp", "FedOTPClient": "fedotp",
     "FedPGP": "fedpgp", "FedPGPClient": "fedpgp",
     "FedTPG": "fedtpg", "FedTPGClient": "fedtpg",
@@ -28,9 +30,11 @@ REGISTRY = {
     "PLOT": "plot", "PLOTClient": "plot",
     "ProDA": "proda", "ProDAClient": "proda",
     "ProGrad": "prograd", "ProGradClient": "prograd",
+    "PFedMMA": "pfedmma", "PFedMMAClient": "pfedmma",
     "PFedMoAP": "pfedmoap", "PFedMoAPClient": "pfedmoap", "MixtureOfPromptsServer": "pfedmoap",
     "PromptFolio": "promptfolio", "PromptFolioClient": "promptfolio",
     "GPAAggregator": "promptsrc", "PromptSRC": "promptsrc", "PromptSRCClient": "promptsrc",
+    "TunedClient": "tuned",
     "ZeroShot": "zeroshot",
 }
 
