@@ -5,7 +5,10 @@ runs recorded before it.
 ``python tests/digest.py --write tests/data/smoke_digest.pt`` records the digest; ``tests/test_digest.py`` runs the
 same cases and compares (losses within 1e-5 relative, accuracies and every other row value equal, prompt states
 within 1e-5). The reference in ``tests/data`` was recorded on main at cdfad7f, before the method interface was
-reshaped (issue 15); regenerate it only for a change that is meant to move numbers, and say so in the commit.
+reshaped (issue 15); regenerate it only for a change that is meant to move numbers, and say so in the commit. Cases
+added later are recorded in their own files beside it (``smoke_digest_<topic>.pt``, e.g. ``--cases FedLoRA FedCLIP
+--write tests/data/smoke_digest_adapters.pt``), so that adding a case never re-records the existing ones; the test
+reads every ``smoke_digest*.pt``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,14 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "PromptFL-base-to-novel": ("fit", ["--method", "PromptFL", "--data.subsample_classes", "base",
                                        "--data.num_classes", "6"]),
     "ZeroShot": ("zeroshot", ["--method", "ZeroShot"]),
+    # issue 26 (recorded in smoke_digest_adapters.pt): LoRA in both towers with dropout and AdamW; LoRA in the text
+    # tower only with SGD and the image feature cache; FedCLIP's adapter and Adam; pFedMMA in both towers
+    "FedLoRA": ("fit", ["--method", "FedLoRA", *optim(lr=0.01)]),
+    "FedLoRA-text-sgd-cached": ("fit", ["--method", "FedLoRA", "--method.encoder", "text", "--method.optimizer",
+                                        "sgd", "--train.feature_cache", "true", *optim(lr=0.05)]),
+    "FedCLIP": ("fit", ["--method", "FedCLIP", *optim(lr=0.001)]),
+    "PFedMMA": ("fit", ["--method", "PFedMMA", "--method.adapter_start", "1", "--method.adapter_end", "2",
+                        *optim(lr=0.01)]),
 }
 
 

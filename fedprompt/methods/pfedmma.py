@@ -21,7 +21,7 @@ Defaults (the release's ``configs/trainers/pFedMMA/vit_b16.yaml``, which overrid
 averaged (sample-weighted, ``federated_main.py:539-549``): ``shared_adapter`` only, written back into every client;
 ``text_adapter`` and ``visual_adapter`` stay private. State per client, at ViT-B/16 with the defaults: shared 8 x
 (32 x 32 + 32) = 8,448 values (33,792 bytes up and down), private 8 x (2 x 512 x 32 + 512 + 32) + 8 x (2 x 768 x 32 +
-768 + 32) = 671,488 values.
+768 + 32) = 666,112 values.
 
 Official behaviours not reproduced, by reading (see ``docs/methods-adapters.md``): the cached inference text features
 (``pFedMMA.py:173, 206-211``: computed for the first client evaluated and reused for every client and round) -- fedprompt
