@@ -26,6 +26,22 @@ from fedprompt.errors import FedPromptError
 
 #: subcommands whose --resume names a run directory whose hyperparameters.yaml is the default config
 RESUMING = ("fit", "evaluate")
+
+
+def version() -> str:
+    """The installed fedprompt's version (its package metadata; the source tree's ``fedprompt.__version__`` where
+    fedprompt runs without being installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("fedprompt")
+    except PackageNotFoundError:
+        import fedprompt
+
+        return fedprompt.__version__
+
+
 def _flag_value(args: list[str], flag: str) -> str | None:
     """The value of ``--flag VALUE`` or ``--flag=VALUE`` in ``args`` (the last one wins), else ``None``."""
     value = None
@@ -107,6 +123,8 @@ def top_parser():
     parser = ArgumentParser(prog="fedprompt", exit_on_error=False,
                             description="Federated prompt learning on frozen CLIP (open_clip, Lightning Fabric). "
                                         "Run 'fedprompt COMMAND --help' for a command's settings.")
+    parser.add_argument("--version", action="version", version=f"fedprompt {version()}",
+                        help="Print the installed version and exit.")
     subcommands = parser.add_subcommands(required=True, dest="subcommand")
     for name, (function, _) in COMMANDS.items():
         subcommands.add_subcommand(name, ArgumentParser(prog=f"fedprompt {name}"), help=first_sentence(function.__doc__))
@@ -185,6 +203,10 @@ def instantiate(parser, cfg) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fedprompt`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:  # before anything else is imported: it must stay instant
+        print(f"fedprompt {version()}")
+        return
     from jsonargparse import set_parsing_settings
 
     from fedprompt.methods.method import Method
@@ -193,7 +215,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # bench's profiler: no start/stop chatter (read when torch loads)
     # the settings' attribute docstrings -> --help; methods are dataclasses selected by class_path
     set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[Method])
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = with_run_config(argv)
         from fedprompt.commands import COMMANDS

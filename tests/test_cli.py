@@ -33,6 +33,25 @@ def test_importing_the_cli_is_cheap_relative_to_torch():
     assert times["fedprompt.__main__"] < 0.1 * times["torch"], times  # relative: the same process, the same machine
 
 
+def test_version_is_the_installed_packages_and_imports_nothing_heavy(cli):
+    from importlib.metadata import PackageNotFoundError, version
+
+    import fedprompt
+
+    try:
+        installed = version("fedprompt")
+    except PackageNotFoundError:  # run from a source tree without installing it
+        installed = fedprompt.__version__
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip() == f"fedprompt {installed}"
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from fedprompt.__main__ import main; main(['--version']);"
+                             " print(' '.join(sys.modules))"], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert loaded.stdout.startswith("fedprompt ")
+    assert not [m for m in (*HEAVY, "jsonargparse") if m in loaded.stdout.split()]
+    code, out, _ = cli("--help")
+    assert "--version" in out
+
+
 def test_help_shows_the_attribute_docstrings(cli):
     code, out, _ = cli("fit", "--help")
     assert code == 0

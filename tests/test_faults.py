@@ -161,9 +161,9 @@ def test_the_rules_are_one_default_deny_list():
     now["data"]["class_path"] = "fedprompt.data.CIFAR"
     assert 'data: "fedprompt.data.Synthetic" in the checkpoint, "fedprompt.data.CIFAR" now' in \
         config_differences(saved, now, default_of=lambda key: 0.5)
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    for rule in RESUME_MAY_CHANGE:  # the README's list is the code's
-        assert f"`{rule.key}`" in readme, rule.key
+    page = " ".join((ROOT / "docs" / "run-folder.md").read_text().split())
+    for rule in RESUME_MAY_CHANGE:  # the docs' list (the run folder page, "Resume") is the code's
+        assert f"`{rule.key}`" in page, rule.key
 
 
 def test_a_checkpoint_without_its_config_still_checks_the_method(cli, finished):

@@ -23,7 +23,7 @@ TAIL_BYTES = 4096
 #: scans of more images than this show a progress bar
 PROGRESS_FROM = 2000
 #: scans of more images than this run in one process per core (at most 16): the header parse is Python code, so
-#: threads share one core (ImageNet's 1.33 M files: README, "ImageNet and its variants")
+#: threads share one core (ImageNet's 1.33 M files: docs/data.md, "ImageNet and its variants")
 PROCESSES_FROM = 20000
 
 

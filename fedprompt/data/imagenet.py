@@ -19,7 +19,7 @@ takes the i-th line of classnames.txt, the same class when the file is sorted by
 
 The folders are listed with ``os.scandir`` (no image is opened while listing); the file checks that follow read only
 each file's header and last bytes (:mod:`fedprompt.data.check`). Both steps print how long they took on ImageNet's
-1.28 M train files (see README, "ImageNet and its variants", for the measured times).
+1.28 M train files (see docs/data.md, "ImageNet and its variants", for the measured times).
 Checks: a missing ``classnames.txt``, a class folder whose wnid is not in it, a folder count other than the dataset's
 (1000 or 200; ``num_classes: null`` accepts any, e.g. for a subset), ImageNetV2 folders other than ``0..n-1``, loose
 images in ImageNet's ``val`` root (not sorted into class folders), and a class folder without images are each one

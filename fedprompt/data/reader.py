@@ -170,10 +170,10 @@ class FederatedData:
             root = Path(os.path.expanduser(self.root))
         if not root.exists():
             raise FedPromptError(f"data.root: the folder {root} does not exist. Pass --data.root with the path of "
-                                 f"the dataset (see README.md, 'Data').")
+                                 f"the dataset (see docs/data.md).")
         if not root.is_dir():
             raise FedPromptError(f"data.root: {root} is a file, not a folder. Pass --data.root with the folder of "
-                                 "the dataset (see README.md, 'Data').")
+                                 "the dataset (see docs/data.md).")
         if not os.access(root, os.R_OK | os.X_OK):
             raise FedPromptError(f"data.root: the folder {root} cannot be read (permission denied); fix its "
                                  "permissions or pass another --data.root.")

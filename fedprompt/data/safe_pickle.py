@@ -88,7 +88,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise FedPromptError(
                 f"{self.source}: refusing to load the pickle, it references '{module}.{name}', which a data file "
                 "(lists or numpy arrays of paths and labels) never needs. The file is not a FedBN split file or "
-                "was tampered with; download it again from the source named in the README ('Data').")
+                "was tampered with; download it again from the source named in docs/data.md.")
         return obj
 
     def persistent_load(self, pid):

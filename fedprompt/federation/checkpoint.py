@@ -32,7 +32,7 @@ class MayChange:
     key: str
     """Dotted config key without ``init_args`` (``federation.rounds``); ``group.*`` names every key of a group."""
     why: str
-    """Why changing it cannot change the run's numbers (shown in the README and in the refusal)."""
+    """Why changing it cannot change the run's numbers (shown in docs/run-folder.md, "Resume", and in the refusal)."""
     when: Callable[[dict, dict], bool] | None = None
     """Only when this holds of the (flattened) checkpoint config and resumed config; ``None``: always."""
 

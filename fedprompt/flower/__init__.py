@@ -10,7 +10,7 @@
 - :mod:`fedprompt.flower.simulation`: run a config through Flower's simulation engine from Python.
 
 Needs the ``flower`` extra (``pip install -e ".[flower]"``); the app folder ``flower/`` holds the pyproject.toml
-that ``flwr run`` reads (see README "Deploying with Flower").
+that ``flwr run`` reads (see docs/flower.md).
 """
 
 from __future__ import annotations
