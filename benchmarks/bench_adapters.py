@@ -5,9 +5,10 @@ Each measurement is one ``fedprompt bench ... --json true`` in its own process (
 process's: on CPU the peak resident set, on CUDA the peak allocated memory):
 
 - ``speed``: FedLoRA (CLIP-LoRA defaults: both towers, q k v of every block, rank 2, dropout 0.25, AdamW) on the
-  smoke config (tiny random model) and on a random ViT-B/32 (224 px generated images, 4 clients x 8 images, one
-  local step of batch 8): aten operations per client-step and per step (the profiler on one warm local round) and
-  seconds per round, at ``parallel_clients`` 1 and 4;
+  smoke config (tiny random model) and on a random ViT-B/32 (224 px generated images, 4 IID clients of 8 train and
+  4 test images, one local step of batch 8): aten operations per client-step and per step (the profiler on one warm local round) and
+  seconds per round, at ``parallel_clients`` 1 and 4 (the smoke config's 4 clients have 15 / 19 / 14 / 16 images
+  and batch 16: a round is 5 client-steps, in 5 steps at K = 1 and in 2 at K = 4);
 - ``memory``: the same ViT-B/32 FedLoRA federation with 10 and with 100 clients, the same work per round (4
   clients train one step of 2 images; 100 test images in all), peak memory of each;
 - ``bytes``: the LoRA state of one client at ViT-B/16 (both towers, q k v, rank 2) in values and fp32 bytes: what
@@ -33,8 +34,9 @@ LORA = ["--method", "FedLoRA", "--method.lr", "0.0002", "--log.progress", "false
 #: a random ViT-B/32 on generated 224 px images: 4 classes, 4 clients
 VIT = ["--backbone.model", "ViT-B-32", "--backbone.pretrained", "null", "--data.init_args.image_size", "224",
        "--data.init_args.num_classes", "4", "--data.init_args.train_per_class", "8",
-       "--data.init_args.test_per_class", "2", "--train.batch_size", "8", "--train.local_steps", "1",
-       "--eval.batch_size", "32"]
+       "--data.init_args.test_per_class", "4", "--data.init_args.partition", "fedprompt.data.IID",
+       "--data.init_args.partition.init_args.num_clients", "4", "--train.batch_size", "8",
+       "--train.local_steps", "1", "--eval.batch_size", "32"]
 
 
 def bench(flags: list[str], rounds: int = 2, profile: bool = True, threads: int | None = None) -> list[dict]:
@@ -71,7 +73,6 @@ def memory(threads: int | None) -> None:
     results = {}
     for clients, fraction in ((10, "0.4"), (100, "0.04")):
         flags = [*VIT, "--data.init_args.train_per_class", "50", "--data.init_args.test_per_class", "25",
-                 "--data.init_args.partition", "fedprompt.data.IID",
                  "--data.init_args.partition.init_args.num_clients", str(clients),
                  "--federation.fraction", fraction, "--train.batch_size", "2", "--federation.parallel_clients", "4"]
         rows = bench(flags, rounds=2, profile=False, threads=threads)

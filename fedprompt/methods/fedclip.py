@@ -130,4 +130,5 @@ class FedCLIP(TunedMethod):
             raise FedPromptError(f"method.loss={self.loss!r}: use contrastive or ce.")
 
     def build_aggregator(self) -> Aggregator:
-        return WeightedMean(self.shared_prefixes, weighted=self.weighted)
+        """The (uniform) mean of the adapters, merged by the loop's all-reduce path (the whole state is shared)."""
+        return WeightedMean(self.shared_prefixes, weighted=self.weighted, reduce=True)

@@ -13,7 +13,8 @@ every step (``lora.py:94-101``); logits ``tau * cos(image, text)``, ``tau`` = CL
 CLIP-LoRA fixes 100, ``logit_scale``); loss: cross-entropy. Local optimiser AdamW (lr 2e-4, weight decay 1e-2,
 betas 0.9 / 0.999; ``lora.py:75``). Every client trains and uploads all ``A`` and ``B``; the server takes their
 sample-weighted mean, ``A`` and ``B`` separately (FedPuReL's LoRA baseline, ``utils/fed_utils.py:33-51``: the
-"FedIT" average, not the average of the products ``B_k A_k``).
+"FedIT" average, not the average of the products ``B_k A_k``), through the loop's all-reduce path (the whole state is
+shared: no client state crosses between processes, and the clients share the global tensors instead of a copy each).
 
 State per client: ``lora.<tower>_<block>_<target>.A`` ``[r, d_in]`` and ``.B`` ``[d_out, r]`` (tower ``text`` or
 ``visual``). At ViT-B/16 with the defaults: 36 text projections of 512 x 512 (2,048 values each) and 36 image ones of
@@ -169,4 +170,6 @@ class FedLoRA(TunedMethod):
             raise FedPromptError(f"method.logit_scale={self.logit_scale} must be > 0 (or null: the model's).")
 
     def build_aggregator(self) -> Aggregator:
-        return WeightedMean(self.shared_prefixes, weighted=self.weighted)
+        """The mean of every factor; the whole state is shared, so it is merged by the loop's all-reduce path and the
+        clients hold the global tensors without a copy each (memory flat in the number of clients)."""
+        return WeightedMean(self.shared_prefixes, weighted=self.weighted, reduce=True)
