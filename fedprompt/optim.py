@@ -98,6 +98,15 @@ class StackedSGD(SlotOptimizer):
             raise ValueError(f"invalid SGD settings lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
+    def keep_momentum(self, param: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Keep ``param``'s momentum in ``buffer`` (a tensor of its shape, updated in place), started for every slot:
+        optimizer state that outlives this optimizer (e.g. a client module's persistent buffer, which is part of the
+        client state, so it is checkpointed and resumed with it). A zero buffer steps exactly as a fresh one (its
+        first update is ``0 * momentum + d_p = d_p``)."""
+        if buffer.shape != param.shape:
+            raise ValueError(f"momentum buffer of shape {tuple(buffer.shape)} for a parameter {tuple(param.shape)}")
+        self.state[param] = {"momentum_buffer": buffer, "started": [True] * param.shape[0]}
+
     def _update(self, param: torch.Tensor, group: dict) -> None:
         """One SGD update of the active slots. With every slot active the update runs in place; otherwise the
         inactive slots keep their values through ``torch.where``. Both use the same float operations, so a client's

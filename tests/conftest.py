@@ -75,7 +75,7 @@ def tiny_fit(method, out_dir: Path, rounds: int, resume: Path | None = None, loc
     summary."""
     from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
     from fedprompt.data import Synthetic
-    from fedprompt.fit import fit
+    from fedprompt.commands import fit
 
     return fit(method=method,
                data=Synthetic(num_classes=4, train_per_class=8, test_per_class=4, image_size=32, num_domains=2),
@@ -85,6 +85,17 @@ def tiny_fit(method, out_dir: Path, rounds: int, resume: Path | None = None, loc
                log=LogArgs(logger="none", progress=False, checkpoint_every=1),
                fabric=FabricArgs(accelerator="cpu", devices=1, precision="32-true"),
                out_dir=str(out_dir), resume=str(resume) if resume else None, seed=0)
+
+
+def resumed_and_straight(method, tmp_path: Path, rounds: int = 3) -> tuple[dict, dict]:
+    """``tiny_fit`` of ``method`` interrupted after ``rounds - 1`` rounds and resumed, and the same run straight
+    through: asserts their metrics rows are equal; returns both final checkpoints (resumed, straight)."""
+    tiny_fit(method, tmp_path / "straight", rounds=rounds)
+    tiny_fit(method, tmp_path / "cut", rounds=rounds - 1)
+    tiny_fit(method, tmp_path / "cut", rounds=rounds, resume=tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert without_timings(read_rows(tmp_path / "cut")) == without_timings(read_rows(tmp_path / "straight"))
+    return tuple(torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)
+                 for run in ("cut", "straight"))
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -101,9 +112,10 @@ def without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.endswith("_seconds") and k not in EXECUTION_KEYS} for row in rows]
 
 
-def run_parity_script(name: str) -> dict:
-    """Run ``benchmarks/<name>.py``'s parity checks against the official code (one seed; the script runs two) and
-    return the methods that ran with their results; skip the test when no mirror of the official code is present."""
+def run_parity_script(name: str, **options) -> dict:
+    """Run ``benchmarks/<name>.py``'s parity checks against the official code (one seed; the script runs two; its
+    ``run`` takes ``options``) and return the methods that ran with their results; skip the test when no mirror of
+    the official code is present."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
@@ -111,10 +123,35 @@ def run_parity_script(name: str) -> dict:
     spec.loader.exec_module(parity)
     threads = torch.get_num_threads()
     try:
-        results = parity.run(seeds=(1,))
+        results = parity.run(seeds=(1,), **options)
     finally:
         torch.set_num_threads(threads)
     ran = {k: v for k, v in results.items() if v is not None}
     if not ran:
         pytest.skip(f"no mirror of the official repositories under {parity.default_mirror()} (set FEDPROMPT_MIRROR)")
     return ran
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file below ``folder`` and its bytes (a refused command must leave a run folder byte-identical)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(err: str) -> str:
+    """The one error line of a refused command's stderr (warnings aside); fails on a traceback or more lines."""
+    lines = [line for line in err.strip().splitlines() if not line.startswith("fedprompt: warning:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG file whose header claims ``width`` x ``height`` pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 7)) + \
+        chunk(b"IEND", b"")

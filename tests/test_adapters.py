@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,7 +194,21 @@ def test_blocks_past_the_tower_are_refused(backbone):
     with pytest.raises(FedPromptError, match=r"method.blocks=\[0, 3\] names blocks outside 0 .. 1"):
         FedLoRA(blocks=[0, 3]).build_client(backbone, CLASSES)
     with pytest.raises(FedPromptError, match="method.adapter_end=12 is past the 2 layers"):
-        PFedMMA().build_client(backbone, CLASSES)
+        PFedMMA(adapter_end=12).build_client(backbone, CLASSES)
+
+
+def test_pfedmma_layers_left_null_fit_the_backbone(backbone, capsys):
+    """Null layers: the release's 5 .. 12 where the towers have 12 layers, else the last layer (said in one line)."""
+    assert PFedMMA().adapter_start is None and PFedMMA().hparams()["adapter_end"] is None  # the config keeps null
+    fitted = PFedMMA().for_backbone(backbone)
+    assert (fitted.adapter_start, fitted.adapter_end) == (2, 2)
+    err = capsys.readouterr().err
+    assert "adapter_end 2, not the official 12: the text tower of" in err and "adapter_start 2, not the official 5" in err
+    assert set(PFedMMA().build_client(backbone, CLASSES).shared_adapter) == {"2"}
+    vit = SimpleNamespace(tunable_layers=lambda tower: 12, name="ViT-B-16")
+    fitted = PFedMMA().for_backbone(vit)
+    assert (fitted.adapter_start, fitted.adapter_end) == (5, 12) and capsys.readouterr().err == ""
+    assert PFedMMA(adapter_end=3).for_backbone(vit).adapter_start == 3
 
 
 def test_what_trains_where_decides_the_feature_cache():
@@ -251,8 +266,8 @@ def test_fedclip_skips_a_single_image_step(backbone):
     optimizer = client.configure_optimizers()
     feats = torch.randn(4, 32)
     batch = {"features": feats, "label": torch.tensor([0, 1, 2, 3]), "slots": torch.tensor([0, 1]),
-             "owner": torch.tensor([0, 0, 0, 1]), "counts": torch.tensor([3, 1]), "host_slots": [0, 1],
-             "host_counts": [3, 1]}
+             "owner": torch.tensor([0, 0, 0, 1]), "counts": torch.tensor([3, 1]), "members": [0, 1],
+             "sizes": [3, 1]}
     client.train()
     losses = client.training_step(batch)
     assert losses[1] == 0

@@ -14,8 +14,7 @@ right client id. Running out of device memory halves K and retries the group (wh
 later rounds start from the size that fit (:class:`GroupSize`).
 
 A step reads nothing back from the device: the step's slots, sample owners and per-client sample counts are built on
-the host and copied without blocking (the batch also carries them as host lists, ``host_slots`` and ``host_counts``,
-for methods that lay out per-client work on the host), and the optimizer keeps its bookkeeping on the host
+the host and copied without blocking, and the optimizer keeps its bookkeeping on the host
 (:class:`fedprompt.optim.StackedSGD`). Each client's losses are read back once, at the end of its local round.
 """
 
@@ -100,7 +99,7 @@ class LockstepTrainer:
         with timer.section("data"):
             data = self.feed.finish(fabric.to_device({**batch.data, **step_clients(batch.members, batch.counts)}))
             data["seeds"] = [derive_seed(plans[j].seeds[step], METHOD_STREAM) for j in batch.members]
-            data["host_slots"], data["host_counts"] = list(batch.members), list(batch.counts)  # no device read
+            data["members"], data["sizes"] = list(batch.members), list(batch.counts)  # host copies: no sync
         with fabric.autocast():
             terms = client.training_step(data, step)
         with timer.section("backward"), client.stepping_for(data):

@@ -23,8 +23,12 @@ exactly the prompt state; :meth:`PromptClient.slot_state` and :meth:`PromptClien
 - :meth:`active`: a stacked prompt tensor ``[slots, ...]`` -> the active clients' values ``[A, ...]``;
 - :meth:`encode_context`: context vectors ``[A, *P, n_ctx, D]`` -> L2-normalised text features ``[A, *P, C, E]``
   against the current class list; :meth:`encode_visual`: its twin for visual prompt tokens in a ViT tower;
-- :meth:`per_sample`: ``[A, ...]`` -> ``[n, ...]``, each sample's own client's value; :meth:`client_mean`:
-  per-sample values ``[n]`` -> per-client means ``[A]``; :meth:`cosine` and :meth:`clip_logits`: cosine similarity
+- :meth:`set_active`: write the active clients' values ``[A, ...]`` into a per-slot buffer ``[slots, ...]`` (state
+  kept per client that is not trained; :meth:`active` reads it back);
+- :meth:`per_sample`: ``[A, ...]`` -> ``[n, ...]``, each sample's own client's value; :meth:`client_mean` and
+  :meth:`client_sum`: per-sample values ``[n]`` -> per-client means and sums ``[A]``; :meth:`client_counts`: the
+  samples of each client; :meth:`client_rows` / :meth:`from_client_rows`: per-sample values laid out per client
+  ``[R, A, ...]`` and back; :meth:`cosine` and :meth:`clip_logits`: cosine similarity
   and CLIP's scaled logits with each sample's own client's text; :meth:`for_each_client`: one value repeated for
   every active client;
 - :meth:`run_per_client`: a network stacked per slot (:class:`fedprompt.prompts.SlotStacked`) on the active clients.
@@ -87,7 +91,7 @@ def with_owners(batch: dict, device: torch.device | None = None) -> dict:
     n = next(v.shape[0] for k, v in batch.items() if k in ("image", "features", "tokens"))
     device = device or (label.device if isinstance(label, torch.Tensor) else None)
     return {**batch, "slots": torch.zeros(1, dtype=torch.long, device=device),
-            "owner": torch.zeros(n, dtype=torch.long, device=device)}
+            "owner": torch.zeros(n, dtype=torch.long, device=device), "members": [0], "sizes": [n]}
 
 
 def total_loss(losses: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
@@ -103,12 +107,16 @@ class Step:
     ``slots`` of each sample's client; ``None`` while only the text side is computed), ``counts`` ``[A]`` (samples
     per client, when the engine knows them) and ``seeds`` (one integer per active client in training: its own seed
     for this local step, a function of the run seed, the round, the client and the step, for methods that draw
-    random numbers in a step, e.g. noise; ``None`` outside training)."""
+    random numbers in a step, e.g. noise; ``None`` outside training). ``members`` and ``sizes``: host copies of
+    ``slots`` and ``counts`` (the engine's; ``None`` elsewhere), read through :meth:`PromptClient.host_slots` and
+    :meth:`PromptClient.sample_sizes` without a device sync."""
 
     slots: torch.Tensor
     owner: torch.Tensor | None = None
     counts: torch.Tensor | None = None
     seeds: list[int] | None = None
+    members: list[int] | None = None
+    sizes: list[int] | None = None
 
     @property
     def clients(self) -> int:
@@ -133,6 +141,11 @@ class PromptClient(L.LightningModule):
     prompt_template = "{ctx} {name}."
     #: learnable context tokens per prompt (set by the client; ``None``: the client has no prompt sentence)
     n_ctx: int | None = None
+    #: state keys whose size along one dimension differs between clients (FedPHA's local prompts of per-client
+    #: lengths): key -> that dimension of one client's tensor (no client dimension). A slot holds the largest size;
+    #: a client's state holds its own, and :meth:`load_slot` / :meth:`slot_state` pad and cut (see
+    #: :meth:`slot_lengths`)
+    ragged: dict[str, int] = {}
 
     def __init__(self, backbone: Backbone, classnames: list[str], settings: Method, slots: int = 1):
         super().__init__()
@@ -151,17 +164,43 @@ class PromptClient(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ slot state
     def slot_state(self, slot: int) -> State:
-        """A detached CPU copy of the state of the client in ``slot`` (keys as in ``state_dict``, no client dim)."""
-        return {k: v[slot].detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
+        """A detached CPU copy of the state of the client in ``slot`` (keys as in ``state_dict``, no client dim; a
+        :attr:`ragged` key cut to the client's own size)."""
+        state = {k: v[slot].detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
+        for key, dim in self.ragged.items():
+            state[key] = state[key].narrow(dim, 0, self._ragged_sizes(key)[slot]).clone()
+        return state
 
     @torch.no_grad()
     def load_slot(self, slot: int, state: State) -> None:
-        """Put one client's ``state`` (as returned by :meth:`slot_state`) into ``slot``."""
+        """Put one client's ``state`` (as returned by :meth:`slot_state`) into ``slot`` (a :attr:`ragged` key's
+        tensor fills the first rows of its dimension, the rest of the slot is zero)."""
         own = self.state_dict(keep_vars=True)
         if set(own) != set(state):
             raise KeyError(f"client state keys {sorted(state)} do not match the method's {sorted(own)}")
         for key, tensor in own.items():
-            tensor[slot].copy_(state[key])
+            if key in self.ragged:
+                dim = self.ragged[key]
+                size = state[key].shape[dim]
+                tensor[slot].zero_()
+                tensor[slot].narrow(dim, 0, size).copy_(state[key])
+                self._ragged_sizes(key)[slot] = size
+            else:
+                tensor[slot].copy_(state[key])
+
+    def _ragged_sizes(self, key: str) -> list[int]:
+        """The size of each slot's client along the ragged dimension of ``key`` (host; the full size until a client
+        is loaded)."""
+        sizes = self.__dict__.setdefault("_ragged", {})
+        if key not in sizes:
+            full = self.state_dict(keep_vars=True)[key].shape[1 + self.ragged[key]]
+            sizes[key] = [full] * self.slots
+        return sizes[key]
+
+    def slot_lengths(self, key: str) -> list[int]:
+        """The active clients' own sizes along the :attr:`ragged` dimension of ``key`` (host integers)."""
+        sizes = self._ragged_sizes(key)
+        return [sizes[slot] for slot in self.host_slots()]
 
     def all_slots(self) -> torch.Tensor:
         return torch.arange(self.slots, device=self.device)
@@ -215,9 +254,9 @@ class PromptClient(L.LightningModule):
 
     @contextmanager
     def stepping(self, slots: torch.Tensor, owner: torch.Tensor | None = None, counts: torch.Tensor | None = None,
-                 seeds: list[int] | None = None):
+                 seeds: list[int] | None = None, members: list[int] | None = None, sizes: list[int] | None = None):
         """Run the parts for the clients in ``slots`` (and the samples of ``owner``) inside the block."""
-        previous, self._step = self._step, Step(slots, owner, counts, seeds)
+        previous, self._step = self._step, Step(slots, owner, counts, seeds, members, sizes)
         try:
             yield self._step
         finally:
@@ -230,7 +269,8 @@ class PromptClient(L.LightningModule):
 
     def _batch_step(self, batch: dict):
         batch = with_owners(batch, self.device)
-        return batch, self.stepping(batch["slots"], batch["owner"], batch.get("counts"), batch.get("seeds"))
+        return batch, self.stepping(batch["slots"], batch["owner"], batch.get("counts"), batch.get("seeds"),
+                                    batch.get("members"), batch.get("sizes"))
 
     # ------------------------------------------------------------------------------------------- helpers
     def active(self, stacked: torch.Tensor) -> torch.Tensor:
@@ -241,6 +281,21 @@ class PromptClient(L.LightningModule):
     def clients(self) -> int:
         """The number of active clients A."""
         return self.step.clients
+
+    def host_slots(self) -> list[int]:
+        """The active clients' module slots as host integers (the engine's copy; otherwise read from the device)."""
+        step = self.step
+        return list(step.members) if step.members is not None else step.slots.tolist()
+
+    def sample_sizes(self) -> list[int]:
+        """The number of samples of each active client (host integers; the engine's copy, else read from the
+        device). A step's samples are grouped by client, in the order of the active clients."""
+        step = self.step
+        if step.sizes is not None:
+            return list(step.sizes)
+        if step.counts is not None:
+            return step.counts.tolist()
+        return torch.bincount(step.owner, minlength=step.clients).tolist()
 
     def for_each_client(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` (the same for every client) with a leading client dimension: ``[A, *value.shape]``."""
@@ -255,6 +310,45 @@ class PromptClient(L.LightningModule):
         step = self.step
         return segment_mean(values, step.owner, step.clients, step.counts)
 
+    def client_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-client sums ``[A, ...]`` of per-sample values ``[n, ...]``."""
+        step = self.step
+        return torch.zeros(step.clients, *values.shape[1:], dtype=values.dtype, device=values.device).index_add(
+            0, step.owner, values)
+
+    def client_counts(self) -> torch.Tensor:
+        """The samples of each active client in this step ``[A]``."""
+        step = self.step
+        return step.counts if step.counts is not None else torch.bincount(step.owner, minlength=step.clients)
+
+    def client_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sample values ``[n, ...]`` laid out per client: ``[R, A, ...]``, row j of client a its j-th sample
+        (R: the most samples of any active client; zeros past a client's last sample), so that one batched operation
+        meets every client's j-th sample at once (DP-FPL's per-example gradients). :meth:`from_client_rows` is the
+        inverse."""
+        position, rows = self._row_positions()
+        out = torch.zeros(rows, self.clients, *values.shape[1:], dtype=values.dtype, device=values.device)
+        out[position, self.step.owner] = values
+        return out
+
+    def from_client_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-sample values ``[n, ...]`` from their per-client layout ``[R, A, ...]`` (:meth:`client_rows`)."""
+        position, _ = self._row_positions()
+        return rows[position, self.step.owner]
+
+    def _row_positions(self) -> tuple[torch.Tensor, int]:
+        """Each sample's position among its own client's samples ``[n]``, and the most samples of any client."""
+        owner = self.step.owner
+        position = (F.one_hot(owner, self.clients).cumsum(0) - 1).gather(1, owner.unsqueeze(1)).squeeze(1)
+        return position, int(position.max()) + 1
+
+    @torch.no_grad()
+    def set_active(self, buffer: torch.Tensor, values: torch.Tensor) -> None:
+        """The per-client buffer helper: write the active clients' values ``[A, ...]`` into a per-slot buffer
+        ``[slots, ...]`` in place (state a client keeps that is not trained, e.g. ProDA's prompt sampler), leaving
+        the other slots as they are; :meth:`active` reads them."""
+        buffer.index_copy_(0, self.step.slots, values.to(buffer.dtype))
+
     def encode_context(self, ctx: torch.Tensor, class_specific: bool = False,
                        deep: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised fp32 text features ``[A, *P, C, E]`` of context vectors ``ctx`` ``[A, *P, n_ctx, D]`` (or
@@ -264,6 +358,40 @@ class PromptClient(L.LightningModule):
         IVLP; see :meth:`fedprompt.backbone.Backbone.encode_prompts`)."""
         feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx, class_specific=class_specific,
                                              deep=deep)
+        return F.normalize(feats.float(), dim=-1)
+
+    def sentence_tokens(self, classnames: list[str], n_ctx: int):
+        """The frozen prompt sentences of ``classnames`` with ``n_ctx`` context tokens (:attr:`prompt_template`); a
+        method may change them (FedPHA's ``compat: official`` pooling position)."""
+        return self.backbone.prompt_tokens(classnames, n_ctx, template=self.prompt_template)
+
+    def tokens_with(self, n_ctx: int, device: torch.device | None = None):
+        """:meth:`sentence_tokens` of the current class list with ``n_ctx`` context tokens, computed once per class
+        list and length (and moved once per device)."""
+        cache = self.__dict__.setdefault("_length_tokens", {})
+        key = (tuple(self.classnames), n_ctx)
+        if key not in cache:
+            cache[key] = self.sentence_tokens(self.classnames, n_ctx)
+        if device is None:
+            return cache[key]
+        if (key, device) not in cache:
+            cache[(key, device)] = cache[key].to(device)
+        return cache[(key, device)]
+
+    def encode_lengths(self, ctx: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """:meth:`encode_context` for clients whose contexts have their own lengths: ``ctx`` ``[A, *P, L, D]`` where
+        client a's context is its first ``lengths[a]`` rows (the rest is ignored) -> L2-normalised fp32 features
+        ``[A, *P, C, E]``; each client's sentences hold exactly its own number of context tokens. One encoder call
+        per distinct length; each client's features come from its own rows only."""
+        groups: dict[int, list[int]] = {}
+        for position, length in enumerate(lengths):
+            groups.setdefault(int(length), []).append(position)
+        parts, order = [], []
+        for length, members in groups.items():
+            rows = ctx if len(groups) == 1 else ctx.index_select(0, torch.tensor(members, device=ctx.device))
+            parts.append(self.backbone.encode_prompts(self.tokens_with(length, ctx.device), rows[..., :length, :]))
+            order += members
+        feats = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.tensor(order).argsort().to(ctx.device)]
         return F.normalize(feats.float(), dim=-1)
 
     def encode_visual(self, images: torch.Tensor, tokens: torch.Tensor, of_active: bool = False) -> torch.Tensor:

@@ -70,8 +70,8 @@ class FedCLIPClient(TunedClient):
     def loss(self, text, image, batch):
         if self.settings.loss == "ce":
             return super().loss(text, image, batch)
-        counts = self.sample_counts(batch)
-        self._hold(self.host_slots(batch), counts)
+        counts = self.sample_sizes()
+        self._hold(self.host_slots(), counts)
         labels, tau = batch["label"], self._logit_scale
         losses, start = [], 0
         for position, count in enumerate(counts):  # each client's batch on its own (contiguous rows)

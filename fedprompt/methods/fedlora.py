@@ -107,7 +107,7 @@ class FedLoRAClient(TunedClient):
     def image_features(self, batch: dict) -> torch.Tensor:
         if "visual" not in self.towers:
             return super().image_features(batch)
-        tuning = self.tuning("visual", self.image_rows(), self.sample_counts(batch))
+        tuning = self.tuning("visual", self.image_rows(), self.sample_sizes())
         return F.normalize(self.backbone.encode_image_tuned(batch["image"], tuning).float(), dim=-1)
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, WeightedMean
 from fedprompt.methods.tuned import TunedClient, TunedMethod
 
+#: the release's adapted layers (``vit_b16.yaml``: 5 .. 12, 1-based)
+RELEASED_LAYERS = (5, 12)
 #: ``towers`` setting -> the backbone's towers
 TOWERS = {"both": ("text", "visual"), "text": ("text",), "vision": ("visual",)}
 
@@ -118,10 +120,11 @@ class PFedMMA(TunedMethod):
     towers: Literal["both", "text", "vision"] = "both"
     """The towers with adapters: both (the method), text or vision (one half; e.g. a backbone whose image tower has
     no transformer blocks)."""
-    adapter_start: int = 5
-    """First adapted layer, the release's 1-based index (layer i = block i - 1); >= 1."""
-    adapter_end: int = 12
-    """Last adapted layer (inclusive)."""
+    adapter_start: Optional[int] = None
+    """First adapted layer, the release's 1-based index (layer i = block i - 1); >= 1 (null: the release's 5, or
+    ``adapter_end`` when a small tower ends before it)."""
+    adapter_end: Optional[int] = None
+    """Last adapted layer, inclusive (null: the release's 12, or the last layer of a tower with fewer)."""
     adapter_dim: int = 32
     """The adapters' inner width m."""
     adapter_scale: float = 0.001
@@ -143,13 +146,32 @@ class PFedMMA(TunedMethod):
         self.check_tuned()
         if self.towers not in TOWERS:
             raise FedPromptError(f"method.towers={self.towers!r}: use both, text or vision.")
-        if not 1 <= self.adapter_start <= self.adapter_end:
+        start, end = self.adapter_start, self.adapter_end
+        if (start is not None and start < 1) or (start is not None and end is not None and start > end) \
+                or (end is not None and end < 1):
             raise FedPromptError(f"method.adapter_start={self.adapter_start}, method.adapter_end={self.adapter_end}: "
                                  "need 1 <= adapter_start <= adapter_end (the input-level adapter, layer 0, is not "
                                  "supported).")
         if self.adapter_dim < 1 or not self.adapter_scale > 0:
             raise FedPromptError(f"method.adapter_dim={self.adapter_dim}, method.adapter_scale={self.adapter_scale}: "
                                  "need adapter_dim >= 1 and adapter_scale > 0.")
+
+    def derived_settings(self, backbone):
+        """The layers left null: the release's 5 .. 12, or the last layers that the shallowest adapted tower has."""
+        towers = [t for t in TOWERS.get(self.towers, ()) if backbone.tunable_layers(t) > 0]
+        if not towers:  # no blocks to adapt: the client refuses the backbone in one line
+            return {}
+        depth, tower = min((backbone.tunable_layers(t), t) for t in towers)
+        why = f"the {tower} tower of '{backbone.name}' has {depth} layers"
+        derived = {}
+        end = self.adapter_end
+        if end is None:
+            end = min(RELEASED_LAYERS[1], depth)
+            derived["adapter_end"] = (end, RELEASED_LAYERS[1], why)
+        if self.adapter_start is None:
+            derived["adapter_start"] = (min(RELEASED_LAYERS[0], end), RELEASED_LAYERS[0],
+                                        why if self.adapter_end is None else f"method.adapter_end is {end}")
+        return derived
 
     def build_aggregator(self) -> Aggregator:
         return WeightedMean(self.shared_prefixes)

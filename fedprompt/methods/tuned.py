@@ -89,29 +89,11 @@ class TunedClient(PromptClient):
     # -------------------------------------------------------------------------------------- rows and clients
     def text_rows(self) -> torch.Tensor:
         """The slot of each sentence of :meth:`tuned_text`'s call: ``[A * C]`` (each active client's C classes)."""
-        return self.step.slots.repeat_interleave(len(self.classnames))
+        return self.active(self.all_slots()).repeat_interleave(len(self.classnames))
 
     def image_rows(self) -> torch.Tensor:
         """The slot of each image of the step's batch: ``[n]``."""
-        return self.step.slots[self.step.owner]
-
-    @staticmethod
-    def sample_counts(batch: dict) -> list[int]:
-        """The images per active client of a batch, on the host: the engine's ``host_counts``, else read from the
-        batch's ``counts`` (one device read), else one client with every image."""
-        if "host_counts" in batch:
-            return list(batch["host_counts"])
-        if batch.get("counts") is not None:
-            return [int(c) for c in batch["counts"].tolist()]
-        key = next(k for k in ("image", "features") if k in batch)
-        return [int(batch[key].shape[0])]
-
-    def host_slots(self, batch: dict) -> list[int]:
-        """The active clients' slots on the host: the engine's ``host_slots``, else read from the step (one device
-        read)."""
-        if "host_slots" in batch:
-            return list(batch["host_slots"])
-        return [int(s) for s in self.step.slots.tolist()]
+        return self.per_sample(self.active(self.all_slots()))
 
     def dropout(self, p: float, tower: str, counts: list[int]) -> SlotDropout | None:
         """Dropout with rate ``p`` for the rows of ``tower`` (``counts``: rows per active client, grouped in order),
