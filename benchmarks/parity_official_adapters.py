@@ -42,15 +42,14 @@ after one step, and fails (exit status 1) above ``--tol`` (1e-5). A missing mirr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
 import importlib
 import io
 import math
 import subprocess
 import sys
 import tarfile
-import tempfile
 import types
 from pathlib import Path
 
@@ -62,7 +61,8 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
 from parity_official_pfl import install_dassl_stubs, trainer_method  # noqa: E402
-from parity_text_baselines import CLASSES, default_mirror, fedprompt_step, images, ns, perturb_, report  # noqa: E402
+from parity_text_baselines import CLASSES, default_mirror, fedprompt_step, images, ns, parity_main, perturb_, \
+    report, run_checks  # noqa: E402
 from parity_text_baselines import fedprompt_backbone as truncating_backbone  # noqa: E402
 from fedprompt.methods import FedCLIP, FedLoRA, PFedMMA  # noqa: E402
 
@@ -167,8 +167,9 @@ def pair_report(name: str, tol: float, logits, losses, pairs: dict, note: str = 
 # ------------------------------------------------------------------------------------------------- CLIP-LoRA
 def no_lora_dropout(model) -> None:
     """The release's LoRA layers built with dropout 0.25 (so that they take their dropout > 0 path, where
-    ``s B A drop(x)`` is computed explicitly), then their ``nn.Dropout`` set to ``p = 0`` (no random masks). (Its dropout-0 path merges ``s B A`` into the weight for the forward and subtracts it again through
-    ``.data`` before the backward, so the gradient reaching the layer's input misses the update: see
+    ``s B A drop(x)`` is computed explicitly), then their ``nn.Dropout`` set to ``p = 0`` (no random masks). (Its
+    dropout-0 path merges ``s B A`` into the weight for the forward and subtracts it again through ``.data`` before
+    the backward, so the gradient reaching the layer's input misses the update: see
     ``docs/methods-adapters.md``.)"""
     for module in model.modules():
         if isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
@@ -445,39 +446,22 @@ PARITY = {"CLIP-LoRA": parity_clip_lora, "FedPuReL-LoRA": parity_fedpurel, "FedC
           "pFedMMA": parity_pfedmma}
 
 
-def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1)) -> dict[str, bool | None]:
-    """Run the parity checks; ``None`` for a method whose mirror is absent."""
-    mirror = Path(mirror or default_mirror())
-    results: dict[str, bool | None] = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _extract_repo(method: str, mirror: Path, folder: Path):
+    repo, paths = REPOS[method]
+    return repo, extract_paths(mirror, repo, paths, folder) if (mirror / repo / "repo").is_dir() else None
+
+
+def run(methods=None, mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1)) -> dict[str, bool | None]:
+    """Run the parity checks (:func:`run_checks`); ``None`` for a method whose mirror is absent. The official
+    modules are dropped afterwards, so that another script's repository of the same module names imports afresh."""
     try:
-        for method in methods:
-            repo, paths = REPOS[method]
-            if not (mirror / repo / "repo").is_dir():
-                print(f"{method:8s} skipped: no mirror of the official code at {mirror / repo / 'repo'}")
-                results[method] = None
-                continue
-            with tempfile.TemporaryDirectory(prefix=f"parity-{method}-") as tmp:
-                root = extract_paths(mirror, repo, paths, Path(tmp))
-                results[method] = all([PARITY[method](root, tol, seed) for seed in seeds])
+        return run_checks(PARITY, _extract_repo, methods, mirror, tol, seeds)
     finally:
-        torch.set_num_threads(threads)
         for name in [m for m in sys.modules if m.split(".")[0] in OFFICIAL_MODULES]:
             del sys.modules[name]
-    return results
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mirror", type=Path, default=default_mirror(),
-                        help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or "
-                             "/work/.mirror")
-    parser.add_argument("--methods", nargs="+", default=list(PARITY), choices=list(PARITY))
-    parser.add_argument("--tol", type=float, default=1e-5)
-    args = parser.parse_args(argv)
-    results = run(args.methods, args.mirror, args.tol)
-    return 1 if any(r is False for r in results.values()) else 0
+main = functools.partial(parity_main, __doc__.split("\n\n")[0], PARITY, run)
 
 
 if __name__ == "__main__":

@@ -203,7 +203,8 @@ def test_pfedmma_layers_left_null_fit_the_backbone(backbone, capsys):
     fitted = PFedMMA().for_backbone(backbone)
     assert (fitted.adapter_start, fitted.adapter_end) == (2, 2)
     err = capsys.readouterr().err
-    assert "adapter_end 2, not the official 12: the text tower of" in err and "adapter_start 2, not the official 5" in err
+    assert "adapter_end 2, not the official 12: the text tower of" in err
+    assert "adapter_start 2, not the official 5" in err
     assert set(PFedMMA().build_client(backbone, CLASSES).shared_adapter) == {"2"}
     vit = SimpleNamespace(tunable_layers=lambda tower: 12, name="ViT-B-16")
     fitted = PFedMMA().for_backbone(vit)

@@ -24,9 +24,10 @@ averaged (sample-weighted, ``federated_main.py:539-549``): ``shared_adapter`` on
 768 + 32) = 666,112 values.
 
 Official behaviours not reproduced, by reading (see ``docs/methods-adapters.md``): the cached inference text features
-(``pFedMMA.py:173, 206-211``: computed for the first client evaluated and reused for every client and round) -- fedprompt
-computes each client's own every evaluation; the input-level adapter (layer 0, only when ``adapter_start`` is 0) is not
-built (``adapter_start`` must be >= 1).
+(``pFedMMA.py:173, 206-211``: computed for the first client evaluated and reused for every client and round) --
+fedprompt computes each client's own every evaluation; the input-level adapter (layer 0, only when ``adapter_start``
+is 0) is not built (``adapter_start`` must be >= 1; left null it is the release's 5, or the last layer of a tower
+with fewer than 5).
 
 Where it applies (``towers``): ``both`` needs transformer blocks in both towers (open_clip CLIP ViTs). ``text`` is the
 text half alone (the offline stand-in, whose EfficientNet image tower has no blocks; a BERT block is post-LN, so its
