@@ -60,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
-from parity_official_pfl import install_dassl_stubs, trainer_method  # noqa: E402
+from parity_official_pfl import install_dassl_stubs, stand_in_step  # noqa: E402
 from parity_text_baselines import CLASSES, default_mirror, fedprompt_step, images, ns, parity_main, perturb_, \
     report, run_checks  # noqa: E402
 from parity_text_baselines import fedprompt_backbone as truncating_backbone  # noqa: E402
@@ -244,25 +244,6 @@ def install_purel_stubs() -> None:
 
     for name in ("Dassl.dassl.utils", "Dassl.dassl.data"):
         sys.modules.setdefault(name, types.ModuleType(name)).__getattr__ = any_name
-
-
-def stand_in_step(module, path: Path, class_name: str, model, params, image, label, lr: float, **attrs):
-    """The release's ``forward_backward`` on a stand-in trainer whose update is one SGD step (momentum 0.9, weight
-    decay 5e-4, Dassl's defaults); returns the loss."""
-    forward_backward = trainer_method(module, path, class_name, "forward_backward")
-    parse_batch_train = trainer_method(module, path, class_name, "parse_batch_train")
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-
-    def update(loss):
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    trainer = ns(model=model, device=torch.device("cpu"), batch_idx=0, num_batches=2, update_lr=lambda: None,
-                 model_backward_and_update=update, **attrs)
-    trainer.parse_batch_train = lambda batch: parse_batch_train(trainer, batch)
-    summary = forward_backward(trainer, {"img": image, "label": label})
-    return torch.tensor(summary["loss"])
 
 
 def parity_fedpurel(root: Path, tol: float, seed: int) -> bool:

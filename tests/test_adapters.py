@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import EFFL0, ROOT, read_rows, require, run_parity_script, tiny_fit, without_timings
+from conftest import EFFL0, ROOT, read_rows, require, run_parity_script, stacked_against_single, tiny_fit, \
+    without_timings
 from fedprompt.backbone import load_backbone
 from fedprompt.backbone.adapters import SlotDropout, StackedLinear, StackedLoRA, routed_linear, scale_gradient
 from fedprompt.backbone.tuning import TowerTuning, lora_attention
@@ -96,27 +97,13 @@ def test_slot_dropout_masks_depend_only_on_the_client():
 
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_stacked_adam_is_torch_adam_per_slot(decoupled):
-    torch.manual_seed(0)
-    start = torch.randn(3, 4, 5)
-    stacked = torch.nn.Parameter(start.clone())
-    singles = [torch.nn.Parameter(start[k].clone()) for k in range(3)]
-    opt = StackedAdam([stacked], lr=0.1, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, decoupled=decoupled)
-    rates = [0.1, 0.05, 0.2]
+    """Slot 1 stops after 2 steps, slot 2 after 3: their moments and step counts stay put."""
     kind = torch.optim.AdamW if decoupled else torch.optim.Adam
-    torch_opts = [kind([p], lr=r, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2) for p, r in zip(singles, rates)]
-    steps_of = [4, 2, 3]  # slot 1 stops after 2 steps, slot 2 after 3: their moments and step counts stay put
-    for step in range(4):
-        grads = torch.randn(3, 4, 5)
-        active = torch.tensor([step < n for n in steps_of])
-        stacked.grad = grads * active.view(-1, 1, 1)
-        opt.set_slots(active, torch.tensor(rates, dtype=torch.float64))
-        opt.step()
-        for k in range(3):
-            if active[k]:
-                singles[k].grad = grads[k].clone()
-                torch_opts[k].step()
+    _, stacked, singles = stacked_against_single(
+        lambda params: StackedAdam(params, lr=0.1, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, decoupled=decoupled),
+        lambda params, lr: kind(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2))
     for k in range(3):
-        torch.testing.assert_close(stacked.data[k], singles[k].data, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(stacked[k], singles[k], rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------- the towers
@@ -206,6 +193,7 @@ def test_pfedmma_layers_left_null_fit_the_backbone(backbone, capsys):
     assert "adapter_end 2, not the official 12: the text tower of" in err
     assert "adapter_start 2, not the official 5" in err
     assert set(PFedMMA().build_client(backbone, CLASSES).shared_adapter) == {"2"}
+    capsys.readouterr()
     vit = SimpleNamespace(tunable_layers=lambda tower: 12, name="ViT-B-16")
     fitted = PFedMMA().for_backbone(vit)
     assert (fitted.adapter_start, fitted.adapter_end) == (5, 12) and capsys.readouterr().err == ""
