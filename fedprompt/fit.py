@@ -460,6 +460,8 @@ def _attach_set_evaluation(fed: Federation, method: Method, eval_sets: list) -> 
     modules built on those lists), so the prompt state must not depend on the classes."""
     shapes = {k: tuple(v.shape) for k, v in fed.client.state_dict().items()}
     for eval_set in eval_sets:
+        if list(eval_set.classnames) == list(fed.classnames):
+            continue  # the federation's own class list (global, per-domain and OOD sets)
         other = {k: tuple(v.shape) for k, v in fed.module_for(eval_set.classnames).state_dict().items()}
         if not fed.client.switchable_classes or other != shapes:
             raise FedPromptError(f"data: the evaluation set {eval_set.name} ({len(eval_set.classnames)} classes) is "

@@ -287,7 +287,8 @@ class Federation:
             batch.update(slots=slots, owner=torch.full((n,), position, dtype=torch.long, device=fabric.device))
             with fabric.autocast():
                 logits = client.predict_logits(batch, text)
-            metric.update(logits.float().argmax(1), batch["label"])
+            # columns past the class list are a model's own negative labels (FOCoOp's OOD prompts)
+            metric.update(logits[:, :len(client.classnames)].float().argmax(1), batch["label"])
         return float(metric.compute())
 
     @torch.no_grad()
