@@ -36,12 +36,14 @@ from fedprompt.backbone import load_backbone
 from fedprompt.backbone.loading import check_source
 from fedprompt.data.cache import FeatureCache
 from fedprompt.data.reader import FederatedData
+from fedprompt.data.scenarios import ood_sets
 from fedprompt.data.transforms import clip_transforms
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.federation.checkpoint import append_jsonl, check_resume, check_shapes, load_checkpoint, read_jsonl, \
     save_checkpoint, state_shapes, write_json, write_jsonl, write_text
 from fedprompt.federation.feed import CachedFeatures, Feed, ImageFiles, StoredImages, sample_lists
 from fedprompt.federation.loop import Federation
+from fedprompt.federation.ood_eval import build_detection
 from fedprompt.federation.scenarios import central_train, evaluation_sets, scenario_keys, scenario_line
 from fedprompt.loggers import build_logger, check_logger, log_client_table, logger_run_id, numeric_metrics, \
     save_logger
@@ -337,8 +339,9 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None,
     method: Method = run.method
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets, global, domains
     eval_sets = evaluation_sets(splits, run.eval)
+    ood = ood_sets(splits, run.eval.ood) if run.eval.ood else []  # OOD detection's sets (eval.ood)
     method.prepare_data(splits, eval_sets)  # per-dataset side data (FedMVP's attributes), checked before any write
-    extra = {e.name: e.samples for e in eval_sets}
+    extra = {e.name: e.samples for e in eval_sets + ood}
     feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf, feed_clients)
     fed = Federation(fabric=fabric, method=method, backbone=backbone, classnames=splits.classnames,
                      aggregator=aggregator, clients=splits.clients, feed=feed,
@@ -346,6 +349,7 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None,
                      progress=run.log.progress and fabric.global_rank == 0, timer=timer)
     if eval_sets:
         _attach_set_evaluation(fed, method, eval_sets)
+    fed.ood = build_detection(run.eval, ood, backbone, splits.classnames, fed.client, method)
     fed.initial_states()
     return fed, splits.classnames
 

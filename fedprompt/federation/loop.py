@@ -25,6 +25,7 @@ from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, state_bytes
 from fedprompt.federation.engine import GroupResult, GroupSize, LockstepTrainer, run_groups
 from fedprompt.federation.feed import Feed, LocalPlan, local_epoch_count, local_plan
+from fedprompt.federation.ood_eval import OODDetection, ood_summary
 from fedprompt.federation.privacy import round_privacy
 from fedprompt.federation.protocols import ClientModule, MethodSpec
 from fedprompt.federation.sampling import derive_seed, drop_clients, place
@@ -75,6 +76,8 @@ class Federation:
     global_state: State = field(default_factory=dict)
     progress: bool = True
     eval_sets: list = field(default_factory=list)
+    ood: OODDetection | None = None
+    """OOD detection (``eval.ood``): each client scored on its own test data and the OOD sets."""
     timer: SectionTimer | None = None
     modules: dict[tuple, ClientModule] = field(default_factory=dict)
     round_epochs: dict[int, int] = field(default_factory=dict, init=False, repr=False)
@@ -275,20 +278,26 @@ class Federation:
 
     # ------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def _accuracy(self, client: ClientModule, text, slots: torch.Tensor, position: int, name: str) -> float:
-        """Accuracy of the client at ``slots[position]`` (its text side precomputed in ``text``) on list ``name``."""
-        if not self.feed.lists.get(name):
-            return math.nan
+    def eval_logits(self, client: ClientModule, text, slots: torch.Tensor, position: int, name: str):
+        """``(logits, labels)`` of each evaluation batch of feed list ``name`` for the client at ``slots[position]``
+        (its text side precomputed in ``text``)."""
         fabric = self.fabric
-        metric = accuracy_metric(max(2, len(client.classnames))).to(fabric.device)  # one class: trivially right
         for batch in self.feed.eval_batches(name, self.eval.batch_size):
             batch = self.feed.finish(fabric.to_device(batch))
             n = batch["label"].shape[0]
             batch.update(slots=slots, owner=torch.full((n,), position, dtype=torch.long, device=fabric.device))
             with fabric.autocast():
-                logits = client.predict_logits(batch, text)
+                yield client.predict_logits(batch, text), batch["label"]
+
+    @torch.no_grad()
+    def _accuracy(self, client: ClientModule, text, slots: torch.Tensor, position: int, name: str) -> float:
+        """Accuracy of the client at ``slots[position]`` (its text side precomputed in ``text``) on list ``name``."""
+        if not self.feed.lists.get(name):
+            return math.nan
+        metric = accuracy_metric(max(2, len(client.classnames))).to(self.fabric.device)  # one class: trivially right
+        for logits, label in self.eval_logits(client, text, slots, position, name):
             # columns past the class list are a model's own negative labels (FOCoOp's OOD prompts)
-            metric.update(logits[:, :len(client.classnames)].float().argmax(1), batch["label"])
+            metric.update(logits[:, :len(client.classnames)].float().argmax(1), label)
         return float(metric.compute())
 
     @torch.no_grad()
@@ -306,12 +315,15 @@ class Federation:
         slots = torch.arange(len(cids), device=self.fabric.device)
         return client, slots, self._text(client, slots)
 
-    def _evaluate_own(self, cids: list[int], test: bool = True) -> dict[int, tuple[float, float]]:
+    def _evaluate_own(self, cids: list[int], test: bool = True) -> dict:
         """(test, validation) accuracy of each client of ``cids`` (one class list) on its own data (test: NaN when
-        ``test`` is false, ``eval.mode: global``)."""
+        ``test`` is false, ``eval.mode: global``), and its OOD detection results (``eval.ood``)."""
         client, slots, text = self._load_group(self.client_classnames(cids[0]), cids)
-        return {cid: (self._accuracy(client, text, slots, pos, f"test:{cid}") if test else math.nan,
-                      self._accuracy(client, text, slots, pos, f"val:{cid}")) for pos, cid in enumerate(cids)}
+        out = {cid: (self._accuracy(client, text, slots, pos, f"test:{cid}") if test else math.nan,
+                     self._accuracy(client, text, slots, pos, f"val:{cid}")) for pos, cid in enumerate(cids)}
+        if self.ood is not None:  # OOD detection: (key, cid) entries, as the evaluation sets'
+            out.update(self.ood.client_results(self, client, text, slots, cids))
+        return out
 
     def _set_clients(self, eval_set) -> list[int]:
         """The clients scored on an evaluation set: those drawn from its dataset (all clients for a single dataset
@@ -397,6 +409,7 @@ class Federation:
         if val:
             out["val_acc"] = sum(val) / len(val)
         out.update(self._set_summary(results, out.get("local_acc", out.get("own_classes_acc"))))
+        out.update(ood_summary(self.ood, results, len(ids)))
         return out
 
     def _personal_summary(self, results: dict, ids: list[int]) -> dict:

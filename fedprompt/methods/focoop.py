@@ -338,6 +338,7 @@ class FOCoOp(TrainedMethod):
     client_class = FOCoOpClient
     shared_prefixes = ("global_prompt.", "ood_prompt.")
     global_model = False
+    own_negative_labels = True
 
     def build_aggregator(self) -> Aggregator:
         return FOCoOpServer(self)
