@@ -177,8 +177,8 @@ class EvalArgs:
     ood: list[str] = field(default_factory=list)
     """OOD detection, for every method: the out-of-distribution sets, each client's own test images being
     in-distribution. novel: the held-out classes of a base/novel split (data.subsample_classes base); or the name of
-    a target of data: Transfer (a dataset read for its test images; named here it is an OOD set only, no unseen
-    accuracy). Rows: ood/<set>/<score>/auroc and /fpr95 (mean over clients) and client_ood/... per client."""
+    a target of data: Transfer (a dataset read for its test images). A set named here is an OOD set only (no novel
+    or unseen accuracy). Rows: ood/<set>/<score>/auroc and /fpr95 (mean over clients), client_ood/... per client."""
     ood_scores: list[Literal["msp", "energy", "mcm", "neglabel"]] = field(
         default_factory=lambda: ["msp", "energy", "mcm"])
     """OOD scores: maximum softmax probability, energy (logsumexp of the logits), MCM (maximum softmax of the

@@ -74,6 +74,7 @@ def test_ood_sets_are_held_out_classes_or_a_transfer_target():
     (novel,) = ood_sets(splits, ["novel"])
     assert novel.name == "ood/novel" and novel.split == "ood" and novel.classnames == splits.classnames
     assert {s.label for s in novel.samples} == {0, 1, 2} and len(novel.samples) == 3 * 8  # the novel half's tests
+    assert [e.name for e in evaluation_sets(splits, Args)] == ["synthetic/base"]  # no novel accuracy then
     transfer = Transfer(Synthetic(num_classes=3), [Synthetic(num_classes=8, seed=5)], names=["other"]).setup()
     (other,) = ood_sets(transfer, ["other"])
     assert other.name == "ood/other" and len(other.samples) == 8 * 8
@@ -130,10 +131,10 @@ def test_neglabel_with_mined_negatives_and_with_focoops_own_columns(cli, tmp_pat
     row = read_rows(tmp_path / "mined")[-1]
     assert 0 <= row["ood/novel/neglabel/auroc"] <= 1 and len(row["client_ood/novel/neglabel/fpr95"]) == 4
     code, _, err = cli("fit", *flags, "--method", "FOCoOp", "--method.n_ctx", "2", "--method.num_negatives", "4",
-                       "--method.negative_words", WORDS, "--method.class_specific", "false", "--method.uot", "false",
-                       "--out_dir", tmp_path / "focoop")
-    assert code == 0, err
-    assert 0 <= read_rows(tmp_path / "focoop")[-1]["ood/novel/neglabel/auroc"] <= 1
+                       "--method.negative_words", WORDS, "--out_dir", tmp_path / "focoop")
+    assert code == 0, err  # class-specific prompts: the held-out classes are an OOD set only, never a class list
+    row = read_rows(tmp_path / "focoop")[-1]
+    assert 0 <= row["ood/novel/neglabel/auroc"] <= 1 and "novel_acc" not in row
 
 
 def test_ood_refusals_are_one_line_before_anything_is_written(cli, tmp_path, tiny_backbone):

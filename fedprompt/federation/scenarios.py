@@ -71,8 +71,9 @@ def evaluation_sets(splits, eval_args) -> list:
     then the global sets (``eval.mode: global`` / ``dual``) and the per-domain sets (``eval.domains``)."""
     from fedprompt.data.scenarios import domain_sets, global_sets
 
-    ood = set(eval_args.ood)  # unseen datasets named as OOD sets are scored for detection only
-    sets = [e for e in splits.eval_sets if e.split in ("base", "novel") or (not e.seen and e.dataset not in ood)]
+    ood = set(eval_args.ood)  # sets named as OOD sets are scored for detection only, never for accuracy
+    sets = [e for e in splits.eval_sets if e.split == "base" or (e.split == "novel" and "novel" not in ood)
+            or (not e.seen and e.dataset not in ood)]
     whole = global_sets(splits)
     if eval_args.mode != "personal":
         sets += whole
