@@ -13,18 +13,19 @@ same arguments then only writes the table.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
 import yaml
 
 from fedprompt import rundir
-from fedprompt.run import RunArgs, SweepArgs
 from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError
-from fedprompt.federation.checkpoint import write_json, write_text
+from fedprompt.files import checked_writes, read_json, read_yaml, write_json, write_text
+from fedprompt.run import RunArgs, SweepArgs, run_config
+from fedprompt.run_folder import folder_state
 
 #: summary.json entries averaged over seeds (those a run has)
 METRICS = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "novel_acc", "hm", "cm",
@@ -37,8 +38,6 @@ PER_SEED_KEYS = ("seed", "out_dir", "resume", "overwrite", "federation.rounds", 
 
 def run_sweep(run: RunArgs, options: SweepArgs) -> dict:
     """``fedprompt sweep`` (see :func:`fedprompt.commands.sweep`)."""
-    from fedprompt.fit import run_config
-
     seeds, same_data = options.seeds, options.same_data
     if run.method is None or run.data is None:
         raise FedPromptError("sweep needs a fit config: --config FILE with method.class_path and data.class_path.")
@@ -59,8 +58,10 @@ def run_sweep(run: RunArgs, options: SweepArgs) -> dict:
         raise KeyboardInterrupt(f"sweep interrupted; run the same sweep command again to continue ({out}: finished "
                                 "seeds are kept, an interrupted seed resumes from its checkpoint).") from None
     table = seed_table({n: out / f"seed{n}" for n in seeds})
-    write_json(out / "seeds.json", table)
-    write_text(out / "seeds.md", markdown_table(table) + "\n")
+    with checked_writes(out / "seeds.json", f"every seed's run is kept in {out}; free space or fix the folder, then "
+                                            "run the same sweep command again (it only writes the table)."):
+        write_json(out / "seeds.json", table)
+        write_text(out / "seeds.md", markdown_table(table) + "\n")
     print(markdown_table(table))
     print(f"-> {out / 'seeds.md'}, {out / 'seeds.json'}")
     return table
@@ -84,7 +85,7 @@ def _prepare(out: Path, config: dict, seeds: list[int], overwrite: bool) -> None
         for name in ("sweep.yaml", "seeds.json", "seeds.md"):
             (out / name).unlink(missing_ok=True)
     elif saved.is_file():
-        changed = config_differences(yaml.safe_load(saved.read_text()) or {}, config)
+        changed = config_differences(_read_sweep_config(saved), config)
         if changed:
             raise FedPromptError(f"out_dir {out} holds a sweep of another config (it differs in {', '.join(changed)}); "
                                  "choose another --out_dir, or pass --overwrite true to delete its runs and start "
@@ -92,28 +93,29 @@ def _prepare(out: Path, config: dict, seeds: list[int], overwrite: bool) -> None
     elif rundir.holds_run(out):
         raise FedPromptError(f"out_dir {out} holds a run ({rundir.describe(out)}), not a sweep; choose another "
                              "--out_dir.")
-    write_text(saved, yaml.safe_dump(config, sort_keys=False))
+    with checked_writes(saved, "no seed was run; free space or fix the folder (or pass another --out_dir), then "
+                               "run the command again."):
+        write_text(saved, yaml.safe_dump(config, sort_keys=False))
 
 
-def _seed_state(run: Path, rounds: int) -> str:
-    """``done`` (a summary of at least ``rounds`` rounds), ``resume`` (a checkpoint) or ``new``."""
-    summary = run / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("rounds", 0) >= rounds:
-        return "done"
-    return "resume" if (run / "checkpoints" / "last.ckpt").is_file() else "new"
+def _read_sweep_config(path: Path) -> dict:
+    """A sweep's saved config (``OUT/sweep.yaml``, or a seed's ``hyperparameters.yaml``): one line if it is not
+    plain YAML."""
+    return read_yaml(path, f"sweep: {path}", "it was changed by something else than fedprompt: restore it, or pass "
+                                             "--overwrite true to delete the sweep's runs and start again")
 
 
 def _run_seed(out: Path, n: int, rounds: int, same_data: bool) -> None:
     run = out / f"seed{n}"
-    state = _seed_state(run, rounds)
+    state = folder_state(run, rounds, _read_summary)
     if state == "done":
         print(f"sweep: seed {n}: complete in {run}", flush=True)
         return
     command = [sys.executable, "-m", "fedprompt", "fit"]
     if state == "resume":
         command += ["--resume", str(run / "checkpoints" / "last.ckpt"), "--federation.rounds", str(rounds)]
-        saved = yaml.safe_load((run / "hyperparameters.yaml").read_text()) or {}
-        changed = config_differences(saved, yaml.safe_load((out / "sweep.yaml").read_text()))
+        saved = _read_sweep_config(run / "hyperparameters.yaml")
+        changed = config_differences(saved, _read_sweep_config(out / "sweep.yaml"))
         if changed:
             raise FedPromptError(f"{run} was run with another config (it differs in {', '.join(changed)}); choose "
                                  "another --out_dir, or pass --overwrite true.")
@@ -125,6 +127,14 @@ def _run_seed(out: Path, n: int, rounds: int, same_data: bool) -> None:
     if code != 0:
         raise FedPromptError(f"sweep: seed {n} stopped (exit status {code}; its message is above). Run the same "
                              "sweep command again to continue: finished seeds are kept.")
+
+
+def _read_summary(path: Path) -> dict:
+    data = read_json(path, "rerun that seed (delete its folder and run the same sweep command again).",
+                     f"sweep: {path}")
+    if not isinstance(data, dict):
+        raise FedPromptError(f"sweep: {path} holds a {type(data).__name__}, not a summary; rerun that seed.")
+    return data
 
 
 def _final_metrics(summary: dict) -> dict:
@@ -144,7 +154,7 @@ def seed_table(runs: dict[int, Path]) -> dict:
         path = Path(run) / "summary.json"
         if not path.is_file():
             raise FedPromptError(f"sweep: {path} is missing; the run of seed {n} has not finished.")
-        summaries[n] = json.loads(path.read_text())
+        summaries[n] = _read_summary(path)
     finals = {n: _final_metrics(s) for n, s in summaries.items()}
     metrics = {}
     for key in dict.fromkeys(k for n in runs for k in finals[n]):

@@ -1,10 +1,11 @@
 """OOD detection in the evaluation (``eval.ood``), for every method: each client's model scores its own test images
 (in-distribution) and every OOD set (:func:`fedprompt.data.scenarios.ood_sets`); each score's AUROC and FPR at 95 %
-TPR (:mod:`fedprompt.ood`) are computed where the client is scored, so only these numbers travel (Fabric's gather,
-Flower's metric records), never logits or per-image scores.
+TPR (:mod:`fedprompt.ood`) are computed where the client is scored (:meth:`OODDetection.client_scores`, called by
+:class:`~fedprompt.federation.evaluator.Evaluator` with the client's own data), so only these numbers travel with
+its other scores (Fabric's gather, Flower's metric records), never logits or per-image scores.
 
-A client's results are entries ``("ood/<set>/<score>/<auroc|fpr95>", client id) -> value`` beside its accuracies;
-:func:`ood_summary` turns every client's into the row: ``ood/<set>/<score>/auroc`` and ``.../fpr95`` (the mean over
+A client's scores gain ``ood:<set>/<score>/<auroc|fpr95>``; :func:`ood_row` (an entry of the evaluator's
+``ROW_SUMMARIES``) turns every client's into the row: ``ood/<set>/<score>/auroc`` and ``.../fpr95`` (the mean over
 the clients scored), ``client_ood/<set>/<score>/auroc`` and ``.../fpr95`` (one value per client, NaN where not
 scored) and, with several OOD sets, ``ood/mean/<score>/...`` (the mean over sets).
 
@@ -27,8 +28,12 @@ METRICS = ("auroc", "fpr95")
 
 
 def result_key(set_name: str, score: str, metric: str) -> str:
-    """The first entry of a client's OOD result key (``ood/<set>/<score>/<metric>``; ``set_name`` without its
-    ``ood/`` prefix)."""
+    """A client's OOD score key (``ood:<set>/<score>/<metric>``; ``set_name`` without its ``ood/`` prefix)."""
+    return f"ood:{set_name}/{score}/{metric}"
+
+
+def row_key(set_name: str, score: str, metric: str) -> str:
+    """The row key of the mean over clients (``ood/<set>/<score>/<metric>``)."""
     return f"ood/{set_name}/{score}/{metric}"
 
 
@@ -51,38 +56,36 @@ class OODDetection:
         """The feed lists of client ``cid``'s detection: its own test data, then each OOD set (with its name)."""
         return [(f"test:{cid}", None)] + [(f"test:{s.name}", name) for s, name in zip(self.sets, self.names)]
 
-    def client_results(self, fed, client, text, slots: torch.Tensor, cids: list[int]) -> dict:
-        """The OOD results of the clients ``cids`` loaded in ``client``'s first slots (``text``: their text side on
-        the class list the module is set to)."""
+    def client_scores(self, evaluator, pool, client, text, slots: torch.Tensor, cids: list[int]) -> dict:
+        """``{cid: {score key: value}}`` of the clients ``cids`` loaded in ``client``'s first slots (``text``: their
+        text side on the class list the module is set to)."""
         classnames = list(client.classnames)
-        needs_negatives = "neglabel" in self.scores and self.negatives is not None
-        logits = {(pos, name): self._logits(fed, client, text, slots, pos, name)
+        logits = {(pos, name): _logits(evaluator, pool, client, text, slots, pos, name)
                   for pos, cid in enumerate(cids) for name, _ in self.lists(cid)}
         negative = {}
-        if needs_negatives and any(v.shape[1] == len(classnames) for v in logits.values()):
-            negative_module = fed.module_for(self.negatives)  # the same module (switchable), on the words
-            negative_text = fed._text(negative_module, slots)
-            negative = {key: self._logits(fed, negative_module, negative_text, slots, *key) for key in logits}
-            fed.module_for(classnames)
+        if "neglabel" in self.scores and self.negatives is not None \
+                and any(v.shape[1] == len(classnames) for v in logits.values()):
+            words = pool.module_for(self.negatives)  # the same module (switchable), pointed at the words
+            words_text = evaluator._text(pool.fabric, words, slots)
+            negative = {k: _logits(evaluator, pool, words, words_text, slots, *k) for k in logits}
+            pool.module_for(classnames)
         out = {}
         for pos, cid in enumerate(cids):
-            per_list = {}
-            for name, set_name in self.lists(cid):
-                per_list[set_name] = ood_scores(logits[(pos, name)], len(classnames), self.scores, self.logit_scale,
-                                                negative.get((pos, name)), self.all_columns)
+            per_list = {set_name: ood_scores(logits[(pos, name)], len(classnames), self.scores, self.logit_scale,
+                                             negative.get((pos, name)), self.all_columns)
+                        for name, set_name in self.lists(cid)}
             inside = per_list.pop(None)
-            for set_name, scores in per_list.items():
-                for score in self.scores:
-                    for metric, value in detection_metrics(inside[score], scores[score]).items():
-                        out[(result_key(set_name, score, metric), cid)] = value
+            out[cid] = {result_key(set_name, score, metric): value
+                        for set_name, scores in per_list.items() for score in self.scores
+                        for metric, value in detection_metrics(inside[score], scores[score]).items()}
         return out
 
-    @staticmethod
-    @torch.no_grad()
-    def _logits(fed, client, text, slots: torch.Tensor, position: int, name: str) -> torch.Tensor:
-        """The logits ``[n, C (+ M)]`` (float32, CPU) of the client at ``slots[position]`` on feed list ``name``."""
-        parts = [logits.float().cpu() for logits, _ in fed.eval_logits(client, text, slots, position, name)]
-        return torch.cat(parts) if parts else torch.zeros(0, len(client.classnames))
+
+@torch.no_grad()
+def _logits(evaluator, pool, client, text, slots: torch.Tensor, position: int, name: str) -> torch.Tensor:
+    """The logits ``[n, C (+ M)]`` (float32, CPU) of the client at ``slots[position]`` on feed list ``name``."""
+    parts = [logits.float().cpu() for logits, _ in evaluator.eval_logits(pool, client, text, slots, position, name)]
+    return torch.cat(parts) if parts else torch.zeros(0, len(client.classnames))
 
 
 def build_detection(eval_args, ood_sets: list, backbone, classnames: list[str], client, method) -> OODDetection | None:
@@ -120,8 +123,10 @@ def mined_negatives(eval_args, backbone, classnames: list[str]) -> list[str]:
     return mine_negative_labels(encode, list(classnames), adjectives, nouns, eval_args.ood_negative_count)
 
 
-def ood_summary(detection: OODDetection | None, results: dict, num_clients: int) -> dict:
-    """The row entries of OOD detection from every client's results (module docstring)."""
+def ood_row(evaluator, scores: dict, row: dict) -> dict:
+    """The row entries of OOD detection from every client's scores (module docstring; nothing without
+    ``eval.ood``)."""
+    detection = evaluator.detection
     if detection is None:
         return {}
     out, per_set = {}, {}
@@ -129,12 +134,12 @@ def ood_summary(detection: OODDetection | None, results: dict, num_clients: int)
         for score in detection.scores:
             for metric in METRICS:
                 key = result_key(set_name, score, metric)
-                values = [results.get((key, cid), math.nan) for cid in range(num_clients)]
+                values = [scores.get(cid, {}).get(key, math.nan) for cid in range(len(evaluator.clients))]
                 kept = [v for v in values if not math.isnan(v)]
-                out[key] = sum(kept) / len(kept) if kept else math.nan
-                out[f"client_{key}"] = values
-                per_set.setdefault((score, metric), []).append(out[key])
+                mean = out[row_key(set_name, score, metric)] = sum(kept) / len(kept) if kept else math.nan
+                out["client_" + row_key(set_name, score, metric)] = values
+                per_set.setdefault((score, metric), []).append(mean)
     if len(detection.names) > 1:
         for (score, metric), values in per_set.items():
-            out[result_key("mean", score, metric)] = sum(values) / len(values)
+            out[row_key("mean", score, metric)] = sum(values) / len(values)
     return out
