@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -463,7 +464,7 @@ def foc_official(root: Path, words: Path, clip_model_of, seed: int):
     clip_model = clip_model_of(clip)
     clip.load = lambda *args, **kwargs: (clip_model, None)  # the release mines with a downloaded ViT-B/16
     args = {"num_ctx": 4, "ctx_init": None, "ctx_position": "end", "class_specific_context": True,
-            "dataset": "parity", "frac": 0.2, "num_prompt": 1, "num_ex_prompt": FOC_NEGATIVES,
+            "dataset": "parity", "frac": foc_defaults(root).frac, "num_prompt": 1, "num_ex_prompt": FOC_NEGATIVES,
             "prompttype": "dis_aware", "device": "cpu"}
     work = root / "work"
     work.mkdir(exist_ok=True)
@@ -481,11 +482,22 @@ def foc_official(root: Path, words: Path, clip_model_of, seed: int):
     return client_mod, server_mod, clip_model, official
 
 
-def foc_client_args(official, cid: int) -> dict:
-    return {"cid": cid, "device": "cpu", "epochs": 1, "backbone": official, "learning_rate": 0.002, "momentum": 0.9,
-            "weight_decay": 5e-4, "batch_size": 32, "num_workers": 0, "pin_memory": False, "train_id_dataset": [None],
-            "num_prompt": 1, "n_cls": len(CLASSES), "num_ex_prompt": FOC_NEGATIVES, "gamma_1": 10.0,
-            "gamma_2": 10.0, "tau": 0.1, "dro": True}
+def foc_defaults(root: Path) -> types.SimpleNamespace:
+    """The release's command-line defaults (its ``config.py`` parser on no arguments)."""
+    spec = importlib.util.spec_from_file_location("official_focoop_config", root / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parser.parse_args([])
+
+
+def foc_client_args(official, cid: int, defaults) -> dict:
+    """The client arguments of ``main_fpl.py`` from the release's defaults (one batch; the learning rate of the
+    comparison; ``dro`` on, as the paper's method)."""
+    return {"cid": cid, "device": "cpu", "epochs": 1, "backbone": official, "learning_rate": 0.002,
+            "momentum": defaults.momentum, "weight_decay": defaults.weight_decay, "batch_size": defaults.batch_size,
+            "num_workers": 0, "pin_memory": False, "train_id_dataset": [None], "num_prompt": defaults.num_prompt,
+            "n_cls": len(CLASSES), "num_ex_prompt": FOC_NEGATIVES, "gamma_1": defaults.gamma_1,
+            "gamma_2": defaults.gamma_2, "tau": defaults.tau, "dro": True}
 
 
 @contextlib.contextmanager
@@ -504,11 +516,11 @@ def recorded_backward(into: list):
         torch.Tensor.backward = original
 
 
-def official_foc_train(client_mod, official, cid: int, image, label, seed: int):
+def official_foc_train(root: Path, client_mod, official, cid: int, image, label, seed: int):
     """The release's ``FOCoOpClient.train`` of client ``cid`` on one batch (global stream seeded with ``seed``):
     the client, the loss it backpropagated and its upload."""
     with contextlib.redirect_stdout(io.StringIO()):
-        client = client_mod.FOCoOpClient(foc_client_args(official, cid))
+        client = client_mod.FOCoOpClient(foc_client_args(official, cid, foc_defaults(root)))
     client.train_id_dataloader = [(image, label)]
     torch.manual_seed(seed)
     with recorded_backward([]) as losses, contextlib.redirect_stdout(io.StringIO()):
@@ -538,7 +550,7 @@ def parity_focoop(root: Path, tol: float, seed: int) -> bool:
     loss_f = lockstep_step(mine, batch, lr=0.002)
     uploads = {}
     for k, (x, y) in enumerate(pictures):
-        client, loss_o, uploads[k] = official_foc_train(client_mod, official, k, x, y, batch["seeds"][k])
+        client, loss_o, uploads[k] = official_foc_train(root, client_mod, official, k, x, y, batch["seeds"][k])
         trained = client.backbone.prompt_learner
         state = mine.slot_state(k)
         pairs[f"loss client {k} (relative)"] = relative(loss_o, loss_f[k])
@@ -548,7 +560,7 @@ def parity_focoop(root: Path, tol: float, seed: int) -> bool:
             pairs[f"{name} after step {k}"] = (param.detach(), state[key])
         gammas = [client.bidro_loss.gamma_1, client.bidro_loss.gamma_2]
         pairs[f"gamma {k}"] = (torch.stack([torch.as_tensor(g).float() for g in gammas]), state["gamma"])
-    pairs.update(foc_server_pairs(server_mod, official, method, uploads, seed))
+    pairs.update(foc_server_pairs(server_mod, official, method, uploads, seed, foc_defaults(root)))
     return report("FOCoOp", pairs, tol, " (two clients in one lock-step step, then the server's OT calibration)")
 
 
@@ -578,7 +590,7 @@ def foc_word_tokens(official, words: list[str]) -> tuple[torch.Tensor, torch.Ten
     return learner.tokenized_prompts[learner.n_cls:].float(), sys.modules["clip"].tokenize(sentences).float()
 
 
-def foc_server_pairs(server_mod, official, method, uploads: dict, seed: int) -> dict:
+def foc_server_pairs(server_mod, official, method, uploads: dict, seed: int, defaults) -> dict:
     """The release's ``FOCoOpServer.fit`` on stand-in clients returning ``uploads`` (loader lengths 2 and 3: its
     batch-count weights) against fedprompt's server with the same weights."""
     sizes = {0: 2, 1: 3}
@@ -592,7 +604,7 @@ def foc_server_pairs(server_mod, official, method, uploads: dict, seed: int) -> 
             return {"backbone": uploads[self.cid], "acc": 0.0}
 
     args = {"join_ratio": 1.0, "checkpoint_path": "", "backbone": official, "device": "cpu", "debug": True,
-            "num_workers": 0, "ema": method.ema, "num_ex_prompt": FOC_NEGATIVES, "uot": True}
+            "num_workers": 0, "ema": defaults.ema, "num_ex_prompt": FOC_NEGATIVES, "uot": True}
     server = server_mod.FOCoOpServer(args)
     server.clients = [Client(0), Client(1)]
     aggregator = method.build_aggregator()
