@@ -1,9 +1,11 @@
-"""Parity of fedprompt's FedPHA, FedMVP, FedAPT and FOCoOp with the official model code, on the same random CLIP weights.
+"""Parity of fedprompt's FedPHA, FedMVP, FedAPT and FOCoOp with the official model code, on the same random CLIP
+weights.
 
-The official repositories (CYFang6/FedPHA, mainaksingha01/FedMVP, leondada/FedAPT, PengyangZhou/FOCoOp) are read at run time from local git mirrors
-(``--mirror``, default ``$FEDPROMPT_MIRROR`` or ``/work/.mirror``, holding ``<owner>+<name>/repo``: bare clones);
-nothing of them is copied into fedprompt. Each repository is extracted into a temporary folder and its own ``clip``
-package and model file are imported from there.
+The official repositories (CYFang6/FedPHA, mainaksingha01/FedMVP, leondada/FedAPT, PengyangZhou/FOCoOp) are read at
+run time from local git mirrors (``--mirror``, default ``$FEDPROMPT_MIRROR`` or ``/work/.mirror``, holding
+``<owner>+<name>/repo``: bare clones); nothing of them is copied into fedprompt. Each repository is extracted into a
+temporary folder and its own ``clip`` package (FedAPT's and FOCoOp's: KaiyangZhou/CoOp's copy of OpenAI's) and model
+files are imported from there.
 
 - **FedPHA** (``trainers/GL_SVDMSE.py``, homogeneous: 8 global and 8 local tokens) and **FedPHA-HE**
   (``trainers/GL_SVDMSE_HE.py``, two clients with local prompts of 3 and 10 tokens and an 8-token global prompt):
