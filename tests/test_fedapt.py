@@ -138,5 +138,5 @@ def test_resume_gives_the_uninterrupted_run_and_bytes_count_prompts_and_query(tm
 def test_official_fedapt_code_gives_the_same_logits_loss_and_sgd_step():
     """benchmarks/parity_official_2025.py: the released client and server models and the release's training step of
     two clients of different domains against ONE lock-step step (within 1e-5); skipped without the mirrors."""
-    ran = run_parity_script("parity_official_2025", ["FedAPT"])
+    ran = run_parity_script("parity_official_2025", methods=["FedAPT"])
     assert ran == {"FedAPT": True}

@@ -157,5 +157,5 @@ def test_resume_gives_the_uninterrupted_run_and_bytes_count_the_two_sent_prompts
 def test_official_focoop_code_gives_the_same_words_logits_loss_sgd_step_and_server():
     """benchmarks/parity_official_2025.py: the released word mining, model, client step (two clients, DRO on) and
     server (mean and OT calibration) against fedprompt's (within 1e-5); skipped without the mirrors."""
-    ran = run_parity_script("parity_official_2025", ["FOCoOp"])
+    ran = run_parity_script("parity_official_2025", methods=["FOCoOp"])
     assert ran == {"FOCoOp": True}

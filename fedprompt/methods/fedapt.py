@@ -104,8 +104,9 @@ class FedAPTClient(PromptClient):
         ``[n, K_d]``), at most ``max_sentences`` sentences per encoder call."""
         mix = torch.einsum("nk,kld->nld", weights, self.keys.to(weights.dtype))
         per_call = max(1, self.settings.max_sentences // max(1, len(self.classnames)))
+        owners = self.per_sample(torch.arange(len(ctx), device=ctx.device))  # each image's client among the active
         parts = []
-        for owner, key in zip(self.step.owner.split(per_call), mix.split(per_call)):
+        for owner, key in zip(owners.split(per_call), mix.split(per_call)):
             own = ctx[owner]
             parts.append(self.encode_context(keyed_context(own, key.to(own.dtype)), class_specific=True))
         return torch.cat(parts)

@@ -190,7 +190,7 @@ class FOCoOpClient(PromptClient):
         radius = torch.stack([abs_mean(delta), abs_mean(eps)], dim=1)  # [A, 2]
         with torch.no_grad():
             gamma = (self.active(self.gamma) - s.beta * (s.rho - radius)).clamp(0.0, s.gamma_max)
-            self.gamma.index_copy_(0, self.step.slots, gamma)
+            self.set_active(self.gamma, gamma)
         shift = gamma[:, 0] * radius[:, 0]
         values = ce + 0.5 * gap - self.per_sample(shift) - self.per_sample(gamma[:, 1] * radius[:, 1])
         temperature = s.tau * gamma[:, 1]
