@@ -14,7 +14,8 @@ for ``federation.central``, or a label given with ``--labels``) and its columns 
   target dataset of a cross-dataset / cross-domain run (``unseen/<target>``) and their mean (``unseen_acc``).
 
 A cell is the mean +- standard deviation over seeds (population std, as ``fedprompt sweep``), in %; the best mean of
-each column is marked (bold in Markdown, ``best`` in the CSV). The table is written as Markdown (``OUT.md``, also
+each column is marked (bold in Markdown, ``best`` in the CSV): the highest, or the lowest for an FPR (OOD
+detection's ``ood/<set>/<score>/fpr95``). The table is written as Markdown (``OUT.md``, also
 printed), CSV (``OUT.csv``, one row per cell: method, group, column, metric, mean, std, seeds, values, best) and
 drawn as a figure (``OUT.png``: one bar chart per column group, error bars = std; needs matplotlib, the ``plot``
 extra).
@@ -297,6 +298,15 @@ class Cell:
     best: bool = False
 
 
+#: metrics (a key's last part) where lower is better: a column's best is its minimum (OOD detection's FPR95)
+LOWER_IS_BETTER = ("fpr95",)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a lower value of ``metric`` is better (``ood/<set>/<score>/fpr95``)."""
+    return metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+
+
 def _stats(values: list[float] | None) -> Cell:
     if not values:
         return Cell(None, None, [])
@@ -318,7 +328,8 @@ def build(results: list[Result], cols: list[Column]) -> tuple[list[str], dict[tu
                 result = index.get((row, col.dataset))
                 cell = _stats(result.values(col.metric) if result is not None else None)
             cells[(row, j)] = cell
-        best = max((c.mean for (_, i), c in cells.items() if i == j and c.mean is not None), default=None)
+        pick = min if lower_is_better(col.metric) else max
+        best = pick((c.mean for (_, i), c in cells.items() if i == j and c.mean is not None), default=None)
         for row in rows:
             cell = cells[(row, j)]
             cell.best = best is not None and cell.mean is not None and abs(cell.mean - best) <= 1e-12

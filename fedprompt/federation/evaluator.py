@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from fedprompt.federation.ood_eval import OODDetection, ood_row
 from fedprompt.federation.scenarios import scenario_summary
 from fedprompt.metrics import accuracy_metric, harmonic_mean, summarize
 from fedprompt.timing import NoTimer
@@ -50,7 +51,7 @@ class ClientMetric:
 CLIENT_METRICS: tuple[ClientMetric, ...] = (ClientMetric("acc", lambda classes: accuracy_metric(max(2, classes))),)
 
 #: row entries computed from every client's scores after the built-in summary: ``f(evaluator, scores, row) -> dict``
-ROW_SUMMARIES: list[Callable] = []
+ROW_SUMMARIES: list[Callable] = [ood_row]
 
 
 def key(metric: str, name: str) -> str:
@@ -67,14 +68,18 @@ class Evaluator:
         eval_args: the evaluation settings (``mode``, ``batch_size``, ``every``).
         eval_sets: the evaluation sets beyond each client's own data.
         global_model: whether every client holds the same model (the method's ``global_model``).
+        detection: OOD detection (``eval.ood``), measured with each client's own data
+            (:mod:`fedprompt.federation.ood_eval`).
     """
 
-    def __init__(self, clients: list, classnames: list[str], eval_args, eval_sets: list, global_model: bool):
+    def __init__(self, clients: list, classnames: list[str], eval_args, eval_sets: list, global_model: bool,
+                 detection: OODDetection | None = None):
         self.clients = clients
         self.classnames = classnames
         self.eval = eval_args
         self.eval_sets = list(eval_sets)
         self.global_model = global_model
+        self.detection = detection
 
     def scheduled(self, round_idx: int, rounds: int) -> bool:
         """Whether ``round_idx`` is evaluated (every ``eval.every`` rounds, and the last round)."""
@@ -100,7 +105,7 @@ class Evaluator:
         for members in by_classes.values():
             for chunk in pool.chunks(members):
                 self._score_chunk(pool, list(pool.classnames_of(chunk[0])), chunk,
-                                  {name: name for name in lists}, out)
+                                  {name: name for name in lists}, out, detect=True)
                 if bar is not None:
                     bar.update(len(chunk))
         groups: dict[tuple, list] = {}
@@ -112,9 +117,10 @@ class Evaluator:
                                   out)
         return out
 
-    def _score_chunk(self, pool, classnames: list[str], cids: list[int], lists: dict[str, str], out: dict) -> None:
+    def _score_chunk(self, pool, classnames: list[str], cids: list[int], lists: dict[str, str], out: dict,
+                     detect: bool = False) -> None:
         """Score the clients ``cids`` (one lock-step group) on every sample list of ``lists`` (score name -> the
-        feed's list name; ``test``/``val`` name the clients' own)."""
+        feed's list name; ``test``/``val`` name the clients' own), and (``detect``) their OOD detection."""
         client = pool.module_for(classnames)
         client.eval()
         client.timer = NoTimer()  # evaluation is timed as a whole
@@ -127,6 +133,9 @@ class Evaluator:
                 feed_list = f"{feed_list}:{cid}" if feed_list in ("test", "val") else feed_list
                 scores = self._measure(pool, client, text, slots, pos, feed_list)
                 out.setdefault(cid, {}).update({key(m, name): v for m, v in scores.items()})
+        if detect and self.detection is not None:
+            for cid, scores in self.detection.client_scores(self, pool, client, text, slots, cids).items():
+                out.setdefault(cid, {}).update(scores)
 
     @staticmethod
     @torch.no_grad()
@@ -140,17 +149,24 @@ class Evaluator:
         ``text``) on list ``name`` (NaN for an empty list)."""
         if not pool.feed.lists.get(name):
             return {m.name: math.nan for m in CLIENT_METRICS}
+        count = len(client.classnames)
+        metrics = [(m, m.build(count).to(pool.fabric.device)) for m in CLIENT_METRICS]
+        for logits, label in self.eval_logits(pool, client, text, slots, position, name):
+            for spec, metric in metrics:  # columns past the classes: a model's own negative labels (FOCoOp)
+                metric.update(spec.inputs(logits[:, :count].float()), label)
+        return {spec.name: float(metric.compute()) for spec, metric in metrics}
+
+    @torch.no_grad()
+    def eval_logits(self, pool, client, text, slots: torch.Tensor, position: int, name: str):
+        """``(logits, labels)`` of each evaluation batch of feed list ``name`` for the client at ``slots[position]``
+        (its text side precomputed in ``text``)."""
         fabric = pool.fabric
-        metrics = [(m, m.build(len(client.classnames)).to(fabric.device)) for m in CLIENT_METRICS]
         for batch in pool.feed.eval_batches(name, self.eval.batch_size):
             batch = pool.feed.finish(fabric.to_device(batch))
             n = batch["label"].shape[0]
             batch.update(slots=slots, owner=torch.full((n,), position, dtype=torch.long, device=fabric.device))
             with fabric.autocast():
-                logits = client.predict_logits(batch, text)
-            for spec, metric in metrics:
-                metric.update(spec.inputs(logits.float()), batch["label"])
-        return {spec.name: float(metric.compute()) for spec, metric in metrics}
+                yield client.predict_logits(batch, text), batch["label"]
 
     # ------------------------------------------------------------------------------------------ summarising
     def summarize(self, scores: dict[int, Scores]) -> dict:
