@@ -60,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
-from parity_official_pfl import install_dassl_stubs, stand_in_step  # noqa: E402
+from parity_official_pfl import evaluation_logits, install_dassl_stubs, stand_in_step  # noqa: E402
 from parity_text_baselines import CLASSES, default_mirror, fedprompt_step, images, ns, parity_main, perturb_, \
     report, run_checks  # noqa: E402
 from parity_text_baselines import fedprompt_backbone as truncating_backbone  # noqa: E402
@@ -266,12 +266,7 @@ def parity_fedpurel(root: Path, tol: float, seed: int) -> bool:
     pairs = lora_pairs(model, client, ("visual",))
     load_pairs(pairs)
     image, label = images(backbone, 4, seed)
-    official.eval()
-    with torch.no_grad():
-        logits_o = official(image)
-    client.eval()
-    logits_f = client.predict_logits({"image": image})
-    official.train()
+    logits_o, logits_f = evaluation_logits(official, client, image)
     loss_o = stand_in_step(module, root / "trainers" / "purelLora.py", "ClipLora", official, params, image, label,
                            lr)
     loss_f = fedprompt_step(client, image, label, lr=lr)
@@ -406,12 +401,8 @@ def parity_pfedmma_at(root: Path, tol: float, seed: int, scale: float) -> bool:
     pairs = mma_pairs(learner, client, range(start, end + 1))
     load_pairs(pairs)
     image, label = images(backbone, 4, seed)
-    official.eval()
-    with torch.no_grad():
-        logits_o = official(image)  # the first evaluation call: the release computes (then caches) its text features
-    client.eval()
-    logits_f = client.predict_logits({"image": image})
-    official.train()
+    # the first evaluation call: the release computes (then caches) its text features
+    logits_o, logits_f = evaluation_logits(official, client, image)
     loss_o = stand_in_step(module, root / "trainers" / "pFedMMA.py", "pFedMMA", official, params, image, label, lr,
                            cfg=cfg)
     loss_f = fedprompt_step(client, image, label, lr=lr)
