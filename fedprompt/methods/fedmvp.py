@@ -295,9 +295,10 @@ class FedMVP(TrainedMethod):
     weighted: bool = False
     """Sample-weighted mean instead of the released unweighted one."""
     lora_threshold: Optional[float] = None
-    """The release's optional LoRA for clients that learn fast (0.5 in the release; null: off): a client whose loss
-    on the last step of a round is below this trains, from its next round on, LoRA factors on the PromptFormer's
-    attention inputs (and the context map) with the cross-attention held; the factors are shared like the rest."""
+    """The release's LoRA for clients that learn fast (0.5: the release, where it is always armed; null: off): a
+    client whose loss on the last step of a round is below this trains, from its next round on, LoRA factors on the
+    PromptFormer's attention inputs (and the context map) with the cross-attention held; the factors are shared
+    like the rest, the switch is the client's own."""
     lora_rank: int = 8
     """Rank of those LoRA factors (the release: 8)."""
     lr: float = 0.003
