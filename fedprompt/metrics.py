@@ -93,19 +93,6 @@ def class_counts(stat_scores: torch.Tensor, num_classes: int) -> list[float]:
     return [float(v) for v in stats[:, 0]] + [float(v) for v in stats[:, 4]]
 
 
-#: FedPuReL's thresholds: a class with more than MANY_ABOVE training images is "many", with at most FEW_AT_MOST "few"
-MANY_ABOVE, FEW_AT_MOST = 100, 20
-
-
-def class_groups(train_counts: list[int], many_above: int = MANY_ABOVE, few_at_most: int = FEW_AT_MOST) -> dict:
-    """Many / medium / few-shot classes by their training images (FedPuReL: many > 100, medium 21-100, few <= 20):
-    ``{"many": [labels], "medium": [...], "few": [...]}``."""
-    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
-    for label, count in enumerate(train_counts):
-        groups["many" if count > many_above else "few" if count <= few_at_most else "medium"].append(label)
-    return groups
-
-
 def group_accuracy(correct: list[float], total: list[float], groups: dict[str, list[int]]) -> dict[str, float]:
     """Each group's accuracy as FedPuReL reports it: the mean over the group's classes of each class's accuracy
     (classes without test samples left out; NaN for a group without any)."""

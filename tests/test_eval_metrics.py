@@ -11,7 +11,8 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 from fedprompt.calibration import (CalibrationTally, add_tallies, as_tally, expected_calibration_error,
                                    reliability)
-from fedprompt.metrics import (both_hms, class_counts, class_counts_metric, class_groups, fairness, fairness_keys,
+from fedprompt.data.longtail import class_groups
+from fedprompt.metrics import (both_hms, class_counts, class_counts_metric, fairness, fairness_keys,
                                group_accuracy, harmonic_mean)
 
 
