@@ -1,7 +1,8 @@
 """``fedprompt table RUN_DIRS...`` (:func:`fedprompt.commands.table`): the paper table from run directories.
 
-Each directory is a ``fedprompt fit`` run (``summary.json`` + ``hyperparameters.yaml``) or a ``fedprompt sweep``
-folder (``seeds.json``, ``sweep.yaml`` and one ``seed<N>/`` run per seed). A run contributes one value per seed of
+Each directory is a ``fedprompt fit`` run (``summary.json`` + ``hyperparameters.yaml``), a ``fedprompt sweep``
+folder (``seeds.json``, ``sweep.yaml`` and one ``seed<N>/`` run per seed) or a sweep's grid folder (``grid.yaml``: each
+cell's sweep folder). A run contributes one value per seed of
 each metric (the selected round's with ``eval.select: val``, else the last round's); runs given separately that
 differ only in their seeds count as seeds of one cell. The table has one row per method (its name, ``(central)``
 for ``federation.central``, or a label given with ``--labels``) and its columns are, by ``--columns``:
@@ -154,7 +155,13 @@ def _read_summary(path: Path, what: str) -> dict:
 
 
 def load(path: Path) -> list[tuple[Path, dict, int, dict]]:
-    """``(run dir, config, seed, summary)`` of a run directory, or of every seed of a sweep folder."""
+    """``(run dir, config, seed, summary)`` of a run directory, of every seed of a sweep folder, or of every cell of
+    a grid folder (``fedprompt sweep`` with ``--configs``, ``--methods`` or ``--datasets``)."""
+    from fedprompt.grid import grid_folders
+
+    cells = grid_folders(path)
+    if cells is not None:
+        return [item for cell in cells for item in load(cell)]
     if (path / "seeds.json").is_file():
         seeds = _read_json(path / "seeds.json").get("seeds") or []
         config = _read_yaml(path / "sweep.yaml")
@@ -164,7 +171,8 @@ def load(path: Path) -> list[tuple[Path, dict, int, dict]]:
         config = _read_yaml(path / "hyperparameters.yaml")
         return [(path, config, int(config.get("seed", 0) or 0), _read_summary(path / "summary.json", "the run"))]
     raise FedPromptError(f"table: {path} is neither a fedprompt run directory (summary.json) nor a sweep folder "
-                         "(seeds.json); give the folders fedprompt fit or fedprompt sweep wrote.")
+                         "(seeds.json) nor a grid folder (grid.yaml); give the folders fedprompt fit or fedprompt sweep "
+                         "wrote.")
 
 
 def row_label(path: Path, config: dict, summary: dict, labels: dict[str, str]) -> str:
