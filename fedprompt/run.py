@@ -156,14 +156,18 @@ class TableArgs:
 
     runs: list[str] = field(default_factory=list)
     """Run directories (fedprompt fit) or sweep folders (fedprompt sweep); positional on the command line."""
-    columns: Literal["datasets", "metrics", "targets"] = "datasets"
+    columns: Literal["datasets", "metrics", "targets", "domains"] = "datasets"
     """datasets: one metric per dataset (and their average); metrics: --metrics per dataset (Local / Base / Novel
-    / HM by default); targets: the source's accuracy, each cross-dataset / cross-domain target and their mean."""
+    / HM (Base, Novel) by default); targets: the source's accuracy, each cross-dataset / cross-domain target and their
+    mean; domains: leave-one-domain-out runs, one column per held-out domain and their mean."""
     metric: str = "auto"
-    """The metric of --columns datasets, or the source's of --columns targets (a summary.json key: local_acc,
-    global_acc, hm, ...); auto: local_acc, own_classes_acc or global_acc (targets: global_acc first)."""
+    """The metric of --columns datasets or domains, or the source's of --columns targets (a summary.json key:
+    local_acc, global_acc, ece, local_acc_worst10, ...); auto: local_acc, own_classes_acc or global_acc (targets:
+    global_acc first; domains: target_acc)."""
     metrics: Optional[list[str]] = None
-    """The metrics of --columns metrics (default local_acc, base_acc, novel_acc, hm: those the runs have)."""
+    """The metrics of --columns metrics (default local_acc, base_acc, novel_acc, hm: those the runs have). Also:
+    hm_local_base_novel (3-way HM), cm, ece, many_acc / medium_acc / few_acc, and any accuracy's spread over
+    clients: <metric>_std, <metric>_worst, <metric>_worst10."""
     labels: Optional[dict[str, str]] = None
     """Row labels by run directory (default: the method's name, '(central)' added for federation.central)."""
     out: str = "table"

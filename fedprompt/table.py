@@ -38,6 +38,7 @@ import yaml
 from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.run import TableArgs
+from fedprompt.table_metrics import HM_LEGEND, derived, domain_columns, draw_reliability, metric_name, row_tallies
 
 #: config keys whose values differ between the seeds of one result
 PER_SEED = ("seed", "data.init_args.seed")
@@ -90,6 +91,10 @@ def dataset_name(data: dict) -> str:
         return dataset_name(args.get("source"))
     if reader == "Combined":
         return "+".join(dataset_name(d) for d in args.get("datasets") or [])
+    if reader == "LeaveOneDomainOut":  # one column per held-out domain
+        return f"{dataset_name(args.get('dataset'))}/{args.get('target')}"
+    if reader == "LongTailed":
+        return f"{dataset_name(args.get('dataset'))} LT (IF {1 / float(args.get('imbalance_factor') or 0.01):g})"
     if args.get("root"):
         return Path(str(args["root"])).name
     return str(args.get("dirname") or reader.lower())
@@ -109,7 +114,10 @@ class Result:
         """The metric of every seed (``None`` when a seed lacks it)."""
         out = []
         for summary in self.seeds.values():
-            value = (summary.get("selected") or summary).get(metric)
+            chosen = summary.get("selected") or summary
+            value = chosen.get(metric)
+            if value is None:  # a run folder from before the metric: derived from what its summary holds
+                value = derived(chosen, metric)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 return None
             out.append(float(value))
@@ -241,7 +249,7 @@ class Column:
 def _display(metric: str) -> str:
     if metric.startswith(("unseen/", "domain/")):
         return metric.split("/", 1)[1]
-    return NAMES.get(metric, metric)
+    return metric_name(metric, NAMES)
 
 
 def _auto_metric(results: list[Result], candidates: tuple[str, ...], option: str) -> str:
@@ -259,6 +267,8 @@ def columns(results: list[Result], options: TableArgs) -> list[Column]:
     """The table's columns for ``options.columns`` (module docstring)."""
     datasets = list(dict.fromkeys(r.dataset for r in results))
     of = {d: [r for r in results if r.dataset == d] for d in datasets}
+    if options.columns == "domains":
+        return domain_columns(results, options.metric, Column)
     if options.columns == "datasets":
         metric = _auto_metric(results, AUTO_METRICS, options.metric)
         cols = [Column(_display(metric), d, d, metric) for d in datasets]
@@ -307,8 +317,9 @@ def build(results: list[Result], cols: list[Column]) -> tuple[list[str], dict[tu
     cells: dict[tuple[str, int], Cell] = {}
     for j, col in enumerate(cols):
         for row in rows:
-            if col.metric == "average":
-                means = [cells[(row, i)].mean for i, c in enumerate(cols) if c.metric != "average"]
+            if col.metric in ("average", "mean"):  # of every column, or (mean) of the columns of its group
+                means = [cells[(row, i)].mean for i, c in enumerate(cols) if c.metric not in ("average", "mean")
+                         and (col.metric == "average" or c.group == col.group)]
                 cell = Cell(sum(means) / len(means), None, []) if None not in means else Cell(None, None, [])
             else:
                 result = index.get((row, col.dataset))
@@ -337,6 +348,8 @@ def markdown(rows: list[str], cols: list[Column], cells: dict, results: list[Res
     groups = list(dict.fromkeys(c.group for c in cols))
     caption = (f"{', '.join(groups)}: mean ± std over {counts} seed(s) (population std), in %; best per column in "
                "bold.")
+    legend = list(dict.fromkeys(HM_LEGEND[c.metric] for c in cols if c.metric in HM_LEGEND))
+    caption += "".join(f" {line}." for line in legend)
     lines = [caption, "", "| method | " + " | ".join(c.header for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for row in rows:
@@ -357,8 +370,9 @@ def write_csv(path: Path, rows: list[str], cols: list[Column], cells: dict) -> N
                                  " ".join(f"{v:.6f}" for v in cell.values), str(cell.best).lower()])
 
 
-def figure(path: Path, rows: list[str], cols: list[Column], cells: dict) -> bool:
-    """One bar chart per column group (bars: methods; error bars: std), as a PNG; ``False`` without matplotlib."""
+def figure(path: Path, rows: list[str], cols: list[Column], cells: dict, tallies: dict | None = None) -> bool:
+    """One bar chart per column group (bars: methods; error bars: std) and, with the rows' calibration ``tallies``,
+    their reliability diagram, as a PNG; ``False`` without matplotlib."""
     try:
         import matplotlib
 
@@ -368,8 +382,11 @@ def figure(path: Path, rows: list[str], cols: list[Column], cells: dict) -> bool
         return False
     groups = list(dict.fromkeys(c.group for c in cols))
     widths = [max(2.5, 0.9 * sum(c.group == g for c in cols) * max(1, len(rows)) * 0.35 + 1.5) for g in groups]
-    fig, axes = plt.subplots(1, len(groups), figsize=(sum(widths), 3.6), squeeze=False,
+    widths += [3.6] if tallies else []
+    fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths), 3.6), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
+    if tallies:
+        draw_reliability(axes[0][-1], tallies)
     bar = 0.8 / max(1, len(rows))
     for ax, group in zip(axes[0], groups):
         members = [(j, c) for j, c in enumerate(cols) if c.group == group]
@@ -411,7 +428,7 @@ def make_table(options: TableArgs) -> dict:
     write_csv(csv_path, rows, cols, cells)
     written = [md, csv_path]
     if options.figure:
-        if figure(png, rows, cols, cells):
+        if figure(png, rows, cols, cells, row_tallies(results)):
             written.append(png)
         else:
             warn("table: the figure needs matplotlib (pip install 'fedprompt[plot]'); wrote the Markdown and CSV.")
