@@ -131,6 +131,24 @@ def resolve_cell(base: dict, dataset: str | None, method: str | None, flags: lis
     return sweep_config(resolved)
 
 
+def expand(paths: list[str] | None, flag: str) -> list[str] | None:
+    """``--configs`` / ``--datasets`` with their wildcard patterns (``configs/lodo/promptfl_pacs_*.yaml``) expanded,
+    sorted; a pattern matching no file is one line."""
+    if paths is None:
+        return None
+    out = []
+    for path in paths:
+        if not any(ch in path for ch in "*?["):
+            out.append(path)
+            continue
+        matches = sorted(str(p) for p in Path().glob(path)) if not Path(path).is_absolute() else \
+            sorted(str(p) for p in Path(path).parent.glob(Path(path).name))
+        if not matches:
+            raise FedPromptError(f"sweep: {flag} {path} matches no file.")
+        out += matches
+    return list(dict.fromkeys(out))
+
+
 def grid_cells(run: RunArgs, options: SweepArgs, out: Path) -> list[Cell]:
     """The cells of the sweep: one (``OUT``) for a single config, else every combination of the axes."""
     from fedprompt.fit import run_config
@@ -140,8 +158,9 @@ def grid_cells(run: RunArgs, options: SweepArgs, out: Path) -> list[Cell]:
     flags = run_flags(options.command_line) if options.configs else []
     base = sweep_config(run_config(run)) if run.method is not None or run.data is not None else {}
     cells: dict[str, Cell] = {}
-    for config, method, dataset in itertools.product(options.configs or [None], options.methods or [None],
-                                                     options.datasets or [None]):
+    configs, datasets = expand(options.configs, "--configs"), expand(options.datasets, "--datasets")
+    for config, method, dataset in itertools.product(configs or [None], options.methods or [None],
+                                                     datasets or [None]):
         name = _cell_name(config, method, dataset)
         if name in cells:
             raise FedPromptError(f"sweep: two cells are named {name!r}; give the configs or datasets distinct file "

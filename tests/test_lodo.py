@@ -122,3 +122,19 @@ def test_partition_command_lists_the_target(cli, tmp_path):
                          "--data.dataset.root", str(tmp_path), "--data.target", "LabelMe")
     assert code == 0, err
     assert "3 clients, 5 classes" in out and "vlcs/target/LabelMe" in out
+
+
+def test_one_config_per_held_out_domain_and_method_family():
+    import yaml
+
+    from conftest import ROOT
+
+    readers = {"pacs": PACSReader, "vlcs": VLCS, "officehome": OfficeHome, "domainnet": DomainNet}
+    for family, method in (("promptfl", "PromptFL"), ("fedotp", "FedOTP"), ("ivlp", "IVLP")):
+        for name, reader in readers.items():
+            for domain in reader.sites:
+                cfg = yaml.safe_load((ROOT / "configs" / "lodo" / f"{family}_{name}_{domain.lower()}.yaml").read_text())
+                assert cfg["method"]["class_path"] == f"fedprompt.methods.{method}"
+                data = cfg["data"]["init_args"]
+                assert data["target"] == domain and data["dataset"]["class_path"].endswith(reader.__name__)
+    assert len(list((ROOT / "configs" / "lodo").glob("*.yaml"))) == 3 * (4 + 4 + 4 + 6)
