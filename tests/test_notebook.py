@@ -29,6 +29,7 @@ def test_analysis_notebook_runs_on_a_run_directory(cli, tmp_path, monkeypatch, c
         if cell["cell_type"] == "code":
             exec("".join(cell["source"]), namespace)
     assert len(namespace["rows"]) == rounds and namespace["summary"]["method"] == method
-    assert len(plt.get_fignums()) == 2
+    assert len(namespace["scored"]) == rounds and 0 <= namespace["scored"][-1]["ece"] <= 1  # the reliability diagram
+    assert len(plt.get_fignums()) == 3  # the curves, the per-client spread, calibration
     plt.close("all")
     assert os.environ["FEDPROMPT_RUN"] == str(run)
