@@ -32,6 +32,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import functools
 import importlib.util
 import io
 import os
@@ -376,34 +377,52 @@ def default_mirror() -> Path:
     return Path(os.environ.get("FEDPROMPT_MIRROR", "/work/.mirror"))
 
 
-def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1)) -> dict[str, bool | None]:
-    """Run the parity checks; ``None`` for a method whose mirror is absent."""
+def run_checks(checks: dict, source, methods=None, mirror: Path | None = None, tol: float = 1e-5,
+               seeds=(0, 1)) -> dict[str, bool | None]:
+    """Run parity ``checks`` (method -> ``check(root, tol, seed)``; ``methods``: all by default) on each method's
+    repository, extracted from the mirrors into a temporary folder (``source(method, mirror, folder)`` -> the mirror
+    folder name and the root it extracted, or ``None`` when the mirror is absent); ``None`` for a method whose mirror
+    is absent."""
     mirror = Path(mirror or default_mirror())
+    methods = list(checks) if methods is None else methods
     results: dict[str, bool | None] = {}
     torch.set_num_threads(1)
     for method in methods:
-        repo, subtree, _ = REPOS[method]
-        if not (mirror / repo / "repo").is_dir():
-            print(f"{method:8s} skipped: no mirror of the official code at {mirror / repo / 'repo'}")
-            results[method] = None
-            continue
         with tempfile.TemporaryDirectory(prefix=f"parity-{method}-") as tmp:
-            root = extract(mirror, repo, subtree, Path(tmp))
-            if method == "ProGrad":
-                extract(mirror, repo, str(Path(PROGRAD_DASSL).parent), Path(tmp))
-            results[method] = all(PARITY[method](root, tol, seed) for seed in seeds)
+            repo, root = source(method, mirror, Path(tmp))
+            if root is None:
+                print(f"{method:8s} skipped: no mirror of the official code at {mirror / repo / 'repo'}")
+                results[method] = None
+                continue
+            results[method] = all(checks[method](root, tol, seed) for seed in seeds)
     return results
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parity_main(description: str, checks: dict, run, argv=None) -> int:
+    """The command line of a parity script: ``--mirror``, ``--methods``, ``--tol``; exit status 1 on a failure."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--mirror", type=Path, default=default_mirror(),
                         help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or /work/.mirror")
-    parser.add_argument("--methods", nargs="+", default=list(PARITY), choices=list(PARITY))
+    parser.add_argument("--methods", nargs="+", default=list(checks), choices=list(checks))
     parser.add_argument("--tol", type=float, default=1e-5)
     args = parser.parse_args(argv)
     results = run(args.methods, args.mirror, args.tol)
     return 1 if any(r is False for r in results.values()) else 0
+
+
+def _extract_repo(method: str, mirror: Path, folder: Path):
+    repo, subtree, _ = REPOS[method]
+    if not (mirror / repo / "repo").is_dir():
+        return repo, None
+    root = extract(mirror, repo, subtree, folder)
+    if method == "ProGrad":
+        extract(mirror, repo, str(Path(PROGRAD_DASSL).parent), folder)
+    return repo, root
+
+
+#: ``run(methods=None, mirror=None, tol=1e-5, seeds=(0, 1))``: the parity checks; ``None`` for an absent mirror
+run = functools.partial(run_checks, PARITY, _extract_repo)
+main = functools.partial(parity_main, __doc__.split("\n\n")[0], PARITY, run)
 
 
 if __name__ == "__main__":

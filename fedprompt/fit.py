@@ -337,6 +337,7 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None,
     method: Method = run.method
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets, global, domains
     eval_sets = evaluation_sets(splits, run.eval)
+    method.prepare_data(splits, eval_sets)  # per-dataset side data (FedMVP's attributes), checked before any write
     extra = {e.name: e.samples for e in eval_sets}
     feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf, feed_clients)
     fed = Federation(fabric=fabric, method=method, backbone=backbone, classnames=splits.classnames,

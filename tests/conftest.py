@@ -87,6 +87,17 @@ def tiny_fit(method, out_dir: Path, rounds: int, resume: Path | None = None, loc
                out_dir=str(out_dir), resume=str(resume) if resume else None, seed=0)
 
 
+def resumed_and_straight(method, tmp_path: Path, rounds: int = 3) -> tuple[dict, dict]:
+    """``tiny_fit`` of ``method`` interrupted after ``rounds - 1`` rounds and resumed, and the same run straight
+    through: asserts their metrics rows are equal; returns both final checkpoints (resumed, straight)."""
+    tiny_fit(method, tmp_path / "straight", rounds=rounds)
+    tiny_fit(method, tmp_path / "cut", rounds=rounds - 1)
+    tiny_fit(method, tmp_path / "cut", rounds=rounds, resume=tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert without_timings(read_rows(tmp_path / "cut")) == without_timings(read_rows(tmp_path / "straight"))
+    return tuple(torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)
+                 for run in ("cut", "straight"))
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

@@ -5,7 +5,9 @@ runs recorded before it.
 ``python tests/digest.py --write tests/data/smoke_digest.pt`` records the digest; ``tests/test_digest.py`` runs the
 same cases and compares (losses within 1e-5 relative, accuracies and every other row value equal, prompt states
 within 1e-5). The reference in ``tests/data`` was recorded on main at cdfad7f, before the method interface was
-reshaped (issue 15); regenerate it only for a change that is meant to move numbers, and say so in the commit.
+reshaped (issue 15); regenerate it only for a change that is meant to move numbers, and say so in the commit. A new
+method's cases join it with ``--add --cases NAME ...`` (the recorded cases stay as they are): FedPHA and FedMVP were
+added so (issue 27).
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "PromptFL-base-to-novel": ("fit", ["--method", "PromptFL", "--data.subsample_classes", "base",
                                        "--data.num_classes", "6"]),
     "ZeroShot": ("zeroshot", ["--method", "ZeroShot"]),
+    "FedPHA": ("fit", ["--method", "FedPHA", "--method.n_ctx_global", "4", "--method.n_ctx_local", "4",
+                       *optim(lr=0.5)]),
+    "FedPHA-heterogeneous-official": ("fit", ["--method", "FedPHA", "--method.n_ctx_global", "4",
+                                              "--method.local_lengths", "[2,4,3,4]", "--method.compat", "official",
+                                              "--method.projection", "minor", *optim(lr=0.5)]),
+    "FedMVP": ("fit", ["--method", "FedMVP", "--method.attributes", str(ROOT / "tests" / "data" /
+                                                                         "synthetic_attributes.json"),
+                       *optim(lr=0.05)]),
 }
 
 
@@ -89,11 +99,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, required=True, help="where to save the digest (.pt)")
     parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--add", action="store_true",
+                        help="record only --cases into the existing digest at --write (the other cases are kept)")
     args = parser.parse_args(argv)
     import tempfile
 
     torch.set_num_threads(1)
-    digest = {}
+    digest = torch.load(args.write, weights_only=True) if args.add else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
             print(f"digest: {name}", flush=True)

@@ -15,6 +15,7 @@ PAPER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).name
                                                                                               "fedmgp_",
                                                                                               "pfedmoap_",
                                                                                               "dpfpl_",
+                                                                                              "fedpha_",
                                                                                               *BASELINES))
          and not Path(c).stem.endswith("_flip") and c not in TRANSFER]  # the FLiP variants use the same data sections
 
@@ -179,15 +180,15 @@ XDOMAIN = ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"]
 
 
 def test_transfer_configs_train_on_imagenet_and_share_one_protocol():
-    """<method>_xdataset.yaml / _xdomain.yaml for the five methods: ImageNet as the source, the ten CoOp datasets or
+    """<method>_xdataset.yaml / _xdomain.yaml for the six methods: ImageNet as the source, the ten CoOp datasets or
     the four ImageNet variants as targets; PromptFL, FedOTP, FedPGP and FedMGP share one protocol (one table column
-    group), FedTPG runs its released cross_data federation."""
+    group), FedTPG runs its released cross_data federation, and FedMVP runs FedTPG's (one column with it)."""
     from fedprompt.table import protocol
 
-    assert len(TRANSFER) == 10
+    assert len(TRANSFER) == 12
     for kind, targets in (("xdataset", XDATASET), ("xdomain", XDOMAIN)):
         protocols = {}
-        for method in ("promptfl", "fedotp", "fedpgp", "fedmgp", "fedtpg"):
+        for method in ("promptfl", "fedotp", "fedpgp", "fedmgp", "fedtpg", "fedmvp"):
             cfg = yaml.safe_load((ROOT / "configs" / f"{method}_{kind}.yaml").read_text())
             data = cfg["data"]["init_args"]
             assert cfg["data"]["class_path"] == "fedprompt.data.Transfer"
@@ -198,6 +199,7 @@ def test_transfer_configs_train_on_imagenet_and_share_one_protocol():
         assert protocols["promptfl"] == protocols["fedotp"] == protocols["fedpgp"] == protocols["fedmgp"]
         assert protocols["promptfl"]["data.init_args.source.init_args.num_shots"] == 16
         assert protocols["fedtpg"]["data.init_args.source.init_args.partition.class_path"] == "fedprompt.data.CrossClass"
+        assert protocols["fedmvp"] == protocols["fedtpg"]
 
 
 @pytest.mark.parametrize("config", TRANSFER)

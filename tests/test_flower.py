@@ -39,6 +39,10 @@ METHODS = {
     # the aggregators the issue names: FedMGP's group selection (client-side apply), FedTPG's reduce-path mean
     "FedMGP": "--method FedMGP --method.n_ctx 2 --method.lr 0.01",
     "FedTPG": "--method FedTPG --method.lr 0.01",
+    # clients of different local prompt lengths (FedPHA); the instance-level PromptFormer, reduce path (FedMVP)
+    "FedPHA": "--method FedPHA --method.n_ctx_global 4 --method.local_lengths [2,4,3,4] --method.lr 0.5",
+    "FedMVP": f"--method FedMVP --method.attributes {ROOT / 'tests' / 'data' / 'synthetic_attributes.json'} "
+              "--method.lr 0.05",
 }
 
 

@@ -355,6 +355,15 @@ class Backbone(nn.Module):
         """Number of transformer layers of the ViT image tower (the largest deep-prompt depth)."""
         return len(self._prompt_tower("visual_layers").transformer.resblocks)
 
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """The input tokens of a ViT image tower before ``ln_pre``: patch embedding, class token first, positional
+        embedding added (``[B, 1 + grid^2, width]``; FedMVP's PromptFormer queries its patch rows)."""
+        visual = self._prompt_tower("patch_embeddings")
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+
     @staticmethod
     def group_index(owner: torch.Tensor, groups: int) -> torch.Tensor:
         """The ``index`` of :meth:`encode_image_prompted` for images of several clients, G prompt groups each.

@@ -99,6 +99,7 @@ class LockstepTrainer:
         with timer.section("data"):
             data = self.feed.finish(fabric.to_device({**batch.data, **step_clients(batch.members, batch.counts)}))
             data["seeds"] = [derive_seed(plans[j].seeds[step], METHOD_STREAM) for j in batch.members]
+            data["members"], data["sizes"] = list(batch.members), list(batch.counts)  # host copies: no sync
         with fabric.autocast():
             terms = client.training_step(data, step)
         with timer.section("backward"), client.stepping_for(data):

@@ -458,8 +458,10 @@ class Federation:
         return out
 
     def initial_states(self) -> None:
-        """Every client starts from the same initial prompt state (the server's initialisation)."""
+        """Every client starts from the same initial prompt state (the server's initialisation), as the method
+        makes it its own (:meth:`fedprompt.methods.Method.initial_client_state`: e.g. FedPHA's local prompt lengths)."""
         init = self.client.slot_state(0)
-        self.states = {cid: {k: v.clone() for k, v in init.items()} for cid in range(len(self.clients))}
+        self.states = {cid: self.method.initial_client_state(cid, {k: v.clone() for k, v in init.items()})
+                       for cid in range(len(self.clients))}
         if self.method.communicates:
             self.global_state = self.aggregator.upload(-1, init, 0)

@@ -69,3 +69,9 @@ class MethodSpec(Protocol):
 
     def hparams(self) -> dict:
         """The method's settings (for logs and the resume check)."""
+
+    def initial_client_state(self, client_id: int, state: State) -> State:
+        """Client ``client_id``'s state before its first round, from the server's initialisation."""
+
+    def prepare_data(self, splits, eval_sets: list) -> None:
+        """Read and check per-dataset side data once the data is read (before any module is built)."""

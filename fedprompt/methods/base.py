@@ -87,7 +87,7 @@ def with_owners(batch: dict, device: torch.device | None = None) -> dict:
     n = next(v.shape[0] for k, v in batch.items() if k in ("image", "features", "tokens"))
     device = device or (label.device if isinstance(label, torch.Tensor) else None)
     return {**batch, "slots": torch.zeros(1, dtype=torch.long, device=device),
-            "owner": torch.zeros(n, dtype=torch.long, device=device)}
+            "owner": torch.zeros(n, dtype=torch.long, device=device), "members": [0], "sizes": [n]}
 
 
 def total_loss(losses: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
@@ -103,12 +103,16 @@ class Step:
     ``slots`` of each sample's client; ``None`` while only the text side is computed), ``counts`` ``[A]`` (samples
     per client, when the engine knows them) and ``seeds`` (one integer per active client in training: its own seed
     for this local step, a function of the run seed, the round, the client and the step, for methods that draw
-    random numbers in a step, e.g. noise; ``None`` outside training)."""
+    random numbers in a step, e.g. noise; ``None`` outside training). ``members`` and ``sizes``: host copies of
+    ``slots`` and ``counts`` (the engine's; ``None`` elsewhere), read through :meth:`PromptClient.host_slots` and
+    :meth:`PromptClient.sample_sizes` without a device sync."""
 
     slots: torch.Tensor
     owner: torch.Tensor | None = None
     counts: torch.Tensor | None = None
     seeds: list[int] | None = None
+    members: list[int] | None = None
+    sizes: list[int] | None = None
 
     @property
     def clients(self) -> int:
@@ -133,6 +137,11 @@ class PromptClient(L.LightningModule):
     prompt_template = "{ctx} {name}."
     #: learnable context tokens per prompt (set by the client; ``None``: the client has no prompt sentence)
     n_ctx: int | None = None
+    #: state keys whose size along one dimension differs between clients (FedPHA's local prompts of per-client
+    #: lengths): key -> that dimension of one client's tensor (no client dimension). A slot holds the largest size;
+    #: a client's state holds its own, and :meth:`load_slot` / :meth:`slot_state` pad and cut (see
+    #: :meth:`slot_lengths`)
+    ragged: dict[str, int] = {}
 
     def __init__(self, backbone: Backbone, classnames: list[str], settings: Method, slots: int = 1):
         super().__init__()
@@ -151,17 +160,43 @@ class PromptClient(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ slot state
     def slot_state(self, slot: int) -> State:
-        """A detached CPU copy of the state of the client in ``slot`` (keys as in ``state_dict``, no client dim)."""
-        return {k: v[slot].detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
+        """A detached CPU copy of the state of the client in ``slot`` (keys as in ``state_dict``, no client dim; a
+        :attr:`ragged` key cut to the client's own size)."""
+        state = {k: v[slot].detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
+        for key, dim in self.ragged.items():
+            state[key] = state[key].narrow(dim, 0, self._ragged_sizes(key)[slot]).clone()
+        return state
 
     @torch.no_grad()
     def load_slot(self, slot: int, state: State) -> None:
-        """Put one client's ``state`` (as returned by :meth:`slot_state`) into ``slot``."""
+        """Put one client's ``state`` (as returned by :meth:`slot_state`) into ``slot`` (a :attr:`ragged` key's
+        tensor fills the first rows of its dimension, the rest of the slot is zero)."""
         own = self.state_dict(keep_vars=True)
         if set(own) != set(state):
             raise KeyError(f"client state keys {sorted(state)} do not match the method's {sorted(own)}")
         for key, tensor in own.items():
-            tensor[slot].copy_(state[key])
+            if key in self.ragged:
+                dim = self.ragged[key]
+                size = state[key].shape[dim]
+                tensor[slot].zero_()
+                tensor[slot].narrow(dim, 0, size).copy_(state[key])
+                self._ragged_sizes(key)[slot] = size
+            else:
+                tensor[slot].copy_(state[key])
+
+    def _ragged_sizes(self, key: str) -> list[int]:
+        """The size of each slot's client along the ragged dimension of ``key`` (host; the full size until a client
+        is loaded)."""
+        sizes = self.__dict__.setdefault("_ragged", {})
+        if key not in sizes:
+            full = self.state_dict(keep_vars=True)[key].shape[1 + self.ragged[key]]
+            sizes[key] = [full] * self.slots
+        return sizes[key]
+
+    def slot_lengths(self, key: str) -> list[int]:
+        """The active clients' own sizes along the :attr:`ragged` dimension of ``key`` (host integers)."""
+        sizes = self._ragged_sizes(key)
+        return [sizes[slot] for slot in self.host_slots()]
 
     def all_slots(self) -> torch.Tensor:
         return torch.arange(self.slots, device=self.device)
@@ -215,9 +250,9 @@ class PromptClient(L.LightningModule):
 
     @contextmanager
     def stepping(self, slots: torch.Tensor, owner: torch.Tensor | None = None, counts: torch.Tensor | None = None,
-                 seeds: list[int] | None = None):
+                 seeds: list[int] | None = None, members: list[int] | None = None, sizes: list[int] | None = None):
         """Run the parts for the clients in ``slots`` (and the samples of ``owner``) inside the block."""
-        previous, self._step = self._step, Step(slots, owner, counts, seeds)
+        previous, self._step = self._step, Step(slots, owner, counts, seeds, members, sizes)
         try:
             yield self._step
         finally:
@@ -230,7 +265,8 @@ class PromptClient(L.LightningModule):
 
     def _batch_step(self, batch: dict):
         batch = with_owners(batch, self.device)
-        return batch, self.stepping(batch["slots"], batch["owner"], batch.get("counts"), batch.get("seeds"))
+        return batch, self.stepping(batch["slots"], batch["owner"], batch.get("counts"), batch.get("seeds"),
+                                    batch.get("members"), batch.get("sizes"))
 
     # ------------------------------------------------------------------------------------------- helpers
     def active(self, stacked: torch.Tensor) -> torch.Tensor:
@@ -241,6 +277,21 @@ class PromptClient(L.LightningModule):
     def clients(self) -> int:
         """The number of active clients A."""
         return self.step.clients
+
+    def host_slots(self) -> list[int]:
+        """The active clients' module slots as host integers (the engine's copy; otherwise read from the device)."""
+        step = self.step
+        return list(step.members) if step.members is not None else step.slots.tolist()
+
+    def sample_sizes(self) -> list[int]:
+        """The number of samples of each active client (host integers; the engine's copy, else read from the
+        device). A step's samples are grouped by client, in the order of the active clients."""
+        step = self.step
+        if step.sizes is not None:
+            return list(step.sizes)
+        if step.counts is not None:
+            return step.counts.tolist()
+        return torch.bincount(step.owner, minlength=step.clients).tolist()
 
     def for_each_client(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` (the same for every client) with a leading client dimension: ``[A, *value.shape]``."""
@@ -264,6 +315,40 @@ class PromptClient(L.LightningModule):
         IVLP; see :meth:`fedprompt.backbone.Backbone.encode_prompts`)."""
         feats = self.backbone.encode_prompts(self.frozen("tokens", ctx.device), ctx, class_specific=class_specific,
                                              deep=deep)
+        return F.normalize(feats.float(), dim=-1)
+
+    def sentence_tokens(self, classnames: list[str], n_ctx: int):
+        """The frozen prompt sentences of ``classnames`` with ``n_ctx`` context tokens (:attr:`prompt_template`); a
+        method may change them (FedPHA's ``compat: official`` pooling position)."""
+        return self.backbone.prompt_tokens(classnames, n_ctx, template=self.prompt_template)
+
+    def tokens_with(self, n_ctx: int, device: torch.device | None = None):
+        """:meth:`sentence_tokens` of the current class list with ``n_ctx`` context tokens, computed once per class
+        list and length (and moved once per device)."""
+        cache = self.__dict__.setdefault("_length_tokens", {})
+        key = (tuple(self.classnames), n_ctx)
+        if key not in cache:
+            cache[key] = self.sentence_tokens(self.classnames, n_ctx)
+        if device is None:
+            return cache[key]
+        if (key, device) not in cache:
+            cache[(key, device)] = cache[key].to(device)
+        return cache[(key, device)]
+
+    def encode_lengths(self, ctx: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """:meth:`encode_context` for clients whose contexts have their own lengths: ``ctx`` ``[A, *P, L, D]`` where
+        client a's context is its first ``lengths[a]`` rows (the rest is ignored) -> L2-normalised fp32 features
+        ``[A, *P, C, E]``; each client's sentences hold exactly its own number of context tokens. One encoder call
+        per distinct length; each client's features come from its own rows only."""
+        groups: dict[int, list[int]] = {}
+        for position, length in enumerate(lengths):
+            groups.setdefault(int(length), []).append(position)
+        parts, order = [], []
+        for length, members in groups.items():
+            rows = ctx if len(groups) == 1 else ctx.index_select(0, torch.tensor(members, device=ctx.device))
+            parts.append(self.backbone.encode_prompts(self.tokens_with(length, ctx.device), rows[..., :length, :]))
+            order += members
+        feats = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.tensor(order).argsort().to(ctx.device)]
         return F.normalize(feats.float(), dim=-1)
 
     def encode_visual(self, images: torch.Tensor, tokens: torch.Tensor, of_active: bool = False) -> torch.Tensor:

@@ -194,6 +194,18 @@ class Method:
             raise NotImplementedError(f"{self.name} declares no client_class")
         return self.client_class(backbone, classnames, self, slots)
 
+    def initial_client_state(self, client_id: int, state: dict) -> dict:
+        """Client ``client_id``'s state before its first round, from the server's initialisation ``state`` (a fresh
+        copy): ``state`` itself by default; FedPHA cuts each client's local prompt to the client's own length. Runs
+        before anything is written, so a problem is one :class:`FedPromptError` line."""
+        return state
+
+    def prepare_data(self, splits, eval_sets: list) -> None:
+        """Called once the data is read (``splits``: :class:`fedprompt.data.FederatedSplits`; ``eval_sets``: every
+        :class:`fedprompt.data.EvalSet` the run scores), before any client module is built or anything is written:
+        a method that reads side data per dataset or class list (FedMVP's class attributes) reads and checks it
+        here, one :class:`FedPromptError` line for a problem. Nothing by default."""
+
     def build_aggregator(self) -> Aggregator:
         """The server's merge rule; sample-weighted mean of the shared keys by default."""
         from fedprompt.federation.aggregators import WeightedMean

@@ -45,6 +45,12 @@ class SlotStacked(nn.Module):
         for name, param in stacked.named_parameters(recurse=False):
             self.register_parameter(name, param)
 
+    def single(self, slot: int, *args: torch.Tensor) -> torch.Tensor:
+        """The network of one slot (a host integer) applied to ``args`` as they are (no client dimension): for inputs
+        whose size differs between clients, e.g. each client's own images (gradients reach that slot only)."""
+        params = dict(self.named_parameters())
+        return functional_call(self.template, {name: params[name][slot] for name in self.names}, args)
+
     def forward(self, slots: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         """The network of each slot in ``slots`` ``[A]`` applied to its inputs ``args`` (each with leading dim A)."""
         params = dict(self.named_parameters())
