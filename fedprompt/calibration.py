@@ -33,25 +33,26 @@ class CalibrationTally(Metric):
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, n_bins: int = DEFAULT_BINS, **kwargs):
+    def __init__(self, n_bins: int = DEFAULT_BINS, dtype: torch.dtype = torch.float64, **kwargs):
         super().__init__(sync_on_compute=False, **kwargs)
         if n_bins < 1:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
         self.n_bins = n_bins
         for name in ("count", "confidence", "correct"):
-            self.add_state(name, default=torch.zeros(n_bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(name, default=torch.zeros(n_bins + 1, dtype=dtype), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:  # noqa: D102 (torchmetrics API)
         probs = logits.float().softmax(dim=1)
         confidence, predicted = probs.max(dim=1)
         boundaries = torch.linspace(0, 1, self.n_bins + 1, dtype=confidence.dtype, device=confidence.device)
         index = torch.bucketize(confidence, boundaries, right=True) - 1
-        self.count.scatter_add_(0, index, torch.ones_like(confidence, dtype=torch.float64))
-        self.confidence.scatter_add_(0, index, confidence.double())
-        self.correct.scatter_add_(0, index, predicted.eq(target).double())
+        dtype = self.count.dtype
+        self.count.scatter_add_(0, index, torch.ones_like(confidence, dtype=dtype))
+        self.confidence.scatter_add_(0, index, confidence.to(dtype))
+        self.correct.scatter_add_(0, index, predicted.eq(target).to(dtype))
 
     def compute(self) -> torch.Tensor:  # noqa: D102 (torchmetrics API)
-        return torch.stack([self.count, self.confidence, self.correct])
+        return torch.stack([self.count, self.confidence, self.correct]).double()
 
 
 def as_tally(values) -> torch.Tensor:

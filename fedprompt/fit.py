@@ -42,6 +42,7 @@ from fedprompt.federation.checkpoint import append_jsonl, check_resume, check_sh
     save_checkpoint, state_shapes, write_json, write_jsonl, write_text
 from fedprompt.federation.feed import CachedFeatures, Feed, ImageFiles, StoredImages, sample_lists
 from fedprompt.federation.loop import Federation
+from fedprompt.federation.eval_summaries import is_summary_key
 from fedprompt.federation.scenarios import central_train, evaluation_sets, scenario_keys, scenario_line
 from fedprompt.loggers import build_logger, check_logger, log_client_table, logger_run_id, numeric_metrics, \
     save_logger
@@ -343,7 +344,8 @@ def build_federation(fabric, run: RunArgs, splits=None, timer=None,
     fed = Federation(fabric=fabric, method=method, backbone=backbone, classnames=splits.classnames,
                      aggregator=aggregator, clients=splits.clients, feed=feed,
                      federation=run.federation, train=train_args, eval=run.eval, seed=run.seed,
-                     progress=run.log.progress and fabric.global_rank == 0, timer=timer)
+                     progress=run.log.progress and fabric.global_rank == 0, timer=timer,
+                     class_groups=splits.class_groups)
     if eval_sets:
         _attach_set_evaluation(fed, method, eval_sets)
     fed.initial_states()
@@ -658,7 +660,7 @@ class BestRoundSelector:
         best = max(rows, key=lambda r: r["val_acc"])  # the first round with the best validation accuracy
         keys = ("round", "val_acc", "local_acc", "local_acc_std", "own_classes_acc", "global_acc", "base_acc",
                 "novel_acc", "hm", "cm", "unseen_acc")
-        keys += tuple(scenario_keys(best))
+        keys += tuple(scenario_keys(best)) + tuple(k for k in best if is_summary_key(k))
         return {"model_selection": "round with the best mean validation accuracy (checkpoints/best.ckpt)",
                 "selected": {k: best[k] for k in keys if k in best}}
 
@@ -678,7 +680,7 @@ def run_summary(fed: Federation, classnames: list[str], row: dict, out_dir: Path
     keys = ("local_acc", "local_acc_std", "own_classes_acc", "own_classes_acc_std", "global_acc", "val_acc",
             "base_acc", "novel_acc", "hm", "cm", "unseen_acc", "set_acc", "client_acc",
             "client_base_acc", "client_novel_acc", "train_loss", "epsilon", "record_epsilon", "dp_noise_multiplier"
-            ) + tuple(scenario_keys(row))
+            ) + tuple(scenario_keys(row)) + tuple(k for k in row if is_summary_key(k))
     return {"method": fed.method.name, "rounds": rounds, "model_selection": "last round (no test-set selection)",
             **{k: row[k] for k in keys if k in row}, "clients": [c.name for c in fed.clients],
             "num_train": [len(c.train) for c in fed.clients], "num_test": [len(c.test) for c in fed.clients],
@@ -724,5 +726,7 @@ def _print_clients(fed: Federation, client_acc: list[float] | None, summary: dic
     if "hm" in summary:
         line += (f"   base {summary['base_acc']:.4f} novel {summary['novel_acc']:.4f} hm {summary['hm']:.4f} "
                  f"cm {summary['cm']:.4f}")
+    if "ece" in summary:
+        line += f"   ece {summary['ece']:.4f}"
     extra = scenario_line({k: v for k, v in summary.items() if k != "global_acc"})
     print(line + (f"   {extra}" if extra else "") + f"   -> {summary['out_dir']}")

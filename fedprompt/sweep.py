@@ -26,6 +26,7 @@ from fedprompt import rundir
 from fedprompt.run import RunArgs, SweepArgs
 from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError
+from fedprompt.federation.eval_summaries import is_summary_key
 from fedprompt.federation.checkpoint import write_json, write_text
 
 #: summary.json entries averaged over seeds (those a run has)
@@ -129,7 +130,7 @@ def seed_command(out: Path, n: int, same_data: bool) -> list[str] | None:
 
 def _final_metrics(summary: dict) -> dict:
     chosen = summary.get("selected") or summary  # eval.select: val -> the selected round
-    keys = list(METRICS) + [k for k in chosen if k.startswith(METRIC_PREFIXES)]
+    keys = list(METRICS) + [k for k in chosen if k.startswith(METRIC_PREFIXES) or is_summary_key(k)]
     return {k: chosen[k] for k in keys if isinstance(chosen.get(k), (int, float))}
 
 

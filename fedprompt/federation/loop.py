@@ -24,6 +24,8 @@ from fedprompt.data.base import ClientSplit
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, state_bytes
 from fedprompt.federation.engine import GroupResult, GroupSize, LockstepTrainer, run_groups
+from fedprompt.federation.eval_summaries import (SCORES, SUMMARIES, client_scores, evaluation_metrics,
+                                                 evaluation_scores, update_evaluation_metrics)
 from fedprompt.federation.feed import Feed, LocalPlan, local_epoch_count, local_plan
 from fedprompt.federation.privacy import round_privacy
 from fedprompt.federation.protocols import ClientModule, MethodSpec
@@ -76,6 +78,9 @@ class Federation:
     progress: bool = True
     eval_sets: list = field(default_factory=list)
     timer: SectionTimer | None = None
+    class_groups: dict | None = None
+    """Many / medium / few-shot classes of long-tailed data (:attr:`fedprompt.data.FederatedSplits.class_groups`):
+    each client then also reports per-class counts."""
     modules: dict[tuple, ClientModule] = field(default_factory=dict)
     round_epochs: dict[int, int] = field(default_factory=dict, init=False, repr=False)
     """Local epochs trained in each round (its sampled clients that did not drop out), for :meth:`epochs_before`."""
@@ -274,13 +279,20 @@ class Federation:
             self.states[cid] = self.aggregator.apply(self.states[cid], received, cid)
 
     # ------------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def _accuracy(self, client: ClientModule, text, slots: torch.Tensor, position: int, name: str) -> float:
         """Accuracy of the client at ``slots[position]`` (its text side precomputed in ``text``) on list ``name``."""
+        return self._measure(client, text, slots, position, name, extra=False)[0]
+
+    @torch.no_grad()
+    def _measure(self, client: ClientModule, text, slots: torch.Tensor, position: int, name: str,
+                 extra: bool = True) -> tuple[float, dict]:
+        """Accuracy of the client at ``slots[position]`` on list ``name`` and, with ``extra``, its other scores from
+        the same logits (:func:`evaluation_scores`: the calibration tally, per-class counts on long-tailed data)."""
         if not self.feed.lists.get(name):
-            return math.nan
+            return math.nan, {}
         fabric = self.fabric
         metric = accuracy_metric(max(2, len(client.classnames))).to(fabric.device)  # one class: trivially right
+        others = evaluation_metrics(len(client.classnames), self.class_groups, fabric.device) if extra else {}
         for batch in self.feed.eval_batches(name, self.eval.batch_size):
             batch = self.feed.finish(fabric.to_device(batch))
             n = batch["label"].shape[0]
@@ -288,7 +300,8 @@ class Federation:
             with fabric.autocast():
                 logits = client.predict_logits(batch, text)
             metric.update(logits.float().argmax(1), batch["label"])
-        return float(metric.compute())
+            update_evaluation_metrics(others, logits.float(), batch["label"])
+        return float(metric.compute()), evaluation_scores(others, len(client.classnames))
 
     @torch.no_grad()
     def _text(self, client: ClientModule, slots: torch.Tensor):
@@ -309,8 +322,12 @@ class Federation:
         """(test, validation) accuracy of each client of ``cids`` (one class list) on its own data (test: NaN when
         ``test`` is false, ``eval.mode: global``)."""
         client, slots, text = self._load_group(self.client_classnames(cids[0]), cids)
-        return {cid: (self._accuracy(client, text, slots, pos, f"test:{cid}") if test else math.nan,
-                      self._accuracy(client, text, slots, pos, f"val:{cid}")) for pos, cid in enumerate(cids)}
+        out: dict = {}
+        for pos, cid in enumerate(cids):
+            acc, scores = self._measure(client, text, slots, pos, f"test:{cid}") if test else (math.nan, {})
+            out[cid] = (acc, self._accuracy(client, text, slots, pos, f"val:{cid}"))
+            out[(SCORES, "test", cid)] = scores
+        return out
 
     def _set_clients(self, eval_set) -> list[int]:
         """The clients scored on an evaluation set: those drawn from its dataset (all clients for a single dataset
@@ -337,7 +354,9 @@ class Federation:
                 client, slots, text = self._load_group(list(classnames), chunk)
                 for eval_set in sets:
                     for pos, cid in enumerate(chunk):
-                        out[(eval_set.name, cid)] = self._accuracy(client, text, slots, pos, f"test:{eval_set.name}")
+                        acc, scores = self._measure(client, text, slots, pos, f"test:{eval_set.name}")
+                        out[(eval_set.name, cid)] = acc
+                        out[(SCORES, f"set/{eval_set.name}", cid)] = scores
         return out
 
     def _evaluate_own_tests(self, ids: list[int], bar=None) -> dict:
@@ -396,6 +415,20 @@ class Federation:
         if val:
             out["val_acc"] = sum(val) / len(val)
         out.update(self._set_summary(results, out.get("local_acc", out.get("own_classes_acc"))))
+        out.update(self._metric_summaries(results, out))
+        return out
+
+    def set_clients(self, eval_set) -> list[int]:
+        """The clients scored on an evaluation set (see :meth:`_set_clients`)."""
+        return self._set_clients(eval_set)
+
+    def _metric_summaries(self, results: dict, row: dict) -> dict:
+        """Calibration, fairness, both HMs, the held-out domain and the long-tailed groups
+        (:mod:`fedprompt.federation.eval_summaries`), from every client's scores in ``results``."""
+        scores = client_scores(results)
+        out: dict = {}
+        for summary in SUMMARIES:
+            out.update(summary(self, scores, {**row, **out}))
         return out
 
     def _personal_summary(self, results: dict, ids: list[int]) -> dict:

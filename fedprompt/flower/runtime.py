@@ -244,11 +244,17 @@ class Node:
         return self.fed.evaluate_clients([self.cid])
 
 
-def evaluation_to_flat(results: dict) -> dict[str, float]:
-    """A client's evaluation results as flat float metrics (``test``, ``val``, ``set/<name>``)."""
-    out = {}
+def evaluation_to_flat(results: dict) -> dict:
+    """A client's evaluation results as flat metrics (``test``, ``val``, ``set/<name>`` accuracies; ``score/<metric>:
+    <list>`` lists of floats: the calibration tally and per-class counts, see
+    :mod:`fedprompt.federation.eval_summaries`)."""
+    from fedprompt.federation.eval_summaries import SCORES
+
+    out: dict = {}
     for key, value in results.items():
-        if isinstance(key, tuple):
+        if isinstance(key, tuple) and key[0] == SCORES and len(key) == 3:
+            out.update({f"score/{metric}:{key[1]}": [float(v) for v in values] for metric, values in value.items()})
+        elif isinstance(key, tuple):
             out[f"set/{key[0]}"] = float(value)
         else:
             out["test"], out["val"] = float(value[0]), float(value[1])
@@ -257,8 +263,13 @@ def evaluation_to_flat(results: dict) -> dict[str, float]:
 
 def evaluation_from_flat(cid: int, flat: dict) -> dict:
     """The inverse of :func:`evaluation_to_flat` for client ``cid``."""
-    out = {cid: (float(flat.get("test", math.nan)), float(flat.get("val", math.nan)))}
+    from fedprompt.federation.eval_summaries import SCORES
+
+    out: dict = {cid: (float(flat.get("test", math.nan)), float(flat.get("val", math.nan)))}
     for key, value in flat.items():
         if key.startswith("set/"):
             out[(key[4:], cid)] = float(value)
+        elif key.startswith("score/"):
+            metric, name = key[len("score/"):].split(":", 1)
+            out.setdefault((SCORES, name, cid), {})[metric] = [float(v) for v in value]
     return out
