@@ -101,11 +101,12 @@ def _prepare(out: Path, config: dict, seeds: list[int], overwrite: bool) -> None
 
 
 def seed_state(run: Path, rounds: int) -> str:
-    """``done`` (a summary of at least ``rounds`` rounds), ``resume`` (a checkpoint) or ``new``."""
-    summary = run / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("rounds", 0) >= rounds:
+    """``done`` (a summary of at least ``rounds`` rounds, or of a method that does not train, ZeroShot: a summary
+    without a checkpoint), ``resume`` (a checkpoint) or ``new``."""
+    summary, last = run / "summary.json", run / "checkpoints" / "last.ckpt"
+    if summary.is_file() and (json.loads(summary.read_text()).get("rounds", 0) >= rounds or not last.is_file()):
         return "done"
-    return "resume" if (run / "checkpoints" / "last.ckpt").is_file() else "new"
+    return "resume" if last.is_file() else "new"
 
 
 def seed_command(out: Path, n: int, same_data: bool) -> list[str] | None:
