@@ -726,7 +726,8 @@ def _print_clients(fed: Federation, client_acc: list[float] | None, summary: dic
     if "hm" in summary:
         line += (f"   base {summary['base_acc']:.4f} novel {summary['novel_acc']:.4f} hm {summary['hm']:.4f} "
                  f"cm {summary['cm']:.4f}")
-    if "ece" in summary:
-        line += f"   ece {summary['ece']:.4f}"
+    for key in ("target_acc", "ece"):
+        if isinstance(summary.get(key), float):
+            line += f"   {key} {summary[key]:.4f}"
     extra = scenario_line({k: v for k, v in summary.items() if k != "global_acc"})
     print(line + (f"   {extra}" if extra else "") + f"   -> {summary['out_dir']}")

@@ -108,3 +108,18 @@ def test_submitit_local_executor(cli, tmp_path):
     code, _, err = cli("sweep", "--config", SMOKE, "--seeds", "[3]", "--launcher", "submitit-local", "--slurm",
                        '{"no_such_parameter": 1}', "--out_dir", out)
     assert code == 2 and err.count("\n") == 1 and "--slurm" in err
+
+
+def test_seed_state(tmp_path):
+    from fedprompt.sweep import seed_state
+
+    run = tmp_path / "seed1"
+    assert seed_state(run, 5) == "new"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert seed_state(run, 5) == "resume"
+    (run / "summary.json").write_text(json.dumps({"rounds": 3}))
+    assert seed_state(run, 5) == "resume" and seed_state(run, 3) == "done"  # more rounds asked: resumed
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "summary.json").write_text(json.dumps({"rounds": 0}))  # zero-shot: evaluated once, no checkpoint
+    assert seed_state(run, 5) == "done"
