@@ -65,6 +65,7 @@ def test_target_and_fairness_by_hand():
     assert out == {"target_acc": pytest.approx(0.65), "target_acc_std": pytest.approx(0.15),
                    "target_acc_worst": 0.5, "target_acc_worst10": 0.5}
     assert target_summary(evaluator(), scores, {}) == {}
+    assert target_summary(evaluator(sets=[target], global_model=True), scores, {}) == {"target_acc": 0.5}
     row = {"local_acc": 0.6, "local_acc_std": 0.123, "client_acc": [0.4, 0.6, 0.8], "base_acc": 0.7,
            "client_base_acc": [0.7, 0.7, 0.7]}
     out = fairness_summary(evaluator(), {}, row)

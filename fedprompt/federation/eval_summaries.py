@@ -123,11 +123,12 @@ def calibration_summary(evaluator, scores: dict, row: dict) -> dict:
 
 def target_summary(evaluator, scores: dict, row: dict) -> dict:
     """Leave-one-domain-out: ``target_acc`` (the mean over the clients scored on the held-out domain; clients not
-    scored left out) and its spread over them."""
+    scored left out) and, when several clients are scored (methods with personal parts), its spread over them."""
     values = [v for v in _set_scores(evaluator, scores, "acc", "target") if v is not None and not math.isnan(v)]
     if not values:
         return {}
-    return {"target_acc": sum(values) / len(values), **fairness_keys("target_acc", values)}
+    spread = fairness_keys("target_acc", values) if len(values) > 1 else {}
+    return {"target_acc": sum(values) / len(values), **spread}
 
 
 def fairness_summary(evaluator, scores: dict, row: dict) -> dict:
