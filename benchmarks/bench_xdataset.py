@@ -88,7 +88,7 @@ def main() -> None:
 
     fedprompt.methods.import_all()
     fedprompt.data.import_readers()
-    from fedprompt.fit import build_federation
+    from fedprompt.build import build_parts
 
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     print(f"torch threads {torch.get_num_threads()}")
@@ -96,17 +96,18 @@ def main() -> None:
     for method in args.methods:
         run = run_args(Path(args.shared), method)
         start = time.perf_counter()
-        fed, _ = build_federation(fabric, run)
+        parts = build_parts(fabric, run)
+        driver = parts.fabric_driver(run.federation.rounds, progress=False)
         build = time.perf_counter() - start
-        fed.progress = False
-        targets = [e for e in fed.eval_sets if not e.seen]
-        assert len(targets) == 10, [e.name for e in fed.eval_sets]
-        whole = fed.eval_sets
-        fed.eval_sets = targets
-        target_seconds = timed(fed._evaluate_sets, args.repeats)
-        fed.eval_sets = whole
+        evaluator = parts.evaluator
+        targets = [e for e in evaluator.eval_sets if not e.seen]
+        assert len(targets) == 10, [e.name for e in evaluator.eval_sets]
+        whole = evaluator.eval_sets
+        evaluator.eval_sets = targets
+        target_seconds = timed(lambda: evaluator.score(parts.pool, [], lambda cids: cids), args.repeats)
+        evaluator.eval_sets = whole
         out = {}
-        all_seconds = timed(lambda: out.update(fed.evaluate_all()), args.repeats)
+        all_seconds = timed(lambda: out.update(driver.evaluate(0)), args.repeats)
         print(f"{method:<10}{build:>9.1f}{target_seconds:>11.2f}{all_seconds:>8.2f}  {out['unseen_acc']:.4f}",
               flush=True)
 

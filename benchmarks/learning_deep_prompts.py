@@ -22,7 +22,7 @@ import torch
 
 from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
 from fedprompt.data import Dirichlet, Synthetic
-from fedprompt.fit import fit
+from fedprompt.commands import fit
 from fedprompt.methods import IVLP, VPT, FedMGP, MaPLe, PromptSRC, ZeroShot
 
 CLASSES = 4

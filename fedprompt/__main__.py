@@ -19,13 +19,18 @@ from __future__ import annotations
 import os
 import sys
 from argparse import ArgumentError
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import Optional, Union
 
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import FedPromptError, one_line
 
 #: subcommands whose --resume names a run directory whose hyperparameters.yaml is the default config
 RESUMING = ("fit", "evaluate")
+#: subcommands that read no method: a config's method settings are checked (from the methods' source) but the
+#: method module, and with it torch and Lightning, is never imported
+NO_METHOD = ("partition",)
 
 
 def version() -> str:
@@ -99,12 +104,18 @@ def command_parser(name: str):
 
     function, options = COMMANDS[name]
     description = " ".join((function.__doc__ or "").split("\n\n")[0].split())
-    if name != "partition" and takes_run(options):
+    if name not in NO_METHOD and takes_run(options):
         description += f" Methods (--method NAME or a class_path): {', '.join(METHODS)}."
     parser = ArgumentParser(prog=f"fedprompt {name}", description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A run config (YAML); flags override it.")
     if takes_run(options):
-        parser.add_class_arguments(RunArgs, nested_key=None, skip={"resolved_config"}, sub_configs=True)
+        skip = {"resolved_config"} | ({"method"} if name in NO_METHOD else set())
+        parser.add_class_arguments(RunArgs, nested_key=None, skip=skip, sub_configs=True)
+        if name in NO_METHOD:  # the method is checked from its source (cli_errors.check_arguments), never built
+            parser.add_argument("--method", type=Optional[Union[str, dict]],
+                                help=f"Not used by {name} (a run config's method is accepted and left unused).")
+        else:
+            name_the_methods(parser)
     if options is not None:
         positional = dict(getattr(options, "positional", {}))
         for key, text in positional.items():
@@ -112,6 +123,17 @@ def command_parser(name: str):
         parser.add_class_arguments(options, nested_key=None,
                                    skip=set(positional) | set(getattr(options, "not_flags", ())))
     return parser
+
+
+def name_the_methods(parser) -> None:
+    """``--method``'s help lists fedprompt's methods by name (jsonargparse would list only the imported subclasses of
+    :class:`~fedprompt.methods.method.Method`, and a help page imports none)."""
+    from fedprompt.methods import METHODS
+
+    for action in parser._actions:  # argparse's list of a parser's arguments
+        if action.dest == "method" and hasattr(action, "extra_help"):
+            action.extra_help = lambda: f", one of: {', '.join(METHODS)}, or the class_path of your own Method " \
+                                        "subclass; --method.help NAME shows a method's settings"
 
 
 def top_parser():
@@ -158,11 +180,27 @@ def run_command(name: str, init, resolved: dict, argv: list[str] | None = None):
             values["command_line"] = list(argv or [])
     if not takes_run(options):
         return function(options(**values))
-    run = RunArgs(**{f.name: init[f.name] for f in fields(RunArgs) if f.name != "resolved_config"},
-                  resolved_config=resolved)
+    run_values = {f.name: init[f.name] for f in fields(RunArgs) if f.name != "resolved_config"}
+    if name in NO_METHOD:
+        run_values["method"] = None  # checked from its source, never built (see command_parser)
+    run = RunArgs(**run_values, resolved_config=resolved)
     if options is None:
         return function(run)
     return function(run, options(**values))
+
+
+@contextmanager
+def _program_name(prog: str):
+    """``sys.argv[0]`` is ``prog`` inside the block: jsonargparse's ``--KEY.help CLASS`` page builds a parser of its
+    own, whose usage line names the program from it (``usage: fedprompt fit ...``, not ``usage: fedprompt``)."""
+    saved = sys.argv[0] if sys.argv else None
+    if sys.argv:
+        sys.argv[0] = prog
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.argv[0] = saved
 
 
 def parse(argv: list[str]):
@@ -182,7 +220,8 @@ def parse(argv: list[str]):
     check_config_files(argv[1:])
     check_inline_values(argv[1:])
     try:
-        return name, parser, parser.parse_args(argv[1:])
+        with _program_name(f"fedprompt {name}"):  # the usage line of a --KEY.help page
+            return name, parser, parser.parse_args(argv[1:])
     except ArgumentError as err:
         cause = _find_cause(err, FedPromptError)
         if cause is not None:
@@ -208,6 +247,82 @@ def instantiate(parser, cfg) -> tuple[dict, dict]:
     return init, resolved
 
 
+def _help_requested(argv: list[str]) -> bool:
+    return any(arg in ("-h", "--help") or arg.partition("=")[0].endswith(".help") for arg in argv)
+
+
+def method_help(name: str, argv: list[str]) -> bool:
+    """``fedprompt NAME --method.help METHOD``: print the settings of one of fedprompt's methods from its source
+    (no import: well under a second) and return ``True``; ``False`` for anything else (jsonargparse's own help then
+    imports the class: a user's method)."""
+    from fedprompt.methods import METHODS
+    from fedprompt.methods.catalog import method_help as help_text, method_spec
+
+    value = _flag_value(argv, "--method.help")
+    if value is None or value.startswith("-"):  # no method named: the list of them
+        print(f"usage: fedprompt {name} --method.help NAME\n\nNAME: {', '.join(METHODS)}, or the class_path of your "
+              "own Method subclass.")
+        return True
+    spec = method_spec(value)
+    if spec is None and "." not in value:
+        raise FedPromptError(f"--method.help {value}: unknown method; choose one of {', '.join(METHODS)} (or the "
+                             "class_path of your own Method subclass).")
+    if spec is None:
+        return False
+    print(help_text(spec, f"fedprompt {name}"), end="")
+    return True
+
+
+def prepare(argv: list[str]) -> None:
+    """Before the parser: check the arguments without torch (files, YAML, keys, types, the method's settings from
+    its source: :func:`fedprompt.cli_errors.check_arguments`), then import what parsing needs: the data readers
+    (light) and only the method module the arguments choose (torch and Lightning load here, once the arguments are
+    known to be good)."""
+    from fedprompt.cli_errors import check_arguments, check_inline_values
+    from fedprompt.commands import COMMANDS
+
+    if not argv or argv[0] not in COMMANDS or not takes_run(COMMANDS[argv[0]][1]):
+        return
+    import fedprompt.data
+
+    fedprompt.data.import_readers()  # short names (--data Caltech101) resolve among the imported subclasses
+    if _help_requested(argv):
+        return
+    check_inline_values(argv[1:])
+    chosen = check_arguments(argv[0], argv[1:])
+    if argv[0] not in NO_METHOD and isinstance(chosen.get("method"), str):
+        import_method(chosen["method"])
+
+
+def import_method(value: str) -> None:
+    """Import the module of the chosen method (a short name or class_path of fedprompt's, or a user's class_path),
+    so that jsonargparse finds it by its short name."""
+    from fedprompt.methods.catalog import method_spec
+
+    spec = method_spec(value)
+    if spec is not None:
+        import fedprompt.methods
+
+        getattr(fedprompt.methods, spec.name)
+
+
+def without_method_flags(argv: list[str]) -> list[str]:
+    """A command that reads no method (:data:`NO_METHOD`): its ``--method.KEY VALUE`` flags, already checked, are
+    left out (the parser takes a config's method as plain data)."""
+    if not argv or argv[0] not in NO_METHOD:
+        return argv
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--method.") and not arg.partition("=")[0].endswith(".help"):
+            skip = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fedprompt`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -224,24 +339,22 @@ def main(argv: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[Method])
     try:
         argv = with_run_config(argv)
-        from fedprompt.commands import COMMANDS
-
-        needs_classes = not argv or argv[0] not in COMMANDS or takes_run(COMMANDS[argv[0]][1])
-        if needs_classes and not any(arg in ("-h", "--help") for arg in argv):  # a help page needs no class
-            import fedprompt.data
-            import fedprompt.methods
-
-            fedprompt.methods.import_all()  # short names (--method FedOTP, --data Caltech101) resolve among the
-            fedprompt.data.import_readers()  # imported subclasses
-        name, parser, cfg = parse(argv)
+        asks_method_help = any(arg.partition("=")[0] == "--method.help" for arg in argv[1:])
+        if asks_method_help and not argv[0].startswith("-") and method_help(argv[0], argv):
+            return
+        prepare(argv)
+        name, parser, cfg = parse(without_method_flags(argv))
         init, resolved = instantiate(parser, cfg)
         run_command(name, init, resolved, argv[1:])
     except FedPromptError as err:
-        print(f"fedprompt: error: {err}", file=sys.stderr)
+        print(f"fedprompt: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
         print(f"fedprompt: {err or 'interrupted.'}", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of the output went away (fedprompt fit --help | head): not an error here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,11 @@ class LogArgs:
         check_ranges("log", self, checkpoint_every=(0, None))
 
 
+#: accelerator and precision names every Lightning 2 release accepts (others are looked up in Lightning itself)
+COMMON_ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+COMMON_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "bf16", "16")
+
+
 def lightning_names() -> tuple[list[str], list[str]]:
     """The accelerator and precision names Lightning Fabric accepts: ``auto``, ``gpu`` and its accelerator registry;
     the values of its precision type (``32-true``, ``bf16-mixed``, ..., and the short forms ``32``, ``bf16``)."""
@@ -234,8 +239,8 @@ class FabricArgs:
         check_ranges("fabric", self, num_nodes=(1, None))
         if isinstance(self.devices, int) and not isinstance(self.devices, bool) and self.devices != -1:
             check_ranges("fabric", self, devices=(1, None))  # -1 and strings ('auto', '0,1') are Lightning's
-        if (self.accelerator, str(self.precision)) == ("auto", "32-true"):
-            return  # the defaults (valid in every Lightning): a help page imports no Lightning
+        if self.accelerator in COMMON_ACCELERATORS and str(self.precision) in COMMON_PRECISIONS:
+            return  # names every Lightning 2 knows: a help page or a config check imports no Lightning
         accelerators, precisions = lightning_names()
         problems = []
         if self.accelerator not in accelerators:

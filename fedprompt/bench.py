@@ -39,10 +39,14 @@ def run_bench(run: RunArgs, options: BenchArgs) -> dict:
         torch.set_num_threads(options.threads)
     if options.truncation:
         return bench_truncation(options.model, options.num_classes, options.n_ctx, options.repeats)
+    if run.runtime != "fabric":
+        raise FedPromptError("bench times the rounds of the Fabric runtime; leave out --runtime flower "
+                             "(benchmarks/bench_flower.py measures Flower's overhead).")
     if run.method is None or run.data is None:
         raise FedPromptError("bench: give a run config (--config CONFIG, as for fit) for the round benchmark, or "
                              "--truncation true for the text-path benchmark.")
-    run = replace(run, federation=replace(run.federation, rounds=options.rounds), out_dir=None, resume=None)
+    run = replace(run, federation=replace(run.federation, rounds=options.rounds), eval=replace(run.eval, every=1),
+                  out_dir=None, resume=None)  # every round evaluated
     show = print if not options.json else lambda *a, **k: None
     rows = bench_rounds(run, show=show, profile=options.profile)
     if options.json:
@@ -96,7 +100,7 @@ def bench_rounds(run: RunArgs, show=print, profile: bool = False) -> list[dict]:
     (with ``profile``, the last row also holds the aten-op and host-sync counts of one more local round)."""
     import lightning as L
 
-    from fedprompt.fit import build_federation
+    from fedprompt.build import build_parts
     from fedprompt.timing import SectionTimer
 
     fab = run.fabric
@@ -106,44 +110,44 @@ def bench_rounds(run: RunArgs, show=print, profile: bool = False) -> list[dict]:
     timer = SectionTimer(sync=sync)
     show(f"bench: building the federation ({run.method.name}, {type(run.data).__name__}, "
           f"{run.backbone.model}, {fab.precision}, {device})", flush=True)
-    fed, _ = build_federation(fabric, run, timer=timer)
-    fed.progress = False
+    parts = build_parts(fabric, run, timer=timer)
+    driver = parts.fabric_driver(run.federation.rounds, progress=False, timer=timer)
+    pool = parts.pool
     rows = []
     header = "round  total  " + "  ".join(f"{s[:6]:>6}" for s in SECTIONS) + "  img/s  peak_GB  util%  K"
     show(header, flush=True)
     for round_idx in range(1, run.federation.rounds + 1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        fed.trainer.samples = 0
+        pool.trainer.samples = 0
         with _Utilisation(device) as util:
             start = time.perf_counter()
-            row = fed.run_round(round_idx)
-            metrics = fed.evaluate_all()
+            row = driver.run_round(round_idx)
             if sync:
                 sync()
             total = time.perf_counter() - start
         seconds = timer.pop()
         train_time = sum(seconds.get(s, 0.0) for s in SECTIONS[:6])
         out = {"round": round_idx, "seconds": total, **{s: seconds.get(s, 0.0) for s in SECTIONS},
-               "train_images": fed.trainer.samples,
-               "images_per_second": fed.trainer.samples / train_time if train_time else None,
+               "train_images": pool.trainer.samples,
+               "images_per_second": pool.trainer.samples / train_time if train_time else None,
                "peak_memory_gb": _peak_memory_gb(device), "gpu_utilisation": util.mean(),
-               "parallel_clients": fed.group_size, "train_loss": row.get("train_loss"),
-               "local_acc": metrics.get("local_acc")}
+               "parallel_clients": pool.group_size, "train_loss": row.get("train_loss"),
+               "local_acc": row.get("local_acc")}
         rows.append(out)
         util_text = f"{out['gpu_utilisation']:5.1f}" if out["gpu_utilisation"] is not None else "  n/a"
         ips = f"{out['images_per_second']:6.0f}" if out["images_per_second"] else "   n/a"
         show(f"{round_idx:>5} {total:6.2f}  " + "  ".join(f"{out[s]:6.3f}" for s in SECTIONS)
-              + f"  {ips}  {out['peak_memory_gb']:7.2f}  {util_text}  {fed.group_size}", flush=True)
+              + f"  {ips}  {out['peak_memory_gb']:7.2f}  {util_text}  {pool.group_size}", flush=True)
     if profile:
-        counts = profile_local_round(fed, run.federation.rounds)
+        counts = profile_local_round(parts, run.federation.rounds)
         rows[-1].update(counts)
         show(f"profile of one warm local round ({counts['profiled_steps']} steps, {counts['profiled_client_steps']} "
-             f"client-steps, K = {fed.group_size}): aten ops {counts['aten_ops_per_step']:.0f} per step, "
+             f"client-steps, K = {pool.group_size}): aten ops {counts['aten_ops_per_step']:.0f} per step, "
              f"{counts['aten_ops_per_client_step']:.0f} per client-step ({counts['kernel_ops_per_client_step']:.0f} "
              f"kernel-like); host syncs {counts['host_syncs_per_step']:.1f} per step, "
              f"{counts['host_syncs_per_client_step']:.2f} per client-step", flush=True)
-    fed.feed.close()
+    parts.feed.close()
     return rows
 
 
@@ -188,7 +192,7 @@ def count_ops(events, label: str | None = None) -> dict[str, int]:
     return {"aten": len(aten), "kernels": len(leaves), "syncs": len(syncs)}
 
 
-def profile_local_round(fed, round_idx: int) -> dict:
+def profile_local_round(parts, round_idx: int) -> dict:
     """Profile (torch profiler, host activities) one more local round of the clients this process trains in
     ``round_idx``; the clients' states are not changed. Returns the aten operations and host syncs inside the
     lock-step steps, per step and per client-step (one client's step; a step of K clients is K client-steps), and
@@ -201,19 +205,19 @@ def profile_local_round(fed, round_idx: int) -> dict:
     from fedprompt.federation.engine import STEP_RECORD
     from fedprompt.federation.sampling import place
 
-    mine = place(fed.trained(round_idx), fed.fabric.global_rank, fed.fabric.world_size)
-    plans = [fed.plan(cid, round_idx) for cid in mine]
+    pool = parts.pool
+    mine = place(parts.sampler.trained(round_idx), pool.fabric.global_rank, pool.fabric.world_size)
+    plans = [parts.sampler.plan(cid, round_idx) for cid in mine]
     by_classes: dict[tuple, list] = {}
     for plan in plans:
-        by_classes.setdefault(tuple(fed.client_classnames(plan.cid)), []).append(plan)
-    steps = sum(max(p.steps for p in chunk) for members in by_classes.values()
-                for chunk in (members[i:i + fed.group_size] for i in range(0, len(members), fed.group_size)))
+        by_classes.setdefault(tuple(pool.classnames_of(plan.cid)), []).append(plan)
+    steps = sum(max(p.steps for p in chunk) for members in by_classes.values() for chunk in pool.chunks(members))
     client_steps = sum(p.steps for p in plans)
     prof = torch_profile(activities=[ProfilerActivity.CPU])
     with _quiet_stderr():  # the profiler's C++ side writes a line at its start and stop, whatever the log level
         prof.start()
     try:
-        fed.train_clients(mine, round_idx)
+        pool.train(mine, round_idx, parts.server.global_state)
     finally:
         with _quiet_stderr():
             prof.stop()

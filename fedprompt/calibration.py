@@ -25,7 +25,7 @@ DEFAULT_BINS = 15
 class CalibrationTally(Metric):
     """Per-bin sums of samples, top-1 confidence and correct predictions, from logits and labels.
 
-    ``compute()`` returns a ``[3, n_bins + 1]`` float64 tensor (rows: count, confidence sum, correct sum);
+    ``compute()`` returns a ``[3, n_bins + 1]`` tensor (rows: count, confidence sum, correct sum);
     :func:`expected_calibration_error` and :func:`reliability` read it. ``sync_on_compute`` is off: the evaluator
     scores each client on one process and moves the tallies itself.
     """
@@ -33,13 +33,13 @@ class CalibrationTally(Metric):
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, n_bins: int = DEFAULT_BINS, dtype: torch.dtype = torch.float64, **kwargs):
+    def __init__(self, n_bins: int = DEFAULT_BINS, **kwargs):
         super().__init__(sync_on_compute=False, **kwargs)
         if n_bins < 1:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
         self.n_bins = n_bins
-        for name in ("count", "confidence", "correct"):
-            self.add_state(name, default=torch.zeros(n_bins + 1, dtype=dtype), dist_reduce_fx="sum")
+        for name in ("count", "confidence", "correct"):  # float32 sums, as torchmetrics' own (and MPS has no float64)
+            self.add_state(name, default=torch.zeros(n_bins + 1), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:  # noqa: D102 (torchmetrics API)
         probs = logits.float().softmax(dim=1)
@@ -52,7 +52,7 @@ class CalibrationTally(Metric):
         self.correct.scatter_add_(0, index, predicted.eq(target).to(dtype))
 
     def compute(self) -> torch.Tensor:  # noqa: D102 (torchmetrics API)
-        return torch.stack([self.count, self.confidence, self.correct]).double()
+        return torch.stack([self.count, self.confidence, self.correct])
 
 
 def as_tally(values) -> torch.Tensor:

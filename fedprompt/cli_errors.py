@@ -15,14 +15,18 @@ import dataclasses
 import importlib
 import inspect
 import math
+import os
 import typing
 from argparse import ArgumentError
-from pathlib import Path
 
 import yaml
 
 from fedprompt.config_keys import setting_keys
 from fedprompt.errors import FedPromptError
+from fedprompt.files import read_yaml, yaml_problem
+from fedprompt.methods import METHODS
+from fedprompt.methods.catalog import MethodSpec, method_spec
+from fedprompt.methods.method import Method
 
 #: top-level run settings that select a class by class_path (their settings are ``<key>.<name>``)
 CLASS_KEYS = ("method", "data")
@@ -41,20 +45,18 @@ def config_files(argv: list[str]) -> list[str]:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Each ``--config`` file exists and is valid YAML; otherwise one :class:`FedPromptError` naming the file (and
-    the line and column of a syntax error)."""
+    """Each ``--config`` file exists and holds a mapping of plain YAML (:func:`fedprompt.files.read_yaml`);
+    otherwise one :class:`FedPromptError` naming the file (and the line and column of a syntax error or of a tag
+    that would build a Python object)."""
     for name in config_files(argv):
-        path = Path(name)
-        if not path.is_file():
-            raise FedPromptError(f"--config {name}: no such file.")
-        try:
-            yaml.safe_load(path.read_text())
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise FedPromptError(f"--config {name}: YAML syntax error{where}: {err.problem}. Fix the file.") from None
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
-            raise FedPromptError(f"--config {name}: cannot read it as YAML ({err}).") from None
+        read_config(name)
+
+
+def read_config(name: str) -> dict:
+    """The settings of ``--config name`` (a mapping), or one line naming the file and what is wrong."""
+    if not os.path.exists(name):
+        raise FedPromptError(f"--config {name}: no such file.")
+    return read_yaml(name, f"--config {name}", "fix the file")
 
 
 def inline_values(argv: list[str]) -> list[tuple[str, str]]:
@@ -78,14 +80,10 @@ def check_inline_values(argv: list[str]) -> None:
     for flag, value in inline_values(argv):
         try:
             yaml.safe_load(value)
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark
-            where = f" at column {mark.column + 1}" if mark is not None else ""
+        except yaml.YAMLError as err:
             hint = (f"an inline mapping is written '{{key: value, ...}}', or give its settings as flags, {flag}.KEY "
                     "VALUE" if value.lstrip().startswith("{") else "an inline list is written '[a, b, ...]'")
-            raise FedPromptError(f"{flag} {value}: YAML syntax error{where}: {err.problem} ({hint}).") from None
-        except yaml.YAMLError as err:
-            raise FedPromptError(f"{flag} {value}: cannot read it as YAML ({err}).") from None
+            raise FedPromptError(f"{flag} {value}: {yaml_problem(err, lines=False)} ({hint}).") from None
 
 
 # ------------------------------------------------------------------------------------------------------ types
@@ -158,15 +156,22 @@ def _init_settings(cls) -> dict[str, object]:
 
 
 def settings_of(cls) -> dict[str, object]:
-    """``{setting: annotation}`` of a settings class (a dataclass, or a class with a typed ``__init__``)."""
+    """``{setting: annotation}`` of a settings class (a dataclass, a class with a typed ``__init__``, or one of
+    fedprompt's methods as its source defines it: :class:`~fedprompt.methods.catalog.MethodSpec`)."""
+    if isinstance(cls, MethodSpec):
+        return {name: setting.annotation for name, setting in cls.settings.items()}
     return _dataclass_settings(cls) if dataclasses.is_dataclass(cls) else _init_settings(cls)
 
 
-def resolve_class(value, base: type) -> type | None:
-    """The class a ``class_path`` value names (a dotted path, or a short name of an imported subclass of ``base``)."""
+def resolve_class(value, base: type) -> type | MethodSpec | None:
+    """The class a ``class_path`` value names (a dotted path, or a short name of an imported subclass of ``base``);
+    one of fedprompt's methods as its source defines it (:func:`~fedprompt.methods.catalog.method_spec`: nothing
+    is imported, so no torch)."""
     path = value.get("class_path") if isinstance(value, dict) else value
     if not isinstance(path, str):
         return None
+    if base is Method and method_spec(path) is not None:
+        return method_spec(path)
     if "." in path:
         module, _, name = path.rpartition(".")
         try:
@@ -184,8 +189,9 @@ def resolve_class(value, base: type) -> type | None:
 
 
 def class_names(base: type) -> list[str]:
-    """The public subclasses of ``base`` that are imported (their short names)."""
-    found, todo = set(), list(base.__subclasses__())
+    """The public subclasses of ``base`` that are imported (their short names); for methods, fedprompt's methods
+    too (imported or not)."""
+    found, todo = set(METHODS if base is Method else ()), list(base.__subclasses__())
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
@@ -196,7 +202,6 @@ def class_names(base: type) -> list[str]:
 
 def _bases() -> dict[str, type]:
     from fedprompt.data.reader import FederatedData
-    from fedprompt.methods.method import Method
 
     return {"method": Method, "data": FederatedData}
 
@@ -228,14 +233,19 @@ def _class_at(prefix: str, selected: dict) -> type | None:
     return resolve_class(selected.get(prefix), base) if base is not None and prefix in selected else None
 
 
-def check_setting(key: str, value, selected: dict, groups: dict[str, type]) -> str | None:
+def check_setting(key: str, value, selected: dict, groups: dict[str, type], text: str | None = None) -> str | None:
     """What is wrong with setting ``key`` (dotted, without ``init_args``) = ``value`` (YAML-loaded), or ``None``
     when nothing is found. ``selected`` maps the class-valued settings chosen so far (``method``, ``data``,
     ``data.partition``, ...) to their class_path value; ``groups`` maps the other top-level keys to their settings
-    class (or the annotation of a plain top-level setting)."""
+    class (or the annotation of a plain top-level setting). ``text``: the value as typed on the command line (a
+    string setting takes it as it is: ``--log.run_name 3``)."""
     head, _, rest = key.partition(".")
     if key.endswith(".class_path"):
         return check_setting(key[: -len(".class_path")], value, selected, groups)
+
+    def fits(annotation) -> bool:
+        return matches(value, annotation) or (text is not None and matches(text, annotation))
+
     if head in CLASS_KEYS:
         base = _base_at(key, selected)
         if base is not None and isinstance(value, (str, dict)):  # a class-valued setting: the class must exist
@@ -257,13 +267,12 @@ def check_setting(key: str, value, selected: dict, groups: dict[str, type]) -> s
             return None
         owner, settings = f"the {head} group", settings_of(groups[head])
     elif head in groups and not rest:
-        return None if matches(value, groups[head]) else f"invalid value {value!r} (expected {describe(groups[head])})"
+        return None if fits(groups[head]) else f"invalid value {value!r} (expected {describe(groups[head])})"
     else:
-        return f"no such setting; the settings are {', '.join(sorted(groups) + list(CLASS_KEYS))}" if not rest \
-            else None
+        return f"no such setting; the settings are {', '.join(sorted(groups) + list(CLASS_KEYS))}"
     if rest not in settings:
         return f"{owner} has no setting {rest!r}; its settings: {', '.join(settings)}"
-    if not matches(value, settings[rest]):
+    if not fits(settings[rest]):
         return f"invalid value {value!r} for {owner} (expected {describe(settings[rest])})"
     return None
 
@@ -274,7 +283,10 @@ def _units(args: list[str]) -> list[list[str]]:
     units, i = [], 0
     while i < len(args):
         arg = args[i]
-        if arg.startswith("--") and "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
+        if arg.startswith("--config="):
+            units.append(["--config", arg.split("=", 1)[1]])
+            i += 1
+        elif arg.startswith("--") and "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
             units.append([arg, args[i + 1]])
             i += 2
         else:
@@ -300,10 +312,9 @@ def _collapsed(err: Exception, limit: int = 3) -> str:
 
 def _groups_of(command: str) -> dict[str, type]:
     import fedprompt.run
-    from fedprompt.commands import COMMANDS
 
     groups = {}
-    for cls in (fedprompt.run.RunArgs, COMMANDS[command][1]):
+    for cls in (fedprompt.run.RunArgs, fedprompt.run.COMMAND_OPTIONS[command]):
         if cls is not None:
             groups.update({k: v for k, v in settings_of(cls).items() if k not in CLASS_KEYS})
     return groups
@@ -328,7 +339,7 @@ def _selected_in(args: list[str]) -> dict:
     selected: dict = {}
     for unit in _units(args):
         if unit[0] == "--config" and len(unit) == 2:
-            tree = yaml.safe_load(Path(unit[1]).read_text()) or {}
+            tree = read_config(unit[1])
             for prefix, path in _class_paths(tree).items():
                 if prefix.split(".")[0] in CLASS_KEYS:
                     selected = {k: v for k, v in selected.items() if not k.startswith(prefix + ".")}
@@ -349,6 +360,75 @@ def _selected_in(args: list[str]) -> dict:
     return selected
 
 
+def _config_problem(name: str, selected: dict, groups: dict[str, type]) -> str | None:
+    """``KEY: what is wrong`` for the first setting of config file ``name`` that is wrong, else ``None``
+    (``selected``: the classes chosen before this file)."""
+    tree = read_config(name)
+    selected = {**selected, **_selected_in(["--config", name])}
+    for key, value in setting_keys(tree).items():
+        if value == {}:  # an empty group sets nothing
+            continue
+        problem = check_setting(key, value, selected, groups)
+        if problem:
+            return f"{key}: {problem}"
+    return None
+
+
+def _flag_problem(unit: list[str], selected: dict, groups: dict[str, type]) -> tuple[str, str | None]:
+    """The flag as typed and what is wrong with it (``None``: nothing found); an inline mapping is checked key by
+    key."""
+    flag, _, inline = unit[0].partition("=")
+    text = unit[1] if len(unit) == 2 else inline
+    key = flag[2:].replace(".init_args.", ".")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    shown = f"{flag} {text}".strip()
+    if isinstance(value, dict) and value:
+        for sub, sub_value in setting_keys(value, key + ".").items():
+            problem = check_setting(sub, sub_value, selected, groups)
+            if problem:
+                return shown, f"{sub}: {problem}"
+        return shown, None
+    return shown, check_setting(key, value, selected, groups, text)
+
+
+#: arguments the settings check leaves to jsonargparse (help and config printing)
+NOT_SETTINGS = ("--print_config", "--help", "-h")
+
+
+def _is_setting(unit: list[str]) -> bool:
+    """Whether an argument unit sets a setting to a value (not a help request, a positional or a bare flag)."""
+    flag = unit[0].partition("=")[0]
+    return (flag.startswith("--") and flag not in NOT_SETTINGS and not flag.endswith(".help")
+            and (len(unit) == 2 or "=" in unit[0]))
+
+
+def check_arguments(command: str, args: list[str]) -> dict:
+    """Check ``fedprompt COMMAND ARGS`` before anything heavy is imported (no torch, no Lightning): every config file
+    exists and holds plain YAML, and every setting of the files and flags, in order, is a setting of its group, of
+    the chosen data reader or of the chosen method (read from its source: :mod:`fedprompt.methods.catalog`), with a
+    value of its type. The first problem is one :class:`FedPromptError` line naming the file or flag, the key, the
+    value and what it must be. Returns the classes the arguments choose (``{"method": ..., "data": ...}``).
+
+    Value ranges are checked later, when the settings are built (their ``__post_init__``)."""
+    hint = f". See: fedprompt {command} --help"
+    groups = _groups_of(command)
+    units = _units(args)
+    for i, unit in enumerate(units):
+        selected = _selected_in([a for u in units[:i] for a in u])
+        if unit[0] == "--config" and len(unit) == 2:
+            problem = _config_problem(unit[1], selected, groups)
+            if problem:
+                raise FedPromptError(f"--config {unit[1]}: {problem}{hint}")
+        elif _is_setting(unit):
+            shown, problem = _flag_problem(unit, selected, groups)
+            if problem:
+                raise FedPromptError(f"{shown}: {problem}{hint}")
+    return _selected_in(args)
+
+
 def explain_argument_error(err: Exception, argv: list[str], subparsers: dict) -> str:
     """One line for a parse failure: the config file or flag at fault, the key, the value and what it must be."""
     command = argv[0] if argv and argv[0] in subparsers else None
@@ -362,27 +442,10 @@ def explain_argument_error(err: Exception, argv: list[str], subparsers: dict) ->
         done = [a for u in units[: i + 1] for a in u]
         if _parses(parser, done):
             continue
-        before = [a for u in units[:i] for a in u]
-        selected = _selected_in(before)
+        selected = _selected_in([a for u in units[:i] for a in u])
         if unit[0] == "--config":
-            tree = yaml.safe_load(Path(unit[1]).read_text()) or {}
-            selected.update(_selected_in(unit))
-            for key, value in setting_keys(tree if isinstance(tree, dict) else {}).items():
-                if value == {}:  # an empty group sets nothing
-                    continue
-                problem = check_setting(key, value, selected, groups)
-                if problem:
-                    return f"--config {unit[1]}: {key}: {problem}{hint}"
-            return f"--config {unit[1]}: {_collapsed(err)}{hint}"
-        flag, _, inline = unit[0].partition("=")
-        text = unit[1] if len(unit) == 2 else inline
-        key = flag[2:].replace(".init_args.", ".")
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            value = text
-        problem = check_setting(key, value, selected, groups)
-        shown = f"{flag} {text}".strip()
+            problem = _config_problem(unit[1], selected, groups)
+            return f"--config {unit[1]}: {problem or _collapsed(err)}{hint}"
+        shown, problem = _flag_problem(unit, selected, groups)
         return f"{shown}: {problem or _collapsed(err)}{hint}"
     return f"{_collapsed(err)}{hint}"
-

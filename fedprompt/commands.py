@@ -19,7 +19,7 @@ its ``--help`` text (the first sentence is its summary in ``fedprompt --help``).
 
 from __future__ import annotations
 
-from fedprompt.run import BenchArgs, PartitionArgs, RunArgs, SweepArgs, TableArgs
+from fedprompt.run import COMMAND_OPTIONS, BenchArgs, PartitionArgs, RunArgs, SweepArgs, TableArgs
 
 
 def fit(run: RunArgs | None = None, **settings) -> dict:
@@ -77,7 +77,7 @@ def sweep(run: RunArgs | None = None, options: SweepArgs | None = None, **settin
 
 
 def partition(run: RunArgs | None = None, options: PartitionArgs | None = None, **settings) -> None:
-    """Print the client x class table of train samples of a config's federated split (no model is loaded).
+    """Print the class x client table of train samples of a config's federated split (no model is loaded).
 
     When clients have their own class lists (data: Combined, partition: CrossClass) it prints one line per client
     instead (dataset, number of classes, train/test samples, its first class names) and the evaluation sets (name,
@@ -129,6 +129,6 @@ def table(options: TableArgs | None = None, **settings) -> dict:
 
 #: subcommand -> (function, its options class or None); an options class with ``takes_run = False`` gets no run
 #: settings (the function takes the options alone), and its ``positional`` fields are positional arguments
-COMMANDS = {"fit": (fit, None), "evaluate": (evaluate, None), "zeroshot": (zeroshot, None),
-            "sweep": (sweep, SweepArgs), "partition": (partition, PartitionArgs), "bench": (bench, BenchArgs),
-            "table": (table, TableArgs)}
+COMMANDS = {name: (function, COMMAND_OPTIONS[name]) for name, function in (
+    ("fit", fit), ("evaluate", evaluate), ("zeroshot", zeroshot), ("sweep", sweep), ("partition", partition),
+    ("bench", bench), ("table", table))}

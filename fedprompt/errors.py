@@ -20,6 +20,17 @@ class ClientFailure(FedPromptError):
         super().__init__(f"client {client_id} failed in round {round_idx}: {reason}")
 
 
+def one_line(err: BaseException) -> str:
+    """The message of a :class:`FedPromptError` as the one line the CLI prints. An error raised in a DataLoader worker
+    process reaches the main process with the worker's traceback in its message ("Caught FedPromptError in DataLoader
+    worker process 0. Original Traceback ..."): its own message is the last line."""
+    text = str(err)
+    marker = "FedPromptError: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return " ".join(text.split())
+
+
 def warn(message: str) -> None:
     """Print one ``fedprompt: warning: ...`` line on stderr (something was changed or left out on the user's
     explicit request, e.g. ``data.on_bad_image: skip``)."""

@@ -106,9 +106,7 @@ def _read_config(path: str, what: str) -> dict:
 def resolve_cell(base: dict, dataset: str | None, method: str | None, flags: list[str], name: str) -> dict:
     """The resolved config of one cell, as ``fedprompt fit`` would resolve it: ``base`` with its data section
     replaced by ``dataset``'s, then ``--method``, then the sweep's run flags."""
-    import fedprompt.data
-    import fedprompt.methods
-    from fedprompt.__main__ import instantiate, parse
+    from fedprompt.__main__ import instantiate, parse, prepare
 
     config = dict(base)
     if dataset:
@@ -116,12 +114,11 @@ def resolve_cell(base: dict, dataset: str | None, method: str | None, flags: lis
         if not isinstance(data, dict):
             raise FedPromptError(f"sweep: the --datasets file {dataset} has no data section (data: class_path ...).")
         config["data"] = data
-    fedprompt.methods.import_all()
-    fedprompt.data.import_readers()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
     try:
         argv = ["fit", "--config", handle.name] + (["--method", method] if method else []) + flags
+        prepare(argv)  # the command line's checks, and the chosen method's module imported
         _, parser, parsed = parse(argv)
         _, resolved = instantiate(parser, parsed)
     except FedPromptError as err:
@@ -151,7 +148,7 @@ def expand(paths: list[str] | None, flag: str) -> list[str] | None:
 
 def grid_cells(run: RunArgs, options: SweepArgs, out: Path) -> list[Cell]:
     """The cells of the sweep: one (``OUT``) for a single config, else every combination of the axes."""
-    from fedprompt.fit import run_config
+    from fedprompt.run import run_config
 
     if not is_grid(options):
         return [Cell("", out, sweep_config(run_config(run)))]

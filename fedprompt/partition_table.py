@@ -1,4 +1,5 @@
-"""``fedprompt partition`` (:func:`fedprompt.commands.partition`): the client x class table of a config's federated split (no model is loaded)."""
+"""``fedprompt partition`` (:func:`fedprompt.commands.partition`): the class x client table of a config's federated
+split (no model is loaded, and torch is never imported)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,19 @@ import json as jsonlib
 from fedprompt.run import PartitionArgs, RunArgs
 from fedprompt.data import count_table
 from fedprompt.errors import FedPromptError
+
+
+def print_counts(classnames: list[str], clients: list[str], train, test) -> None:
+    """The class x client table of train samples: one row per class with its whole name, one column per client (its
+    index; the names follow the table), then each client's train and test totals."""
+    label = max(5, *(len(n) for n in classnames))
+    width = max(len(str(len(clients) - 1)), len(str(int(max(train.max(), test.sum(1).max(), 0))))) + 2
+    print(f"{'class':<{label}}" + "".join(f"{k:>{width}}" for k in range(len(clients))))
+    for j, name in enumerate(classnames):
+        print(f"{name:<{label}}" + "".join(f"{int(train[k][j]):>{width}}" for k in range(len(clients))))
+    for what, counts in (("train", train), ("test", test)):
+        print(f"{what:<{label}}" + "".join(f"{int(counts[k].sum()):>{width}}" for k in range(len(clients))))
+    print("clients: " + ", ".join(f"{k} {name}" for k, name in enumerate(clients)))
 
 
 def print_partition(run: RunArgs, options: PartitionArgs) -> None:
@@ -26,15 +40,17 @@ def print_partition(run: RunArgs, options: PartitionArgs) -> None:
         if json:
             print(jsonlib.dumps({"clients": rows, "eval_sets": sets}, indent=1))
             return
-        print(f"{'client':<28}{'classes':>8}{'train':>7}{'test':>6}  class list")
+        width = max(28, *(len(f"{row['id']} {row['name']}") + 1 for row in rows))
+        print(f"{'client':<{width}}{'classes':>8}{'train':>7}{'test':>6}  class list")
         for row in rows:
             listed = ", ".join(row["classnames"][:4]) + (", ..." if len(row["classnames"]) > 4 else "")
-            print(f"{(str(row['id']) + ' ' + row['name'])[:28]:<28}{len(row['classnames']):>8}{sum(row['train']):>7}"
+            print(f"{str(row['id']) + ' ' + row['name']:<{width}}{len(row['classnames']):>8}{sum(row['train']):>7}"
                   f"{sum(row['test']):>6}  {listed}")
-        print(f"{'evaluation set':<36}{'classes':>8}{'test':>7}")
+        width = max(36, *(len(item["name"]) + 1 for item in sets)) if sets else 36
+        print(f"{'evaluation set':<{width}}{'classes':>8}{'test':>7}")
         for item in sets:
             unseen = "" if item["seen"] else "  unseen"
-            print(f"{item['name'][:36]:<36}{item['classes']:>8}{item['samples']:>7}{unseen}")
+            print(f"{item['name']:<{width}}{item['classes']:>8}{item['samples']:>7}{unseen}")
         datasets = len(dict.fromkeys(r["dataset"] for r in rows))
         print(f"{len(rows)} clients with their own class lists from {datasets} dataset(s), "
               f"{sum(sum(r['train']) for r in rows)} train / {sum(sum(r['test']) for r in rows)} test samples, "
@@ -47,16 +63,12 @@ def print_partition(run: RunArgs, options: PartitionArgs) -> None:
             {"id": c.client_id, "name": c.name, "train": train_counts[k].tolist(), "test": test_counts[k].tolist()}
             for k, c in enumerate(splits.clients)]}, indent=1))
         return
-    width = min(10, max(5, *(len(n) for n in splits.classnames)))
-    short = [n[:width] for n in splits.classnames]
-    print(f"{'client':<16}" + "".join(f"{s:>{width + 1}}" for s in short) + f"{'train':>8}{'test':>7}")
-    for k, client in enumerate(splits.clients):
-        print(f"{(str(k) + ' ' + client.name)[:16]:<16}" + "".join(f"{v:>{width + 1}}" for v in train_counts[k])
-              + f"{train_counts[k].sum():>8}{test_counts[k].sum():>7}")
+    print_counts(splits.classnames, [c.name for c in splits.clients], train_counts, test_counts)
     print(f"{len(splits.clients)} clients, {n_cls} classes, {int(train_counts.sum())} train / "
           f"{int(test_counts.sum())} test samples")
     unseen = [e for e in splits.eval_sets if not e.seen]
     if unseen:  # cross-dataset / cross-domain targets (data: Transfer)
-        print(f"{'evaluation target':<36}{'classes':>8}{'test':>7}")
+        width = max(36, *(len(item.name) + 1 for item in unseen))
+        print(f"{'evaluation target':<{width}}{'classes':>8}{'test':>7}")
         for item in unseen:
-            print(f"{item.name[:36]:<36}{len(item.classnames):>8}{len(item.samples):>7}")
+            print(f"{item.name:<{width}}{len(item.classnames):>8}{len(item.samples):>7}")

@@ -13,7 +13,7 @@ Attribute docstrings become the ``--help`` text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import ClassVar, Literal, Optional
 
 from fedprompt.args import DATA_SEED_MAX, SEED_MAX, BackboneArgs, DPArgs, EvalArgs, FabricArgs, FederationArgs, \
@@ -21,6 +21,10 @@ from fedprompt.args import DATA_SEED_MAX, SEED_MAX, BackboneArgs, DPArgs, EvalAr
 from fedprompt.data.reader import FederatedData
 from fedprompt.errors import FedPromptError
 from fedprompt.methods.method import Method
+
+
+#: the runtimes of a run (``--runtime``)
+RUNTIMES = ("fabric", "flower")
 
 
 @dataclass(kw_only=True)
@@ -40,6 +44,11 @@ class RunArgs:
     dp: DPArgs = field(default_factory=DPArgs)
     """Client-level differential privacy (DP-FedAvg with an RDP accountant); off unless dp.noise_multiplier or
     dp.target_epsilon is set."""
+    runtime: Literal["fabric", "flower"] = "fabric"
+    """How a round's states travel: fabric (this process and Lightning Fabric's collectives, one process per device,
+    K clients in lock-step) or flower (a Flower app in this process: the ServerApp and one ClientApp node per client,
+    every message through Flower's serialisation; one device, K = 1; needs the flower extra). Both run the same round
+    and write the same run folder: flower equals fabric with --federation.parallel_clients 1."""
     out_dir: Optional[str] = None
     """Run directory (default runs/<method>-<time>; with --resume, the checkpoint's run directory). A folder that
     holds another run is refused (see overwrite)."""
@@ -58,10 +67,63 @@ class RunArgs:
 
     def __post_init__(self):
         check_seed("--seed", self.seed, SEED_MAX)
+        if self.runtime not in RUNTIMES:
+            raise FedPromptError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}.")
         for name in ("out_dir", "resume"):
             value = getattr(self, name)
             if value is not None and not str(value).strip():
                 raise FedPromptError(f"--{name} is empty; pass a path (or leave --{name} out).")
+
+
+def run_config(run: RunArgs) -> dict:
+    """The run's configuration as a plain dict (what hyperparameters.yaml holds): the command line's resolved
+    config, or, for a run started from Python, one rebuilt from the objects (``class_path`` and ``init_args`` for the
+    method and the data)."""
+    if run.resolved_config is not None:
+        return {**run.resolved_config, "overwrite": False}
+
+    def plain(obj):
+        if is_dataclass(obj) and not isinstance(obj, type):
+            values = {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
+            if isinstance(obj, Method):
+                return {"class_path": f"{type(obj).__module__}.{type(obj).__name__}", "init_args": values}
+            return values
+        if hasattr(obj, "__dict__"):
+            return {"class_path": f"{type(obj).__module__}.{type(obj).__name__}",
+                    "init_args": {k: plain(v) for k, v in vars(obj).items() if not k.startswith("_")}}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        return obj if isinstance(obj, (int, float, str, bool, type(None), dict)) else str(obj)
+
+    config = {f.name: plain(getattr(run, f.name)) for f in fields(run) if f.name != "resolved_config"}
+    return {**config, "overwrite": False}
+
+
+def setting_default(run: RunArgs, key: str):
+    """The default of setting ``key`` (dotted, without ``init_args``) of this run's classes: a dataclass field's
+    default or an ``__init__`` parameter's; a value that equals nothing when it cannot be told. Used on resume for
+    a setting the checkpoint does not record (added to fedprompt after the run started)."""
+    import inspect
+
+    unknown = object()
+    *path, name = key.split(".")
+    obj = run
+    for part in path:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return unknown
+    for item in fields(obj) if is_dataclass(obj) else ():
+        if item.name == name:
+            if item.default is not MISSING:
+                return item.default
+            return item.default_factory() if item.default_factory is not MISSING else unknown
+    for klass in type(obj).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None and klass is not object:
+            param = inspect.signature(init).parameters.get(name)
+            if param is not None and param.default is not inspect.Parameter.empty:
+                return param.default
+    return unknown
 
 
 @dataclass(kw_only=True)
@@ -180,3 +242,9 @@ class TableArgs:
                                                      "sweep)"}
     #: the command takes no run settings (method, data, ...)
     takes_run: ClassVar[bool] = False
+
+
+#: each command's own options class (``None``: the run settings alone), paired with the command functions in
+#: :data:`fedprompt.commands.COMMANDS`
+COMMAND_OPTIONS: dict[str, type | None] = {"fit": None, "evaluate": None, "zeroshot": None, "sweep": SweepArgs,
+                                           "partition": PartitionArgs, "bench": BenchArgs, "table": TableArgs}

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from fedprompt.errors import FedPromptError
+from fedprompt.files import read_yaml
 
 #: what fedprompt writes into a run directory (all of it, and nothing else, goes with --overwrite true)
 RUN_FILES = ("hyperparameters.yaml", "metrics.jsonl", "summary.json", "eval.json", "bad_images.txt",
@@ -55,9 +56,9 @@ def describe(folder: Path) -> str:
     """A few words on the run in ``folder``: its method and how far it got, from its files."""
     method = "a run"
     try:
-        config = yaml.safe_load((folder / "hyperparameters.yaml").read_text()) or {}
+        config = read_yaml(folder / "hyperparameters.yaml")
         method = f"a {config['method']['class_path'].rsplit('.', 1)[-1]} run"
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+    except (FedPromptError, KeyError, TypeError, AttributeError):
         pass
     if (folder / "checkpoints" / "last.ckpt").is_file():
         return f"{method} with checkpoints/last.ckpt"

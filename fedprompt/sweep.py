@@ -16,18 +16,18 @@ same arguments then only writes the table.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import yaml
 
 from fedprompt import rundir
-from fedprompt.run import RunArgs, SweepArgs
 from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.eval_summaries import is_summary_key
-from fedprompt.federation.checkpoint import write_json, write_text
+from fedprompt.files import checked_writes, read_json, read_yaml, write_json, write_text
+from fedprompt.run import RunArgs, SweepArgs, run_config
+from fedprompt.run_folder import folder_state
 
 #: summary.json entries averaged over seeds (those a run has)
 METRICS = ("local_acc", "local_acc_std", "global_acc", "val_acc", "base_acc", "novel_acc", "hm", "cm",
@@ -66,8 +66,10 @@ def run_sweep(run: RunArgs, options: SweepArgs) -> dict:
 def write_seed_table(out: Path, seeds: list[int]) -> dict:
     """The seed table of the sweep folder ``out`` (every seed finished), written as ``seeds.json`` and ``seeds.md``."""
     table = seed_table({n: out / f"seed{n}" for n in seeds})
-    write_json(out / "seeds.json", table)
-    write_text(out / "seeds.md", markdown_table(table) + "\n")
+    with checked_writes(out / "seeds.json", f"every seed's run is kept in {out}; free space or fix the folder, then "
+                                            "run the same sweep command again (it only writes the table)."):
+        write_json(out / "seeds.json", table)
+        write_text(out / "seeds.md", markdown_table(table) + "\n")
     return table
 
 
@@ -89,7 +91,7 @@ def _prepare(out: Path, config: dict, seeds: list[int], overwrite: bool) -> None
         for name in ("sweep.yaml", "seeds.json", "seeds.md"):
             (out / name).unlink(missing_ok=True)
     elif saved.is_file():
-        changed = config_differences(yaml.safe_load(saved.read_text()) or {}, config)
+        changed = config_differences(_read_sweep_config(saved), config)
         if changed:
             raise FedPromptError(f"out_dir {out} holds a sweep of another config (it differs in {', '.join(changed)}); "
                                  "choose another --out_dir, or pass --overwrite true to delete its runs and start "
@@ -97,36 +99,52 @@ def _prepare(out: Path, config: dict, seeds: list[int], overwrite: bool) -> None
     elif rundir.holds_run(out):
         raise FedPromptError(f"out_dir {out} holds a run ({rundir.describe(out)}), not a sweep; choose another "
                              "--out_dir.")
-    write_text(saved, yaml.safe_dump(config, sort_keys=False))
+    with checked_writes(saved, "no seed was run; free space or fix the folder (or pass another --out_dir), then "
+                               "run the command again."):
+        write_text(saved, yaml.safe_dump(config, sort_keys=False))
+
+
+def _read_sweep_config(path: Path) -> dict:
+    """A sweep's saved config (``OUT/sweep.yaml``, or a seed's ``hyperparameters.yaml``): one line if it is not
+    plain YAML."""
+    return read_yaml(path, f"sweep: {path}", "it was changed by something else than fedprompt: restore it, or pass "
+                                             "--overwrite true to delete the sweep's runs and start again")
 
 
 def seed_state(run: Path, rounds: int) -> str:
     """``done`` (a summary of at least ``rounds`` rounds, or of a method that does not train, ZeroShot: a summary
     without a checkpoint), ``resume`` (a checkpoint) or ``new``."""
-    summary, last = run / "summary.json", run / "checkpoints" / "last.ckpt"
-    if summary.is_file() and (json.loads(summary.read_text()).get("rounds", 0) >= rounds or not last.is_file()):
+    state = folder_state(run, rounds, _read_summary)
+    if state == "new" and (run / "summary.json").is_file():  # evaluated once, nothing to resume
         return "done"
-    return "resume" if last.is_file() else "new"
+    return state
 
 
 def seed_command(out: Path, n: int, same_data: bool) -> list[str] | None:
     """The ``fedprompt`` arguments that run (or resume) seed ``n`` of the sweep folder ``out``; ``None`` when it is
     complete. A resumed seed must have been run with the sweep's config."""
-    config = yaml.safe_load((out / "sweep.yaml").read_text()) or {}
+    config = _read_sweep_config(out / "sweep.yaml")
     rounds = int((config.get("federation") or {}).get("rounds") or 1)
     run = out / f"seed{n}"
     state = seed_state(run, rounds)
     if state == "done":
         return None
     if state == "resume":
-        saved = yaml.safe_load((run / "hyperparameters.yaml").read_text()) or {}
-        changed = config_differences(saved, config)
+        changed = config_differences(_read_sweep_config(run / "hyperparameters.yaml"), config)
         if changed:
             raise FedPromptError(f"{run} was run with another config (it differs in {', '.join(changed)}); choose "
                                  "another --out_dir, or pass --overwrite true.")
         return ["fit", "--resume", str(run / "checkpoints" / "last.ckpt"), "--federation.rounds", str(rounds)]
     command = ["fit", "--config", str(out / "sweep.yaml"), "--seed", str(n), "--out_dir", str(run)]
     return command + ([] if same_data else ["--data.seed", str(n)])
+
+
+def _read_summary(path: Path) -> dict:
+    data = read_json(path, "rerun that seed (delete its folder and run the same sweep command again).",
+                     f"sweep: {path}")
+    if not isinstance(data, dict):
+        raise FedPromptError(f"sweep: {path} holds a {type(data).__name__}, not a summary; rerun that seed.")
+    return data
 
 
 def _final_metrics(summary: dict) -> dict:
@@ -146,7 +164,7 @@ def seed_table(runs: dict[int, Path]) -> dict:
         path = Path(run) / "summary.json"
         if not path.is_file():
             raise FedPromptError(f"sweep: {path} is missing; the run of seed {n} has not finished.")
-        summaries[n] = json.loads(path.read_text())
+        summaries[n] = _read_summary(path)
     finals = {n: _final_metrics(s) for n, s in summaries.items()}
     metrics = {}
     for key in dict.fromkeys(k for n in runs for k in finals[n]):

@@ -28,15 +28,14 @@ dataset whose protocols differ stop the command with one line naming them and th
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError, warn
+from fedprompt.files import checked_writes, read_json, read_yaml, write_all
 from fedprompt.run import TableArgs
 from fedprompt.table_metrics import HM_LEGEND, derived, domain_columns, draw_reliability, metric_name, row_tallies
 
@@ -133,23 +132,11 @@ class Result:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FedPromptError(f"table: {path} is missing; the run directory is incomplete.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise FedPromptError(f"table: {path} is not valid YAML ({' '.join(str(err).split())}); "
-                             "rerun the run that wrote it.") from None
-    return _mapping(data, path)
+    return read_yaml(path, f"table: {path}", "rerun the run that wrote it")
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FedPromptError(f"table: {path} is not valid JSON ({err}); rerun the run that wrote it.") from None
-    return _mapping(data, path)
-
-
-def _mapping(data, path: Path) -> dict:
+    data = read_json(path, "rerun the run that wrote it.", f"table: {path}")
     if not isinstance(data, dict):
         raise FedPromptError(f"table: {path} holds a {type(data).__name__}, not a mapping; "
                              "rerun the run that wrote it.")
@@ -252,15 +239,39 @@ def _display(metric: str) -> str:
     return metric_name(metric, NAMES)
 
 
+def known_metrics(results: list[Result]) -> list[str]:
+    """The metrics the runs have: the summary.json keys with a number, or null (no finite value: an epsilon
+    without noise), in at least one seed of one run."""
+    found: dict[str, None] = {}
+    for result in results:
+        for summary in result.seeds.values():
+            chosen = summary.get("selected") or summary
+            found.update(dict.fromkeys(k for k, v in chosen.items()
+                                       if v is None or isinstance(v, (int, float)) and not isinstance(v, bool)))
+    return sorted(found)
+
+
+def check_metric_names(results: list[Result], names: list[str], flag: str) -> None:
+    """Every metric named with ``flag`` is one the runs have; else one line listing the ones they have."""
+    known = known_metrics(results)
+    unknown = [name for name in names  # a metric an older run folder determines counts (table_metrics.derived)
+               if name not in known and all(r.values(name) is None for r in results)]
+    if unknown:
+        what = "this metric" if len(unknown) == 1 else "these metrics"
+        raise FedPromptError(f"table: {flag} {', '.join(unknown)}: no run has {what}; the runs' metrics (summary.json "
+                             f"keys): {', '.join(known) or 'none'}.")
+
+
 def _auto_metric(results: list[Result], candidates: tuple[str, ...], option: str) -> str:
     if option != "auto":
+        check_metric_names(results, [option], "--metric")
         return option
     for metric in candidates:
         if all(r.values(metric) is not None for r in results):
             return metric
-    have = sorted({k for r in results for k in r.metric_keys() if r.values(k) is not None})
+    have = known_metrics(results)
     raise FedPromptError(f"table: no metric of {', '.join(candidates)} is in every run; pass --metric (the runs "
-                         f"have: {', '.join(have[:12])}).")
+                         f"have: {', '.join(have)}).")
 
 
 def columns(results: list[Result], options: TableArgs) -> list[Column]:
@@ -275,6 +286,8 @@ def columns(results: list[Result], options: TableArgs) -> list[Column]:
         if len(datasets) > 1:
             cols.append(Column(_display(metric), "Average", "", "average"))
         return cols
+    if options.columns == "metrics" and options.metrics:
+        check_metric_names(results, list(options.metrics), "--metrics")
     cols = []
     for d in datasets:
         if options.columns == "metrics":
@@ -357,29 +370,32 @@ def markdown(rows: list[str], cols: list[Column], cells: dict, results: list[Res
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[str], cols: list[Column], cells: dict) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "group", "column", "dataset", "metric", "mean", "std", "seeds", "values", "best"])
-        for row in rows:
-            for j, col in enumerate(cols):
-                cell = cells[(row, j)]
-                writer.writerow([row, col.group, col.header, col.dataset, col.metric,
-                                 "" if cell.mean is None else f"{cell.mean:.6f}",
-                                 "" if cell.std is None else f"{cell.std:.6f}", len(cell.values),
-                                 " ".join(f"{v:.6f}" for v in cell.values), str(cell.best).lower()])
+def csv_text(rows: list[str], cols: list[Column], cells: dict) -> str:
+    """The table as CSV: one row per cell (method, group, column, dataset, metric, mean, std, seeds, values,
+    best)."""
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(["method", "group", "column", "dataset", "metric", "mean", "std", "seeds", "values", "best"])
+    for row in rows:
+        for j, col in enumerate(cols):
+            cell = cells[(row, j)]
+            writer.writerow([row, col.group, col.header, col.dataset, col.metric,
+                             "" if cell.mean is None else f"{cell.mean:.6f}",
+                             "" if cell.std is None else f"{cell.std:.6f}", len(cell.values),
+                             " ".join(f"{v:.6f}" for v in cell.values), str(cell.best).lower()])
+    return handle.getvalue()
 
 
-def figure(path: Path, rows: list[str], cols: list[Column], cells: dict, tallies: dict | None = None) -> bool:
+def figure(rows: list[str], cols: list[Column], cells: dict, tallies: dict | None = None) -> bytes | None:
     """One bar chart per column group (bars: methods; error bars: std) and, with the rows' calibration ``tallies``,
-    their reliability diagram, as a PNG; ``False`` without matplotlib."""
+    their reliability diagram, as PNG bytes; ``None`` without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     groups = list(dict.fromkeys(c.group for c in cols))
     widths = [max(2.5, 0.9 * sum(c.group == g for c in cols) * max(1, len(rows)) * 0.35 + 1.5) for g in groups]
     widths += [3.6] if tallies else []
@@ -407,9 +423,26 @@ def figure(path: Path, rows: list[str], cols: list[Column], cells: dict, tallies
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150)
     plt.close(fig)
-    return True
+    return buffer.getvalue()
+
+
+def write_table(out: Path, text: str, csv_data: str, png: bytes | None, want_figure: bool) -> list[Path]:
+    """Write OUT.md, OUT.csv and OUT.png (when drawn) all or none (a failed write is one line; no file of the table
+    is changed then); returns the files written."""
+    md, csv_path, png_path = (out.with_name(out.name + ext) for ext in (".md", ".csv", ".png"))
+    files = [(md, (text + "\n").encode()), (csv_path, csv_data.encode())]
+    if png is not None:
+        files.append((png_path, png))
+    elif want_figure:
+        warn("table: the figure needs matplotlib (pip install 'fedprompt[plot]'); wrote the Markdown and CSV.")
+    shown = f"the table {out}.md" + (", .csv and .png" if png is not None else " and .csv")
+    with checked_writes(shown, "no file of the table was changed and the run directories are only read; pass "
+                               "--out with a writable place (OUT without extension)."):
+        write_all(files)
+    return [path for path, _ in files]
 
 
 def make_table(options: TableArgs) -> dict:
@@ -421,17 +454,9 @@ def make_table(options: TableArgs) -> dict:
     cols = columns(results, options)
     rows, cells = build(results, cols)
     text = markdown(rows, cols, cells, results)
-    out = Path(options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md, csv_path, png = (out.with_name(out.name + ext) for ext in (".md", ".csv", ".png"))
-    md.write_text(text + "\n")
-    write_csv(csv_path, rows, cols, cells)
-    written = [md, csv_path]
-    if options.figure:
-        if figure(png, rows, cols, cells, row_tallies(results)):
-            written.append(png)
-        else:
-            warn("table: the figure needs matplotlib (pip install 'fedprompt[plot]'); wrote the Markdown and CSV.")
+    written = write_table(Path(options.out), text, csv_text(rows, cols, cells),
+                          figure(rows, cols, cells, row_tallies(results)) if options.figure else None,
+                          options.figure)
     print(text)
     print("-> " + ", ".join(str(p) for p in written))
     return {"rows": rows, "columns": [c.header for c in cols],

@@ -75,7 +75,7 @@ def tiny_fit(method, out_dir: Path, rounds: int, resume: Path | None = None, loc
     summary."""
     from fedprompt.args import BackboneArgs, EvalArgs, FabricArgs, FederationArgs, LogArgs, TrainArgs
     from fedprompt.data import Synthetic
-    from fedprompt.fit import fit
+    from fedprompt.commands import fit
 
     return fit(method=method,
                data=Synthetic(num_classes=4, train_per_class=8, test_per_class=4, image_size=32, num_domains=2),
@@ -129,3 +129,28 @@ def run_parity_script(name: str) -> dict:
     if not ran:
         pytest.skip(f"no mirror of the official repositories under {parity.default_mirror()} (set FEDPROMPT_MIRROR)")
     return ran
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file below ``folder`` and its bytes (a refused command must leave a run folder byte-identical)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(err: str) -> str:
+    """The one error line of a refused command's stderr (warnings aside); fails on a traceback or more lines."""
+    lines = [line for line in err.strip().splitlines() if not line.startswith("fedprompt: warning:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG file whose header claims ``width`` x ``height`` pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 7)) + \
+        chunk(b"IEND", b"")

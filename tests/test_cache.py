@@ -139,3 +139,17 @@ def test_images_from_the_store_give_the_same_features_without_decoding(tiny_back
     other_tf = clip_transforms({**tiny_backbone.preprocess_cfg, "interpolation": "bilinear"}, augment=False)[1]
     from_store.dataset(samples[:3], other_tf, "test")
     assert loader.calls == 3
+
+
+def test_the_cache_key_follows_the_libraries_and_cpu_kernels(monkeypatch):
+    """Features computed by another torch or on other CPU kernels differ in their last bits (oneDNN's AVX2 and
+    AVX-512 kernels: about 1e-5 in the stand-in's features), so they must not be read back as this run's."""
+    from importlib.metadata import version
+
+    from fedprompt.data.cache import kernels
+
+    here = kernels("cpu")
+    assert here["torch"] == version("torch") and here["cpu"] == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert kernels("cpu") == {**here, "DNNL_MAX_CPU_ISA": "AVX2"}
+    assert "cpu" not in kernels("cuda")

@@ -56,7 +56,7 @@ def test_ece_equals_torchmetrics_per_client_and_over_clients(bins):
     assert expected_calibration_error(add_tallies(tallies)) == pytest.approx(float(reference.compute()), abs=1e-6)
     # a flat list (as a row or a Flower message carries it) reads back as the same tally
     flat = tallies[0].flatten().tolist()
-    assert torch.equal(as_tally(flat), tallies[0]) and len(flat) == 3 * (bins + 1)
+    assert torch.equal(as_tally(flat), tallies[0].double()) and len(flat) == 3 * (bins + 1)
 
 
 def test_confidence_one_lands_in_the_extra_bin_like_torchmetrics():

@@ -1,7 +1,7 @@
-"""The evaluation's metrics beyond accuracy are the same under both runtimes: a Flower app (every message serialised as
-on the wire; the calibration tallies and per-class counts travel as lists of floats) writes the rows of ``fedprompt
-fit --federation.parallel_clients 1``, new keys and values included, for a leave-one-domain-out run, a long-tailed
-run and a base-to-novel run, in the dual view."""
+"""The evaluation's metrics beyond accuracy are the same under both runtimes: ``fedprompt fit --runtime flower`` (every
+message serialised as on the wire; the calibration tallies and per-class counts travel as lists of floats) writes
+the rows of ``--runtime fabric --federation.parallel_clients 1``, new keys and values included, for a
+leave-one-domain-out run, a long-tailed run and a base-to-novel run, in the dual view."""
 
 from __future__ import annotations
 
@@ -48,14 +48,13 @@ def config(tmp_path: Path, case: str) -> Path:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_flower_rows_equal_fit_with_the_new_metrics(case, tmp_path):
-    from fedprompt.__main__ import main
-    from fedprompt.flower.local import run_local
-
+def test_flower_rows_equal_fit_with_the_new_metrics(cli, case, tmp_path):
     path = config(tmp_path, case)
-    run_local(str(path), f"--out_dir {tmp_path / 'flower'}", report_states=True)
-    main(["fit", "--config", str(path), "--federation.parallel_clients", "1", "--out_dir", str(tmp_path / "fit")])
-    got, expected = rows(tmp_path / "flower"), rows(tmp_path / "fit")
+    for runtime in ("flower", "fabric"):
+        code, _, err = cli("fit", "--config", path, "--runtime", runtime, "--federation.parallel_clients", "1",
+                           "--out_dir", tmp_path / runtime)
+        assert code == 0, err
+    got, expected = rows(tmp_path / "flower"), rows(tmp_path / "fabric")
     assert_rows_equal(got, expected)
     for key in CASES[case][2]:
         assert key in expected[-1], key

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-import fedprompt.fit
+import fedprompt.build
+import fedprompt.commands
 from conftest import EFFL0, PACS, ROOT, read_rows, require
 from fedprompt.args import BackboneArgs, EvalArgs, FederationArgs, LogArgs, TrainArgs
 from fedprompt.backbone import Backbone, load_backbone
@@ -87,14 +88,14 @@ def effl0() -> Backbone:
 @pytest.fixture(scope="module")
 def shared_cache(effl0):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fedprompt.fit, "FeatureCache", SharedFeatureCache)
+        patch.setattr(fedprompt.build, "FeatureCache", SharedFeatureCache)
         yield _STORE
 
 
 def run(mode: str, method, data: FederatedData, out_dir, rounds: int = 1, local_steps: int | None = None,
         feature_cache: bool = True, batch_size: int = 16, seed: int = 0) -> dict:
     """``fedprompt fit|zeroshot`` in-process with the offline model; returns summary.json's content."""
-    command = getattr(fedprompt.fit, mode)
+    command = getattr(fedprompt.commands, mode)
     return command(method=method, data=data, backbone=BackboneArgs(model=MODEL, pretrained=str(EFFL0)),
                    federation=FederationArgs(rounds=rounds),
                    train=TrainArgs(local_steps=local_steps, batch_size=batch_size, augment=False,
@@ -185,7 +186,7 @@ def test_feature_cache_gives_the_logits_of_the_image_tower(effl0):
 
 
 def test_fit_with_and_without_feature_cache_is_the_same_run(effl0, tmp_path, monkeypatch):
-    monkeypatch.setattr(fedprompt.fit, "FeatureCache", FeatureCache)  # a fresh cache, not this module's store
+    monkeypatch.setattr(fedprompt.build, "FeatureCache", FeatureCache)  # a fresh cache, not this module's store
     data = dict(domains=["photo"], shots=2, test_every=50)  # 14 train, 14 test images
     method = dict(COOP, lr=0.05)
     plain = run("fit", LocalCoOp(**method), ShotsAndRest(**data), tmp_path / "plain", local_steps=2,

@@ -14,9 +14,9 @@ from conftest import ROOT, read_rows, without_timings
 from fedprompt.args import DPArgs
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import WeightedMean
-from fedprompt.federation.privacy import (ClientAccountant, PrivateAggregator, RoundShape, calibrate_noise_multiplier,
-                                          clip_update, flat_norm, gaussian_noise, noise_seed, poisson_sample,
-                                          record_epsilon, update_noise_multiplier)
+from fedprompt.federation.accounting import ClientAccountant, RoundShape, calibrate_noise_multiplier, record_epsilon
+from fedprompt.federation.privacy import (PrivateAggregator, clip_update, flat_norm, gaussian_noise, noise_seed,
+                                          poisson_sample, update_noise_multiplier)
 
 pytest.importorskip("dp_accounting")
 

@@ -10,7 +10,10 @@ import stat
 import pytest
 import torch
 
+import fedprompt.build
+import fedprompt.federation.clients
 import fedprompt.fit
+import fedprompt.run_folder
 from conftest import ROOT, read_rows, without_timings
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -36,7 +39,7 @@ def no_loading(monkeypatch):
         raise AssertionError("data or model loaded")
 
     monkeypatch.setattr(fedprompt.fit, "read_data_and_check_weights", refuse)
-    monkeypatch.setattr(fedprompt.fit, "load_backbone", refuse)
+    monkeypatch.setattr(fedprompt.build, "load_backbone", refuse)
 
 
 def test_resuming_a_finished_run_changes_nothing_and_more_rounds_continue_it(cli, finished_run, no_loading):
@@ -109,14 +112,14 @@ def test_resume_stays_in_its_run_directory(cli, finished_run, tmp_path, no_loadi
 
 def interrupt_after_round(monkeypatch, stop_round: int):
     """Ctrl-C right after the checkpoint of ``stop_round`` is written."""
-    save = fedprompt.fit.save_checkpoint
+    save = fedprompt.run_folder.save_checkpoint
 
     def save_then_interrupt(state, path):
         save(state, path)
         if state["round"] == stop_round and path.name == "last.ckpt":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(fedprompt.fit, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(fedprompt.run_folder, "save_checkpoint", save_then_interrupt)
 
 
 def csv_rows(run):
@@ -148,8 +151,8 @@ def test_interrupt_names_the_resume_command_and_every_log_keeps_every_round(cli,
 def test_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resume(cli, tmp_path, monkeypatch):
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(fedprompt.fit.Federation, "initial_states",
-                      lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+        patch.setattr(fedprompt.federation.clients.ClientPool, "start",
+                      lambda self, initial: (_ for _ in ()).throw(KeyboardInterrupt()))
         code, _, err = cli("fit", "--config", SMOKE, "--out_dir", run)
     assert code == 130 and "nothing was written" in err and str(run) in err
     assert cli("fit", "--config", SMOKE, "--out_dir", run, "--federation.rounds", "1")[0] == 0

@@ -109,14 +109,14 @@ def test_transfer_run_reports_every_target_and_their_mean(tmp_path, monkeypatch)
     """Each target scored with its own class list; unseen/<target> and unseen_acc in metrics.jsonl and the summary;
     every evaluation image encoded once per run, and the text side computed once per class list per evaluation."""
     from fedprompt.data.cache import FeatureCache
-    from fedprompt.federation.loop import Federation
+    from fedprompt.federation.evaluator import Evaluator
 
     encoded, texts = [], []
-    real_encode, real_text = FeatureCache._encode, Federation._text
+    real_encode, real_text = FeatureCache._encode, Evaluator._text
     monkeypatch.setattr(FeatureCache, "_encode", lambda self, s, t: (encoded.extend(x.path for x in s),
                                                                       real_encode(self, s, t))[1])
-    monkeypatch.setattr(Federation, "_text", lambda self, c, slots: (texts.append(tuple(c.classnames)),
-                                                                      real_text(self, c, slots))[1])
+    monkeypatch.setattr(Evaluator, "_text", staticmethod(lambda fabric, c, slots: (texts.append(tuple(c.classnames)),
+                                                                                    real_text(fabric, c, slots))[1]))
     target = make_variant(tmp_path / "imagenet-adversarial", "imagenet-a", TARGET_WNIDS)
     targets = [ImageNetA(root=str(target), num_classes=2), Synthetic(num_classes=3, test_per_class=2, seed=5),
                Synthetic(num_classes=3, test_per_class=2, seed=6)]

@@ -174,7 +174,7 @@ def test_unreadable_json_and_yaml_are_one_line_errors(tmp_path):
     (other / "hyperparameters.yaml").write_text("method: [unclosed\n")
     with pytest.raises(FedPromptError) as err:
         table(tmp_path, other)
-    assert "other/hyperparameters.yaml is not valid YAML" in str(err.value) and "\n" not in str(err.value)
+    assert "other/hyperparameters.yaml: YAML syntax error at line 2, column 1" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_without_matplotlib_the_table_is_still_written(tmp_path, monkeypatch, capsys):

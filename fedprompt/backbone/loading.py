@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedprompt.errors import FedPromptError
+from fedprompt.files import checked_writes, write_text
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 _REGISTERED: set[str] = set()
@@ -94,10 +95,10 @@ def _local_folder_config(folder: Path) -> tuple[str, dict, dict, str | None]:
 def _register_dict_config(name: str, model_cfg: dict) -> None:
     if name in _REGISTERED:
         return
-    tmp = Path(tempfile.gettempdir()) / "fedprompt-configs"
-    tmp.mkdir(exist_ok=True)
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(model_cfg))
+    path = Path(tempfile.gettempdir()) / "fedprompt-configs" / f"{name}.json"
+    with checked_writes(path, "nothing was written to the run directory; free space in the temporary folder (or set "
+                              "TMPDIR to another one), then run the command again."):
+        write_text(path, json.dumps(model_cfg))  # atomic: another process may read the same file
     register_model_config(path)
 
 

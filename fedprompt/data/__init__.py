@@ -61,7 +61,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fedprompt.data' has no attribute {name!r}")
 
 
+#: modules of the package that import torch (the torch dataset and the caches); the readers, partitioners and
+#: protocols do not, so the command line imports them before it checks anything
+TORCH_MODULES = ("images", "store", "cache", "augment")
+
+
 def import_readers() -> None:
-    """Import every reader and partitioner (so that short names such as ``--data Caltech101`` resolve)."""
-    for name in EXPORTS:
-        __getattr__(name)
+    """Import every reader and partitioner (so that short names such as ``--data Caltech101`` resolve), and
+    nothing that loads torch."""
+    for name, module in EXPORTS.items():
+        if module not in TORCH_MODULES:
+            __getattr__(name)

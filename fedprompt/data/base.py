@@ -22,6 +22,13 @@ class Sample:
     domain: str = ""
 
 
+def bomb_reason() -> str:
+    """Why an image over Pillow's decompression-bomb limit is refused, and the setting that raises the limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return (f"its header claims more than 2 x {limit} pixels, Pillow's decompression-bomb limit "
+            "(Image.MAX_IMAGE_PIXELS); if the image is genuine, raise --data.max_image_pixels (null: no limit)")
+
+
 def load_rgb(sample: Sample) -> Image.Image:
     """Open an image file as RGB; a missing or corrupt file raises an error naming it."""
     try:
@@ -30,11 +37,22 @@ def load_rgb(sample: Sample) -> Image.Image:
     except FileNotFoundError:
         raise FedPromptError(f"image file not found: {sample.path}") from None
     except Image.DecompressionBombError:
-        from fedprompt.data.check import bomb_reason
-
         raise FedPromptError(f"cannot read image {sample.path}: {bomb_reason()}.") from None
+    except MemoryError:
+        raise FedPromptError(f"cannot decode image {sample.path}: {_too_large_to_decode(sample.path)}") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise FedPromptError(f"cannot read image {sample.path}: {err}. Remove or replace the file.") from None
+
+
+def _too_large_to_decode(path: str) -> str:
+    """Why a file's decode ran out of memory (its header's size), and what to do."""
+    try:
+        with Image.open(path) as image:
+            size = f"its header claims {image.size[0]} x {image.size[1]} pixels, "
+    except Exception:  # noqa: BLE001 - only for the message
+        size = ""
+    return (f"{size}more than this process can hold in memory. Remove or replace the file (with "
+            "--data.max_image_pixels at its default such files are refused while the data is indexed).")
 
 
 @dataclass

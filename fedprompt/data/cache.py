@@ -19,8 +19,8 @@ shard that cannot be written (a full disk) leaves the outputs in memory, with a 
 backbone's weights
 (:func:`weights_fingerprint`: SHA-256 of every parameter and buffer, computed once per backbone object and process),
 its name, the outputs cached, Fabric's precision and device type, the transform
-(:func:`fedprompt.data.store.transform_key`) and the loader's identity (:func:`fedprompt.data.store.loader_key`); a
-shard maps sample identities (path, size and mtime of a file) to rows. A transform or loader without a stable identity
+(:func:`fedprompt.data.store.transform_key`), the loader's identity (:func:`fedprompt.data.store.loader_key`) and
+the libraries and CPU instruction set that compute the features (:func:`kernels`); a shard maps sample identities (path, size and mtime of a file) to rows. A transform or loader without a stable identity
 is cached in memory only.
 """
 
@@ -40,8 +40,48 @@ from fedprompt.data.images import ImageDataset
 from fedprompt.data.store import (FORMAT_VERSION, ImageStore, StoreKind, temporary_path, digest, loader_key,
                                   sample_identity, transform_key)
 from fedprompt.errors import FedPromptError, warn
+from fedprompt.progress import tqdm
+
+#: encodings of at least this many images show their progress (with ``progress``)
+PROGRESS_MIN = 256
 
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def kernels(device: str) -> dict:
+    """What else decides the bits of an image feature besides the weights and the pixels: the versions of the
+    libraries that compute it and, on CPU, the instruction sets its kernels use (torch's, and oneDNN's, which follow
+    the CPU's features and ``DNNL_MAX_CPU_ISA``: AVX2 and AVX-512 kernels round differently, by about 1e-5 in the
+    stand-in model's features). Part of the cache key, so features cached by another build or on another kind of CPU
+    (a shared cache folder, a library upgrade) are encoded again instead of silently changing a run's numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "open_clip_torch", "timm", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    if device == "cpu":
+        found["cpu"] = torch.backends.cpu.get_cpu_capability()
+        found["cpu_features"] = cpu_features()
+        found.update({name: os.environ[name] for name in KERNEL_ENV if os.environ.get(name)})
+    return found
+
+
+#: environment variables that choose the CPU kernels of torch, oneDNN and MKL (and so the last bits of a feature)
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_features() -> str:
+    """The vector instruction sets this CPU offers (oneDNN picks its kernels from them: AVX2, AVX-512, AMX, ...),
+    as reported by Linux; empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return ""
+    return " ".join(sorted(f for f in flags.split(":", 1)[-1].split() if f.startswith(("avx", "amx", "fma"))))
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -177,12 +217,15 @@ class FeatureCache:
         images: an :class:`~fedprompt.data.store.ImageStore` of the ``test`` kind: samples it holds are encoded
             from its uint8 images (normalised on the device) instead of being decoded again, when the transform
             asked for is the store's (same PIL steps).
+        progress: show the progress of encoding (from :data:`PROGRESS_MIN` images on; a bar on a terminal, lines
+            in a log: :mod:`fedprompt.progress`).
 
     ``encoded`` counts the images this object has run through the image tower.
     """
 
     def __init__(self, backbone, fabric, inputs: tuple[str, ...], batch_size: int, loader, num_workers: int = 0,
-                 directory: str | Path | None = None, images: ImageStore | None = None):
+                 directory: str | Path | None = None, images: ImageStore | None = None, progress: bool = False):
+        self.progress = progress
         self.backbone = backbone
         self.fabric = fabric
         self.inputs = tuple(inputs)
@@ -211,7 +254,8 @@ class FeatureCache:
         return digest({"format": FORMAT_VERSION, "weights": weights_fingerprint(self.backbone),
                        "model": getattr(self.backbone, "name", type(self.backbone).__name__),
                        "inputs": sorted(self.inputs), "precision": str(precision),
-                       "device": self.fabric.device.type, "transform": tkey, "loader": lkey})
+                       "device": self.fabric.device.type, "transform": tkey, "loader": lkey,
+                       "kernels": kernels(self.fabric.device.type)})
 
     def _table(self, transform, kind: str) -> _Table:
         tkey = transform_key(transform) or f"object {id(transform)}"
@@ -253,6 +297,8 @@ class FeatureCache:
     @torch.no_grad()
     def _encode(self, samples: list[Sample], transform) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.inputs}
+        bar = tqdm(total=len(samples), desc="encoding images (image tower)", unit="img", leave=False,
+                   disable=not (self.progress and len(samples) >= PROGRESS_MIN))
         for images in self._batches(samples, transform):
             with self.fabric.autocast():
                 if "tokens" in self.inputs:
@@ -263,6 +309,8 @@ class FeatureCache:
             for k in self.inputs:
                 parts[k].append(out[k].cpu())
             self.encoded += images.shape[0]
+            bar.update(images.shape[0])
+        bar.close()
         return {k: torch.cat(v) for k, v in parts.items()}
 
     def prepare(self, samples: list[Sample], transform, kind: str) -> None:

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from PIL import Image, UnidentifiedImageError
 
-from fedprompt.data.base import Sample
+from fedprompt.data.base import Sample, bomb_reason
 
 #: how many bytes at the end of a file are searched for the end marker (some writers pad after it)
 TAIL_BYTES = 4096
@@ -41,11 +41,24 @@ def _tail_problem(path: str, fmt: str | None) -> str | None:
     return None
 
 
-def bomb_reason() -> str:
-    """Why an image over Pillow's decompression-bomb limit is refused, and the setting that raises the limit."""
-    limit = Image.MAX_IMAGE_PIXELS
-    return (f"its header claims more than 2 x {limit} pixels, Pillow's decompression-bomb limit "
-            "(Image.MAX_IMAGE_PIXELS); if the image is genuine, raise --data.max_image_pixels (null: no limit)")
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (``None`` where it cannot be told)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def too_large(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels cannot be decoded here (Pillow holds 4 bytes a pixel for RGB),
+    or ``None``: only asked when ``data.max_image_pixels`` is null (no decompression-bomb limit)."""
+    memory = memory_bytes()
+    needed = 4 * width * height
+    if memory is None or needed <= memory:
+        return None
+    return (f"its header claims {width} x {height} pixels, {needed / 2**30:.0f} GiB once decoded, more than this "
+            f"machine's {memory / 2**30:.0f} GiB of memory (data.max_image_pixels is null: no decompression-bomb "
+            "limit)")
 
 
 def image_problem(path: str) -> str | None:
@@ -58,6 +71,8 @@ def image_problem(path: str) -> str | None:
             width, height = image.size
         if width <= 0 or height <= 0:
             return f"image size {width}x{height}"
+        if Image.MAX_IMAGE_PIXELS is None and too_large(width, height):
+            return too_large(width, height)
         return _tail_problem(path, fmt)
     except FileNotFoundError:
         return "file not found"
@@ -80,7 +95,7 @@ def scan_images(samples: list[Sample], threads: int = 8) -> list[tuple[str, str]
     core; more than :data:`PROGRESS_FROM` files show a progress bar on a terminal and, when done, one line with the
     time the check took.
     """
-    from tqdm.auto import tqdm
+    from fedprompt.progress import tqdm
 
     paths = list(dict.fromkeys(s.path for s in samples))
     start = time.perf_counter()

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from fedprompt.progress import tqdm
 
 from fedprompt.data.augment import to_device
 from fedprompt.data.base import Sample

@@ -1,6 +1,6 @@
-"""Checkpoints and run files: atomic writes (a temporary file in the same folder, then a rename) with the usual
-permissions, crash-safe appends to ``metrics.jsonl``, safe loading, and the checks that a checkpoint fits the config
-that resumes it.
+"""Checkpoints: atomic saves (:func:`fedprompt.files.atomic_write`; the run files' other writes, strict JSON and
+crash-safe appends to ``metrics.jsonl`` are in :mod:`fedprompt.files`), safe loading, and the checks that a
+checkpoint fits the config that resumes it.
 
 A checkpoint records the run's resolved config (``config``), the method's name and hyperparameters
 (``method_hparams``) and the shape of every client state key (``shapes``). :func:`check_resume` compares the first
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,8 @@ import torch
 
 from fedprompt.config_keys import setting_keys
 from fedprompt.errors import FedPromptError, warn
+# the run files' checked writes and strict JSON live in fedprompt.files (torch-free); re-exported for the run drivers
+from fedprompt.files import append_jsonl, atomic_write, read_jsonl, write_json, write_jsonl, write_text  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def _same_lockstep_groups(saved: dict, now: dict) -> bool:
 #: The settings a resumed run may change: those that cannot change its numbers. Every other setting, including any
 #: setting added to fedprompt later (default-deny), must equal the checkpoint's; a difference stops the resume with
 #: one line naming each setting and both values. Deliberately not here (they change numbers, if only by float
-#: rounding): ``federation.parallel_clients`` (the lock-step group size: K-invariant only up to rounding),
+#: rounding): ``federation.parallel_clients`` (the lock-step group size: K-invariant only up to rounding), ``runtime``
+#: (Flower trains one client at a time, Fabric K with ``auto``),
 #: ``fabric.accelerator`` and ``fabric.precision``, ``train.compile``, ``backbone.truncate``, the ``eval`` group
 #: (evaluation batch size and cache round differently), ``data.root`` (other data), ``data.check_images`` (with
 #: ``on_bad_image: skip`` it decides which images are used).
@@ -115,48 +117,9 @@ def resume_rules_text() -> str:
                      for rule in RESUME_MAY_CHANGE if rule.key not in ("out_dir", "resume", "overwrite"))
 
 
-def _file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename survives a power cut); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Save a checkpoint dict atomically (loadable with ``torch.load(path, weights_only=True)``)."""
-    _atomic_write(Path(path), lambda handle: torch.save(state, handle))
+    atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -233,76 +196,10 @@ def check_shapes(checkpoint: dict, path: str | os.PathLike, expected: dict[str, 
                          "method).")
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically."""
-    data = json.dumps(obj, indent=2, sort_keys=False).encode()
-    _atomic_write(Path(path), lambda handle: handle.write(data))
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text atomically."""
-    _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
-
-
-def read_jsonl(path: str | os.PathLike, torn: list | None = None) -> list[dict]:
-    """Rows of a JSON-lines file (empty if absent).
-
-    A last line that is not a whole row (a write cut short by a crash or a full disk) is left out; when ``torn`` is
-    given, that line is appended to it (so the caller can say so). A damaged line before the last is one error
-    naming the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    lines = text.split("\n")
-    last = max((number for number, line in enumerate(lines, 1) if line.strip()), default=0)
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            if number == last and not text.endswith("\n"):
-                if torn is not None:
-                    torn.append(line)
-                continue
-            raise FedPromptError(f"{path}: line {number} is not a JSON row ({line[:60]!r}); the file was changed "
-                                 "by something else than fedprompt: restore it, or delete the line.") from None
-        rows.append(row)
-    return rows
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until every byte is written (a short write is retried; a failed one raises ``OSError``)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    """Append one row to a JSON-lines file so that it is whole or absent: one write, flushed to disk; if the write
-    fails (e.g. the disk is full) the file is cut back to its previous end before the error is raised."""
-    data = (json.dumps(row) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        end = os.fstat(fd).st_size
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except OSError:
-            try:
-                os.ftruncate(fd, end)
-            except OSError:
-                pass  # the torn row is then dropped on resume (read_jsonl)
-            raise
-    finally:
-        os.close(fd)
-
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Rewrite a JSON-lines file atomically."""
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+def require_client_states(states: dict, runtime: str) -> None:
+    """One line when a checkpoint holds no client states (a deployed Flower run whose clients keep their own state
+    on their nodes: ``report-states`` off) and ``runtime`` has no other place to get them from."""
+    if not states:
+        raise FedPromptError(f"--resume: the checkpoint holds no client states (a Flower run whose clients keep "
+                             f"their own on their nodes: report-states off), and {runtime} has nowhere to get them "
+                             "from; continue it as the deployed Flower app, whose nodes still hold them.")

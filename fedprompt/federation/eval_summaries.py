@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from fedprompt.calibration import CalibrationTally, add_tallies, expected_calibration_error
-from fedprompt.metrics import both_hms, class_counts, class_counts_metric, fairness_keys, group_accuracy
+from fedprompt.calibration import add_tallies, expected_calibration_error
+from fedprompt.metrics import both_hms, fairness_keys, group_accuracy
 
 #: score names of the calibration tally and of the per-class counts
 CALIBRATION, COUNTS = "calibration", "counts"
-#: the first item of the result keys ``(SCORES, list name, client id)`` holding a client's scores on one list
-SCORES = "scores"
 #: the evaluation sets whose calibration and long-tailed groups the row reports, by split: the row keys' prefix
 SPLIT_PREFIX = {"global": "global_", "base": "base_", "novel": "novel_", "target": "target_"}
 #: accuracies with a per-client list in the row: their fairness keys
@@ -43,50 +39,10 @@ def is_summary_key(key: str) -> bool:
     return key in SUMMARY_KEYS or any(key == acc + suffix for acc in FAIRNESS_OF for suffix in FAIRNESS_SUFFIXES)
 
 
-def evaluation_metrics(num_classes: int, class_groups: dict | None, device) -> dict:
-    """The metrics a client is measured by on one sample list besides accuracy: the calibration tally and, on
-    long-tailed data, the per-class counts (torchmetrics metrics on ``device``; float32 sums on MPS, which has no
-    float64)."""
-    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
-    metrics = {CALIBRATION: CalibrationTally(dtype=dtype).to(device)}
-    if class_groups:
-        metrics[COUNTS] = class_counts_metric(num_classes).to(device)
-    return metrics
-
-
-def update_evaluation_metrics(metrics: dict, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """One batch of float ``logits`` into :func:`evaluation_metrics`."""
-    if CALIBRATION in metrics:
-        metrics[CALIBRATION].update(logits, labels)
-    if COUNTS in metrics:
-        metrics[COUNTS].update(logits.argmax(1), labels)
-
-
-def evaluation_scores(metrics: dict, num_classes: int) -> dict:
-    """The values of :func:`evaluation_metrics` as plain lists (what a Flower message carries): ``{"calibration":
-    [3 x 16 numbers], "counts": [correct per class, then total per class]}``."""
-    out = {}
-    if CALIBRATION in metrics:
-        out[CALIBRATION] = metrics[CALIBRATION].compute().flatten().tolist()
-    if COUNTS in metrics:
-        out[COUNTS] = class_counts(metrics[COUNTS].compute(), num_classes)
-    return out
-
-
-def client_scores(results: dict) -> dict[int, dict]:
-    """Every client's scores as ``{cid: {"<metric>:<list>": value}}`` from an evaluation's results (``(SCORES, list,
-    cid) -> {metric: value}`` entries, and ``(set name, cid) -> accuracy``)."""
-    out: dict[int, dict] = {}
-    for key, value in results.items():
-        if isinstance(key, tuple) and len(key) == 3 and key[0] == SCORES:
-            out.setdefault(key[2], {}).update({f"{metric}:{key[1]}": v for metric, v in value.items()})
-        elif isinstance(key, tuple) and len(key) == 2:
-            out.setdefault(key[1], {})[f"acc:set/{key[0]}"] = value
-    return out
-
-
 def _score(scores: dict, cid: int, metric: str, name: str):
-    return (scores.get(cid) or {}).get(f"{metric}:{name}")
+    """A client's score; ``None`` when it is missing (a list-valued score: also when it is not a list)."""
+    value = (scores.get(cid) or {}).get(f"{metric}:{name}")
+    return value if metric == "acc" or isinstance(value, list) else None
 
 
 def _set_scores(evaluator, scores: dict, metric: str, split: str) -> list:

@@ -30,30 +30,20 @@ fraction into the same formula (the clipping norm then runs away from the target
 ``S_{t+1}`` instead of ``S_t``, and counts 0/1 bits without the 1/2 shift while splitting the budget as if it had
 it.
 
-**Accounting** (:class:`ClientAccountant`) uses dp-accounting's RDP accountant: one
-``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` per round (``GaussianDpEvent(z)`` when every client trains, e.g.
-round 1 with ``federation.all_clients_first_round``), and epsilon at ``dp.delta`` after every round goes to the
-metrics row (``epsilon``). :func:`calibrate_noise_multiplier` finds ``z`` for a target epsilon with
-``dp_accounting.calibrate_dp_mechanism``.
-
-**Record-level accounting** (:func:`record_epsilon`) is for methods that add noise in every local step
-(DP-FPL): each local step of client ``k`` is one ``PoissonSampledDpEvent(b / n_k, GaussianDpEvent(z))``; the
-metrics row reports ``record_epsilon``, the largest epsilon over the clients.
+**Accounting** (epsilon after every round, the calibration of ``z`` for a target epsilon, and the record-level
+epsilon of DP-FPL) is :mod:`fedprompt.federation.accounting`.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedprompt.errors import FedPromptError, warn
+from fedprompt.federation.accounting import ClientAccountant, RoundShape, calibrate_noise_multiplier
 from fedprompt.federation.aggregators import Aggregator
-from fedprompt.federation.feed import local_steps_per_round
 from fedprompt.federation.sampling import derive_seed
 
 State = dict[str, torch.Tensor]
@@ -64,24 +54,8 @@ NOISE_STREAM = 0x44504E4F
 COUNT_STREAM = 0x44504354
 #: Poisson client sampling's stream
 POISSON_STREAM = 0x44505053
-#: the largest noise multiplier a target epsilon is calibrated to (the noise std on the clients' update sum is z
-#: times the clipping norm, while each update has at most that norm in all its coordinates together)
-MAX_NOISE_MULTIPLIER = 1e4
 #: above this epsilon a guarantee is called weak (one warning line; the run goes on)
 WEAK_EPSILON = 10.0
-
-
-def _dp_accounting():
-    try:
-        import dp_accounting
-        from dp_accounting import rdp
-    except ImportError:
-        raise FedPromptError("dp: differential privacy needs the dp-accounting package: pip install "
-                             "'fedprompt[dp]'.") from None
-    # dp-accounting logs a warning through absl for every low RDP order whose series does not converge (it leaves
-    # that order out of the minimum, which stays a valid bound): one line per order and call would flood the log
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    return dp_accounting, rdp
 
 
 # ------------------------------------------------------------------------------------------------- mechanics
@@ -133,161 +107,6 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
     return rest ** -0.5
 
 
-# ------------------------------------------------------------------------------------------------ accounting
-@functools.lru_cache(maxsize=512)
-def _event_rdp(kind: str, noise_multiplier: float, rate: float = 1.0, population: int = 0,
-               sample: int = 0) -> tuple[tuple, tuple]:
-    """(orders, RDP) of one mechanism application under dp-accounting's RDP accountant (its default orders):
-    ``gaussian``, ``poisson`` (``PoissonSampledDpEvent``, add/remove-one) or ``fixed``
-    (``SampledWithoutReplacementDpEvent``, replace-one). Cached: the RDP of ``T`` applications is ``T`` times it,
-    which is how the accountant composes them, so the epsilon after every round costs no new series evaluation
-    (dp-accounting takes seconds for some (q, z) pairs)."""
-    dp_accounting, rdp = _dp_accounting()
-    relation = dp_accounting.NeighboringRelation
-    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
-    if kind == "gaussian":
-        event, neighbors = gaussian, relation.ADD_OR_REMOVE_ONE
-    elif kind == "poisson":
-        event, neighbors = dp_accounting.PoissonSampledDpEvent(rate, gaussian), relation.ADD_OR_REMOVE_ONE
-    else:
-        event = dp_accounting.SampledWithoutReplacementDpEvent(population, sample, gaussian)
-        neighbors = relation.REPLACE_ONE
-    accountant = rdp.RdpAccountant(neighboring_relation=neighbors).compose(event)
-    return tuple(accountant._orders.tolist()), tuple(accountant._rdp.tolist())  # (dp-accounting's own arrays)
-
-
-def _epsilon(parts: list[tuple[tuple, int]], delta: float) -> float:
-    """Epsilon at ``delta`` of ``parts``: (the ``_event_rdp`` of a mechanism, how many times it ran)."""
-    _, rdp = _dp_accounting()
-    parts = [(event, count) for event, count in parts if count > 0]
-    if not parts:
-        return 0.0
-    orders = np.asarray(parts[0][0][0])
-    total = sum(count * np.asarray(event[1]) for event, count in parts)
-    return float(rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
-
-
-@dataclass(frozen=True)
-class RoundShape:
-    """What the accountant needs about the rounds: ``num_clients`` K, the sampling ``rate`` q of a round (1: every
-    client), ``sampling`` (``poisson`` or ``fixed``), ``sample_size`` (fixed-size sampling), and whether round 1
-    takes every client (``everyone_first``)."""
-
-    num_clients: int
-    rate: float
-    sampling: str = "poisson"
-    sample_size: int = 0
-    everyone_first: bool = False
-
-    @property
-    def replace_one(self) -> bool:
-        return self.sampling == "fixed" and self.rate < 1
-
-    def denominator(self, round_idx: int) -> float:
-        """The fixed denominator m of the round: the expected number of its clients."""
-        if self.rate >= 1 or (round_idx == 1 and self.everyone_first):
-            return float(self.num_clients)
-        return float(self.sample_size) if self.sampling == "fixed" else self.rate * self.num_clients
-
-
-class ClientAccountant:
-    """Client-level epsilon of DP-FedAvg after a number of rounds (dp-accounting's RDP accountant).
-
-    Args:
-        noise_multiplier: z (the total one, with adaptive clipping).
-        delta: the delta at which epsilon is read.
-        shape: the rounds' sampling (:class:`RoundShape`).
-    """
-
-    def __init__(self, noise_multiplier: float, delta: float, shape: RoundShape):
-        self.noise_multiplier = noise_multiplier
-        self.delta = delta
-        self.shape = shape
-
-    def events(self, noise_multiplier: float, rounds: int):
-        """The DpEvent of ``rounds`` rounds at ``noise_multiplier``."""
-        dp_accounting, _ = _dp_accounting()
-        shape = self.shape
-        # replace-one: replacing one client moves the clipped sum by up to 2 S
-        z = noise_multiplier / 2 if shape.replace_one else noise_multiplier
-        gaussian = dp_accounting.GaussianDpEvent(z)
-        if shape.rate >= 1:
-            return dp_accounting.SelfComposedDpEvent(gaussian, rounds)
-        if shape.sampling == "fixed":
-            sampled = dp_accounting.SampledWithoutReplacementDpEvent(shape.num_clients, shape.sample_size, gaussian)
-        else:
-            sampled = dp_accounting.PoissonSampledDpEvent(shape.rate, gaussian)
-        first = 1 if shape.everyone_first and rounds >= 1 else 0
-        parts = [dp_accounting.GaussianDpEvent(z)] * first
-        if rounds > first:  # (a count of 0 times an order whose RDP is infinite would make NaN)
-            parts.append(dp_accounting.SelfComposedDpEvent(sampled, rounds - first))
-        return dp_accounting.ComposedDpEvent(parts)
-
-    def fresh(self):
-        dp_accounting, rdp = _dp_accounting()
-        relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if self.shape.replace_one
-                    else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-        return rdp.RdpAccountant(neighboring_relation=relation)
-
-    def epsilon(self, rounds: int, noise_multiplier: float | None = None) -> float:
-        """Epsilon at ``delta`` after ``rounds`` rounds (``inf`` without noise, 0 before any round); the same as
-        composing :meth:`events` in a fresh accountant, from cached per-round RDP (:func:`_event_rdp`)."""
-        z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
-        if rounds <= 0:
-            return 0.0
-        if z <= 0:
-            return math.inf
-        shape = self.shape
-        z_event = z / 2 if shape.replace_one else z
-        if shape.rate >= 1:
-            return _epsilon([(_event_rdp("gaussian", z_event), rounds)], self.delta)
-        if shape.sampling == "fixed":
-            sampled = _event_rdp("fixed", z_event, population=shape.num_clients, sample=shape.sample_size)
-        else:
-            sampled = _event_rdp("poisson", z_event, rate=shape.rate)
-        first = _event_rdp("gaussian", z_event)  # (the Gaussian's RDP is the same under either relation)
-        everyone = 1 if shape.everyone_first else 0
-        return _epsilon([(first, everyone), (sampled, rounds - everyone)], self.delta)
-
-
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int, shape: RoundShape) -> float:
-    """The smallest noise multiplier z (within 1e-6) whose epsilon at ``delta`` after ``rounds`` rounds is at most
-    ``target_epsilon`` (``dp_accounting.calibrate_dp_mechanism``); one :class:`FedPromptError` line naming
-    ``dp.target_epsilon`` when none is found."""
-    dp_accounting, _ = _dp_accounting()
-    accountant = ClientAccountant(1.0, delta, shape)
-    unreachable = FedPromptError(
-        f"dp.target_epsilon: {target_epsilon:g} at delta {delta:g} cannot be reached in {rounds} rounds with a noise "
-        f"multiplier up to {MAX_NOISE_MULTIPLIER:g} (beyond it the noise drowns every update); raise "
-        "dp.target_epsilon or dp.delta, or train fewer rounds.")
-    if accountant.epsilon(rounds, MAX_NOISE_MULTIPLIER) > target_epsilon:
-        raise unreachable
-    try:
-        z = dp_accounting.calibrate_dp_mechanism(accountant.fresh, lambda value: accountant.events(value, rounds),
-                                                 target_epsilon, delta)
-    except Exception:  # noqa: BLE001 - dp-accounting raises several kinds when no noise reaches the target
-        raise unreachable from None
-    if not math.isfinite(z) or accountant.epsilon(rounds, z) > target_epsilon * (1 + 1e-9):
-        raise unreachable
-    return float(z)
-
-
-def record_epsilon(noise_multiplier: float, delta: float, participation: dict[tuple[float, int], int]) -> float:
-    """Record-level epsilon of per-step noise (DP-SGD): the largest over the clients, each of whose local steps is
-    one ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``; ``participation`` maps (q, steps) to the number of clients
-    in that situation. 0 before any step; ``inf`` without noise."""
-    if not participation or all(steps == 0 for _, steps in participation):
-        return 0.0
-    if noise_multiplier <= 0:
-        return math.inf
-    worst = 0.0
-    for (rate, steps) in participation:
-        event = (_event_rdp("gaussian", noise_multiplier) if rate >= 1
-                 else _event_rdp("poisson", noise_multiplier, rate=rate))
-        worst = max(worst, _epsilon([(event, steps)], delta))
-    return worst
-
-
 # ------------------------------------------------------------------------------------------------ the server
 class PrivateAggregator(Aggregator):
     """A method's aggregator with DP-FedAvg's merge rule (see the module docstring): ``upload``, ``download`` and
@@ -325,6 +144,11 @@ class PrivateAggregator(Aggregator):
         self.round = 0
         self.reference: State = {}
         self._metrics: dict = {}
+
+    @property
+    def poisson_sampling(self) -> bool:
+        """Whether a round's clients are drawn by Poisson sampling (a sample of varying size, maybe empty)."""
+        return self.shape.sampling == "poisson" and self.shape.rate < 1
 
     # the run seed reaches the inner aggregator too
     @property
@@ -490,44 +314,34 @@ def _warn_if_weak(private: PrivateAggregator, rounds: int, num_clients: int, del
     eps = private.accountant.epsilon(rounds)
     if not math.isfinite(eps):
         warn("dp.noise_multiplier is 0: updates are clipped but not noised, so there is no privacy guarantee "
-             "(epsilon is infinite).")
+             "(epsilon is infinite: metrics.jsonl and summary.json write it as null).")
     elif eps > WEAK_EPSILON:
         rate = private.shape.rate
         who = "every client in every round" if rate >= 1 else f"a fraction {rate:g} of the clients each round"
         warn(f"dp: epsilon will be {eps:.3g} at delta {delta:g} after {rounds} rounds (noise multiplier "
              f"{private.noise_multiplier:.3g}, {who} of {num_clients}), a weak guarantee; add noise, sample fewer "
              "clients per round, or train fewer rounds.")
-    if delta >= 1.0 / num_clients:
+    if leaks_outright(delta, num_clients):
         warn(f"dp.delta {delta:g} is not below 1 / {num_clients} clients: the guarantee allows one client's data to "
              "leak outright with that probability; lower dp.delta.")
 
 
-# ------------------------------------------------------------------------------------------- the round's row
-def round_privacy(fed, round_idx: int) -> dict:
-    """The privacy entries of round ``round_idx``'s metrics row: the server's (``epsilon`` of client-level DP, see
-    :class:`PrivateAggregator`) and, for a method that adds record-level noise in every local step
-    (``method.record_privacy``: its noise multiplier and delta), ``record_epsilon``: the largest over the clients,
-    counting every local step each client took in rounds 1 to ``round_idx`` with sampling rate
-    ``batch_size / n_k`` (a function of the seeds and sizes only, so it needs no checkpoint)."""
-    row = dict(fed.aggregator.round_metrics())
-    record = fed.method.record_privacy
-    if record is None or not fed.method.trains:
-        return row
-    z, delta = record
-    train = fed.train
-    rounds_trained = {cid: 0 for cid in range(len(fed.clients))}
-    for r in range(1, round_idx + 1):
-        if r not in fed.round_members:
-            fed.round_members[r] = frozenset(fed.trained(r))
-        for cid in fed.round_members[r]:
-            rounds_trained[cid] += 1
-    participation: dict[tuple[float, int], int] = {}
-    for cid, count in rounds_trained.items():
-        n = len(fed.clients[cid].train)
-        if n == 0:
-            continue
-        steps = count * local_steps_per_round(n, train.batch_size, train.local_epochs, train.local_steps)
-        key = (min(1.0, train.batch_size / n), steps)
-        participation[key] = participation.get(key, 0) + 1
-    row["record_epsilon"] = record_epsilon(z, delta, participation)
-    return row
+def leaks_outright(delta: float, units: int) -> bool:
+    """The one check of a DP delta, client-level (``dp.delta`` against the number of clients) and record-level
+    (DP-FPL's ``method.delta`` against a client's training samples): a delta of at least 1 / ``units`` allows one
+    unit's data to leak outright with probability delta (each warns in one line; the run goes on)."""
+    return units > 0 and delta >= 1.0 / units
+
+
+def warn_record_privacy(method, clients, quiet: bool = False) -> None:
+    """A method with record-level DP (``method.record_privacy``: DP-FPL's noise multiplier and delta) gets the same
+    check of its delta as client-level DP (:func:`leaks_outright`), against the smallest client's training
+    samples."""
+    record = method.record_privacy
+    if record is None or quiet or not clients:
+        return
+    delta, smallest = record[1], min(len(client.train) for client in clients)
+    if leaks_outright(delta, smallest):
+        warn(f"method.delta {delta:g} is not below 1 / {smallest} training samples (the smallest client's): the "
+             "guarantee allows one training sample to leak outright with that probability; lower method.delta.")
+

@@ -1,130 +1,24 @@
-"""Run a Flower app's ServerApp and ClientApps in this process, without Ray or network: a :class:`LocalGrid` hands
-each message to the destination node's ClientApp (with that node's own :class:`~flwr.app.Context`, kept across
-messages as a SuperNode keeps it) and returns the replies; an exception in a ClientApp becomes an error reply, as
-Flower's runtimes make it.
-
-Every message goes through Flower's object serialisation (``deflate`` / ``inflate``) both ways, so what a node
-receives is what would cross the network. For tests and debugging; the real runtimes are the simulation engine
-(:mod:`fedprompt.flower.simulation`, ``flwr run``) and the deployment runtime (SuperLink / SuperNodes).
-"""
+"""Run a fedprompt config file as a Flower app in this process, as ``flwr run`` would run it (the ServerApp and the
+ClientApps read the config from the run config; every message through Flower's serialisation, over
+:class:`fedprompt.flower.grid.LocalGrid`). For tests, benchmarks and debugging."""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable
-
-from fedprompt.flower import require_flower
-
-require_flower()  # one clear line without the flower extra
-
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
-
-_ids = itertools.count(1)
-
-
-def _through_the_wire(message: Message) -> tuple[Message, int]:
-    """The message as a node receives it (every object deflated to bytes and inflated again), and its size in
-    bytes (the deflated objects: what Flower transfers)."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-
-    objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
-    size = sum(len(data) for data in objects.values())
-    return inflate_object_from_contents(message.object_id, objects, keep_object_contents=False), size
-
-
-class LocalGrid(Grid):
-    """A grid of in-process nodes: ``node_configs[i]`` is node ``i + 1``'s node config (``partition-id``, ...).
-
-    Args:
-        client_app: the ClientApp every node runs.
-        node_configs: one node config per node.
-        run_config: the run config the nodes see.
-        serialize: pass every message through Flower's serialisation (default).
-    """
-
-    def __init__(self, client_app, node_configs: list[dict], run_config: dict | None = None, serialize: bool = True):
-        self.client_app = client_app
-        self.serialize = serialize
-        self.contexts = {i + 1: Context(run_id=1, node_id=i + 1, node_config=dict(cfg), state=RecordDict(),
-                                        run_config=dict(run_config or {})) for i, cfg in enumerate(node_configs)}
-        self.down: set[int] = set()  # nodes that do not answer (a test stops them)
-        self.down_from: dict[int, int] = {}  # node -> the round from which it no longer answers
-        #: (message type, group id = round, node, "down" | "up", bytes) of every message that crossed the "wire"
-        self.traffic: list[tuple[str, str, int, str, int]] = []
-        self._replies: dict[str, Message] = {}
-        self._run = None
-
-    def set_run(self, run_id: int) -> None:
-        self._run = run_id
-
-    @property
-    def run(self):
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def _deliver(self, message: Message) -> Message:
-        node = message.metadata.dst_node_id
-        received = message
-        if self.serialize:
-            received, size = _through_the_wire(message)
-            received.metadata.__dict__["_message_id"] = message.metadata.message_id  # a node knows what it answers
-            self.traffic.append((message.metadata.message_type, message.metadata.group_id, node, "down", size))
-        try:
-            reply = self.client_app(received, self.contexts[node])
-        except Exception as err:  # noqa: BLE001 - what the runtimes do: an error reply to the server
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"),
-                           reply_to=received)
-        if not self.serialize:
-            return reply
-        reply, size = _through_the_wire(reply)
-        self.traffic.append((message.metadata.message_type, message.metadata.group_id, node, "up", size))
-        return reply
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grids do
-            node, group = message.metadata.dst_node_id, message.metadata.group_id
-            if node in self.down or (node in self.down_from and group.isdigit()
-                                     and int(group) >= self.down_from[node]):
-                continue
-            ids.append(f"r{next(_ids)}")
-            self._replies[ids[-1]] = self._deliver(message)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+from fedprompt.flower.grid import LocalGrid, run_grid
 
 
 def run_local(config: str, args: str = "", num_nodes: int | None = None, node_configs: list[dict] | None = None,
               down_from: dict[int, int] | None = None, **settings) -> LocalGrid:
     """Run a fedprompt config as a Flower app in this process (one node per client unless ``node_configs`` are
-    given; ``down_from``: node id -> the round from which it stops answering); returns the grid (its nodes'
-    contexts hold the clients' states)."""
-    from fedprompt.flower.client_app import make_client_app
-    from fedprompt.flower.server_app import make_server_app
-    from fedprompt.flower.simulation import num_clients
+    given; ``down_from``: node id -> the round from which it stops answering); ``settings``: other run-config keys
+    (underscores or hyphens). Returns the grid (its nodes' contexts hold the clients' states)."""
+    from fedprompt.flower.client import make_client_app
+    from fedprompt.flower.config import num_clients, run_args
+    from fedprompt.flower.server import make_server_app
 
     values = {"config": str(config), "args": args, **{k.replace("_", "-"): v for k, v in settings.items()}}
     if node_configs is None:
         n = num_nodes or num_clients(config, args)
         node_configs = [{"partition-id": i, "num-partitions": n} for i in range(n)]
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a runtime sets for the app
-    grid = LocalGrid(make_client_app(), node_configs, values)
-    grid.down_from = dict(down_from or {})
-    make_server_app(values)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                          run_config=values))
-    return grid
+    return run_grid(make_server_app(values, load_run=run_args), make_client_app(load_run=run_args), node_configs,
+                    values, down_from)

@@ -13,9 +13,10 @@ weights divided by ``max_weight``, which fedprompt sets to the largest weight so
 the rounding of each r_i to ``1 / Q`` (relative ``0.5 / (r_i Q)``), provided every shared value lies in [-c, c]
 (:func:`error_bound`). With c = 8, Q = 2**22 and 4 clients of similar size, that is about 1.5e-5 per value.
 
-Only aggregators that merge by a weighted mean (:class:`~fedprompt.federation.aggregators.WeightedMean` and its
-subclasses: PromptFL, FedProx, FedPer, FedOTP, FedPGP, PromptFolio, FedTPG) can be summed; FedMGP's similarity-guided
-selection needs each upload and is refused with one line.
+Only aggregators whose merge is the plain weighted mean (:class:`~fedprompt.federation.aggregators.WeightedMean`'s
+``aggregate``: PromptFL, FedProx, FedPer, FedOTP, FedPGP, PromptFolio, FedTPG) can be summed; FedMGP's
+similarity-guided selection, pFedMoAP's expert store, PromptSRC's running average, DP-FPL's released server noise and
+client-level DP need more than the sum and are refused with one line.
 """
 
 from __future__ import annotations
@@ -27,25 +28,33 @@ import torch
 
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import WeightedMean, state_bytes
+from fedprompt.federation.clients import Report
 
 
-def check_secure(fed) -> None:
-    """One line when the method's aggregation cannot be a secure sum, or a round would sum fewer than 2 clients."""
-    if not fed.method.communicates:
+def check_secure(parts) -> None:
+    """One line when the method's aggregation cannot be a secure sum, the server must see each upload, or a round
+    would sum fewer than 2 clients."""
+    method, server = parts.method, parts.server
+    if not method.communicates:
         return
-    if not isinstance(fed.aggregator, WeightedMean):
-        raise FedPromptError(f"secure-aggregation: {fed.method.name}'s aggregator ({type(fed.aggregator).__name__}) "
-                             "needs every client's upload, not only their sum; SecAgg+ works for weighted-mean "
-                             "aggregators (PromptFL, FedOTP, FedPGP, ...). Set secure-aggregation = false.")
-    count = max(1, int(round(fed.federation.fraction * len(fed.clients))))
-    if min(count, len(fed.clients)) < 2:
+    rule = type(server.aggregator)
+    if not issubclass(rule, WeightedMean) or rule.aggregate is not WeightedMean.aggregate:
+        raise FedPromptError(f"secure-aggregation: {method.name}'s aggregator ({rule.__name__}) needs every client's "
+                             "upload, not only their sum; SecAgg+ works for plain weighted-mean aggregators "
+                             "(PromptFL, FedOTP, FedPGP, ...). Set secure-aggregation = false.")
+    if server.upload_steps:
+        raise FedPromptError("secure-aggregation: the server's upload steps need every client's upload, which SecAgg+ "
+                             "never shows it. Set secure-aggregation = false.")
+    federation, total = parts.sampler.federation, len(parts.clients)
+    count = max(1, int(round(federation.fraction * total)))
+    if min(count, total) < 2:
         raise FedPromptError("secure-aggregation: SecAgg+ needs at least 2 clients in a round; raise "
                              "--federation.fraction or use more clients.")
 
 
-def weight_of(fed, cid: int) -> int:
+def weight_of(server, cid: int) -> int:
     """The weight a client's upload enters the mean with (its train-sample count, or 1 for an unweighted mean)."""
-    return len(fed.clients[cid].train) if fed.aggregator.weighted else 1
+    return server.sizes[cid] if server.aggregator.weighted else 1
 
 
 def error_bound(weights: list[float], clipping_range: float, quantization_range: int) -> float:
@@ -64,7 +73,7 @@ def read_fit_instructions(msg) -> tuple[dict, dict, dict]:
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import parameters_to_ndarrays
 
-    from fedprompt.flower.runtime import from_bytes
+    from fedprompt.flower.node import from_bytes
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     cfg = dict(fitins.config)
@@ -74,7 +83,7 @@ def read_fit_instructions(msg) -> tuple[dict, dict, dict]:
     return cfg, received, from_bytes(cfg.pop("aggregator"))
 
 
-def fit_reply(msg, node, upload: dict, result):
+def fit_reply(msg, node, upload: dict, report):
     """The reply the SecAgg+ mod masks: the upload in the server's key order, the client's weight as
     ``num_examples``, its loss and steps as metrics."""
     import flwr.compat.common.recorddict_compat as compat
@@ -86,40 +95,114 @@ def fit_reply(msg, node, upload: dict, result):
     if sorted(keys) != sorted(upload):
         raise FedPromptError(f"client {node.cid}: its upload has the keys {sorted(upload)}, the server sums "
                              f"{sorted(keys)}; start the node with the run's config.")
-    weight = len(node.fed.clients[node.cid].train) if node.aggregator.weighted else 1
+    weight = node.num_train if node.aggregator.weighted else 1
     arrays = [upload[k].detach().cpu().float().numpy() for k in keys]
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight,
-                    {"loss": float(result.loss), "steps": int(result.steps), "cid": node.cid})
+                    {"loss": float(report.loss), "steps": int(report.steps), "cid": node.cid})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
 # ------------------------------------------------------------------------------------------------ server side
-def secure_round(strategy, grid, round_idx: int) -> None:
-    """The training half of a round through Flower's SecAgg+ workflow; leaves the round's results in the strategy
-    (as :meth:`~fedprompt.flower.server_app.FedPromptStrategy.aggregate_train` does)."""
+def secure_train(transport, round_idx: int, cids: list[int]) -> tuple[dict, dict | None]:
+    """The training half of a round through Flower's SecAgg+ workflow: each client's report (a client left out of
+    the secure sum is lost) and the weighted mean of the uploads (``None`` when no sum was made)."""
+    server = transport.server
+    template = server.global_state
+    chosen = [cid for cid in cids if cid in transport.nodes]
+    outcome = _run_workflow(transport, round_idx, chosen, template) if len(chosen) >= 2 else {}
+    by_node = {nid: cid for cid, nid in transport.nodes.items()}
+    losses = {by_node[proxy.node_id]: res for proxy, res in outcome.get("results", []) if proxy.node_id in by_node}
+    reasons = "; ".join(str(f) for f in outcome.get("failures", [])) or "no SecAgg+ result"
+    reports = {}
+    for cid in cids:
+        if cid not in transport.nodes:
+            reports[cid] = Report(failure="no node holds this client", lost=True)
+        elif cid not in losses:
+            reports[cid] = Report(failure=f"left out of the secure sum ({reasons})", lost=True)
+        else:
+            metrics = losses[cid].metrics
+            reports[cid] = Report(float(metrics.get("loss", float("nan"))), int(metrics.get("steps", 0)),
+                                  upload_bytes=state_bytes(template))  # the server never sees an upload
+    mean = None
+    if losses and outcome.get("results"):
+        from flwr.common import parameters_to_ndarrays
+
+        values = parameters_to_ndarrays(outcome["results"][0][1].parameters)
+        mean = {k: torch.from_numpy(np.asarray(a)).to(template[k].dtype).reshape(template[k].shape)
+                for k, a in zip(template, values)}
+    return reports, mean
+
+
+def _run_workflow(transport, round_idx: int, chosen: list[int], template: dict) -> dict:
+    """Run Flower's :class:`~flwr.server.workflow.SecAggPlusWorkflow` for the clients ``chosen``; returns its
+    results (``(proxy, FitRes)`` of the clients in the sum, the first holding the mean) and failures."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import ServerConfig
-    from flwr.server.client_proxy import ClientProxy
     from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import Strategy as LegacyStrategy
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-    from fedprompt.flower.runtime import to_bytes
+    server, options = transport.server, transport.options
+    outcome: dict = {}
+    strategy = _round_strategy(transport, round_idx, chosen, template, outcome)
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            config=ServerConfig(num_rounds=round_idx), strategy=strategy)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: round_idx})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
+        {k: v.detach().cpu().contiguous() for k, v in template.items()})
+    weights = [weight_of(server, cid) for cid in chosen] or [1]
+    workflow = SecAggPlusWorkflow(num_shares=options.secagg_num_shares,
+                                  reconstruction_threshold=options.secagg_reconstruction_threshold,
+                                  max_weight=float(max(weights)), clipping_range=options.secagg_clipping_range,
+                                  quantization_range=options.secagg_quantization_range, timeout=options.timeout)
+    workflow(transport.grid, context)
+    return outcome
 
-    fed, options = strategy.fed, strategy.options
-    template = fed.global_state
+
+def _round_strategy(transport, round_idx: int, chosen: list[int], template: dict, outcome: dict):
+    """A legacy Flower strategy that hands the workflow fedprompt's clients and keeps what it computed."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.server.strategy import Strategy as LegacyStrategy
+
     keys = list(template)
-    sampled = fed.sampled(round_idx)
-    failed = {cid: "no node holds this client" for cid in sampled if cid not in strategy.nodes}
-    chosen = [cid for cid in sampled if cid in strategy.nodes]
-    received = {cid: fed.aggregator.download(template, cid) for cid in chosen}
+
+    class _Round(LegacyStrategy):
+        def initialize_parameters(self, client_manager):
+            return None
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            pairs = []
+            for cid in chosen:
+                config = transport.instructions(cid, round_idx - 1, round=round_idx, keys=json.dumps(keys))
+                received = transport.server.download(cid)
+                arrays = [received[k].detach().cpu().numpy() for k in keys]
+                pairs.append((_proxy(cid, transport.nodes[cid]), FitIns(ndarrays_to_parameters(arrays), config)))
+            return pairs
+
+        def aggregate_fit(self, server_round, results, failures):
+            outcome["results"], outcome["failures"] = list(results), failures
+            return (results[0][1].parameters if results else None), {}
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            return []
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            return None, {}
+
+        def evaluate(self, server_round, parameters):
+            return None
+
+    return _Round()
+
+
+def _proxy(cid: int, node_id: int):
+    """A client proxy that only names a node (the workflow sends through the grid itself)."""
+    from flwr.server.client_proxy import ClientProxy
 
     class _Proxy(ClientProxy):
-        def __init__(self, cid: int):
+        def __init__(self):
             super().__init__(str(cid))
-            self.node_id = strategy.nodes[cid]
+            self.node_id = node_id
 
         def get_properties(self, ins, timeout, group_id):
             raise NotImplementedError
@@ -136,69 +219,4 @@ def secure_round(strategy, grid, round_idx: int) -> None:
         def reconnect(self, ins, timeout, group_id):
             raise NotImplementedError
 
-    outcome: dict = {}
-
-    class _Round(LegacyStrategy):
-        """Hands the workflow fedprompt's sampled clients and takes the mean it computed."""
-
-        def initialize_parameters(self, client_manager):
-            return None
-
-        def configure_fit(self, server_round, parameters, client_manager):
-            pairs = []
-            for cid in chosen:
-                config = {"cid": cid, "version": round_idx - 1, "round": round_idx, "run_key": strategy.key,
-                          "counted": cid in strategy.counted, "keys": json.dumps(keys),
-                          "aggregator": to_bytes(fed.aggregator.state_dict())}
-                arrays = [received[cid][k].detach().cpu().numpy() for k in keys]
-                pairs.append((_Proxy(cid), FitIns(ndarrays_to_parameters(arrays), config)))
-            return pairs
-
-        def aggregate_fit(self, server_round, results, failures):
-            outcome["results"] = [(proxy, res) for proxy, res in results]
-            outcome["failures"] = failures
-            return (results[0][1].parameters if results else None), {}
-
-        def configure_evaluate(self, server_round, parameters, client_manager):
-            return []
-
-        def aggregate_evaluate(self, server_round, results, failures):
-            return None, {}
-
-        def evaluate(self, server_round, parameters):
-            return None
-
-    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-                            config=ServerConfig(num_rounds=fed.federation.rounds), strategy=_Round())
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: round_idx})
-    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
-        {k: v.detach().cpu().contiguous() for k, v in template.items()})
-    weights = [weight_of(fed, cid) for cid in chosen] or [1]
-    workflow = SecAggPlusWorkflow(num_shares=options.secagg_num_shares,
-                                  reconstruction_threshold=options.secagg_reconstruction_threshold,
-                                  max_weight=float(max(weights)), clipping_range=options.secagg_clipping_range,
-                                  quantization_range=options.secagg_quantization_range, timeout=options.timeout)
-    if len(chosen) >= 2:
-        workflow(grid, context)
-    results = outcome.get("results", [])
-    by_node = {n: c for c, n in strategy.nodes.items()}
-    losses, ok = {}, []
-    for proxy, res in results:
-        cid = by_node.get(proxy.node_id)
-        if cid is not None:
-            ok.append(cid)
-            losses[cid] = float(res.metrics.get("loss", float("nan")))
-    ok = sorted(ok)
-    reasons = "; ".join(str(f) for f in outcome.get("failures", [])) or "no SecAgg+ result"
-    for cid in chosen:
-        if cid not in ok:
-            failed[cid] = f"left out of the secure sum ({reasons})"
-    merged = None
-    if ok and results:
-        arrays = parameters_to_ndarrays(results[0][1].parameters)
-        merged = {k: torch.from_numpy(np.asarray(a)).to(template[k].dtype).reshape(template[k].shape)
-                  for k, a in zip(keys, arrays)}
-    uploads = {cid: template for cid in ok}  # the server never sees an upload: its size is the template's
-    strategy._pending = {"sampled": sampled, "failed": failed}
-    strategy._merge(round_idx, uploads, [losses[c] for c in ok], failed, merged=merged)
-    strategy._pending["bytes_up"] = state_bytes(template) * len(ok)
+    return _Proxy()

@@ -10,13 +10,6 @@ from __future__ import annotations
 import os
 
 
-def num_clients(config: str, args: str = "") -> int:
-    """The number of clients a config makes (its data split, without loading a model)."""
-    from fedprompt.flower.runtime import run_args
-
-    return len(run_args(config, args).data.setup().clients)
-
-
 def simulate(config: str, args: str = "", num_supernodes: int | None = None, cpus_per_client: float = 1.0,
              **settings) -> None:
     """Run ``config`` (with fedprompt flags ``args``) as a Flower app on the simulation engine, one virtual node per
@@ -24,16 +17,17 @@ def simulate(config: str, args: str = "", num_supernodes: int | None = None, cpu
     hyphens: ``report_states=True``, ``secure_aggregation=True``)."""
     from flwr.simulation import run_simulation
 
-    from fedprompt.flower.client_app import make_client_app
-    from fedprompt.flower.server_app import make_server_app
+    from fedprompt.flower.client import make_client_app
+    from fedprompt.flower.config import num_clients, run_args
+    from fedprompt.flower.server import make_server_app
 
     values = {"config": str(config), "args": args, **{k.replace("_", "-"): v for k, v in settings.items()}}
     nodes = num_supernodes or num_clients(config, args)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                "init_args": {"include_dashboard": False, "log_to_driver": True}}
-    run_simulation(server_app=make_server_app(values), client_app=make_client_app(values), num_supernodes=nodes,
-                   backend_config=backend)
+    run_simulation(server_app=make_server_app(values, load_run=run_args),
+                   client_app=make_client_app(values, load_run=run_args), num_supernodes=nodes, backend_config=backend)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -327,6 +327,17 @@ def sinkhorn(
     return _solve(cost, a, b, eps, max_iter, tol, check_every, early_exit, False, fast_path, return_n_iter)
 
 
+# partial_sinkhorn: why the literal rule is correct (and was kept): it is exact block-coordinate ascent on the dual
+# ``max_{f <= 0, g} <f, a> + <g, b> - eps * sum_ij exp((f_i + g_j - C_ij)/eps)``: for fixed ``g`` the dual is
+# concave and separable in each ``f_i``, its unconstrained maximiser is ``eps * log(a_i / (K v)_i)``, and the
+# constraint ``f_i <= 0`` (the multiplier of ``T 1 <= a``) clips it at 0, which is ``u = min(a/(Kv), 1)``; the
+# ``v`` step is the usual exact maximiser. This is Dykstra's algorithm written in scaling form, so it converges to
+# the KL projection, i.e. the same plan as POT's Dykstra-corrected ``entropic_partial_wasserstein``; we checked it
+# on random problems (M = 5..196, N = 2..4, eps = 0.02..1, uniform and random marginals): plans agree with POT to
+# ~1e-14 in float64 (see ``tests/test_ot.py``). By contrast, the *naive* cyclic KL projection without Dykstra
+# corrections, ``u <- u * min(1, a / (T 1))`` (equivalently ``u = min(u_prev, a / (K v))``), converges to a
+# feasible but different plan (errors up to ~4e-2 on the same problems), because the projection onto the
+# inequality set is not affine. The clamp at 1 (not at the previous ``u``) is what makes the FedOTP rule right.
 @torch.no_grad()
 def partial_sinkhorn(
     cost: torch.Tensor,
@@ -358,17 +369,7 @@ def partial_sinkhorn(
     run in the log domain (``F = min(log a - logsumexp_j(G_j - C_ij/eps), 0)``,
     ``G = log b - logsumexp_i(F_i - C_ij/eps)``) or, where safe, in scaling form (module notes).
 
-    Why the literal rule is correct (and was kept): it is exact block-coordinate ascent on the dual
-    ``max_{f <= 0, g} <f, a> + <g, b> - eps * sum_ij exp((f_i + g_j - C_ij)/eps)``: for fixed ``g`` the dual is
-    concave and separable in each ``f_i``, its unconstrained maximiser is ``eps * log(a_i / (K v)_i)``, and the
-    constraint ``f_i <= 0`` (the multiplier of ``T 1 <= a``) clips it at 0, which is ``u = min(a/(Kv), 1)``; the
-    ``v`` step is the usual exact maximiser. This is Dykstra's algorithm written in scaling form, so it converges to
-    the KL projection, i.e. the same plan as POT's Dykstra-corrected ``entropic_partial_wasserstein``; we checked it
-    on random problems (M = 5..196, N = 2..4, eps = 0.02..1, uniform and random marginals): plans agree with POT to
-    ~1e-14 in float64 (see ``tests/test_ot.py``). By contrast, the *naive* cyclic KL projection without Dykstra
-    corrections, ``u <- u * min(1, a / (T 1))`` (equivalently ``u = min(u_prev, a / (K v))``), converges to a
-    feasible but different plan (errors up to ~4e-2 on the same problems), because the projection onto the
-    inequality set is not affine. The clamp at 1 (not at the previous ``u``) is what makes the FedOTP rule right.
+    Why this literal rule is correct (and was kept): see the note above the function.
 
     Args:
         cost: ``[..., M, N]`` cost matrices (any float dtype; detached), e.g. ``1 - cos(patch, prompt)``.

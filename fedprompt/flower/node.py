@@ -1,12 +1,13 @@
-"""The fedprompt side of the Flower app, free of Flower types: the run settings from the app's config, one client's
-node (backbone, client module, data split; training and evaluation with fedprompt's engine at K = 1), the client's
-state across rounds, and the checks that a node's config matches the server's.
+"""A fedprompt client on a Flower node, free of Flower types: its run settings, its one client (backbone, client
+module, data split; trained and scored by fedprompt's own code at K = 1), the client's state across rounds, and the
+checks that a node's config matches the server's.
 
-Everything here is fedprompt's own code put together for one client per process: :func:`fedprompt.fit.
-build_federation` builds the backbone (once per process: :func:`fedprompt.backbone.load_backbone` caches it), the
-method's client module and the data of one client (``feed_clients``); :meth:`fedprompt.federation.loop.Federation.
-train_clients` trains it (``LockstepTrainer`` / ``run_groups`` with ``GroupSize(1)``, batches from
-:mod:`fedprompt.federation.feed`) and :meth:`~fedprompt.federation.loop.Federation.evaluate_clients` scores it.
+:class:`Node` builds the roles of the federation for one client (:func:`fedprompt.build.build_parts` with
+``feed_clients``: the backbone once per process, this client's images only) and runs the clients' side of a round
+exactly as ``fedprompt fit`` does: :meth:`fedprompt.federation.clients.ClientPool.train` (local round, upload, the
+pool's update steps), :meth:`~fedprompt.federation.clients.ClientPool.receive` (the merge of a download) and
+:meth:`fedprompt.federation.evaluator.Evaluator.score`. What a node adds is its memory of the client's state per
+round (:class:`ClientRecord`), since it receives the rounds' global states only when the server writes to it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
-import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,32 +30,6 @@ KEEP_VERSIONS = 3
 
 
 # ------------------------------------------------------------------------------------------------ settings
-def run_args(config: str, args: str = "", node_args: str = "", data_root: str | None = None):
-    """The :class:`fedprompt.run.RunArgs` of a fedprompt config file with command-line flags (``args``: the app's,
-    ``node_args``: this node's own, applied last; ``data_root``: ``--data.root``), parsed exactly as ``fedprompt fit``
-    parses them (one :class:`FedPromptError` line for a bad file, key or value)."""
-    from jsonargparse import set_parsing_settings
-
-    import fedprompt.data
-    import fedprompt.methods
-    from fedprompt.__main__ import instantiate, parse
-    from fedprompt.methods.method import Method
-    from fedprompt.run import RunArgs
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[Method])
-    fedprompt.methods.import_all()
-    fedprompt.data.import_readers()
-    argv = ["fit", "--config", str(config), *shlex.split(args or ""), *shlex.split(node_args or "")]
-    if data_root:
-        argv += ["--data.root", str(data_root)]
-    _, parser, cfg = parse(argv)
-    init, resolved = instantiate(parser, cfg)
-    from dataclasses import fields
-
-    return RunArgs(**{f.name: init[f.name] for f in fields(RunArgs) if f.name != "resolved_config"},
-                   resolved_config=resolved)
-
-
 def one_at_a_time(run):
     """The run with ``parallel_clients: 1`` and no progress bars: a Flower node trains its one client (K = 1), as
     ``fedprompt fit --federation.parallel_clients 1`` does."""
@@ -73,13 +46,15 @@ def single_fabric(run, accelerator: str | None = None):
     return fabric
 
 
-def fingerprint(fed) -> dict:
+def fingerprint(parts) -> dict:
     """What must agree between a node and the server: the method, its settings, the shared keys, the shape of every
     prompt tensor, the number of clients and their train sizes (the aggregation weights), the seed."""
-    init = fed.states[min(fed.states)]
-    return {"method": fed.method.name, "hparams": fed.method.hparams(), "shapes": state_shapes(init),
-            "shared": sorted(fed.aggregator.upload(0, init, 1)) if fed.method.communicates else [],
-            "num_clients": len(fed.clients), "num_train": [len(c.train) for c in fed.clients], "seed": fed.seed}
+    init = parts.initial
+    method, server = parts.method, parts.server
+    return {"method": method.name, "hparams": method.hparams(), "shapes": state_shapes(init),
+            "shared": sorted(server.aggregator.upload(0, init, 1)) if method.communicates else [],
+            "num_clients": len(parts.clients), "num_train": [len(c.train) for c in parts.clients],
+            "seed": parts.pool.seed}
 
 
 def differences(server: dict, node: dict) -> list[str]:
@@ -169,40 +144,43 @@ def state_file(state_dir: str | None, cid: int) -> Path | None:
 # ------------------------------------------------------------------------------------------------ one client
 class Node:
     """The client ``cid`` of a fedprompt run in this process: the backbone (once per process), the method's client
-    module and this client's data only, trained and evaluated by fedprompt's engine at K = 1.
+    module and this client's data only, trained and scored by fedprompt's own code at K = 1.
 
     Args:
         run: the run settings (a config with the node's flags).
         cid: the client (the node's partition id).
+        fabric: the node's Fabric (default: one device of the config's accelerator).
+        splits: the run's data, if this process read it already (default: read it here).
     """
 
-    def __init__(self, run, cid: int, fabric=None):
-        from fedprompt.fit import build_federation
+    def __init__(self, run, cid: int, fabric=None, splits=None):
+        from fedprompt.build import build_parts
 
         self.run = one_at_a_time(run)
         self.cid = cid
         self.fabric = fabric or single_fabric(self.run)
-        self.fed, _ = build_federation(self.fabric, self.run, feed_clients=[cid])
-        if not 0 <= cid < len(self.fed.clients):
-            raise FedPromptError(f"node-config partition-id={cid}: this config makes {len(self.fed.clients)} clients "
-                                 f"(0..{len(self.fed.clients) - 1}); give each node one of those ids.")
-        self.initial = {k: v.clone() for k, v in self.fed.states[cid].items()}
-        self.fingerprint = fingerprint(self.fed)
+        self.parts = build_parts(self.fabric, self.run, splits, feed_clients=[cid], quiet=True)
+        if not 0 <= cid < len(self.parts.clients):
+            raise FedPromptError(f"node-config partition-id={cid}: this config makes {len(self.parts.clients)} "
+                                 f"clients (0..{len(self.parts.clients) - 1}); give each node one of those ids.")
+        self.initial = {k: v.clone() for k, v in self.parts.pool.states[cid].items()}  # its own initial state
+        self.fingerprint = fingerprint(self.parts)
 
     @property
     def aggregator(self):
-        return self.fed.aggregator
+        return self.parts.server.aggregator
 
     @property
     def num_train(self) -> int:
-        return len(self.fed.clients[self.cid].train)
+        return len(self.parts.clients[self.cid].train)
 
     def state_at(self, record: ClientRecord, version: int, received: State, aggregator_state: dict,
-                 counted: bool = True) -> State:
+                 counted: bool = True, merged: bool = True) -> State:
         """The client's state at the end of round ``version``: kept, or its last state merged with the global state
         of that round (``received``: the server's download; the aggregator's state as the server has it after that
-        round's aggregation, so ``apply`` sees what the single-process loop's aggregator would see). ``counted``:
-        whether the server used this client's training of that round (a failed or lost reply is not merged)."""
+        round's merge, so ``apply`` sees what the single-process run's aggregator would see). ``counted``: whether
+        the server used this client's training of that round (a failed or lost reply is not kept); ``merged``:
+        whether that round made a new global state (else there is nothing to merge)."""
         if version in record.versions:
             return record.versions[version]
         if version == 0:
@@ -217,59 +195,31 @@ class Node:
             warn(f"client {self.cid}: no saved state before round {version} (no state-dir, or a new node); it "
                  "starts from the initial prompts.")
             base = self.initial
-        self.aggregator.load_state_dict(aggregator_state)
-        state = self.aggregator.apply(base, received, self.cid)
-        record.keep(version, state)
-        return state
+        pool = self.parts.pool
+        pool.states[self.cid] = base
+        if merged:
+            self.aggregator.load_state_dict(aggregator_state)
+            pool.receive(self.cid, received)
+        record.keep(version, pool.states[self.cid])
+        return record.versions[version]
 
     def train(self, record: ClientRecord, round_idx: int, received: State, aggregator_state: dict,
-              counted: bool = True):
-        """Train the client in ``round_idx`` from its state at the end of the previous round (``counted``: whether
-        the server used its training of that round); returns its :class:`~fedprompt.federation.engine.GroupResult`
-        and its upload (``{}`` on failure)."""
-        start = self.state_at(record, round_idx - 1, received, aggregator_state, counted)
+              counted: bool = True, merged: bool = True):
+        """Train the client in ``round_idx`` from its state at the end of the previous round (``counted``,
+        ``merged``: that round's, as for :meth:`state_at`); returns its
+        :class:`~fedprompt.federation.clients.Report` and its upload (``{}`` on failure)."""
+        pool = self.parts.pool
+        pool.states[self.cid] = self.state_at(record, round_idx - 1, received, aggregator_state, counted, merged)
         self.aggregator.load_state_dict(aggregator_state)  # upload selects against the server's current state
-        self.fed.states[self.cid] = start
-        self.fed.global_state = received
-        result = self.fed.train_clients([self.cid], round_idx)[self.cid]
-        if result.failure is not None:
-            return result, {}
-        record.trained = (round_idx, result.state)
-        return result, self.aggregator.upload(self.cid, result.state, round_idx)
+        result = pool.train([self.cid], round_idx, received)[self.cid]
+        if result.report.failure is None:
+            record.trained = (round_idx, result.state)
+        return result.report, result.upload
 
-    def evaluate(self, state: State) -> dict:
-        """The client's evaluation results from ``state`` (its own test and validation accuracy, and the evaluation
-        sets it is scored on): the entries of :meth:`~fedprompt.federation.loop.Federation.evaluate_clients`."""
-        self.fed.states[self.cid] = state
-        return self.fed.evaluate_clients([self.cid])
-
-
-def evaluation_to_flat(results: dict) -> dict:
-    """A client's evaluation results as flat metrics (``test``, ``val``, ``set/<name>`` accuracies; ``score/<metric>:
-    <list>`` lists of floats: the calibration tally and per-class counts, see
-    :mod:`fedprompt.federation.eval_summaries`)."""
-    from fedprompt.federation.eval_summaries import SCORES
-
-    out: dict = {}
-    for key, value in results.items():
-        if isinstance(key, tuple) and key[0] == SCORES and len(key) == 3:
-            out.update({f"score/{metric}:{key[1]}": [float(v) for v in values] for metric, values in value.items()})
-        elif isinstance(key, tuple):
-            out[f"set/{key[0]}"] = float(value)
-        else:
-            out["test"], out["val"] = float(value[0]), float(value[1])
-    return out
-
-
-def evaluation_from_flat(cid: int, flat: dict) -> dict:
-    """The inverse of :func:`evaluation_to_flat` for client ``cid``."""
-    from fedprompt.federation.eval_summaries import SCORES
-
-    out: dict = {cid: (float(flat.get("test", math.nan)), float(flat.get("val", math.nan)))}
-    for key, value in flat.items():
-        if key.startswith("set/"):
-            out[(key[4:], cid)] = float(value)
-        elif key.startswith("score/"):
-            metric, name = key[len("score/"):].split(":", 1)
-            out.setdefault((SCORES, name, cid), {})[metric] = [float(v) for v in value]
-    return out
+    def evaluate(self, state: State) -> dict[str, float]:
+        """The client's scores from ``state`` (its own test and validation data, and the evaluation sets it is
+        scored on: :meth:`fedprompt.federation.evaluator.Evaluator.score`)."""
+        pool = self.parts.pool
+        pool.states[self.cid] = state
+        mine = self.parts.evaluator.score(pool, [self.cid], lambda cids: [c for c in cids if c == self.cid])
+        return mine.get(self.cid, {})
