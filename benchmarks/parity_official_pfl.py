@@ -1,7 +1,8 @@
-"""Parity of fedprompt's FedOTP, FedPGP and FedMGP clients with the official code, on the same random CLIP weights.
+"""Parity of fedprompt's FedOTP, FedPGP, FedMGP and PromptFolio clients with the official code, on the same random
+CLIP weights.
 
-The official repositories (HongxiaLee/FedOTP, TianyuCuiOvO/FedPGP, weihao-bo/FedMGP) are read at run time from
-local git mirrors (``--mirror``, default ``$FEDPROMPT_MIRROR`` or ``/work/.mirror``, holding
+The official repositories (HongxiaLee/FedOTP, TianyuCuiOvO/FedPGP, weihao-bo/FedMGP, PanBikang/PromptFolio) are read
+at run time from local git mirrors (``--mirror``, default ``$FEDPROMPT_MIRROR`` or ``/work/.mirror``, holding
 ``<owner>+<name>/repo``: bare clones, e.g. made by ``git clone --mirror``); nothing of them is copied into
 fedprompt. Each repository is extracted into a temporary folder and its own ``clip`` package and trainer file are
 imported from there, with stand-ins for the ``Dassl.dassl`` modules the trainer imports (the model classes never
@@ -9,16 +10,20 @@ call them).
 
 For each method one random-init OpenAI CLIP is built with the repository's own ``clip.model.CLIP`` (a tiny ViT; for
 FedOTP the release's modified ViT that projects every token; for FedMGP its ViT with visual prompt groups),
-converted to open_clip (same weights) and wrapped as
-fedprompt's frozen backbone. The official prompt learner's tensors (perturbed at random, so that nothing sits at its
-initial value) are copied into fedprompt's client; then the same random images go through both:
+converted to open_clip (same weights) and wrapped as fedprompt's frozen backbone. The official prompt learner's
+tensors (perturbed at random, so that nothing sits at its initial value) are copied into fedprompt's client; then
+the same random images go through both:
 
 - the evaluation logits;
 - one training step: the release's own ``forward_backward`` (its loss: FedOTP's cross-entropy on the OT logits,
   FedPGP's cross-entropy plus mu x the contrastive term, FedMGP's mean group cross-entropy plus its diversity
-  term) on a stand-in trainer whose update is one SGD step
+  term, PromptFolio's cross-entropy of the theta-mixed features) on a stand-in trainer whose update is one SGD step
   (momentum 0.9, weight decay 5e-4), against fedprompt's ``training_step``, ``backward`` and StackedSGD step: the
-  loss, the gradients and the prompt tensors after the step.
+  loss, the gradients and the prompt tensors after the step;
+- PromptFolio also: the server, the release's ``fed_aggregate_model`` (FedAvg of the global prompts by its Dassl
+  ``average_weights``, data-size weighted) and ``fed_download_model`` for three clients against fedprompt's
+  aggregator. The release indexes its list of the round's prompts by client id, so in ``np.random.choice``'s order
+  each prompt gets another client's weight (printed; fedprompt's weights follow the clients).
 
 FedOTP runs both solvers to convergence (the release stops when the batch's mean |v - v_prev| falls below
 ``thresh``, fedprompt per problem at ``tol``: a different rule, the same fixed point). FedPGP uses the release's
@@ -32,16 +37,16 @@ missing mirror skips its method with a line saying so.
 
     python benchmarks/parity_official_pfl.py
     python benchmarks/parity_official_pfl.py --mirror /path/to/mirrors --methods FedOTP
+    python benchmarks/parity_official_pfl.py --methods PromptFolio --promptfolio-theta 0.41   # must FAIL
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
+import functools
 import io
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -52,16 +57,19 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
 from parity_text_baselines import CLASSES, default_mirror, extract, fedprompt_backbone, fedprompt_step, images, ns, \
-    perturb_, report, sgd  # noqa: E402
+    parity_main, perturb_, report, run_checks, sgd  # noqa: E402
 from parity_text_baselines import import_official as import_text_baselines_official  # noqa: E402
-from fedprompt.methods import FedMGP, FedOTP, FedPGP  # noqa: E402
+from fedprompt.methods import FedMGP, FedOTP, FedPGP, PromptFolio  # noqa: E402
 
 #: method -> (mirror folder, trainer file, trainer class name in the release's design_details)
 REPOS = {
     "FedOTP": ("HongxiaLee+FedOTP", "trainers/GLP_OT.py", "GLP_OT"),
     "FedPGP": ("TianyuCuiOvO+FedPGP", "trainers/fedpgp.py", "FedPGP"),
     "FedMGP": ("weihao-bo+FedMGP", "trainers/fedmgp.py", "FedMGP"),
+    "PromptFolio": ("PanBikang+PromptFolio", "trainers/PromptFolio.py", "PromptFolio"),
 }
+#: PromptFolio's FedAvg over the global prompts lives in its Dassl trainer (``SimpleTrainer.average_weights``)
+DASSL_TRAINER = ("Dassl/dassl/engine/trainer.py", "SimpleTrainer")
 
 
 # -------------------------------------------------------------------------------------------- the official code
@@ -150,6 +158,26 @@ def official_step(module, root: Path, method: str, official, params, image, labe
 
 
 
+def global_local_pairs(module, root: Path, method: str, official, client, cfg, batch, seed: int) -> dict:
+    """The release's two prompts ``ctx`` [2, n_ctx, D] (index 0 global, 1 local: FedOTP, PromptFolio), perturbed,
+    copied into fedprompt's global and local prompt; the evaluation logits and one training step of both on
+    ``batch`` (images, labels): the pairs to compare."""
+    learner = official.prompt_learner
+    perturb_([learner.ctx], seed, scale=0.2)
+    with torch.no_grad():
+        client.global_prompt.ctx[0].copy_(learner.ctx[0])
+        client.local_prompt.ctx[0].copy_(learner.ctx[1])
+    image, label = batch
+    logits_o, logits_f = evaluation_logits(official, client, image)
+    loss_o = official_step(module, root, method, official, [learner.ctx], image, label, cfg=cfg)
+    loss_f = fedprompt_step(client, image, label)
+    return {"logits": (logits_o, logits_f), "loss": (loss_o, loss_f),
+            "grad global": (learner.ctx.grad[0], client.global_prompt.ctx.grad[0]),
+            "grad local": (learner.ctx.grad[1], client.local_prompt.ctx.grad[0]),
+            "prompts after step": (learner.ctx, torch.stack([client.global_prompt.ctx[0],
+                                                             client.local_prompt.ctx[0]]))}
+
+
 # ---------------------------------------------------------------------------------------------- the methods
 def parity_fedotp(root: Path, tol: float, seed: int) -> bool:
     clip, module = import_official(root, REPOS["FedOTP"][1])
@@ -162,24 +190,9 @@ def parity_fedotp(root: Path, tol: float, seed: int) -> bool:
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):  # the release prints its prompt settings
         official = module.CustomCLIP(cfg, CLASSES, clip_model)
-    learner = official.prompt_learner
-    perturb_([learner.ctx], seed, scale=0.2)
     client = FedOTP(n_ctx=4, ot="unbalanced", gamma=0.8, eps=0.1, max_iter=1000, tol=1e-7).build_client(
         backbone, CLASSES)
-    with torch.no_grad():  # ctx[0] is the global prompt, ctx[1] the local one
-        client.global_prompt.ctx[0].copy_(learner.ctx[0])
-        client.local_prompt.ctx[0].copy_(learner.ctx[1])
-    image, label = images(backbone, 3, seed)
-
-    logits_o, logits_f = evaluation_logits(official, client, image)
-
-    loss_o = official_step(module, root, "FedOTP", official, [learner.ctx], image, label, cfg=cfg)
-    loss_f = fedprompt_step(client, image, label)
-    pairs = {"logits": (logits_o, logits_f), "loss": (loss_o, loss_f),
-             "grad global": (learner.ctx.grad[0], client.global_prompt.ctx.grad[0]),
-             "grad local": (learner.ctx.grad[1], client.local_prompt.ctx.grad[0]),
-             "prompts after step": (learner.ctx, torch.stack([client.global_prompt.ctx[0],
-                                                              client.local_prompt.ctx[0]]))}
+    pairs = global_local_pairs(module, root, "FedOTP", official, client, cfg, images(backbone, 3, seed), seed)
     return report("FedOTP", pairs, tol)
 
 
@@ -257,36 +270,85 @@ def parity_fedmgp(root: Path, tol: float, seed: int) -> bool:
     return report("FedMGP", pairs, tol)
 
 
-PARITY = {"FedOTP": parity_fedotp, "FedPGP": parity_fedpgp, "FedMGP": parity_fedmgp}
+def official_aggregation(module, root: Path, prompts: dict[int, torch.Tensor], sizes: dict[int, int],
+                         order: list[int]) -> dict[int, torch.Tensor]:
+    """The release's ``fed_aggregate_model`` (its FedAvg of the global prompts ``ctx[:1]`` of the clients in
+    ``order``, by ``average_weights``) and ``fed_download_model`` (each client's [global; its own local]) on a
+    stand-in trainer; returns each client's prompts [2, n_ctx, D] after the download."""
+    path, trainer_class = root / REPOS["PromptFolio"][1], REPOS["PromptFolio"][2]
+    model = torch.nn.Module()
+    model.prompt_learner = torch.nn.Module()
+    model.prompt_learner.ctx = torch.nn.Parameter(torch.zeros_like(next(iter(prompts.values()))))
+    trainer = ns(cfg=ns(DATASET=ns(USERS=len(sizes))), model=model, global_info=None,
+                 fed_train_loader_x_dict={cid: ns(dataset=[None] * n) for cid, n in sizes.items()},
+                 local_info={cid: {"prompt_learner.ctx": p.clone()} for cid, p in prompts.items()})
+    trainer.average_weights = lambda *args, **kw: trainer_method(module, root / DASSL_TRAINER[0], DASSL_TRAINER[1],
+                                                                 "average_weights")(trainer, *args, **kw)
+    trainer_method(module, path, trainer_class, "fed_aggregate_model")(trainer, order)
+    after = {}
+    for cid in prompts:
+        with torch.no_grad():
+            trainer_method(module, path, trainer_class, "fed_download_model")(trainer, cid)
+        after[cid] = model.prompt_learner.ctx.detach().clone()
+    return after
 
 
-def run(methods=tuple(PARITY), mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1)) -> dict[str, bool | None]:
-    """Run the parity checks; ``None`` for a method whose mirror is absent."""
-    mirror = Path(mirror or default_mirror())
-    results: dict[str, bool | None] = {}
-    torch.set_num_threads(1)
-    for method in methods:
-        repo = REPOS[method][0]
-        if not (mirror / repo / "repo").is_dir():
-            print(f"{method:8s} skipped: no mirror of the official code at {mirror / repo / 'repo'}")
-            results[method] = None
-            continue
-        with tempfile.TemporaryDirectory(prefix=f"parity-{method}-") as tmp:
-            root = extract(mirror, repo, "", Path(tmp))
-            results[method] = all(PARITY[method](root, tol, seed) for seed in seeds)
-    return results
+def fedprompt_aggregation(method, prompts: dict[int, torch.Tensor], sizes: dict[int, int]) -> dict[int, torch.Tensor]:
+    """fedprompt's server on the same prompts: the uploads, the merge and each client's download and merge."""
+    server = method.build_aggregator()
+    states = {cid: {"global_prompt.ctx": p[0], "local_prompt.ctx": p[1]} for cid, p in prompts.items()}
+    merged = server.aggregate({cid: server.upload(cid, st, 1) for cid, st in states.items()}, sizes, 1)
+    after = {cid: server.apply(st, server.download(merged, cid), cid) for cid, st in states.items()}
+    return {cid: torch.stack([st["global_prompt.ctx"], st["local_prompt.ctx"]]) for cid, st in after.items()}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mirror", type=Path, default=default_mirror(),
-                        help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or "
-                             "/work/.mirror")
-    parser.add_argument("--methods", nargs="+", default=list(PARITY), choices=list(PARITY))
-    parser.add_argument("--tol", type=float, default=1e-5)
-    args = parser.parse_args(argv)
-    results = run(args.methods, args.mirror, args.tol)
-    return 1 if any(r is False for r in results.values()) else 0
+def parity_promptfolio(root: Path, tol: float, seed: int, theta: float = 0.4) -> bool:
+    clip, module = import_official(root, REPOS["PromptFolio"][1])
+    clip_model = tiny_clip(clip, "PromptFL")
+    backbone = fedprompt_backbone(clip_model)
+    cfg = ns(TRAINER=ns(PLOT=ns(N=2, N_CTX=4, CTX_INIT="", PREC="fp32", CLASS_TOKEN_POSITION="end"),
+                        PROMPTFL=ns(CSC=False, FRAC=0.4)),
+             INPUT=ns(SIZE=(32, 32)), DATASET=ns(NAME="Caltech101"), MODEL=ns(BACKBONE=ns(NAME="tiny")))
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # the release prints its prompt settings
+        official = module.CustomCLIP(cfg, CLASSES, clip_model)
+    method = PromptFolio(n_ctx=4, theta=theta)
+    client = method.build_client(backbone, CLASSES)
+    pairs = global_local_pairs(module, root, "PromptFolio", official, client, cfg, images(backbone, 4, seed), seed)
+    learner = official.prompt_learner
+    g = torch.Generator().manual_seed(seed)  # three clients' prompts and data sizes for the server's side
+    prompts = {cid: learner.ctx.detach() + 0.1 * torch.randn(learner.ctx.shape, generator=g) for cid in range(3)}
+    sizes = {0: 5, 1: 12, 2: 7}
+    ours = fedprompt_aggregation(method, prompts, sizes)
+    theirs = official_aggregation(module, root, prompts, sizes, [0, 1, 2])
+    shuffled = official_aggregation(module, root, prompts, sizes, [2, 0, 1])  # np.random.choice's order
+    pairs["after aggregation"] = (torch.stack(list(theirs.values())), torch.stack(list(ours.values())))
+    gap = max(float((shuffled[cid] - ours[cid]).abs().max()) for cid in ours)
+    return report("PromptFolio", pairs, tol, f" (the release's aggregation with the clients listed 2, 0, 1: "
+                                             f"{gap:.1e}, each prompt weighted by another client's data size)")
+
+
+PARITY = {"FedOTP": parity_fedotp, "FedPGP": parity_fedpgp, "FedMGP": parity_fedmgp,
+          "PromptFolio": parity_promptfolio}
+
+
+def _extract_repo(method: str, mirror: Path, folder: Path):
+    repo = REPOS[method][0]
+    if not (mirror / repo / "repo").is_dir():
+        return repo, None
+    return repo, extract(mirror, repo, "", folder)
+
+
+def run(methods=None, mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1),
+        promptfolio_theta: float = 0.4) -> dict[str, bool | None]:
+    """The parity checks; ``None`` for an absent mirror. ``promptfolio_theta``: fedprompt's PromptFolio theta (the
+    release's frac_p is 0.4; another value must fail)."""
+    checks = {**PARITY, "PromptFolio": functools.partial(parity_promptfolio, theta=promptfolio_theta)}
+    return run_checks(checks, _extract_repo, methods, mirror, tol, seeds)
+
+
+THETA = ("--promptfolio-theta", 0.4, "fedprompt's PromptFolio theta (the release's 0.4; 0.41 must fail)")
+main = functools.partial(parity_main, __doc__.split("\n\n")[0], PARITY, run, options=(THETA,))
 
 
 if __name__ == "__main__":

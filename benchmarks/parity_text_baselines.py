@@ -12,8 +12,8 @@ calls are redirected to the in-memory model. ProGrad's update rule is the functi
 from the file and run as it is.
 
 For each method: one random-init OpenAI CLIP (the repository's own ``clip.model.CLIP``: a tiny ViT, or a tiny
-ModifiedResNet for PLOT, whose attention pool returns all tokens) is built, converted to open_clip (same weights)
-and wrapped as fedprompt's frozen backbone; the official prompt learner's tensors (perturbed at random so that
+ModifiedResNet for PLOT, whose attention pool returns all tokens, its attention sharpened so that the local features
+differ, see ``SHARPEN``) is built, converted to open_clip (same weights) and wrapped as fedprompt's frozen backbone; the official prompt learner's tensors (perturbed at random so that
 nothing sits at its initial value) are copied into fedprompt's client; then the same random images go through both:
 
 - evaluation logits; the training loss; one SGD step (momentum 0.9, weight decay 5e-4; ProGrad with its
@@ -24,6 +24,7 @@ mirror is missing the method is skipped with a line saying so (exit status 0 if 
 
     python benchmarks/parity_text_baselines.py
     python benchmarks/parity_text_baselines.py --mirror /path/to/mirrors --methods CoCoOp PLOT
+    python benchmarks/parity_text_baselines.py --methods PLOT --plot-eps 0.11   # must FAIL: eps is seen
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fedprompt.backbone import Backbone  # noqa: E402
 from fedprompt.backbone.loading import LoadedModel  # noqa: E402
 from fedprompt.methods import PLOT, CoCoOp, KgCoOp, ProGrad  # noqa: E402
+from fedprompt.methods.fedotp import ot_logits  # noqa: E402
 
 CLASSES = ["dog", "golden retriever", "giraffe", "guitar", "house"]
 
@@ -335,9 +337,20 @@ def parity_prograd(root: Path, tol: float, seed: int) -> bool:
     return report("ProGrad", pairs, tol, f" (gradients {'conflict: projected' if conflict else 'agree: CE only'})")
 
 
-def parity_plot(root: Path, tol: float, seed: int) -> bool:
+#: the tiny ResNet's attention pool with its query and key maps scaled up, so that each of its 4 local features
+#: attends to different positions: with the random weights as built they are nearly identical (pairwise cosines above
+#: 0.99999), the plan is uniform and the check cannot see the transport. Scaled by 20, the logits with the optimal
+#: plan differ from those with a uniform plan by 0.16 (seed 0) and 0.33 (seed 1), and fedprompt's PLOT at eps 0.11
+#: or 0.09 instead of the official 0.1 fails the check by about 1e-2 (``--plot-eps 0.11``)
+SHARPEN = 20.0
+
+
+def parity_plot(root: Path, tol: float, seed: int, eps: float = 0.1) -> bool:
     clip, module = import_official(root, REPOS["PLOT"][2])
     clip_model = tiny_clip(clip, resnet=True)
+    with torch.no_grad():
+        clip_model.visual.attnpool.q_proj.weight.mul_(SHARPEN)
+        clip_model.visual.attnpool.k_proj.weight.mul_(SHARPEN)
     backbone = fedprompt_backbone(clip_model)
     cfg = ns(TRAINER=ns(PLOT=ns(N=4, N_CTX=4, CTX_INIT="", CSC=False, PREC="fp32", CLASS_TOKEN_POSITION="end")),
              INPUT=ns(SIZE=(64, 64)), DATASET=ns(NAME="Caltech101"), MODEL=ns(BACKBONE=ns(NAME="tiny")))
@@ -346,7 +359,7 @@ def parity_plot(root: Path, tol: float, seed: int) -> bool:
     learner = official.prompt_learner
     perturb_([learner.ctx], seed, scale=0.2)
     # fedprompt's per-problem stopping rule run to convergence; the official one stops on mean |r - r_prev| < 0.01
-    client = PLOT(n_prompts=4, n_ctx=4, tol=1e-7, max_iter=1000).build_client(backbone, CLASSES)
+    client = PLOT(n_prompts=4, n_ctx=4, tol=1e-7, max_iter=1000, eps=eps).build_client(backbone, CLASSES)
     with torch.no_grad():
         client.prompt.ctx[0].copy_(learner.ctx)
     image, label = images(backbone, 3, seed)
@@ -356,6 +369,9 @@ def parity_plot(root: Path, tol: float, seed: int) -> bool:
         logits_o = official(image)
     client.eval()
     logits_f = client.predict_logits({"image": image})
+    with torch.no_grad():  # how much the plan matters: the same logits with a uniform plan
+        text = client.text_for(torch.zeros(1, dtype=torch.long))[0]
+        uniform = ot_logits(client.image_tokens({"image": image}), text, client._logit_scale, "uniform", gamma=1.0)
 
     learner.train()
     loss_o = F.cross_entropy(official(image), label)
@@ -367,7 +383,8 @@ def parity_plot(root: Path, tol: float, seed: int) -> bool:
     pairs = {"logits": (logits_o, logits_f), "loss": (loss_o, loss_f),
              "grad ctx": (learner.ctx.grad, client.prompt.ctx.grad[0]),
              "ctx after step": (learner.ctx, client.prompt.ctx[0])}
-    return report("PLOT", pairs, tol)
+    gap = float((logits_o - uniform).abs().max())
+    return report("PLOT", pairs, tol, f" (OT plan against a uniform one: logits differ by {gap:.1e})")
 
 
 PARITY = {"CoCoOp": parity_cocoop, "KgCoOp": parity_kgcoop, "ProGrad": parity_prograd, "PLOT": parity_plot}
@@ -398,15 +415,20 @@ def run_checks(checks: dict, source, methods=None, mirror: Path | None = None, t
     return results
 
 
-def parity_main(description: str, checks: dict, run, argv=None) -> int:
-    """The command line of a parity script: ``--mirror``, ``--methods``, ``--tol``; exit status 1 on a failure."""
+def parity_main(description: str, checks: dict, run, argv=None, options: tuple = ()) -> int:
+    """The command line of a parity script: ``--mirror``, ``--methods``, ``--tol`` and the script's own ``options``
+    (``(flag, default, help)``: a number passed to ``run`` as the keyword named by the flag, e.g. ``--plot-eps`` ->
+    ``plot_eps``); exit status 1 on a failure."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--mirror", type=Path, default=default_mirror(),
                         help="folder of the git mirrors (<owner>+<name>/repo); default $FEDPROMPT_MIRROR or /work/.mirror")
     parser.add_argument("--methods", nargs="+", default=list(checks), choices=list(checks))
     parser.add_argument("--tol", type=float, default=1e-5)
+    for flag, default, text in options:
+        parser.add_argument(flag, type=float, default=default, help=text)
     args = parser.parse_args(argv)
-    results = run(args.methods, args.mirror, args.tol)
+    names = [flag.lstrip("-").replace("-", "_") for flag, _, _ in options]
+    results = run(args.methods, args.mirror, args.tol, **{name: getattr(args, name) for name in names})
     return 1 if any(r is False for r in results.values()) else 0
 
 
@@ -420,9 +442,16 @@ def _extract_repo(method: str, mirror: Path, folder: Path):
     return repo, root
 
 
-#: ``run(methods=None, mirror=None, tol=1e-5, seeds=(0, 1))``: the parity checks; ``None`` for an absent mirror
-run = functools.partial(run_checks, PARITY, _extract_repo)
-main = functools.partial(parity_main, __doc__.split("\n\n")[0], PARITY, run)
+def run(methods=None, mirror: Path | None = None, tol: float = 1e-5, seeds=(0, 1),
+        plot_eps: float = 0.1) -> dict[str, bool | None]:
+    """The parity checks; ``None`` for an absent mirror. ``plot_eps``: fedprompt's PLOT eps (the official code's is
+    0.1; another value must fail)."""
+    checks = {**PARITY, "PLOT": functools.partial(parity_plot, eps=plot_eps)}
+    return run_checks(checks, _extract_repo, methods, mirror, tol, seeds)
+
+
+PLOT_EPS = ("--plot-eps", 0.1, "fedprompt's PLOT eps (the official 0.1; 0.11 must fail: the check sees the transport)")
+main = functools.partial(parity_main, __doc__.split("\n\n")[0], PARITY, run, options=(PLOT_EPS,))
 
 
 if __name__ == "__main__":

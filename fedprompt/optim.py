@@ -45,6 +45,15 @@ class StackedSGD(torch.optim.Optimizer):
         self._slot_lr: torch.Tensor | None = None  # host float64 [n]
         self._on_device: dict = {}  # (what, device, dtype) -> the step's mask or rates on that device
 
+    def keep_momentum(self, param: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Keep ``param``'s momentum in ``buffer`` (a tensor of its shape, updated in place), started for every slot:
+        optimizer state that outlives this optimizer (e.g. a client module's persistent buffer, which is part of the
+        client state, so it is checkpointed and resumed with it). A zero buffer steps exactly as a fresh one (its
+        first update is ``0 * momentum + d_p = d_p``)."""
+        if buffer.shape != param.shape:
+            raise ValueError(f"momentum buffer of shape {tuple(buffer.shape)} for a parameter {tuple(param.shape)}")
+        self.state[param] = {"momentum_buffer": buffer, "started": [True] * param.shape[0]}
+
     def set_slots(self, active, lr: torch.Tensor) -> None:
         """The slots updated by the next step (``n`` booleans: a list or a host tensor) and their learning rates (a
         host tensor ``[n]``), for the first n slots of every parameter (a group smaller than the module leaves its

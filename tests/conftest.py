@@ -112,9 +112,10 @@ def without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.endswith("_seconds") and k not in EXECUTION_KEYS} for row in rows]
 
 
-def run_parity_script(name: str) -> dict:
-    """Run ``benchmarks/<name>.py``'s parity checks against the official code (one seed; the script runs two) and
-    return the methods that ran with their results; skip the test when no mirror of the official code is present."""
+def run_parity_script(name: str, **options) -> dict:
+    """Run ``benchmarks/<name>.py``'s parity checks against the official code (one seed; the script runs two; its
+    ``run`` takes ``options``) and return the methods that ran with their results; skip the test when no mirror of
+    the official code is present."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
@@ -122,7 +123,7 @@ def run_parity_script(name: str) -> dict:
     spec.loader.exec_module(parity)
     threads = torch.get_num_threads()
     try:
-        results = parity.run(seeds=(1,))
+        results = parity.run(seeds=(1,), **options)
     finally:
         torch.set_num_threads(threads)
     ran = {k: v for k, v in results.items() if v is not None}

@@ -185,6 +185,45 @@ def test_official_compat_rounds_inserted_prompts_to_fp16(tiny_backbone):
     torch.testing.assert_close(feats["fixed"], feats["official"], rtol=1e-2, atol=1e-2)
 
 
+def _official_step(method, backbone, images, labels):
+    """One official-compat training step of a fresh client (the same initial prompts every call)."""
+    torch.manual_seed(0)
+    client = method.build_client(backbone, NAMES)
+    client.train()
+    losses = client.training_step({"image": images, "label": labels})
+    client.backward(losses, lambda t, **kw: t.backward(**kw))
+    return client
+
+
+@pytest.mark.parametrize("method", [VPT(visual_tokens=2, visual_depth=2, compat="official", lr=0.01),
+                                    PromptSRC(text_depth=2, visual_depth=2, compat="official", lr=0.01)],
+                         ids=["VPT", "PromptSRC"])
+def test_official_compat_rounds_each_images_and_classes_gradient_before_the_sum(tiny_backbone, monkeypatch, method):
+    """The released .half() comes after .expand: every image's (visual prompts) and every class's (deep text prompts)
+    gradient is rounded to fp16, then summed in fp32. Recorded here with the rounded copies made leaves."""
+    torch.manual_seed(5)
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    client = _official_step(method, tiny_backbone, images, labels)
+    copies = []
+
+    def leaf(tensor):
+        copies.append(tensor.detach().half().to(tensor.dtype).requires_grad_(True))
+        return copies[-1]
+
+    monkeypatch.setattr("fedprompt.methods.deep.fp16_rounded", leaf)
+    _official_step(method, tiny_backbone, images, labels)
+    *text, image = copies  # PromptSRC: the deep text prompts [1, C, J - 1, n, D]; every method: the images' copies
+    per_copy = image.grad.half().float().sum(0)
+    torch.testing.assert_close(client.visual_prompts.tokens.grad[0, 0], per_copy, rtol=1e-5, atol=1e-9)
+    once = image.grad.sum(0).half().float()  # rounding the sum instead differs by fp16 steps
+    assert (client.visual_prompts.tokens.grad[0, 0] - once).abs().max() > 10 * (
+        client.visual_prompts.tokens.grad[0, 0] - per_copy).abs().max()
+    if text:
+        per_class = text[0].grad[0].half().float().sum(0)  # [J - 1, n, D]
+        torch.testing.assert_close(client.text_prompts.ctx.grad[0, 1:], per_class, rtol=1e-5, atol=1e-9)
+        assert text[0].shape[1] == len(NAMES)
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("method, flags, message", [
     ("MaPLe", ["--method.n_ctx", "0"], "method.n_ctx=0"),

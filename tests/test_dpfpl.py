@@ -1,6 +1,7 @@
 """DP-FPL: per-example gradients against one backward per image, per-example clipping, the noise's standard
 deviation and seeds, the factorisation and its gradient rule, the released noise formula, record-level accounting
-that counts every step, resume exactness with noise."""
+that counts every step, resume exactness with noise; compat official: the momentum kept across rounds (in the
+client state, resumed with it) and the server noise that enters it."""
 
 from __future__ import annotations
 
@@ -182,15 +183,68 @@ def test_record_epsilon_counts_every_step_and_a_noisy_run_resumes_exactly(cli, t
     assert "epsilon" not in rows[-1]  # no client-level DP unless the dp group is set
 
 
-def test_compat_official_runs_with_the_released_clipping_and_server_noise(cli, tmp_path):
-    flags = ["--method", "DPFPL", "--method.n_ctx", "4", "--method.rank", "2", "--method.compat", "official",
-             "--method.official_noise", "0.4", "--method.lr", "0.001", "--train.local_steps", "1"]
-    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, *flags)
+OFFICIAL = ["--method", "DPFPL", "--method.n_ctx", "4", "--method.rank", "2", "--method.compat", "official",
+            "--method.official_noise", "0.4", "--method.lr", "0.001", "--train.local_steps", "1"]
+
+
+def test_compat_official_runs_with_the_released_clipping_and_server_noise_and_resumes_exactly(cli, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", full, "--federation.rounds", "3", *OFFICIAL)
     assert code == 0, err
-    rows = read_rows(tmp_path)
+    rows = read_rows(full)
     assert "record_epsilon" not in rows[-1]  # batch-level clipping: no record-level guarantee to report
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
     method = DPFPL(n_ctx=4, rank=2, compat="official", official_noise=0.4, lr=0.001)
-    server = method.build_aggregator()  # lr s / K on the averaged prompt: 0.001 x 26.5 / 4 clients
-    assert server.std_times_clients / 4 == pytest.approx(0.001 * 26.5 / 4, rel=0.01)
-    assert ckpt["global"]["global_prompt.ctx"].std().item() > 0.5 * server.std_times_clients / 4
+    server = method.build_aggregator()  # xi ~ N(0, (s / K)^2) per entry of the gradient (K: the clients)
+    assert server.std_times_clients == pytest.approx(26.5, rel=0.01) and server.lr == 0.001
+    noise = ckpt["global"]["noise.global_prompt.ctx"]
+    assert noise.std().item() == pytest.approx(26.5 / len(rows[-1]["clients"]), rel=0.3)
+    for state in ckpt["clients"].values():  # each client's momentum outlives its optimizer
+        assert set(state) == {"global_prompt.ctx", "local_prompt.ctx", "momentum.global_prompt",
+                              "momentum.local_prompt"}
+        assert state["momentum.local_prompt"].abs().sum() > 0
+    # the momentum is part of the client state: a cut run resumes to the same rows and states
+    assert cli("fit", "--config", SMOKE, "--out_dir", cut, "--federation.rounds", "2", *OFFICIAL)[0] == 0
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", cut, "--federation.rounds", "3", *OFFICIAL,
+                       "--resume", cut / "checkpoints" / "last.ckpt")
+    assert code == 0, err
+    assert without_timings(read_rows(cut)) == without_timings(rows)
+    resumed = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)
+    for cid, state in ckpt["clients"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed["clients"][cid][key], value), (cid, key)
+
+
+def test_compat_official_keeps_each_clients_momentum_across_rounds(tiny_backbone):
+    """One optimizer per round (as the engine builds them) steps as one torch SGD kept over the rounds."""
+    client = _client(tiny_backbone, compat="official", lr=0.1)
+    reference = [p.detach().clone().requires_grad_(True) for p in (client.global_prompt.ctx, client.local_prompt.ctx)]
+    sgd = torch.optim.SGD(reference, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):  # three rounds of one step each
+        optimizer = client.configure_optimizers()
+        grads = [torch.randn(p.shape, generator=generator) for p in reference]
+        for p, r, g in zip((client.global_prompt.ctx, client.local_prompt.ctx), reference, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        optimizer.set_slots([True] * 3, torch.full((3,), 0.1, dtype=torch.float64))
+        optimizer.step()
+        sgd.step()
+    torch.testing.assert_close(client.global_prompt.ctx.detach(), reference[0].detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(client.local_prompt.ctx.detach(), reference[1].detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(client.momentum.local_prompt, sgd.state[reference[1]]["momentum_buffer"])
+    assert "momentum.global_prompt" not in _client(tiny_backbone).state_dict()  # fixed: a fresh optimizer
+
+
+def test_released_noise_enters_every_clients_momentum():
+    server = DPFPL(n_ctx=4, rank=2, compat="official", lr=0.01).build_aggregator()
+    uploads = {cid: {"global_prompt.ctx": torch.full((4, 8), float(cid))} for cid in range(3)}
+    merged = server.aggregate(uploads, {cid: 1 for cid in range(3)}, round_idx=2)
+    xi = merged["noise.global_prompt.ctx"]
+    assert xi.std().item() == pytest.approx(server.std_times_clients / 3, rel=0.3)
+    torch.testing.assert_close(merged["global_prompt.ctx"], torch.ones(4, 8) - 0.01 * xi)
+    state = {"global_prompt.ctx": torch.zeros(4, 8), "local_prompt.ctx": torch.zeros(4, 8),
+             "momentum.global_prompt": torch.ones(4, 8), "momentum.local_prompt": torch.ones(4, 8)}
+    new = server.apply(state, server.download(merged, 0), 0)
+    assert set(new) == set(state)
+    torch.testing.assert_close(new["momentum.global_prompt"], 1 + xi)
+    assert torch.equal(new["momentum.local_prompt"], state["momentum.local_prompt"])

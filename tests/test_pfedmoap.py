@@ -191,7 +191,8 @@ def test_compat_official_is_one_token_from_the_word_false(tiny_backbone):
 
 
 def test_bad_settings_are_one_line(cli, tmp_path):
-    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, "--method", "PFedMoAP")  # 128 > width 32
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, "--method", "PFedMoAP",
+                       "--method.gating_dim", "128")  # 128 > width 32 (left null, it would be derived: 32)
     assert code == 2 and "method.gating_dim" in err.strip().splitlines()[-1], err
     code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, "--method", "PFedMoAP",
                        "--method.gating_heads", "3")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, read_rows, tiny_fit, without_timings
+from conftest import ROOT, read_rows, run_parity_script, tiny_fit, without_timings
 from fedprompt.backbone import load_backbone
 from fedprompt.errors import FedPromptError
 from fedprompt.methods import PromptFolio, PromptFolioClient
@@ -136,3 +136,13 @@ def test_smoke_config_runs_with_the_cosine_schedule(cli, tmp_path):
     rows = read_rows(tmp_path)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["bytes_up"] == 4 * 4 * 64 * 4  # 4 clients x the 4-token global prompt (tiny: D = 64)
+
+
+def test_official_code_gives_the_same_logits_step_and_aggregation():
+    """benchmarks/parity_official_pfl.py: the released PromptFolio model, training step and server (read from a local
+    git mirror of PanBikang/PromptFolio) against fedprompt's client and aggregator on the same random CLIP weights
+    (within 1e-5); the check fails when fedprompt's theta is 0.41 instead of the release's 0.4. Skipped when the
+    mirror is absent."""
+    assert run_parity_script("parity_official_pfl", methods=("PromptFolio",)) == {"PromptFolio": True}
+    assert run_parity_script("parity_official_pfl", methods=("PromptFolio",), promptfolio_theta=0.41) == {
+        "PromptFolio": False}

@@ -327,6 +327,22 @@ def test_proda_orthogonality_loss_is_the_mean_off_diagonal_abs_cosine():
         torch.testing.assert_close(orthogonality_loss(u)[a], expected)
 
 
+def test_proda_orthogonality_loss_needs_prompts_that_start_apart(backbone):
+    """Prompts all started from the same words have identical class-agnostic features: L_so sits at 1 with no
+    gradient (why configs/offline/proda_pacs.yaml starts them at random, fedprompt's default)."""
+    def l_so(client):
+        ctx = client.prompt.ctx[0].detach().clone().requires_grad_(True)
+        agnostic = backbone.encode_prompts(client.frozen("agnostic"), ctx.unsqueeze(0))[..., 0, :]
+        loss = orthogonality_loss(F.normalize(agnostic.float(), dim=-1))[0]
+        return float(loss), float(torch.autograd.grad(loss, ctx)[0].norm())
+
+    torch.manual_seed(0)
+    same, same_grad = l_so(ProDA(n_prompts=8, n_ctx=4, ctx_init="a photo of a").build_client(backbone, CLASSES))
+    apart, apart_grad = l_so(ProDA(n_prompts=8, n_ctx=4).build_client(backbone, CLASSES))
+    assert same == pytest.approx(1.0, abs=1e-5) and same_grad < 1e-5
+    assert apart < 0.99 and apart_grad > 1e-3
+
+
 def test_proda_positions_build_the_front_middle_and_end_sentences(backbone):
     """With every context vector set to the placeholder's embedding, each position's features are those of the
     literal sentence (front "name X X X X.", middle "X X name X X.", end "X X X X name.")."""
@@ -518,3 +534,8 @@ def test_official_model_code_gives_the_same_logits_loss_and_sgd_step():
     images (within 1e-5); skipped when the mirrors are absent (the repositories are never copied into fedprompt)."""
     ran = run_parity_script("parity_text_baselines")
     assert all(ran.values()), ran
+
+
+def test_plots_parity_check_sees_the_optimal_transport():
+    """The check's local features differ enough that fedprompt's PLOT at eps 0.11 (the official 0.1 + 10 %) fails."""
+    assert run_parity_script("parity_text_baselines", methods=("PLOT",), plot_eps=0.11) == {"PLOT": False}

@@ -201,7 +201,8 @@ class Backbone(nn.Module):
             ctx: [*P, n_ctx, D] unified context (shared by all classes), or with ``class_specific`` [*P, C, n_ctx, D],
                 with any leading prompt dimensions ``*P`` (e.g. FedOTP's global and local prompt, FedMGP's groups).
             class_specific: whether ``ctx`` holds one context per class (CoOp's CSC).
-            deep: deep text prompts [*P, J - 1, n_ctx, D] (MaPLe / IVLP, shared by the C classes of each prompt):
+            deep: deep text prompts [*P, J - 1, n_ctx, D] (MaPLe / IVLP, shared by the C classes of each prompt;
+                or [*P, C, J - 1, n_ctx, D], one copy per sentence, e.g. each rounded on its own):
                 before text layer i (1 <= i < J) the residual-stream rows of the context positions 1 .. n_ctx are
                 replaced by ``deep[..., i - 1, :, :]`` as they are (no positional embedding, no LayerNorm); the start
                 token and every row after the context are kept, layers i >= J are untouched, and the causal mask is
@@ -225,7 +226,7 @@ class Backbone(nn.Module):
         repeat = flat.shape[0] // n_cls
         encode = self._compiled_text or self._encode_embeddings
         if deep is not None and deep.shape[-3] > 0:
-            deep = self._deep_text_prompts(deep, lead, tokens.n_ctx, dim)
+            deep = self._deep_text_prompts(deep, lead, tokens.n_ctx, dim, n_cls)
             features = encode(flat, tokens.attention_mask.repeat(repeat, 1), tokens.pool_index.repeat(repeat), deep)
         else:
             features = encode(flat, tokens.attention_mask.repeat(repeat, 1), tokens.pool_index.repeat(repeat))
@@ -244,14 +245,15 @@ class Backbone(nn.Module):
         """Whether :meth:`encode_prompts` takes ``deep`` prompts (open_clip's CLIP text transformer; not HF towers)."""
         return not self.is_hf_text
 
-    def _deep_text_prompts(self, deep: torch.Tensor, lead: tuple, n_ctx: int, dim: int) -> torch.Tensor:
-        """``deep`` checked and flattened to [prod(P), J - 1, n_ctx, D] (one row per prompt of the flat batch)."""
+    def _deep_text_prompts(self, deep: torch.Tensor, lead: tuple, n_ctx: int, dim: int, n_cls: int) -> torch.Tensor:
+        """``deep`` checked and flattened to [prod(P), J - 1, n_ctx, D] (one row per prompt of the flat batch), or
+        [prod(P) * C, J - 1, n_ctx, D] (one per sentence) when it has a class dimension."""
         if not self.supports_deep_text_prompts:
             raise FedPromptError(f"backbone: deep text prompts need open_clip's CLIP text transformer, but "
                                  f"'{self.name}' has a Hugging Face text tower; use text_depth: 1 (shallow) or a CLIP "
                                  "backbone.")
         layers = self.text_layers
-        if tuple(deep.shape[:-3]) != tuple(lead) or tuple(deep.shape[-2:]) != (n_ctx, dim) \
+        if tuple(deep.shape[:-3]) not in (tuple(lead), (*lead, n_cls)) or tuple(deep.shape[-2:]) != (n_ctx, dim) \
                 or not deep.shape[-3] < layers:
             raise FedPromptError(f"backbone.encode_prompts: deep prompts of shape {tuple(deep.shape)}; expected "
                                  f"[{', '.join(map(str, lead)) + ', ' if lead else ''}J - 1, {n_ctx}, {dim}] with "

@@ -23,8 +23,12 @@ exactly the prompt state; :meth:`PromptClient.slot_state` and :meth:`PromptClien
 - :meth:`active`: a stacked prompt tensor ``[slots, ...]`` -> the active clients' values ``[A, ...]``;
 - :meth:`encode_context`: context vectors ``[A, *P, n_ctx, D]`` -> L2-normalised text features ``[A, *P, C, E]``
   against the current class list; :meth:`encode_visual`: its twin for visual prompt tokens in a ViT tower;
-- :meth:`per_sample`: ``[A, ...]`` -> ``[n, ...]``, each sample's own client's value; :meth:`client_mean`:
-  per-sample values ``[n]`` -> per-client means ``[A]``; :meth:`cosine` and :meth:`clip_logits`: cosine similarity
+- :meth:`set_active`: write the active clients' values ``[A, ...]`` into a per-slot buffer ``[slots, ...]`` (state
+  kept per client that is not trained; :meth:`active` reads it back);
+- :meth:`per_sample`: ``[A, ...]`` -> ``[n, ...]``, each sample's own client's value; :meth:`client_mean` and
+  :meth:`client_sum`: per-sample values ``[n]`` -> per-client means and sums ``[A]``; :meth:`client_counts`: the
+  samples of each client; :meth:`client_rows` / :meth:`from_client_rows`: per-sample values laid out per client
+  ``[R, A, ...]`` and back; :meth:`cosine` and :meth:`clip_logits`: cosine similarity
   and CLIP's scaled logits with each sample's own client's text; :meth:`for_each_client`: one value repeated for
   every active client;
 - :meth:`run_per_client`: a network stacked per slot (:class:`fedprompt.prompts.SlotStacked`) on the active clients.
@@ -305,6 +309,45 @@ class PromptClient(L.LightningModule):
         """Per-client means ``[A]`` of per-sample values ``[n]``."""
         step = self.step
         return segment_mean(values, step.owner, step.clients, step.counts)
+
+    def client_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-client sums ``[A, ...]`` of per-sample values ``[n, ...]``."""
+        step = self.step
+        return torch.zeros(step.clients, *values.shape[1:], dtype=values.dtype, device=values.device).index_add(
+            0, step.owner, values)
+
+    def client_counts(self) -> torch.Tensor:
+        """The samples of each active client in this step ``[A]``."""
+        step = self.step
+        return step.counts if step.counts is not None else torch.bincount(step.owner, minlength=step.clients)
+
+    def client_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sample values ``[n, ...]`` laid out per client: ``[R, A, ...]``, row j of client a its j-th sample
+        (R: the most samples of any active client; zeros past a client's last sample), so that one batched operation
+        meets every client's j-th sample at once (DP-FPL's per-example gradients). :meth:`from_client_rows` is the
+        inverse."""
+        position, rows = self._row_positions()
+        out = torch.zeros(rows, self.clients, *values.shape[1:], dtype=values.dtype, device=values.device)
+        out[position, self.step.owner] = values
+        return out
+
+    def from_client_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-sample values ``[n, ...]`` from their per-client layout ``[R, A, ...]`` (:meth:`client_rows`)."""
+        position, _ = self._row_positions()
+        return rows[position, self.step.owner]
+
+    def _row_positions(self) -> tuple[torch.Tensor, int]:
+        """Each sample's position among its own client's samples ``[n]``, and the most samples of any client."""
+        owner = self.step.owner
+        position = (F.one_hot(owner, self.clients).cumsum(0) - 1).gather(1, owner.unsqueeze(1)).squeeze(1)
+        return position, int(position.max()) + 1
+
+    @torch.no_grad()
+    def set_active(self, buffer: torch.Tensor, values: torch.Tensor) -> None:
+        """The per-client buffer helper: write the active clients' values ``[A, ...]`` into a per-slot buffer
+        ``[slots, ...]`` in place (state a client keeps that is not trained, e.g. ProDA's prompt sampler), leaving
+        the other slots as they are; :meth:`active` reads them."""
+        buffer.index_copy_(0, self.step.slots, values.to(buffer.dtype))
 
     def encode_context(self, ctx: torch.Tensor, class_specific: bool = False,
                        deep: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,7 +29,9 @@ All active clients go through one text-encoder call and one image-tower call per
 Differences from the released code, each with a switch where the official behaviour is reproducible:
 
 - ``compat: fixed`` (default) keeps the prompts in fp32; ``compat: official`` rounds every inserted prompt to fp16
-  as the released ``.half()`` casts do (``clip/model.py:238, 249, 306, 323, 405, 457``), even in an fp32 model.
+  as the released ``.half()`` casts do (``clip/model.py:238, 249, 306, 323, 405, 457``), even in an fp32 model, and,
+  as there, after the copy per image (visual prompts) or per class (deep text prompts): the backward of the cast
+  rounds each image's or class's gradient to fp16 before they are summed.
 - MaPLe's layer-0 coupling runs in the prompts' precision (the released ``self.proj.half()`` breaks fp32 and amp
   runs: ``maple.py:104``).
 - ``n_ctx`` larger than the tokens of ``ctx_init`` is an error (the released code silently switches to random
@@ -41,7 +43,7 @@ Differences from the released code, each with a switch where the official behavi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -138,10 +140,6 @@ def check_text_tower(backbone, method: str, depth: int, setting: str = "method.t
 class DeepPromptClient(PromptClient):
     """What the VPT, IVLP and MaPLe clients share: the ``compat`` rounding and the text prompts' sentence."""
 
-    def official(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` as the released code inserts it: rounded to fp16 under ``compat: official``, else unchanged."""
-        return fp16_rounded(tensor) if self.settings.compat == "official" else tensor
-
     def build_text_prompts(self, backbone, settings, slots: int) -> None:
         """``text_prompts.ctx`` [slots, text_depth, n_ctx, D] and the sentence around it (:attr:`prompt_template`)."""
         depth = settings.text_depth
@@ -157,13 +155,24 @@ class DeepPromptClient(PromptClient):
 
     def prompted_text(self, ctx: torch.Tensor) -> torch.Tensor:
         """L2-normalised text features [A, C, E] of the active clients' text prompts ``ctx`` [A, J, n_ctx, D] (layer
-        0 into the sentence, layers 1 .. J - 1 as deep prompts), in one encoder call."""
-        return self.encode_context(ctx[:, 0], deep=self.official(ctx[:, 1:]))
+        0 into the sentence, layers 1 .. J - 1 as deep prompts), in one encoder call. Under ``compat: official``
+        every class's sentence gets its own copy of the deep prompts, rounded to fp16 (the released ``.half()`` comes
+        after ``.expand`` over the classes: each class's gradient is rounded before the sum over classes)."""
+        deep = ctx[:, 1:]
+        if self.settings.compat == "official":
+            deep = fp16_rounded(deep.unsqueeze(1).expand(-1, len(self.classnames), *deep.shape[1:]))
+        return self.encode_context(ctx[:, 0], deep=deep)
 
     def prompted_image(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features [n, E]: each image with its own client's visual prompts ``tokens`` (the
-        active clients' [A, (depth,) V, width]), in one image-tower call."""
-        return self.encode_visual(images, self.official(tokens).unsqueeze(1), of_active=True)[:, 0]
+        active clients' [A, (depth,) V, width]), in one image-tower call. Under ``compat: official`` every image gets
+        its own copy of its client's prompts, rounded to fp16 (the released ``.half()`` after ``.expand`` over the
+        batch: each image's gradient is rounded before the sum over the batch)."""
+        if self.settings.compat != "official":
+            return self.encode_visual(images, tokens.unsqueeze(1), of_active=True)[:, 0]
+        own = fp16_rounded(self.per_sample(tokens))  # [n, (depth,) V, width]
+        feats = self.backbone.encode_image_prompted(images, own, torch.arange(own.shape[0], device=own.device))
+        return F.normalize(feats.float(), dim=-1)
 
 
 class VPTClient(DeepPromptClient):
@@ -237,10 +246,35 @@ class _DeepPrompts(TrainedMethod):
     """fixed (fp32 prompts) or official (every inserted prompt rounded to fp16, as the released .half() casts)."""
 
     frozen_image_tower = False  # visual prompts: the image tower's outputs depend on the prompts
+    #: the released value of each depth setting (null in the config: this value where the tower has the layers)
+    released_depths: ClassVar[dict[str, int]] = {}
 
-    def check_common(self, compat: tuple[str, ...] = ("fixed", "official"), **counts: int) -> None:
-        """One error line for a token count or depth below 1 (``counts``: setting -> value) or an unknown compat."""
-        bad = [f"method.{name}={value}" for name, value in counts.items() if value < 1]
+    def depth_limit(self, backbone, name: str) -> tuple[int, str] | None:
+        """The most layers ``backbone`` takes for depth setting ``name``, and why (``None``: no limit to derive
+        from, e.g. an image tower that takes no prompts at all, which the client refuses in one line)."""
+        if name == "visual_depth":
+            if not backbone.supports_visual_prompts:
+                return None
+            return backbone.visual_layers, f"the image tower of '{backbone.name}' has {backbone.visual_layers} layers"
+        if not backbone.supports_deep_text_prompts:
+            return 1, f"the Hugging Face text tower of '{backbone.name}' takes input-layer prompts only"
+        return backbone.text_layers, f"the text tower of '{backbone.name}' has {backbone.text_layers} layers"
+
+    def derived_settings(self, backbone):
+        """Each depth left null: the released depth, or every layer of a tower that has fewer."""
+        derived = {}
+        for name, official in self.released_depths.items():
+            if getattr(self, name) is not None:
+                continue
+            limit = self.depth_limit(backbone, name)  # None: the client refuses the backbone in one line
+            derived[name] = (official, official, "") if limit is None else (min(official, limit[0]), official,
+                                                                             limit[1])
+        return derived
+
+    def check_common(self, compat: tuple[str, ...] = ("fixed", "official"), **counts: int | None) -> None:
+        """One error line for a token count or depth below 1 (``counts``: setting -> value; null: derived) or an
+        unknown compat."""
+        bad = [f"method.{name}={value}" for name, value in counts.items() if value is not None and value < 1]
         if bad:
             raise FedPromptError(f"{', '.join(bad)}: {self.name} needs at least one prompt token and a depth of at "
                                  "least 1 (1: the input layer only).")
@@ -257,8 +291,9 @@ class VPT(_DeepPrompts):
 
     visual_tokens: int = 8
     """Visual prompt tokens per layer (8 in the released config; 4 in FedMGP's)."""
-    visual_depth: int = 12
-    """Layers that get fresh visual prompts (1: input only, shallow; 12: every layer of ViT-B/16)."""
+    visual_depth: Optional[int] = None
+    """Layers that get fresh visual prompts (1: input only, shallow; null: the released 12, every layer of ViT-B/16,
+    or every layer of a smaller image tower)."""
     text_template: str = "a photo of a {name}."
     """The frozen sentence of each class ({name}: the class name)."""
     lr: float = 0.0025
@@ -266,6 +301,7 @@ class VPT(_DeepPrompts):
 
     client_class = VPTClient
     shared_prefixes = ("visual_prompts.",)
+    released_depths = {"visual_depth": 12}
 
     def check(self):
         self.check_common(visual_tokens=self.visual_tokens, visual_depth=self.visual_depth)
@@ -279,8 +315,9 @@ class _TextPrompts(_DeepPrompts):
 
     n_ctx: int = 2
     """Learnable text tokens per layer (2: "a photo" of "a photo of a")."""
-    text_depth: int = 9
-    """Text layers that get prompts (1: input only, shallow; J)."""
+    text_depth: Optional[int] = None
+    """Text layers that get prompts J (1: input only, shallow; null: the released 9, or every layer of a smaller
+    tower)."""
     ctx_init: Optional[str] = "a photo of a"
     """The words whose first n_ctx token embeddings initialise the layer-0 context (null: N(0, 0.02^2))."""
     keep_init_words: bool = True
@@ -296,12 +333,14 @@ class IVLP(_TextPrompts):
     the released ``IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml`` (2 + 2 tokens, depth 12 / 12, lr 0.0035); FedMGP's
     federated baseline runs it shallow (depth 1 / 1, ``configs/ivlp_*.yaml``)."""
 
-    text_depth: int = 12
-    """Text layers that get prompts (1: input only, shallow; 12 in the released config)."""
+    text_depth: Optional[int] = None
+    """Text layers that get prompts (1: input only, shallow; null: the released 12, or every layer of a smaller
+    text tower)."""
     visual_tokens: int = 2
     """Visual prompt tokens per layer (2)."""
-    visual_depth: int = 12
-    """Image layers that get prompts (1: input only, shallow; 12 in the released config)."""
+    visual_depth: Optional[int] = None
+    """Image layers that get prompts (1: input only, shallow; null: the released 12, or every layer of a smaller
+    image tower)."""
     aggregate: Literal["all", "vision", "language"] = "all"
     """What the server averages: all (default), vision (text prompts stay local) or language (visual prompts stay
     local)."""
@@ -309,6 +348,7 @@ class IVLP(_TextPrompts):
     """Local SGD learning rate (0.0035 in the released config)."""
 
     client_class = IVLPClient
+    released_depths = {"text_depth": 12, "visual_depth": 12}
 
     @property
     def shared_prefixes(self) -> tuple[str, ...]:
@@ -339,6 +379,13 @@ class MaPLe(_TextPrompts):
 
     client_class = MaPLeClient
     shared_prefixes = ("text_prompts.", COUPLING_PREFIX)
+    released_depths = {"text_depth": 9}
+
+    def depth_limit(self, backbone, name):
+        """J prompts the text tower and, coupled, the image tower: the smaller of the two limits."""
+        limits = [limit for limit in (super().depth_limit(backbone, "text_depth"),
+                                      super().depth_limit(backbone, "visual_depth")) if limit is not None]
+        return min(limits) if limits else None
 
     def check(self):
         self.check_common(n_ctx=self.n_ctx, text_depth=self.text_depth)

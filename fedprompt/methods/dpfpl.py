@@ -33,10 +33,14 @@ under DP).
   gradient, the server averages them and adds noise, every client applies the average. In fedprompt a round is
   local training followed by aggregation, and clients train independently (a client's step never depends on another
   client's batch), so the nearest form is one batch per round (``train.local_steps: 1``, the round count times the
-  batches per epoch): the averaged one-step update of the global prompt, plus the server's noise ``N(0, (lr s /
-  K)^2)`` per entry on the averaged prompt (K: the clients of the round), equals the released averaged-gradient
-  step up to SGD momentum (the released single optimizer carries momentum across steps and clients; here each
-  client's optimizer is fresh every round). With more local steps the same rule is a FedAvg with the released noise;
+  batches per epoch): the averaged one-step update of the global prompt minus ``lr xi``, the server's gradient
+  noise ``xi ~ N(0, (s / K)^2)`` per entry (K: the clients of the round), equals the released averaged-gradient
+  step. The released optimizer is built once and never rebuilt, so its SGD momentum builds over the steps: here
+  each client keeps its momentum of both prompts across rounds in its state (``momentum.global_prompt``,
+  ``momentum.local_prompt``: checkpointed and resumed with it), and every client adds the round's ``xi`` (sent
+  with the global prompt) to its global prompt's momentum, so that the mean of the clients' momenta is the
+  momentum of the released noisy averaged gradient. With more local steps the same rule is a FedAvg with the
+  released noise and momentum;
 - batch-level clipping: the batch-mean gradients ``g_G``, ``g_u``, ``g_v`` are each clipped to C (not per example);
   ``g_u`` and ``g_v`` get ``N(0, s^2)`` at the client, ``g_G`` none (the server's noise above);
 - the released noise scale: ``s = sigma C / B`` with ``sigma = sqrt(T ln(1/delta)) / official_noise`` and T =
@@ -45,18 +49,21 @@ under DP).
 - no record-level epsilon is reported (batch-level clipping bounds no record's influence).
 
 The released code's other bugs are not reproduced in either mode: every client's local prompt is updated with its
-own gradient (the release applies the last client's to every client), each client has its own optimizer state, and
-the rounds' local prompts persist (the release restarts round 0 from the initial weights on every batch).
+own gradient (the release applies the last client's to every client), each client has its own optimizer state (the
+release's one momentum buffer is stepped by every client in turn), and the rounds' local prompts persist (the
+release restarts round 0 from the initial weights on every batch). ``compat: fixed`` gives each client a fresh
+optimizer every round, as every other method.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import WeightedMean
@@ -67,6 +74,10 @@ from fedprompt.prompts import ContextVectors
 
 #: the server's noise stream of compat: official
 SERVER_NOISE = 0x44504650
+#: compat official: the server's gradient noise in the download, and each client's momentum buffers
+NOISE_PREFIX, MOMENTUM_PREFIX = "noise.", "momentum."
+#: the released rank of the local prompt's factors (``federated_main.py:242``)
+RELEASED_RANK = 8
 
 
 def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
@@ -120,6 +131,19 @@ class DPFPLClient(PromptClient):
         self.global_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, slots=slots)
         self.local_prompt = ContextVectors(settings.n_ctx, backbone.ctx_dim, slots=slots)
         self._saved: dict | None = None
+        if settings.compat == "official":  # the released optimizer's momentum outlives the round
+            self.momentum = nn.Module()
+            self.momentum.register_buffer("global_prompt", torch.zeros_like(self.global_prompt.ctx))
+            self.momentum.register_buffer("local_prompt", torch.zeros_like(self.local_prompt.ctx))
+
+    def configure_optimizers(self):
+        """SGD over both prompts; under ``compat: official`` each client's momentum is kept across rounds in its
+        state (``momentum.*``), as the released optimizer is never rebuilt."""
+        optimizer = super().configure_optimizers()
+        if self.settings.compat == "official":
+            optimizer.keep_momentum(self.global_prompt.ctx, self.momentum.global_prompt)
+            optimizer.keep_momentum(self.local_prompt.ctx, self.momentum.local_prompt)
+        return optimizer
 
     def text_features(self) -> torch.Tensor:
         """L2-normalised text features ``[A, C, E]`` of the context ``p_G + p_L`` (in training the context and
@@ -148,27 +172,21 @@ class DPFPLClient(PromptClient):
         """``G_i = d loss_i / d p`` for every sample: ``[n, n_ctx, D]``, from one batched vector-Jacobian product of
         the per-example cotangents of the text features (the j-th samples of every client in one product: each
         client's prompts meet only their own samples)."""
-        image, text, owner = saved["image"], saved["text"], self.step.owner
-        clients = text.shape[0]
+        image, text = saved["image"], saved["text"]
         p = saved["logits"].float().softmax(dim=1)
         p[torch.arange(p.shape[0], device=p.device), saved["label"]] -= 1.0
         cot = self._logit_scale * p.unsqueeze(2) * image.float().unsqueeze(1)  # [n, C, E]: d loss_i / d text
-        position = (F.one_hot(owner, clients).cumsum(0) - 1).gather(1, owner.unsqueeze(1)).squeeze(1)
-        rows = int(position.max()) + 1
-        batched = torch.zeros(rows, *text.shape, dtype=text.dtype, device=text.device)
-        batched[position, owner] = cot.to(text.dtype)
+        batched = self.client_rows(cot.to(text.dtype))  # [R, A, C, E]: row j, every client's j-th sample
         grads, = torch.autograd.grad(text, saved["ctx"], grad_outputs=batched, is_grads_batched=True)
-        return grads[position, owner]  # [n, n_ctx, D]
+        return self.from_client_rows(grads)  # [n, n_ctx, D]
 
     def backward(self, losses, backward) -> None:
         """The private gradients of the active clients (see the module docstring), set through Fabric's backward of
         ``sum(param * grad)`` so that its precision handling applies."""
         saved, self._saved = self._saved, None
         g_global, g_local = self._gradients(losses, saved)
-        slots = self.step.slots
-        full_global = torch.zeros_like(self.global_prompt.ctx).index_copy(0, slots, g_global.detach())
-        full_local = torch.zeros_like(self.local_prompt.ctx).index_copy(0, slots, g_local.detach())
-        backward((self.global_prompt.ctx * full_global).sum() + (self.local_prompt.ctx * full_local).sum())
+        backward((self.active(self.global_prompt.ctx) * g_global.detach()).sum()
+                 + (self.active(self.local_prompt.ctx) * g_local.detach()).sum())
 
     def _gradients(self, losses, saved) -> tuple[torch.Tensor, torch.Tensor]:
         """The active clients' gradients of the global and the local prompt ``[A, n_ctx, D]`` each."""
@@ -176,9 +194,7 @@ class DPFPLClient(PromptClient):
         generators = self._generators()
         local = self.active(self.local_prompt.ctx).detach()
         u, v = factorize(local, self._draw(generators, (local.shape[-1], s.rank)))
-        counts = self.step.counts if self.step.counts is not None else torch.bincount(
-            self.step.owner, minlength=self.clients)
-        counts = counts.to(local.dtype).view(-1, 1, 1)
+        counts = self.client_counts().to(local.dtype).view(-1, 1, 1)
         if s.compat == "official":
             g_global, g_local = self._official(losses, saved, generators, u, v, counts)
         elif s.noise_multiplier > 0:
@@ -193,14 +209,13 @@ class DPFPLClient(PromptClient):
     def _private(self, saved, generators, u, v, counts):
         """DP-SGD per step: per-example flat clipping of (G_i, G_i v^T, u^T G_i) to C, sums, N(0, (z C)^2)."""
         s = self.settings
-        owner = self.step.owner
         grads = self.per_example_grads(saved)  # [n, n_ctx, D]
         u_s, v_s = self.per_sample(u), self.per_sample(v)
         norms = (grads.pow(2).sum((1, 2)) + (grads @ v_s.transpose(-1, -2)).pow(2).sum((1, 2))
                  + (u_s.transpose(-1, -2) @ grads).pow(2).sum((1, 2))).sqrt()
         factors = (s.clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
         clipped = grads * factors.view(-1, 1, 1)
-        summed = torch.zeros_like(saved["ctx"].detach()).index_add(0, owner, clipped)  # [A, n_ctx, D]
+        summed = self.client_sum(clipped)  # [A, n_ctx, D]
         std = s.noise_multiplier * s.clip_norm
         noise_global = self._draw(generators, summed.shape[1:]) * std
         noise_u = self._draw(generators, u.shape[1:]) * std
@@ -227,14 +242,18 @@ class DPFPLClient(PromptClient):
 
 
 class ReleasedNoiseServer(WeightedMean):
-    """compat: official's server: the unweighted mean of the global prompts plus ``N(0, (lr s / K)^2)`` per entry
-    (K uploads; s the released noise scale at ``official_batch``), seeded with the run seed and the round."""
+    """compat: official's server: the unweighted mean of the global prompts minus ``lr xi``, with the released
+    gradient noise ``xi ~ N(0, (s / K)^2)`` per entry (K uploads; s the released noise scale at ``official_batch``),
+    seeded with the run seed and the round. Each client receives ``xi`` with the global prompt (``noise.*``) and adds
+    it to its global prompt's momentum (:meth:`apply`), so that the noise enters the momentum as in the release,
+    where it is part of the averaged gradient the optimizer steps with."""
 
     averages_uploads = False  # it adds its own noise
 
-    def __init__(self, shared_prefixes, std_times_clients: float):
+    def __init__(self, shared_prefixes, std_times_clients: float, lr: float = 1.0):
         super().__init__(shared_prefixes, weighted=False)
-        self.std_times_clients = std_times_clients
+        self.std_times_clients = std_times_clients  # s: the released per-entry std times the clients K
+        self.lr = lr
 
     def aggregate(self, uploads, weights, round_idx):
         merged = super().aggregate(uploads, weights, round_idx)
@@ -242,8 +261,22 @@ class ReleasedNoiseServer(WeightedMean):
             return merged
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_idx, SERVER_NOISE))
         std = self.std_times_clients / len(uploads)
-        return {k: (v.to(torch.float64) + torch.randn(v.shape, generator=generator, dtype=torch.float64) * std).to(
-            v.dtype) for k, v in sorted(merged.items())}
+        out = {}
+        for key, value in sorted(merged.items()):
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float64) * std
+            out[key] = (value.to(torch.float64) - self.lr * noise).to(value.dtype)
+            out[NOISE_PREFIX + key] = noise.to(value.dtype)
+        return out
+
+    def apply(self, client_state, received, client_id):
+        """The new global prompt, and the round's gradient noise added to the client's momentum of it."""
+        state = super().apply(client_state, {k: v for k, v in received.items() if not k.startswith(NOISE_PREFIX)},
+                              client_id)
+        for key, noise in received.items():
+            if key.startswith(NOISE_PREFIX):
+                momentum = MOMENTUM_PREFIX + key[len(NOISE_PREFIX):].split(".")[0]
+                state[momentum] = client_state[momentum] + noise
+        return state
 
 
 @dataclass(kw_only=True, eq=False)
@@ -252,16 +285,18 @@ class DPFPL(TrainedMethod):
     with record-level DP-SGD in every local step (see the module docstring).
 
     Defaults follow the released code (``federated_main.py``, ``configs/trainers/DP-FPL/vit_b16.yaml``): 16 tokens,
-    rank 8, clipping norm 10, SGD lr 0.001 (constant, momentum 0.9, weight decay 5e-4). ``noise_multiplier`` 0 is
-    the released ``--noise 0`` (no clipping, no noise); the released noise is a different parameter (its ``--noise``
-    is an "epsilon" fed into a formula, ``official_noise`` under ``compat: official``). The sound mechanism takes
-    the noise multiplier z of DP-SGD directly and reports the epsilon the accountant computes for it.
+    rank 8 (at most n_ctx when left null), clipping norm 10, SGD lr 0.001 (constant, momentum 0.9, weight decay
+    5e-4). ``noise_multiplier`` 0 is the released ``--noise 0`` (no clipping, no noise); the released noise is a
+    different parameter (its ``--noise`` is an "epsilon" fed into a formula, ``official_noise`` under ``compat:
+    official``). The sound mechanism takes the noise multiplier z of DP-SGD directly and reports the epsilon the
+    accountant computes for it.
     """
 
     n_ctx: int = 16
     """Context tokens of each prompt (16)."""
-    rank: int = 8
-    """r: the rank of the local prompt's factors (the released default 8; the paper's runs use 1, 2, 4, 8)."""
+    rank: Optional[int] = None
+    """r: the rank of the local prompt's factors (null: the released 8, or n_ctx when the prompt has fewer tokens;
+    the paper's runs use 1, 2, 4, 8)."""
     clip_norm: float = 10.0
     """C: the per-example L2 clipping norm of the prompt gradients (the released NORM_THRESH 10)."""
     noise_multiplier: float = 0.0
@@ -290,8 +325,9 @@ class DPFPL(TrainedMethod):
     def check(self):
         if self.n_ctx < 1:
             raise FedPromptError(f"method.n_ctx must be >= 1, got {self.n_ctx}")
-        if not 1 <= self.rank <= self.n_ctx:
-            raise FedPromptError(f"method.rank must be in [1, n_ctx = {self.n_ctx}], got {self.rank}")
+        if self.rank is not None and not 1 <= self.rank <= self.n_ctx:
+            raise FedPromptError(f"method.rank must be in [1, n_ctx = {self.n_ctx}], got {self.rank} (or null: the "
+                                 f"released {RELEASED_RANK}, at most n_ctx)")
         if not self.clip_norm > 0:
             raise FedPromptError(f"method.clip_norm must be > 0, got {self.clip_norm}")
         if not self.noise_multiplier >= 0:
@@ -308,6 +344,11 @@ class DPFPL(TrainedMethod):
             raise FedPromptError(f"method.official_noise must be >= 0 and official_rounds, official_batch >= 1, got "
                                  f"{self.official_noise}, {self.official_rounds}, {self.official_batch}")
 
+    def derived_settings(self, backbone):
+        if self.rank is not None:
+            return {}
+        return {"rank": (min(RELEASED_RANK, self.n_ctx), RELEASED_RANK, f"the local prompt has {self.n_ctx} tokens")}
+
     @property
     def record_privacy(self):
         if self.compat == "official" or self.noise_multiplier <= 0:
@@ -316,7 +357,7 @@ class DPFPL(TrainedMethod):
 
     def build_aggregator(self):
         if self.compat == "official":
-            std = self.lr * released_noise_scale(self.official_noise, self.official_rounds, self.delta,
-                                                 self.clip_norm, self.official_batch)
-            return ReleasedNoiseServer(self.shared_prefixes, std)
+            std = released_noise_scale(self.official_noise, self.official_rounds, self.delta, self.clip_norm,
+                                       self.official_batch)
+            return ReleasedNoiseServer(self.shared_prefixes, std, self.lr)
         return WeightedMean(self.shared_prefixes, weighted=self.weighted)

@@ -14,10 +14,10 @@ errors) without them; the client modules (:mod:`fedprompt.methods.base`) are imp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, ClassVar, Literal, Optional
 
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import FedPromptError, warn
 
 if TYPE_CHECKING:
     from fedprompt.backbone import Backbone
@@ -189,10 +189,33 @@ class Method:
 
     def build_client(self, backbone: Backbone, classnames: list[str], slots: int = 1) -> ClientModule:
         """Create this method's client module for ``slots`` clients (prompts initialised from the current torch
-        seed, the same initial value in every slot)."""
+        seed, the same initial value in every slot), with the settings :meth:`for_backbone` gives."""
         if self.client_class is None:
             raise NotImplementedError(f"{self.name} declares no client_class")
-        return self.client_class(backbone, classnames, self, slots)
+        return self.client_class(backbone, classnames, self.for_backbone(backbone), slots)
+
+    def derived_settings(self, backbone: Backbone) -> dict[str, tuple]:
+        """The settings left null ("the official value where it fits") resolved for ``backbone``: name -> (value
+        in use, official value, why they differ). None by default; a method whose official default cannot fit
+        every backbone (a depth beyond a small tower's layers, a rank above the prompt's tokens) derives the nearest
+        valid value here and keeps the official one wherever it fits."""
+        return {}
+
+    def for_backbone(self, backbone: Backbone) -> Method:
+        """These settings with :meth:`derived_settings` filled in (``self`` when there are none); a derived value
+        that differs from the official one is said once, in one warning line."""
+        derived = self.derived_settings(backbone)
+        if not derived:
+            return self
+        changed = {name: f"{name} {value}, not the official {official}: {why}"
+                   for name, (value, official, why) in derived.items() if value != official}
+        told = self.__dict__.setdefault("_told", set())
+        message = (f"method {self.name}: " + "; ".join(changed.values())
+                   + f" (set {', '.join('method.' + name for name in changed)} to choose).")
+        if changed and message not in told:
+            told.add(message)
+            warn(message)
+        return replace(self, **{name: value for name, (value, _, _) in derived.items()})
 
     def initial_client_state(self, client_id: int, state: dict) -> dict:
         """Client ``client_id``'s state before its first round, from the server's initialisation ``state`` (a fresh

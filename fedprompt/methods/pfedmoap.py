@@ -4,9 +4,12 @@ a local attention gate.
 Each client holds a CoOp context ``prompt.ctx`` ([n_ctx, D], uploaded; the server averages it, weighted by data
 size), a gating network ``gating.*`` (a multi-head attention over experts, never communicated) and the experts it
 received ``experts.ctx`` ([K_e - 1, n_ctx, D]) with ``experts.valid`` (which of them are set). The server keeps
-every client's latest uploaded prompt and sends each client the global prompt plus K_e - 1 other clients' latest
-prompts (:class:`MixtureOfPromptsServer`, a per-client download). At the start of local training a client's prompt
-becomes the global prompt; the experts stay fixed.
+every client's latest uploaded prompt and, after each round's aggregation, sends each client the global prompt plus
+K_e - 1 other clients' latest prompts (:class:`MixtureOfPromptsServer`, a per-client download). At the start of local
+training a client's prompt becomes the global prompt; the experts stay fixed. Every client of a round therefore
+receives experts from the same pool, the prompts uploaded up to the end of the previous round: the round's clients
+train independently of each other, so lock-step groups of any size K give the K = 1 results. This is not the
+release's order (see :class:`PFedMoAP`).
 
 Forward pass for a batch (C classes, B images; specs section 3.2), with ``pool(x) = x[..., ::r]``, the strided
 sub-sample from the joint width E to the gating width g = E / r (no projection, not re-normalised):
@@ -38,6 +41,22 @@ from fedprompt.optim import StackedSGD
 from fedprompt.prompts import ContextVectors
 
 SELECTIONS = ("knn", "fixed_order", "random")
+#: the released gating width (``federated_main.py:46-49``: CLIP's 512 sub-sampled every 4th coordinate)
+RELEASED_GATING_DIM = 128
+
+
+def gating_stride(width: int, gating_dim: int) -> int | None:
+    """The stride r that sub-samples the joint width to ``gating_dim`` coordinates (``x[..., ::r]`` has
+    ``ceil(width / r)`` of them), or ``None`` when no whole stride does."""
+    stride = width // gating_dim if 1 <= gating_dim <= width else 0
+    return stride if stride >= 1 and math.ceil(width / stride) == gating_dim else None
+
+
+def nearest_gating_dim(width: int, wanted: int, heads: int) -> int | None:
+    """The gating width nearest ``wanted`` (the larger one on a tie) that a whole stride of ``width`` gives and
+    ``heads`` divides, or ``None``."""
+    valid = [g for g in range(heads, width + 1, heads) if gating_stride(width, g)]
+    return min(valid, key=lambda g: (abs(g - wanted), -g)) if valid else None
 #: the random streams of the two random expert orders
 ORDER_STREAM = 0x4D4F4150
 
@@ -186,11 +205,11 @@ class PFedMoAPClient(PromptClient):
         self.n_ctx = words.shape[0] if words is not None and (official or settings.n_ctx is None) else settings.n_ctx
         self.prompt = ContextVectors(self.n_ctx, backbone.ctx_dim, words=words, slots=slots)
         width = backbone.embed_dim
-        self.stride = width // settings.gating_dim if settings.gating_dim <= width else 0
-        if self.stride < 1 or math.ceil(width / self.stride) != settings.gating_dim:
+        self.stride = gating_stride(width, settings.gating_dim)
+        if self.stride is None:
             raise FedPromptError(f"method.gating_dim: {settings.gating_dim} is not the backbone's embedding width "
                                  f"{width} sub-sampled with a whole stride (width / stride); use a divisor of "
-                                 f"{width} (128 for CLIP's 512).")
+                                 f"{width} (128 for CLIP's 512), or null (the nearest such width).")
         self.gating = Gating(settings.gating_dim, slots)
         self.experts = Experts(max(settings.num_experts - 1, 0), self.n_ctx, backbone.ctx_dim, slots)
         self._cache: torch.Tensor | None = None  # the experts' pooled text features of every slot, per download
@@ -202,15 +221,15 @@ class PFedMoAPClient(PromptClient):
 
     # --------------------------------------------------------------------------------------- the experts
     @torch.no_grad()
-    def expert_features(self, slots: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The pooled, L2-normalised text features ``[S, X, C, g]`` of the received experts of ``slots`` (every
-        slot by default), only up to the last set expert of any of them (``None`` if none), and ``valid`` ``[S, X]``."""
-        slots = self.all_slots() if slots is None else slots
-        valid = self.experts.valid[slots]
+    def expert_features(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The pooled, L2-normalised text features ``[A, X, C, g]`` of the active clients' received experts (every
+        slot outside a step), only up to the last set expert of any of them (``None`` if none), and ``valid``
+        ``[A, X]``."""
+        valid = self.active(self.experts.valid)
         used = int(valid.sum(1).max()) if valid.numel() else 0  # one host read per download
         if used == 0:
             return None, valid[:, :0]
-        feats = self.encode_context(self.experts.ctx[slots, :used])  # [S, X, C, E]
+        feats = self.encode_context(self.active(self.experts.ctx)[:, :used])  # [A, X, C, E]
         return self.pool(feats), valid[:, :used]
 
     def on_round_start(self, global_state):
@@ -220,7 +239,7 @@ class PFedMoAPClient(PromptClient):
             with torch.no_grad():
                 self.prompt.ctx.copy_(global_state["prompt.ctx"].to(self.prompt.ctx.device).expand_as(
                     self.prompt.ctx))
-        self._cache = self.expert_features()
+        self._cache = self.expert_features()  # outside a step: every slot
         self._has_experts = self.experts.valid.any(1).tolist()
 
     def configure_optimizers(self):
@@ -244,7 +263,7 @@ class PFedMoAPClient(PromptClient):
                 experts = self.active(experts)
             valid = self.active(valid)
         else:  # evaluation: once per evaluated group (text_for)
-            experts, valid = self.expert_features(self.step.slots)
+            experts, valid = self.expert_features()
         return local, experts, valid
 
     def logits(self, text, image, batch):
@@ -268,7 +287,8 @@ class PFedMoAP(TrainedMethod):
     """pFedMoAP: a CoOp prompt per client (FedAvg), other clients' prompts as experts, a local gating attention.
 
     The defaults are the paper's intent on the released code's settings (``train.sh``, ``configs/trainers/PFEDMOAP``):
-    16 random-init tokens, K_e = 10 experts (the local prompt and 9 others), gating width 128 with 8 heads, score
+    16 random-init tokens, K_e = 10 experts (the local prompt and 9 others), gating width 128 (on CLIP's 512-wide
+    joint space; the nearest width E / stride on other backbones when left null) with 8 heads, score
     scale 10, lambda 0.5; the prompt trains with SGD lr 0.002 and Dassl's cosine schedule (one warm-up epoch at
     1e-5), the gating with SGD lr 0.01, constant (both momentum 0.9, weight decay 5e-4); 5 local epochs
     (``train.local_epochs``).
@@ -278,10 +298,21 @@ class PFedMoAP(TrainedMethod):
     from its first round (the release's empty-dict checks let a client inherit the previous client's gating); each
     client gets a fresh optimizer every round and its own cosine schedule (``lr_scope: official`` for the single
     one); every client is evaluated after the round's aggregation with its own latest prompt, its gating and the
-    experts the server holds for it then (the release evaluates a round's trained clients right after training, with
-    the experts of the start of the round). ``compat: official`` reproduces what changes numbers in ``train.sh``:
-    ``--ctx_init False`` is the *string* "False", so the prompt is one token initialised from the word "false", and
-    the fixed random expert order.
+    experts the server holds for it then (the release tests each of a round's trained clients right after its local
+    training, with the experts it trained with).
+
+    **Expert order.** fedprompt's experts are the other clients' prompts as the server holds them at the start of
+    the round. The release trains a round's clients one after another and stores each one's prompt in its pool right
+    after its training (``federated_main.py:357-387``), so a client later in the round receives experts that earlier
+    clients already retrained in that round (and, in its first rounds, more of them). That order makes each client's
+    local round depend on the result of the previous one: it can only be reproduced with the round's clients trained
+    one at a time (K = 1, on one process) and a download from the server between two clients' local rounds. Neither
+    ``compat`` value reproduces it: fedprompt's round trains its clients independently (lock-step groups, several
+    processes) and the server sends once per round; ``docs/method-notes.md`` says what a round driver would need.
+
+    ``compat: official`` reproduces what changes numbers in ``train.sh`` and fits that round: ``--ctx_init False`` is
+    the *string* "False", so the prompt is one token initialised from the word "false", and the fixed random expert
+    order.
     """
 
     n_ctx: Optional[int] = 16
@@ -293,8 +324,9 @@ class PFedMoAP(TrainedMethod):
     selection: Literal["knn", "fixed_order", "random"] = "knn"
     """Which K_e - 1 other clients' prompts a client receives: knn (nearest prompts, the paper's), fixed_order (one
     fixed random order, the released code's) or random (a new random order each round)."""
-    gating_dim: int = 128
-    """Gating width g: the joint width E sub-sampled every E / g coordinates (128 for CLIP's 512)."""
+    gating_dim: Optional[int] = None
+    """Gating width g: the joint width E sub-sampled every E / g coordinates (null: the released 128, or on a
+    backbone whose width has no whole stride to 128, the nearest width that one gives and gating_heads divides)."""
     gating_heads: int = 8
     """Attention heads of the gating."""
     scaling: float = 10.0
@@ -306,7 +338,8 @@ class PFedMoAP(TrainedMethod):
     weighted: bool = True
     """Data-size weighted FedAvg of the prompts (the official average_weights); false: the plain mean."""
     compat: Literal["fixed", "official"] = "fixed"
-    """official: train.sh's one-token prompt from the string "False" and the fixed random expert order."""
+    """official: train.sh's one-token prompt from the string "False" and the fixed random expert order (experts
+    still from the pool at the start of the round: the release's in-round order is not reproduced)."""
     lr: float = 0.002
     """The prompt's SGD learning rate (the official YAML's 0.002, which overrides --lr)."""
     lr_schedule: Literal["constant", "cosine"] = "cosine"
@@ -326,13 +359,21 @@ class PFedMoAP(TrainedMethod):
         if self.selection not in SELECTIONS:
             raise FedPromptError(f"method.selection: unknown selection {self.selection!r}; choose one of "
                                  f"{', '.join(SELECTIONS)}.")
-        if self.gating_dim < 1 or self.gating_heads < 1 or self.gating_dim % self.gating_heads:
+        dim = RELEASED_GATING_DIM if self.gating_dim is None else self.gating_dim
+        if dim < 1 or self.gating_heads < 1 or dim % self.gating_heads:
             raise FedPromptError(f"method.gating_heads must divide method.gating_dim, got {self.gating_heads} heads "
-                                 f"for width {self.gating_dim}")
+                                 f"for width {dim}")
         if not self.gating_lr > 0:
             raise FedPromptError(f"method.gating_lr must be > 0, got {self.gating_lr}")
         if self.compat not in ("fixed", "official"):
             raise FedPromptError(f"method.compat must be fixed or official, got {self.compat!r}")
+
+    def derived_settings(self, backbone):
+        if self.gating_dim is not None:
+            return {}
+        width = backbone.embed_dim
+        dim = nearest_gating_dim(width, RELEASED_GATING_DIM, self.gating_heads) or RELEASED_GATING_DIM
+        return {"gating_dim": (dim, RELEASED_GATING_DIM, f"the joint width of '{backbone.name}' is {width}")}
 
     def build_aggregator(self):
         selection = "fixed_order" if self.compat == "official" else self.selection

@@ -154,9 +154,8 @@ class ProDAClient(PromptClient):
         phase = drawn % (k // size)
         order = torch.where((phase == 0).unsqueeze(1), fresh, self.active(self.order))
         chosen = order.gather(1, phase.unsqueeze(1) * size + torch.arange(size, device=ctx.device))
-        with torch.no_grad():  # each slot's own sampler state (written back to the active slots only)
-            self.order.index_copy_(0, self.step.slots, order)
-            self.drawn.index_copy_(0, self.step.slots, drawn + 1)
+        self.set_active(self.order, order)  # each client's own sampler state
+        self.set_active(self.drawn, drawn + 1)
         return chosen
 
     def encode(self, ctx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,11 @@ class PromptFolio(TrainedMethod):
     ``lr_scope: official`` reproduces the released single scheduler shared by all clients, see
     :class:`fedprompt.methods.OptimizerArgs`), each client gets a fresh optimizer every round (the released trainer
     shares SGD momentum across clients and rounds), every client is evaluated each evaluated round (the released
-    code tests only the round's sampled clients), class lists are ordered, and the extra image-encoder pass per step
-    whose output is never used is not made.
+    code tests only the round's sampled clients), class lists are ordered, the extra image-encoder pass per step
+    whose output is never used is not made, and each client's global prompt is weighted by its own data size (the
+    released ``fed_aggregate_model`` indexes the round's list of prompts by client id, so in ``np.random.choice``'s
+    order each prompt gets another client's weight, and with ``frac < 1`` an id past the list's end raises
+    ``IndexError``). ``benchmarks/parity_official_pfl.py`` checks the client and the server against the release.
     """
 
     n_ctx: int = 8

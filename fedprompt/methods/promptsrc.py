@@ -222,12 +222,12 @@ class PromptSRC(_TextPrompts):
 
     n_ctx: int = 4
     """Learnable text tokens per layer (4: all of "a photo of a")."""
-    text_depth: int = 9
-    """Text layers that get prompts (9)."""
+    text_depth: Optional[int] = None
+    """Text layers that get prompts (null: the released 9, or every layer of a smaller text tower)."""
     visual_tokens: int = 4
     """Visual prompt tokens per layer (4)."""
-    visual_depth: int = 9
-    """Image layers that get prompts (9)."""
+    visual_depth: Optional[int] = None
+    """Image layers that get prompts (null: the released 9, or every layer of a smaller image tower)."""
     text_loss_weight: float = 25.0
     """Weight of the L1 distance of the prompted to the frozen (template-ensemble) text features (25)."""
     image_loss_weight: float = 10.0
@@ -250,6 +250,7 @@ class PromptSRC(_TextPrompts):
 
     client_class = PromptSRCClient
     shared_prefixes = (TEXT_KEY, VISUAL_KEY)
+    released_depths = {"text_depth": 9, "visual_depth": 9}
 
     def check(self):
         self.check_common(("fixed", "official", "flip"), n_ctx=self.n_ctx, visual_tokens=self.visual_tokens,
