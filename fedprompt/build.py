@@ -123,6 +123,26 @@ def build_parts(fabric, run: RunArgs, splits=None, timer=None, feed_clients: lis
     return Parts(fabric, method, splits.classnames, splits.clients, sampler, server, pool, evaluator, feed, initial)
 
 
+def check_round_order(run: RunArgs, runtime: str) -> None:
+    """A method whose round trains its clients one at a time (``trains_in_turn``: pFedMoAP under ``compat:
+    official``) runs under ``--runtime fabric`` with K = 1 on one device; one line for anything else, before the
+    run starts."""
+    method = run.method
+    if method is None or not method.trains_in_turn:
+        return
+    why = f"{method.name} with method.compat official trains a round's clients one at a time, in the release's order"
+    if runtime != "fabric":
+        raise FedPromptError(f"{why}; the Flower runtime sends each round's downloads at once: run it with "
+                             "--runtime fabric, or use method.compat fixed.")
+    fab, parallel = run.fabric, run.federation.parallel_clients
+    if str(fab.devices) not in ("1", "auto") or fab.num_nodes != 1:
+        raise FedPromptError(f"{why}; it runs on one device: pass --fabric.devices 1 --fabric.num_nodes 1 (not "
+                             f"{fab.devices} x {fab.num_nodes}), or use method.compat fixed.")
+    if parallel not in ("auto", 1):
+        raise FedPromptError(f"{why}: pass --federation.parallel_clients 1 (or auto), not {parallel}, or use "
+                             "method.compat fixed.")
+
+
 def _build_aggregator(fabric, run: RunArgs, num_clients: int, quiet: bool):
     """The method's server rule, seeded with the run seed (aggregators with random choices, such as FedMGP's group
     selection, follow it), inside the client-level DP server (DP-FedAvg) when ``run.dp`` is on."""
