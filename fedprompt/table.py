@@ -37,7 +37,8 @@ from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.files import checked_writes, read_json, read_yaml, write_all
 from fedprompt.run import TableArgs
-from fedprompt.table_metrics import HM_LEGEND, derived, domain_columns, draw_reliability, metric_name, row_tallies
+from fedprompt.table_metrics import (HM_LEGEND, derived, domain_columns, draw_reliability, lower_is_better, metric_name,
+                                     row_tallies)
 
 #: config keys whose values differ between the seeds of one result
 PER_SEED = ("seed", "data.init_args.seed")
@@ -323,6 +324,15 @@ def _stats(values: list[float] | None) -> Cell:
     return Cell(mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), values)
 
 
+def _lower_is_better(cols: list[Column], col: Column) -> bool:
+    """Whether the best of ``col`` is its lowest mean (an ECE or a spread; a mean column: of such columns only)."""
+    if col.metric not in ("average", "mean"):
+        return lower_is_better(col.metric)
+    parts = [c.metric for c in cols if c.metric not in ("average", "mean")
+             and (col.metric == "average" or c.group == col.group)]
+    return bool(parts) and all(lower_is_better(m) for m in parts)
+
+
 def build(results: list[Result], cols: list[Column]) -> tuple[list[str], dict[tuple[str, int], Cell]]:
     """Row labels and the cell of every (row, column index); the best mean of each column marked."""
     rows = list(dict.fromkeys(r.label for r in results))
@@ -338,7 +348,8 @@ def build(results: list[Result], cols: list[Column]) -> tuple[list[str], dict[tu
                 result = index.get((row, col.dataset))
                 cell = _stats(result.values(col.metric) if result is not None else None)
             cells[(row, j)] = cell
-        best = max((c.mean for (_, i), c in cells.items() if i == j and c.mean is not None), default=None)
+        pick = min if _lower_is_better(cols, col) else max
+        best = pick((c.mean for (_, i), c in cells.items() if i == j and c.mean is not None), default=None)
         for row in rows:
             cell = cells[(row, j)]
             cell.best = best is not None and cell.mean is not None and abs(cell.mean - best) <= 1e-12
@@ -360,7 +371,7 @@ def markdown(rows: list[str], cols: list[Column], cells: dict, results: list[Res
     counts = " or ".join(str(n) for n in seeds)
     groups = list(dict.fromkeys(c.group for c in cols))
     caption = (f"{', '.join(groups)}: mean ± std over {counts} seed(s) (population std), in %; best per column in "
-               "bold.")
+               "bold" + (" (the lowest ECE or std)." if any(_lower_is_better(cols, c) for c in cols) else "."))
     legend = list(dict.fromkeys(HM_LEGEND[c.metric] for c in cols if c.metric in HM_LEGEND))
     caption += "".join(f" {line}." for line in legend)
     lines = [caption, "", "| method | " + " | ".join(c.header for c in cols) + " |",

@@ -83,3 +83,18 @@ def test_reliability_diagram_from_the_runs_tallies(tmp_path):
     out = table(tmp_path, a, b)
     assert any(f.endswith("table.png") for f in out["files"])
     assert math.isclose(tallies["PromptFL"][0].sum().item(), 6)
+
+
+def test_best_of_an_ece_or_a_spread_is_the_lowest(tmp_path):
+    a = fake_run(tmp_path / "a", config(), local_acc=0.7, local_acc_std=0.2, ece=0.30)
+    b = fake_run(tmp_path / "b", config("FedOTP"), local_acc=0.6, local_acc_std=0.1, ece=0.05)
+    out = table(tmp_path, a, b, columns="metrics", metrics=["local_acc", "local_acc_std", "ece"])
+    best = {col: [row for row in out["rows"] if out["cells"][row][col]["best"]] for col in out["columns"]}
+    assert best == {"Local": ["PromptFL"], "Local std": ["FedOTP"], "ECE": ["FedOTP"]}
+    assert "best per column in bold (the lowest ECE or std)." in (tmp_path / "out" / "table.md").read_text()
+    runs = [fake_run(tmp_path / f"{m}-{t}", lodo_config(m, t), target_acc=0.5, target_ece=e, local_acc=0.9)
+            for m, t, e in (("PromptFL", "sketch", 0.3), ("PromptFL", "photo", 0.2), ("FedOTP", "sketch", 0.1),
+                            ("FedOTP", "photo", 0.3))]
+    out = table(tmp_path, *runs, columns="domains", metric="target_ece")
+    assert [row for row in out["rows"] if out["cells"][row]["Mean"]["best"]] == ["FedOTP"]  # 0.2 < 0.25
+    assert out["cells"]["PromptFL"]["photo"]["best"] and not out["cells"]["FedOTP"]["photo"]["best"]
