@@ -18,12 +18,14 @@ from fedprompt.backbone import load_backbone
 from fedprompt.backbone.loading import check_source
 from fedprompt.data.cache import FeatureCache
 from fedprompt.data.reader import FederatedData
+from fedprompt.data.scenarios import ood_sets
 from fedprompt.data.transforms import clip_transforms
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.federation.clients import ClientPool
 from fedprompt.federation.evaluator import Evaluator
 from fedprompt.federation.fabric_transport import FabricTransport
 from fedprompt.federation.feed import CachedFeatures, Feed, ImageFiles, StoredImages, sample_lists
+from fedprompt.federation.ood_eval import build_detection
 from fedprompt.federation.round import RoundDriver
 from fedprompt.federation.sampler import Sampler
 from fedprompt.federation.scenarios import central_train, evaluation_sets
@@ -107,15 +109,17 @@ def build_parts(fabric, run: RunArgs, splits=None, timer=None, feed_clients: lis
     train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, train_args.augment)
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets, global, domains
     eval_sets = evaluation_sets(splits, run.eval)
+    ood = ood_sets(splits, run.eval.ood) if run.eval.ood else []  # OOD detection's sets (eval.ood)
     method.prepare_data(splits, eval_sets)  # per-dataset side data (FedMVP's attributes), checked before any write
-    extra = {e.name: e.samples for e in eval_sets}
+    extra = {e.name: e.samples for e in eval_sets + ood}
     feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf, feed_clients)
     pool = ClientPool(fabric, method, backbone, splits.classnames, splits.clients, feed, aggregator, sampler,
                       run.federation.parallel_clients, run.seed, timer)
     if eval_sets:
         _check_set_evaluation(pool, eval_sets)
+    detection = build_detection(run.eval, ood, backbone, splits.classnames, pool.client, method)
     evaluator = Evaluator(splits.clients, splits.classnames, run.eval, eval_sets, method.global_model,
-                          splits.class_groups)
+                          class_groups=splits.class_groups, detection=detection)
     server = Server(method, aggregator, sizes, run.federation, sampler, train_args)
     initial = pool.initial_state()
     pool.start(initial)
@@ -253,6 +257,8 @@ def _check_set_evaluation(pool: ClientPool, eval_sets: list) -> None:
     modules built on those lists), so the prompt state must not depend on the classes."""
     shapes = {k: tuple(v.shape) for k, v in pool.client.state_dict().items()}
     for eval_set in eval_sets:
+        if list(eval_set.classnames) == list(pool.classnames):
+            continue  # the federation's own class list (the global and per-domain sets)
         other = {k: tuple(v.shape) for k, v in pool.module_for(eval_set.classnames).state_dict().items()}
         if not pool.client.switchable_classes or other != shapes:
             raise FedPromptError(f"data: the evaluation set {eval_set.name} ({len(eval_set.classnames)} classes) is "

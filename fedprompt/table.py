@@ -15,7 +15,8 @@ for ``federation.central``, or a label given with ``--labels``) and its columns 
   target dataset of a cross-dataset / cross-domain run (``unseen/<target>``) and their mean (``unseen_acc``).
 
 A cell is the mean +- standard deviation over seeds (population std, as ``fedprompt sweep``), in %; the best mean of
-each column is marked (bold in Markdown, ``best`` in the CSV). The table is written as Markdown (``OUT.md``, also
+each column is marked (bold in Markdown, ``best`` in the CSV): the highest, or the lowest for an FPR (OOD
+detection's ``ood/<set>/<score>/fpr95``). The table is written as Markdown (``OUT.md``, also
 printed), CSV (``OUT.csv``, one row per cell: method, group, column, metric, mean, std, seeds, values, best) and
 drawn as a figure (``OUT.png``: one bar chart per column group, error bars = std; needs matplotlib, the ``plot``
 extra).
@@ -37,8 +38,7 @@ from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.files import checked_writes, read_json, read_yaml, write_all
 from fedprompt.run import TableArgs
-from fedprompt.table_metrics import (HM_LEGEND, derived, domain_columns, draw_reliability, lower_is_better, metric_name,
-                                     row_tallies)
+from fedprompt.table_metrics import HM_LEGEND, derived, domain_columns, draw_reliability, metric_name, row_tallies
 
 #: config keys whose values differ between the seeds of one result
 PER_SEED = ("seed", "data.init_args.seed")
@@ -317,6 +317,18 @@ class Cell:
     best: bool = False
 
 
+#: metrics (a key's last part) where lower is better: a column's best is its minimum (OOD detection's FPR95, the
+#: calibration error); also every ``*_ece`` and every spread over clients ``<metric>_std``
+LOWER_IS_BETTER = ("fpr95", "ece")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a lower value of ``metric`` is better (``ood/<set>/<score>/fpr95``, ``ece``, ``target_ece``,
+    ``local_acc_std``)."""
+    name = metric.rsplit("/", 1)[-1]
+    return name in LOWER_IS_BETTER or name.endswith(("_ece", "_std"))
+
+
 def _stats(values: list[float] | None) -> Cell:
     if not values:
         return Cell(None, None, [])
@@ -371,7 +383,7 @@ def markdown(rows: list[str], cols: list[Column], cells: dict, results: list[Res
     counts = " or ".join(str(n) for n in seeds)
     groups = list(dict.fromkeys(c.group for c in cols))
     caption = (f"{', '.join(groups)}: mean ± std over {counts} seed(s) (population std), in %; best per column in "
-               "bold" + (" (the lowest ECE or std)." if any(_lower_is_better(cols, c) for c in cols) else "."))
+               "bold" + (" (the lowest ECE, std or FPR95)." if any(_lower_is_better(cols, c) for c in cols) else "."))
     legend = list(dict.fromkeys(HM_LEGEND[c.metric] for c in cols if c.metric in HM_LEGEND))
     caption += "".join(f" {line}." for line in legend)
     lines = [caption, "", "| method | " + " | ".join(c.header for c in cols) + " |",

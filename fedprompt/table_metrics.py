@@ -47,12 +47,6 @@ def metric_name(metric: str, names: dict[str, str]) -> str:
     return METRIC_NAMES.get(metric, names.get(metric, metric))
 
 
-def lower_is_better(metric: str) -> bool:
-    """Whether the best value of ``metric`` is its lowest: a calibration error (``ece``, ``target_ece``, ...) or a
-    spread over clients (``<metric>_std``)."""
-    return metric == "ece" or metric.endswith("_ece") or metric.endswith("_std")
-
-
 def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 

@@ -43,6 +43,14 @@ METHODS = {
     "FedPHA": "--method FedPHA --method.n_ctx_global 4 --method.local_lengths [2,4,3,4] --method.lr 0.5",
     "FedMVP": f"--method FedMVP --method.attributes {ROOT / 'tests' / 'data' / 'synthetic_attributes.json'} "
               "--method.lr 0.05",
+    # a per-client domain index in the state (FedAPT); kept multipliers and the server's OT calibration (FOCoOp)
+    "FedAPT": "--method FedAPT --method.n_ctx 2 --method.domain_of client --method.lr 0.5",
+    "FOCoOp": f"--method FOCoOp --method.n_ctx 2 --method.num_negatives 4 --method.negative_words "
+              f"{ROOT / 'tests' / 'data' / 'negative_words'} --method.lr 0.05",
+    # OOD detection in the evaluation (eval.ood): every client's AUROC / FPR95 travel as metric records
+    "PromptFL-ood": "--method PromptFL --data.subsample_classes base --data.num_classes 6 --eval.ood [novel] "
+                    "--eval.ood_scores [msp,energy,mcm,neglabel] --eval.ood_negative_count 8 --eval.ood_negatives "
+                    f"{ROOT / 'tests' / 'data' / 'negative_words'}",
 }
 
 

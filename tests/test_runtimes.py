@@ -36,6 +36,12 @@ CASES = {
     "PromptFL-drop": ["--method", "PromptFL", "--federation.drop_rate", "0.5", "--federation.rounds", "3"],
     "FedOTP-dual": ["--method", "FedOTP", "--method.n_ctx", "4", "--method.lr", "0.5", "--eval.mode", "dual"],
     "PromptFL-central": ["--method", "PromptFL", "--federation.central", "true"],
+    # kept multipliers, the OT server (FOCoOp); OOD detection's per-client AUROC / FPR95 in both runtimes' rows
+    "FOCoOp": ["--method", "FOCoOp", "--method.n_ctx", "2", "--method.num_negatives", "4", "--method.negative_words",
+               str(ROOT / "tests" / "data" / "negative_words"), "--method.lr", "0.05"],
+    "PromptFL-ood": ["--method", "PromptFL", "--data.subsample_classes", "base", "--data.num_classes", "6",
+                     "--eval.ood", "[novel]", "--eval.ood_scores", "[msp,energy,mcm,neglabel]", "--eval.ood_negatives",
+                     str(ROOT / "tests" / "data" / "negative_words"), "--eval.ood_negative_count", "8"],
 }
 
 
@@ -98,6 +104,8 @@ def test_flower_runtime_equals_fabric_one_client_at_a_time(cli, tmp_path, case):
         assert all(len(row["dropped_clients"]) for row in rows)
     if case == "FedOTP-dual":
         assert {"local_acc", "global_acc", "dual_hm"} <= rows[-1].keys()
+    if case == "PromptFL-ood":
+        assert len(rows[-1]["client_ood/novel/neglabel/auroc"]) == 4 and "ood/novel/neglabel/auroc" in flower["summary"]
 
 
 def test_flower_runtime_killed_after_a_round_resumes_to_the_same_bits(cli, tmp_path, monkeypatch):

@@ -200,3 +200,13 @@ def test_table_command_on_small_runs(cli, tmp_path):
     assert (tmp_path / "t.md").is_file() and (tmp_path / "t.csv").is_file() and (tmp_path / "t.png").is_file()
     code, _, err = cli("table", "--out", tmp_path / "t")
     assert code == 2 and "runs" in err
+
+
+def test_ood_columns_mark_the_lowest_fpr_and_the_highest_auroc(tmp_path):
+    """OOD detection's keys (eval.ood) in the table: the best AUROC is the highest, the best FPR95 the lowest."""
+    keys = ["ood/dtd/energy/auroc", "ood/dtd/energy/fpr95"]
+    a = fake_run(tmp_path / "a", config(), **{keys[0]: 0.9, keys[1]: 0.3})
+    b = fake_run(tmp_path / "b", config("FOCoOp"), **{keys[0]: 0.8, keys[1]: 0.2})
+    out = table(tmp_path, a, b, columns="metrics", metrics=keys)
+    best = {col: [row for row in out["rows"] if out["cells"][row][col]["best"]] for col in out["columns"]}
+    assert best == {keys[0]: ["PromptFL"], keys[1]: ["FOCoOp"]}

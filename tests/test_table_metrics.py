@@ -91,7 +91,7 @@ def test_best_of_an_ece_or_a_spread_is_the_lowest(tmp_path):
     out = table(tmp_path, a, b, columns="metrics", metrics=["local_acc", "local_acc_std", "ece"])
     best = {col: [row for row in out["rows"] if out["cells"][row][col]["best"]] for col in out["columns"]}
     assert best == {"Local": ["PromptFL"], "Local std": ["FedOTP"], "ECE": ["FedOTP"]}
-    assert "best per column in bold (the lowest ECE or std)." in (tmp_path / "out" / "table.md").read_text()
+    assert "best per column in bold (the lowest ECE, std or FPR95)." in (tmp_path / "out" / "table.md").read_text()
     runs = [fake_run(tmp_path / f"{m}-{t}", lodo_config(m, t), target_acc=0.5, target_ece=e, local_acc=0.9)
             for m, t, e in (("PromptFL", "sketch", 0.3), ("PromptFL", "photo", 0.2), ("FedOTP", "sketch", 0.1),
                             ("FedOTP", "photo", 0.3))]

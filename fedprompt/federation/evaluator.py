@@ -26,6 +26,7 @@ import torch
 
 from fedprompt.calibration import CalibrationTally
 from fedprompt.federation.eval_summaries import CALIBRATION, COUNTS, SUMMARIES
+from fedprompt.federation.ood_eval import OODDetection, ood_row
 from fedprompt.federation.scenarios import scenario_summary
 from fedprompt.metrics import accuracy_metric, class_counts, class_counts_metric, harmonic_mean, summarize
 from fedprompt.timing import NoTimer
@@ -68,8 +69,8 @@ CLIENT_METRICS: tuple[ClientMetric, ...] = (ClientMetric("acc", lambda classes: 
                                             CALIBRATION_METRIC)
 
 #: row entries computed from every client's scores after the built-in summary: ``f(evaluator, scores, row) -> dict``
-#: (calibration, fairness, both HMs, the held-out domain, the long-tailed groups: eval_summaries)
-ROW_SUMMARIES: list[Callable] = list(SUMMARIES)
+#: (calibration, fairness, both HMs, the held-out domain, the long-tailed groups: eval_summaries; OOD detection)
+ROW_SUMMARIES: list[Callable] = [*SUMMARIES, ood_row]
 
 
 def key(metric: str, name: str) -> str:
@@ -88,10 +89,12 @@ class Evaluator:
         global_model: whether every client holds the same model (the method's ``global_model``).
         class_groups: the many / medium / few-shot classes of long-tailed data
             (:attr:`fedprompt.data.FederatedSplits.class_groups`): clients then also report per-class counts.
+        detection: OOD detection (``eval.ood``), measured with each client's own data
+            (:mod:`fedprompt.federation.ood_eval`).
     """
 
     def __init__(self, clients: list, classnames: list[str], eval_args, eval_sets: list, global_model: bool,
-                 class_groups: dict | None = None):
+                 class_groups: dict | None = None, detection: OODDetection | None = None):
         self.clients = clients
         self.classnames = classnames
         self.eval = eval_args
@@ -99,6 +102,7 @@ class Evaluator:
         self.global_model = global_model
         self.class_groups = class_groups
         self.metrics = CLIENT_METRICS + ((COUNTS_METRIC,) if class_groups else ())
+        self.detection = detection
 
     def scheduled(self, round_idx: int, rounds: int) -> bool:
         """Whether ``round_idx`` is evaluated (every ``eval.every`` rounds, and the last round)."""
@@ -124,7 +128,7 @@ class Evaluator:
         for members in by_classes.values():
             for chunk in pool.chunks(members):
                 self._score_chunk(pool, list(pool.classnames_of(chunk[0])), chunk,
-                                  {name: name for name in lists}, out)
+                                  {name: name for name in lists}, out, detect=True)
                 if bar is not None:
                     bar.update(len(chunk))
         groups: dict[tuple, list] = {}
@@ -136,9 +140,10 @@ class Evaluator:
                                   out)
         return out
 
-    def _score_chunk(self, pool, classnames: list[str], cids: list[int], lists: dict[str, str], out: dict) -> None:
+    def _score_chunk(self, pool, classnames: list[str], cids: list[int], lists: dict[str, str], out: dict,
+                     detect: bool = False) -> None:
         """Score the clients ``cids`` (one lock-step group) on every sample list of ``lists`` (score name -> the
-        feed's list name; ``test``/``val`` name the clients' own)."""
+        feed's list name; ``test``/``val`` name the clients' own), and (``detect``) their OOD detection."""
         client = pool.module_for(classnames)
         client.eval()
         client.timer = NoTimer()  # evaluation is timed as a whole
@@ -151,6 +156,9 @@ class Evaluator:
                 feed_list = f"{feed_list}:{cid}" if feed_list in ("test", "val") else feed_list
                 scores = self._measure(pool, client, text, slots, pos, feed_list)
                 out.setdefault(cid, {}).update({key(m, name): v for m, v in scores.items()})
+        if detect and self.detection is not None:
+            for cid, scores in self.detection.client_scores(self, pool, client, text, slots, cids).items():
+                out.setdefault(cid, {}).update(scores)
 
     @staticmethod
     @torch.no_grad()
@@ -164,18 +172,24 @@ class Evaluator:
         at ``slots[position]`` (its text side precomputed in ``text``) on list ``name`` (NaN for an empty list)."""
         if not pool.feed.lists.get(name):
             return {m.name: math.nan for m in self.metrics if not m.listed}
+        count = len(client.classnames)
+        metrics = [(m, m.build(count).to(pool.fabric.device)) for m in self.metrics]
+        for logits, label in self.eval_logits(pool, client, text, slots, position, name):
+            for spec, metric in metrics:  # columns past the classes: a model's own negative labels (FOCoOp)
+                metric.update(spec.inputs(logits[:, :count].float()), label)
+        return {spec.name: spec.value(metric.compute(), count) for spec, metric in metrics}
+
+    @torch.no_grad()
+    def eval_logits(self, pool, client, text, slots: torch.Tensor, position: int, name: str):
+        """``(logits, labels)`` of each evaluation batch of feed list ``name`` for the client at ``slots[position]``
+        (its text side precomputed in ``text``)."""
         fabric = pool.fabric
-        classes = len(client.classnames)
-        metrics = [(m, m.build(classes).to(fabric.device)) for m in self.metrics]
         for batch in pool.feed.eval_batches(name, self.eval.batch_size):
             batch = pool.feed.finish(fabric.to_device(batch))
             n = batch["label"].shape[0]
             batch.update(slots=slots, owner=torch.full((n,), position, dtype=torch.long, device=fabric.device))
             with fabric.autocast():
-                logits = client.predict_logits(batch, text)
-            for spec, metric in metrics:
-                metric.update(spec.inputs(logits.float()), batch["label"])
-        return {spec.name: spec.value(metric.compute(), classes) for spec, metric in metrics}
+                yield client.predict_logits(batch, text), batch["label"]
 
     # ------------------------------------------------------------------------------------------ summarising
     def summarize(self, scores: dict[int, Scores]) -> dict:

@@ -177,6 +177,9 @@ class Method:
     shared_prefixes: ClassVar[tuple[str, ...]] = ()
     #: frozen image-tower outputs the client reads: "features" (pooled) and/or "tokens" (patch tokens)
     image_inputs: ClassVar[tuple[str, ...]] = ("features",)
+    #: the client's evaluation logits have columns of its own negative labels after the classes (FOCoOp's OOD
+    #: prompts), which OOD detection's NegLabel reads
+    own_negative_labels: ClassVar[bool] = False
     trains_in_turn: ClassVar[bool] = False
 
     def __post_init__(self):
