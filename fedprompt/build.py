@@ -203,7 +203,7 @@ def _build_feed(fabric, run: RunArgs, splits, extra: dict, backbone, train_tf, t
     data: FederatedData = run.data
     frozen = method.frozen_image_tower
     if train_args.feature_cache and not frozen:
-        raise FedPromptError(f"train.feature_cache: {method.name} trains prompts inside the image tower, so its "
+        raise FedPromptError(f"train.feature_cache: {method.name} trains parameters inside the image tower, so its "
                              "outputs cannot be cached; set --train.feature_cache false.")
     if train_args.feature_cache and train_args.augment and method.trains:
         warn("train.feature_cache: train images are augmented (train.augment: true), so only evaluation is cached; "

@@ -24,6 +24,8 @@ DERIVED = {
     "MaPLe": ["text_depth 2, not the official 9"],
     "PromptSRC": ["text_depth 2, not the official 9", "visual_depth 2, not the official 9"],
     "VPT": ["visual_depth 2, not the official 12: the image tower of 'fedprompt-tiny' has 2 layers"],
+    "PFedMMA": ["adapter_end 2, not the official 12: the text tower of 'fedprompt-tiny' has 2 layers",
+                "adapter_start 2, not the official 5"],
 }
 
 

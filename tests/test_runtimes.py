@@ -42,6 +42,11 @@ CASES = {
     "PromptFL-ood": ["--method", "PromptFL", "--data.subsample_classes", "base", "--data.num_classes", "6",
                      "--eval.ood", "[novel]", "--eval.ood_scores", "[msp,energy,mcm,neglabel]", "--eval.ood_negatives",
                      str(ROOT / "tests" / "data" / "negative_words"), "--eval.ood_negative_count", "8"],
+    # issue 26: LoRA in both towers (dropout, AdamW), FedCLIP's adapter, pFedMMA's shared projection (private parts)
+    "FedLoRA": ["--method", "FedLoRA", "--method.lr", "0.01"],
+    "FedCLIP": ["--method", "FedCLIP", "--method.lr", "0.001"],
+    "PFedMMA": ["--method", "PFedMMA", "--method.adapter_start", "1", "--method.adapter_end", "2",
+                "--method.lr", "0.01"],
 }
 
 

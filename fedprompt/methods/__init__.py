@@ -22,6 +22,8 @@ REGISTRY = {
     "DPFPL": "dpfpl", "DPFPLClient": "dpfpl",
     "FedAPT": "fedapt", "FedAPTClient": "fedapt",
     "FedMGP": "fedmgp", "FedMGPAggregator": "fedmgp", "FedMGPClient": "fedmgp",
+    "FedCLIP": "fedclip", "FedCLIPClient": "fedclip",
+    "FedLoRA": "fedlora", "FedLoRAClient": "fedlora",
     "FedMVP": "fedmvp", "FedMVPClient": "fedmvp",
     "FedOTP": "fedotp", "FedOTPClient": "fedotp",
     "FedPGP": "fedpgp", "FedPGPClient": "fedpgp",
@@ -32,9 +34,11 @@ REGISTRY = {
     "PLOT": "plot", "PLOTClient": "plot",
     "ProDA": "proda", "ProDAClient": "proda",
     "ProGrad": "prograd", "ProGradClient": "prograd",
+    "PFedMMA": "pfedmma", "PFedMMAClient": "pfedmma",
     "PFedMoAP": "pfedmoap", "PFedMoAPClient": "pfedmoap", "MixtureOfPromptsServer": "pfedmoap",
     "PromptFolio": "promptfolio", "PromptFolioClient": "promptfolio",
     "GPAAggregator": "promptsrc", "PromptSRC": "promptsrc", "PromptSRCClient": "promptsrc",
+    "TunedClient": "tuned",
     "ZeroShot": "zeroshot",
 }
 
