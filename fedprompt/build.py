@@ -118,7 +118,8 @@ def build_parts(fabric, run: RunArgs, splits=None, timer=None, feed_clients: lis
     if eval_sets:
         _check_set_evaluation(pool, eval_sets)
     detection = build_detection(run.eval, ood, backbone, splits.classnames, pool.client, method)
-    evaluator = Evaluator(splits.clients, splits.classnames, run.eval, eval_sets, method.global_model, detection)
+    evaluator = Evaluator(splits.clients, splits.classnames, run.eval, eval_sets, method.global_model,
+                          class_groups=splits.class_groups, detection=detection)
     server = Server(method, aggregator, sizes, run.federation, sampler, train_args)
     initial = pool.initial_state()
     pool.start(initial)

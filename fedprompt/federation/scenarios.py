@@ -35,7 +35,7 @@ def scenario_summary(eval_sets: list, per_set: dict[str, float], results: dict,
     """
     out: dict = {}
     for item in eval_sets:
-        if not item.seen:
+        if not item.seen and item.split != "target":  # a held-out domain is target_acc (eval_summaries)
             out[f"unseen/{item.dataset}"] = per_set[item.name]
     global_sets = [e for e in eval_sets if e.split == "global"]
     if global_sets:
