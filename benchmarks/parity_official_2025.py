@@ -268,20 +268,27 @@ def former_pairs(learner, former, what) -> dict:
     return torch.cat(theirs), torch.cat(ours)
 
 
-def parity_fedmvp(root: Path, tol: float, seed: int) -> bool:
+def mvp_release(root: Path, seed: int, folder: Path):
+    """The release's module and ``FedMVP`` model on a random CLIP, with the plumbing above, and fedprompt's backbone
+    of the same CLIP; the generated ``attributes/pacs.json`` in ``folder`` (the release's working folder)."""
     clip, module = import_plain(root, REPOS["FedMVP"][1], install_mvp_stubs, "model")
     clip_model = mvp_clip(clip, seed)
-    backbone = fedprompt_backbone(clip_model)
+    attributes = folder / "attributes" / "pacs.json"
+    attributes.parent.mkdir()
+    attributes.write_text(json.dumps({name: ATTRIBUTES[k % 2: k % 2 + 4] for k, name in enumerate(CLASSES)}))
+    torch.manual_seed(seed)
+    official = module.FedMVP(ns(MODEL=ns(N_CTX=4)), clip_model, device="cpu")
+    official.image_encoder = module.ImageEncoder(clip_model.visual)  # the release's forward uses it
+    learner = official.prompt_learner.float()  # the release casts the PromptFormer to fp16
+    module.flip_transform = module.transforms.RandomHorizontalFlip(p=1.0)
+    perturb_(list(learner.linear.parameters()) + list(learner.crossattn.parameters()), seed, scale=0.05)
+    return module, fedprompt_backbone(clip_model), official, attributes
+
+
+def parity_fedmvp(root: Path, tol: float, seed: int) -> bool:
     with tempfile.TemporaryDirectory(prefix="fedmvp-attributes-") as folder:
-        attributes = Path(folder) / "attributes" / "pacs.json"
-        attributes.parent.mkdir()
-        attributes.write_text(json.dumps({name: ATTRIBUTES[k % 2: k % 2 + 4] for k, name in enumerate(CLASSES)}))
-        torch.manual_seed(seed)
-        official = module.FedMVP(ns(MODEL=ns(N_CTX=4)), clip_model, device="cpu")
-        official.image_encoder = module.ImageEncoder(clip_model.visual)  # the release's forward uses it
-        learner = official.prompt_learner.float()  # the release casts the PromptFormer to fp16
-        module.flip_transform = module.transforms.RandomHorizontalFlip(p=1.0)
-        perturb_(list(learner.linear.parameters()) + list(learner.crossattn.parameters()), seed, scale=0.05)
+        module, backbone, official, attributes = mvp_release(root, seed, Path(folder))
+        learner = official.prompt_learner
         client = FedMVP(attributes=str(attributes), flip_probability=1.0, weight_decay=5e-4).build_client(
             backbone, CLASSES)
         copy_former(learner, client.former)
@@ -365,19 +372,9 @@ def parity_fedmvp_lora(root: Path, tol: float, seed: int) -> bool:
     """Two clients in ONE lock-step step, client 0 switched to LoRA and client 1 not, against the release's two
     separate steps from the same start: training logits, losses, the trained parameters' gradients, every
     PromptFormer parameter after the step (the held ones unchanged)."""
-    clip, module = import_plain(root, REPOS["FedMVP"][1], install_mvp_stubs, "model")
-    clip_model = mvp_clip(clip, seed)
-    backbone = fedprompt_backbone(clip_model)
     with tempfile.TemporaryDirectory(prefix="fedmvp-attributes-") as folder:
-        attributes = Path(folder) / "attributes" / "pacs.json"
-        attributes.parent.mkdir()
-        attributes.write_text(json.dumps({name: ATTRIBUTES[k % 2: k % 2 + 4] for k, name in enumerate(CLASSES)}))
-        torch.manual_seed(seed)
-        official = module.FedMVP(ns(MODEL=ns(N_CTX=4)), clip_model, device="cpu")
-        official.image_encoder = module.ImageEncoder(clip_model.visual)
-        learner = official.prompt_learner.float()
-        module.flip_transform = module.transforms.RandomHorizontalFlip(p=1.0)
-        perturb_(list(learner.linear.parameters()) + list(learner.crossattn.parameters()), seed, scale=0.05)
+        module, backbone, official, attributes = mvp_release(root, seed, Path(folder))
+        learner = official.prompt_learner
         start = {k: v.detach().clone() for k, v in learner.state_dict().items()}
         client = FedMVP(attributes=str(attributes), flip_probability=1.0, weight_decay=5e-4,
                         lora_threshold=0.5).build_client(backbone, CLASSES, slots=2)
