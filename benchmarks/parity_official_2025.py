@@ -24,6 +24,10 @@ files are imported from there.
   ``attributes/pacs.json`` with generated attributes in a temporary working folder (the release reads it from
   there; the JSON's class order is the class list's, so the release's JSON-ordered logit columns line up). The
   tiny CLIP has the widths the release hard-codes (vision width 768, joint width 512; one layer each).
+- **FedMVP-LoRA**: the same, with the release's LoRA switch (``federated/client.py:96-101``: ``requires_grad`` of
+  the cross-attention and of ``CrossLoRAparams``, ``use_lora``) set by hand: two clients in ONE fedprompt lock-step
+  step, client 0 switched and client 1 not, against the release's two steps from the same start (training logits
+  from its ``compute_accuracy`` call, losses, the trained parameters' gradients, every parameter after the step).
 
 - **FedAPT** (leondada/FedAPT, ``supervised/PromptModels/clip_queryv2.py``): the release's ``CustomCLIP_client``
   (each client's own domain key) and ``CustomCLIP_server`` (the key mixture per image), and one training step of two
