@@ -24,6 +24,10 @@ files are imported from there.
   ``attributes/pacs.json`` with generated attributes in a temporary working folder (the release reads it from
   there; the JSON's class order is the class list's, so the release's JSON-ordered logit columns line up). The
   tiny CLIP has the widths the release hard-codes (vision width 768, joint width 512; one layer each).
+- **FedMVP-LoRA**: the same, with the release's LoRA switch (``federated/client.py:96-101``: ``requires_grad`` of
+  the cross-attention and of ``CrossLoRAparams``, ``use_lora``) set by hand: two clients in ONE fedprompt lock-step
+  step, client 0 switched and client 1 not, against the release's two steps from the same start (training logits
+  from its ``compute_accuracy`` call, losses, the trained parameters' gradients, every parameter after the step).
 
 - **FedAPT** (leondada/FedAPT, ``supervised/PromptModels/clip_queryv2.py``): the release's ``CustomCLIP_client``
   (each client's own domain key) and ``CustomCLIP_server`` (the key mixture per image), and one training step of two
@@ -92,6 +96,7 @@ REPOS = {
     "FedPHA": ("CYFang6+FedPHA", "trainers/GL_SVDMSE.py"),
     "FedPHA-HE": ("CYFang6+FedPHA", "trainers/GL_SVDMSE_HE.py"),
     "FedMVP": ("mainaksingha01+FedMVP", "model/FedMVP.py"),
+    "FedMVP-LoRA": ("mainaksingha01+FedMVP", "model/FedMVP.py"),
 }
 #: FedPHA-HE: the global prompt's and the two clients' local prompts' lengths
 HE_GLOBAL, HE_LOCAL = 8, (3, 10)
@@ -267,20 +272,27 @@ def former_pairs(learner, former, what) -> dict:
     return torch.cat(theirs), torch.cat(ours)
 
 
-def parity_fedmvp(root: Path, tol: float, seed: int) -> bool:
+def mvp_release(root: Path, seed: int, folder: Path):
+    """The release's module and ``FedMVP`` model on a random CLIP, with the plumbing above, and fedprompt's backbone
+    of the same CLIP; the generated ``attributes/pacs.json`` in ``folder`` (the release's working folder)."""
     clip, module = import_plain(root, REPOS["FedMVP"][1], install_mvp_stubs, "model")
     clip_model = mvp_clip(clip, seed)
-    backbone = fedprompt_backbone(clip_model)
+    attributes = folder / "attributes" / "pacs.json"
+    attributes.parent.mkdir()
+    attributes.write_text(json.dumps({name: ATTRIBUTES[k % 2: k % 2 + 4] for k, name in enumerate(CLASSES)}))
+    torch.manual_seed(seed)
+    official = module.FedMVP(ns(MODEL=ns(N_CTX=4)), clip_model, device="cpu")
+    official.image_encoder = module.ImageEncoder(clip_model.visual)  # the release's forward uses it
+    learner = official.prompt_learner.float()  # the release casts the PromptFormer to fp16
+    module.flip_transform = module.transforms.RandomHorizontalFlip(p=1.0)
+    perturb_(list(learner.linear.parameters()) + list(learner.crossattn.parameters()), seed, scale=0.05)
+    return module, fedprompt_backbone(clip_model), official, attributes
+
+
+def parity_fedmvp(root: Path, tol: float, seed: int) -> bool:
     with tempfile.TemporaryDirectory(prefix="fedmvp-attributes-") as folder:
-        attributes = Path(folder) / "attributes" / "pacs.json"
-        attributes.parent.mkdir()
-        attributes.write_text(json.dumps({name: ATTRIBUTES[k % 2: k % 2 + 4] for k, name in enumerate(CLASSES)}))
-        torch.manual_seed(seed)
-        official = module.FedMVP(ns(MODEL=ns(N_CTX=4)), clip_model, device="cpu")
-        official.image_encoder = module.ImageEncoder(clip_model.visual)  # the release's forward uses it
-        learner = official.prompt_learner.float()  # the release casts the PromptFormer to fp16
-        module.flip_transform = module.transforms.RandomHorizontalFlip(p=1.0)
-        perturb_(list(learner.linear.parameters()) + list(learner.crossattn.parameters()), seed, scale=0.05)
+        module, backbone, official, attributes = mvp_release(root, seed, Path(folder))
+        learner = official.prompt_learner
         client = FedMVP(attributes=str(attributes), flip_probability=1.0, weight_decay=5e-4).build_client(
             backbone, CLASSES)
         copy_former(learner, client.former)
@@ -304,12 +316,13 @@ def parity_fedmvp(root: Path, tol: float, seed: int) -> bool:
     return report("FedMVP", pairs, tol)
 
 
-def official_mvp_step(module, root: Path, official, image, label) -> torch.Tensor:
-    """The release's ``Client.forward_backward`` (its loss) and one SGD step over the prompt learner, as its
-    ``model_backward_and_update``."""
+def official_mvp_step(module, root: Path, official, image, label, logits: list | None = None) -> torch.Tensor:
+    """The release's ``Client.forward_backward`` (its loss; its training logits appended to ``logits``) and one SGD
+    step over the prompt learner, as its ``model_backward_and_update`` (SGD skips what has no gradient)."""
     forward_backward = trainer_method(module, root / "federated" / "client.py", "Client", "forward_backward")
     parse_batch = trainer_method(module, root / "federated" / "client.py", "Client", "parse_batch")
-    forward_backward.__globals__["compute_accuracy"] = lambda output, label: [torch.zeros(())]  # plumbing
+    kept = [] if logits is None else logits
+    forward_backward.__globals__["compute_accuracy"] = lambda output, label: [kept.append(output.detach()) or torch.zeros(())]
     trainer = ns(model=official, device=torch.device("cpu"), cfg=ns(TRAIN=ns(ALPHA=10)))
     trainer.parse_batch = lambda batch: parse_batch(trainer, batch)
     params = [p for p in official.prompt_learner.parameters() if p.requires_grad]
@@ -320,6 +333,91 @@ def official_mvp_step(module, root: Path, official, image, label) -> torch.Tenso
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+#: fedprompt's LoRA factors (``lora_factors.<role>``: ``A`` [r, width], ``B`` [width, r]) -> the release's
+#: (``CrossLoRAparams``: ``A`` [width, r], ``B`` [r, width]; transposed)
+MVP_LORA = {"query": ("cross_queryA", "cross_queryB"), "key": ("cross_keyA", "cross_keyB"),
+            "value": ("cross_valueA", "cross_valueB")}
+
+
+def release_params(learner, client) -> dict:
+    """fedprompt's parameter (name as in ``client.named_parameters()``) -> the release's as fedprompt lays it out
+    (cross-attention, context map, LoRA factors transposed)."""
+    attend, feed = learner.crossattn.cross_attend_blocks
+    sources = {"context": learner.linear, "norm_queries": attend.norm, "norm_context": attend.norm_context,
+               "attn": attend.fn, "ff": feed.net}
+    out = {f"former.{name}.{key}": param for name, source in sources.items()
+           for key, param in source.named_parameters()}
+    lora = dict(learner.cross_loraparams.named_parameters())
+    for role, (a, b) in MVP_LORA.items():
+        out[f"lora_factors.{role}.A"], out[f"lora_factors.{role}.B"] = lora[a], lora[b]
+    mine = dict(client.named_parameters())
+    assert set(out) == set(mine), sorted(set(out) ^ set(mine))
+    return out
+
+
+def as_mine(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A release tensor laid out as fedprompt's (the LoRA factors transposed)."""
+    return tensor.t() if name.startswith("lora_factors.") else tensor
+
+
+def release_switch(learner, on: bool) -> None:
+    """The release's switch (``federated/client.py:96-101``): with LoRA the cross-attention is frozen and the LoRA
+    factors train; without, the other way round (``build_model``)."""
+    for param in learner.crossattn.parameters():
+        param.requires_grad_(not on)
+    for param in learner.cross_loraparams.parameters():
+        param.requires_grad_(on)
+    learner.use_lora = on
+
+
+def parity_fedmvp_lora(root: Path, tol: float, seed: int) -> bool:
+    """Two clients in ONE lock-step step, client 0 switched to LoRA and client 1 not, against the release's two
+    separate steps from the same start: training logits, losses, the trained parameters' gradients, every
+    PromptFormer parameter after the step (the held ones unchanged)."""
+    with tempfile.TemporaryDirectory(prefix="fedmvp-attributes-") as folder:
+        module, backbone, official, attributes = mvp_release(root, seed, Path(folder))
+        learner = official.prompt_learner
+        start = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+        client = FedMVP(attributes=str(attributes), flip_probability=1.0, weight_decay=5e-4,
+                        lora_threshold=0.5).build_client(backbone, CLASSES, slots=2)
+        theirs = release_params(learner, client)
+        mine = dict(client.named_parameters())
+        with torch.no_grad():
+            for name, param in mine.items():
+                param.copy_(as_mine(name, theirs[name].detach()).expand_as(param))
+            client.lora_on.copy_(torch.tensor([1.0, 0.0]))  # client 0 switched in an earlier round
+        client.on_round_start(None)
+        pictures = [images(backbone, 3 + k, seed + 10 * k) for k in range(2)]
+        pictures = [(torch.nn.functional.interpolate(x, size=64), y) for x, y in pictures]
+        batch = lockstep_batch([x for x, _ in pictures], [y for _, y in pictures])
+        client.train()
+        with torch.no_grad():
+            logits_f = client(batch)
+        loss_f = lockstep_step(client, batch)
+        after = {name: param.detach() for name, param in mine.items()}
+        pairs, cwd = {}, os.getcwd()
+        os.chdir(folder)
+        try:
+            for k, (x, y) in enumerate(pictures):  # the release: one client after the other, each from the start
+                learner.load_state_dict(start)
+                learner.zero_grad(set_to_none=True)
+                release_switch(learner, on=k == 0)
+                logits_o = []
+                loss_o = official_mvp_step(module, root, official, x, y, logits_o)
+                rows = slice(0, 3) if k == 0 else slice(3, 7)
+                trained = [n for n, p in theirs.items() if p.grad is not None]
+                pairs[f"logits {k}"] = (logits_o[0], logits_f[rows])
+                pairs[f"loss {k}"] = (loss_o, loss_f[k])
+                pairs[f"grads {k}"] = (torch.cat([as_mine(n, theirs[n].grad).flatten() for n in trained]),
+                                       torch.cat([mine[n].grad[k].flatten() for n in trained]))
+                pairs[f"params after step {k}"] = (
+                    torch.cat([as_mine(n, p.detach()).flatten() for n, p in theirs.items()]),
+                    torch.cat([after[n][k].flatten() for n in theirs]))
+        finally:
+            os.chdir(cwd)
+    return report("FedMVP-LoRA", pairs, tol, " (client 0 LoRA, client 1 not, one lock-step step)")
 
 
 # ------------------------------------------------------------------------------------------- FedAPT, FOCoOp
@@ -627,7 +725,8 @@ def foc_server_pairs(server_mod, official, method, uploads: dict, seed: int, def
             "server OOD prompts": (theirs["prompt_learner.ctx_ood"], mine["ood_prompt.ctx"])}
 
 
-PARITY = {"FedPHA": parity_fedpha, "FedPHA-HE": parity_fedpha_he, "FedMVP": parity_fedmvp, "FedAPT": parity_fedapt,
+PARITY = {"FedPHA": parity_fedpha, "FedPHA-HE": parity_fedpha_he, "FedMVP": parity_fedmvp,
+          "FedMVP-LoRA": parity_fedmvp_lora, "FedAPT": parity_fedapt,
           "FOCoOp": parity_focoop}
 
 

@@ -47,6 +47,10 @@ CASES = {
     "FedCLIP": ["--method", "FedCLIP", "--method.lr", "0.001"],
     "PFedMMA": ["--method", "PFedMMA", "--method.adapter_start", "1", "--method.adapter_end", "2",
                 "--method.lr", "0.01"],
+    # issue 27: FedMVP's per-client switch to LoRA (kept in the client state, never sent; 2 of 4 clients switch)
+    "FedMVP-LoRA": ["--method", "FedMVP", "--method.attributes", str(ROOT / "tests" / "data" /
+                                                                     "synthetic_attributes.json"),
+                    "--method.lr", "0.05", "--method.lora_threshold", "1.6", "--federation.rounds", "3"],
 }
 
 
