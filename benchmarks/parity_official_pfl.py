@@ -140,19 +140,26 @@ def evaluation_logits(official, client, image) -> tuple[torch.Tensor, torch.Tens
 def official_step(module, root: Path, method: str, official, params, image, label, **attrs):
     """The release's ``forward_backward`` on a stand-in trainer whose update is one SGD step; returns the loss."""
     _, trainer_file, trainer_class = REPOS[method]
-    forward_backward = trainer_method(module, root / trainer_file, trainer_class, "forward_backward")
-    parse_batch_train = trainer_method(module, root / trainer_file, trainer_class, "parse_batch_train")
-    optimizer = sgd(params)  # lr 0.002, momentum 0.9, weight decay 5e-4, as fedprompt_step
+    return stand_in_step(module, root / trainer_file, trainer_class, official, params, image, label, **attrs)
+
+
+def stand_in_step(module, path: Path, class_name: str, model, params, image, label, lr: float = 0.002, **attrs):
+    """``class_name.forward_backward`` of the trainer file ``path`` on a stand-in trainer (``attrs``: its other
+    attributes) whose update is one SGD step (lr 0.002, momentum 0.9, weight decay 5e-4, as fedprompt_step: Dassl's
+    defaults), ``model`` in train mode; returns the loss."""
+    forward_backward = trainer_method(module, path, class_name, "forward_backward")
+    parse_batch_train = trainer_method(module, path, class_name, "parse_batch_train")
+    optimizer = sgd(params, lr=lr)
 
     def update(loss):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    trainer = ns(model=official, device=torch.device("cpu"), batch_idx=0, num_batches=2, update_lr=lambda: None,
+    trainer = ns(model=model, device=torch.device("cpu"), batch_idx=0, num_batches=2, update_lr=lambda: None,
                  model_backward_and_update=update, **attrs)
     trainer.parse_batch_train = lambda batch: parse_batch_train(trainer, batch)
-    official.train()
+    model.train()
     summary = forward_backward(trainer, {"img": image, "label": label})
     return torch.tensor(summary["loss"])
 

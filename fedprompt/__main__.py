@@ -151,7 +151,8 @@ def command_parser(name: str):
         positional = dict(getattr(options, "positional", {}))
         for key, text in positional.items():
             parser.add_argument(key, type=str, nargs="+", help=text)
-        parser.add_class_arguments(options, nested_key=None, skip=set(positional))
+        parser.add_class_arguments(options, nested_key=None,
+                                   skip=set(positional) | set(getattr(options, "not_flags", ())))
     return parser
 
 
@@ -195,22 +196,28 @@ def _find_cause(err: BaseException | None, kind: type) -> BaseException | None:
     return None
 
 
-def run_command(name: str, init, resolved: dict):
+def run_command(name: str, init, resolved: dict, argv: list[str] | None = None):
     """Call command ``name`` with the instantiated values ``init`` of its parser: the run settings as one
-    :class:`fedprompt.run.RunArgs` (with the resolved config), and its options."""
+    :class:`fedprompt.run.RunArgs` (with the resolved config), and its options (an options class with a
+    ``command_line`` field gets the command's arguments ``argv`` there)."""
     from fedprompt.run import RunArgs
     from fedprompt.commands import COMMANDS
 
     function, options = COMMANDS[name]
+    if options is not None:
+        skipped = set(getattr(options, "not_flags", ()))
+        values = {f.name: init[f.name] for f in fields(options) if f.name not in skipped}
+        if "command_line" in skipped:
+            values["command_line"] = list(argv or [])
     if not takes_run(options):
-        return function(options(**{f.name: init[f.name] for f in fields(options)}))
-    values = {f.name: init[f.name] for f in fields(RunArgs) if f.name != "resolved_config"}
+        return function(options(**values))
+    run_values = {f.name: init[f.name] for f in fields(RunArgs) if f.name != "resolved_config"}
     if name in NO_METHOD:
-        values["method"] = None  # checked from its source, never built (see command_parser)
-    run = RunArgs(**values, resolved_config=resolved)
+        run_values["method"] = None  # checked from its source, never built (see command_parser)
+    run = RunArgs(**run_values, resolved_config=resolved)
     if options is None:
         return function(run)
-    return function(run, options(**{f.name: init[f.name] for f in fields(options)}))
+    return function(run, options(**values))
 
 
 @contextmanager
@@ -374,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare(argv)
         name, parser, cfg = parse(without_method_flags(argv))
         init, resolved = instantiate(parser, cfg)
-        run_command(name, init, resolved)
+        run_command(name, init, resolved, argv[1:])
     except FedPromptError as err:
         print(f"fedprompt: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)

@@ -11,7 +11,7 @@ line. A new field gets its rule by adding one entry to the dataclass's ``__post_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from fedprompt.errors import FedPromptError
@@ -174,9 +174,29 @@ class EvalArgs:
     domains: bool = False
     """Also score on each domain's whole test split (multi-domain data such as DomainNet), like the global view:
     domain/<name> per domain and multidomain_acc, their test-size-weighted mean."""
+    ood: list[str] = field(default_factory=list)
+    """OOD detection, for every method: the out-of-distribution sets, each client's own test images being
+    in-distribution. novel: the held-out classes of a base/novel split (data.subsample_classes base); or the name of
+    a target of data: Transfer (a dataset read for its test images). A set named here is an OOD set only (no novel
+    or unseen accuracy). Rows: ood/<set>/<score>/auroc and /fpr95 (mean over clients), client_ood/... per client."""
+    ood_scores: list[Literal["msp", "energy", "mcm", "neglabel"]] = field(
+        default_factory=lambda: ["msp", "energy", "mcm"])
+    """OOD scores: maximum softmax probability, energy (logsumexp of the logits), MCM (maximum softmax of the
+    cosine similarities), NegLabel (the softmax mass of the classes among them and negative labels: the method's own
+    (FOCoOp) or eval.ood_negatives words through the method's prompts)."""
+    ood_negatives: Optional[str] = None
+    """NegLabel's negative labels for methods without their own: WordNet word lists (a folder of adj*.txt /
+    noun*.txt files, e.g. FOCoOp's or NegLabel's txtfiles), mined against the class names."""
+    ood_negative_count: int = 1000
+    """How many negative labels NegLabel mines from eval.ood_negatives (the least similar to the classes)."""
+    ood_all_columns: bool = False
+    """msp, energy and mcm over every logit column, a method's own negative labels included (FOCoOp's released
+    evaluation); false: over the classes only."""
 
     def __post_init__(self):
-        check_ranges("eval", self, every=(1, None), batch_size=(1, None))
+        check_ranges("eval", self, every=(1, None), batch_size=(1, None), ood_negative_count=(1, None))
+        if len(set(self.ood)) != len(self.ood):
+            raise FedPromptError(f"eval.ood names a set twice: {self.ood}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from fedprompt.backbone import load_backbone
 from fedprompt.backbone.loading import check_source
 from fedprompt.data.cache import FeatureCache
 from fedprompt.data.reader import FederatedData
+from fedprompt.data.scenarios import ood_sets
 from fedprompt.data.transforms import clip_transforms
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.federation.attacks import plan_attack
@@ -25,6 +26,7 @@ from fedprompt.federation.clients import ClientPool
 from fedprompt.federation.evaluator import Evaluator
 from fedprompt.federation.fabric_transport import FabricTransport
 from fedprompt.federation.feed import CachedFeatures, Feed, ImageFiles, StoredImages, sample_lists
+from fedprompt.federation.ood_eval import build_detection
 from fedprompt.federation.round import RoundDriver
 from fedprompt.federation.sampler import Sampler
 from fedprompt.federation.scenarios import central_train, evaluation_sets
@@ -112,14 +114,17 @@ def build_parts(fabric, run: RunArgs, splits=None, timer=None, feed_clients: lis
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets, global, domains
     eval_sets = evaluation_sets(splits, run.eval)
     attack_sets = attack.eval_sets(splits) if attack is not None else []  # the attack's success rate
+    ood = ood_sets(splits, run.eval.ood) if run.eval.ood else []  # OOD detection's sets (eval.ood)
     method.prepare_data(splits, eval_sets + attack_sets)  # per-dataset side data (FedMVP's attributes), checked
-    extra = {e.name: e.samples for e in eval_sets + attack_sets}
+    extra = {e.name: e.samples for e in eval_sets + attack_sets + ood}
     feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf, feed_clients)
     pool = ClientPool(fabric, method, backbone, splits.classnames, splits.clients, feed, aggregator, sampler,
                       run.federation.parallel_clients, run.seed, timer)
     if eval_sets:
         _check_set_evaluation(pool, eval_sets)
-    evaluator = Evaluator(splits.clients, splits.classnames, run.eval, eval_sets + attack_sets, method.global_model)
+    detection = build_detection(run.eval, ood, backbone, splits.classnames, pool.client, method)
+    evaluator = Evaluator(splits.clients, splits.classnames, run.eval, eval_sets + attack_sets, method.global_model,
+                          class_groups=splits.class_groups, detection=detection)
     server = Server(method, aggregator, sizes, run.federation, sampler, train_args)
     install_norm_bound(server)  # robust.norm_bound: a server step over single uploads
     if attack is not None:
@@ -128,6 +133,26 @@ def build_parts(fabric, run: RunArgs, splits=None, timer=None, feed_clients: lis
     pool.start(initial)
     server.start(initial)
     return Parts(fabric, method, splits.classnames, splits.clients, sampler, server, pool, evaluator, feed, initial)
+
+
+def check_round_order(run: RunArgs, runtime: str) -> None:
+    """A method whose round trains its clients one at a time (``trains_in_turn``: pFedMoAP under ``compat:
+    official``) runs under ``--runtime fabric`` with K = 1 on one device; one line for anything else, before the
+    run starts."""
+    method = run.method
+    if method is None or not method.trains_in_turn:
+        return
+    why = f"{method.name} with method.compat official trains a round's clients one at a time, in the release's order"
+    if runtime != "fabric":
+        raise FedPromptError(f"{why}; the Flower runtime sends each round's downloads at once: run it with "
+                             "--runtime fabric, or use method.compat fixed.")
+    fab, parallel = run.fabric, run.federation.parallel_clients
+    if str(fab.devices) not in ("1", "auto") or fab.num_nodes != 1:
+        raise FedPromptError(f"{why}; it runs on one device: pass --fabric.devices 1 --fabric.num_nodes 1 (not "
+                             f"{fab.devices} x {fab.num_nodes}), or use method.compat fixed.")
+    if parallel not in ("auto", 1):
+        raise FedPromptError(f"{why}: pass --federation.parallel_clients 1 (or auto), not {parallel}, or use "
+                             "method.compat fixed.")
 
 
 def _build_aggregator(fabric, run: RunArgs, num_clients: int, quiet: bool):
@@ -192,7 +217,7 @@ def _build_feed(fabric, run: RunArgs, splits, extra: dict, backbone, train_tf, t
     data: FederatedData = run.data
     frozen = method.frozen_image_tower
     if train_args.feature_cache and not frozen:
-        raise FedPromptError(f"train.feature_cache: {method.name} trains prompts inside the image tower, so its "
+        raise FedPromptError(f"train.feature_cache: {method.name} trains parameters inside the image tower, so its "
                              "outputs cannot be cached; set --train.feature_cache false.")
     if train_args.feature_cache and train_args.augment and method.trains:
         warn("train.feature_cache: train images are augmented (train.augment: true), so only evaluation is cached; "
@@ -246,6 +271,8 @@ def _check_set_evaluation(pool: ClientPool, eval_sets: list) -> None:
     modules built on those lists), so the prompt state must not depend on the classes."""
     shapes = {k: tuple(v.shape) for k, v in pool.client.state_dict().items()}
     for eval_set in eval_sets:
+        if list(eval_set.classnames) == list(pool.classnames):
+            continue  # the federation's own class list (the global and per-domain sets)
         other = {k: tuple(v.shape) for k, v in pool.module_for(eval_set.classnames).state_dict().items()}
         if not pool.client.switchable_classes or other != shapes:
             raise FedPromptError(f"data: the evaluation set {eval_set.name} ({len(eval_set.classnames)} classes) is "

@@ -268,6 +268,8 @@ def check_setting(key: str, value, selected: dict, groups: dict[str, type], text
         owner, settings = f"the {head} group", settings_of(groups[head])
     elif head in groups and not rest:
         return None if fits(groups[head]) else f"invalid value {value!r} (expected {describe(groups[head])})"
+    elif head in groups and not dataclasses.is_dataclass(groups[head]) and matches({}, groups[head]):
+        return None  # a key inside a mapping-valued setting (sweep's --slurm): the mapping's keys are its own
     else:
         return f"no such setting; the settings are {', '.join(sorted(groups) + list(CLASS_KEYS))}"
     if rest not in settings:
@@ -316,7 +318,8 @@ def _groups_of(command: str) -> dict[str, type]:
     groups = {}
     for cls in (fedprompt.run.RunArgs, fedprompt.run.COMMAND_OPTIONS[command]):
         if cls is not None:
-            groups.update({k: v for k, v in settings_of(cls).items() if k not in CLASS_KEYS})
+            groups.update({k: v for k, v in settings_of(cls).items()
+                           if k not in CLASS_KEYS and k not in getattr(cls, "not_flags", ())})
     return groups
 
 

@@ -11,7 +11,7 @@ Everything that can be checked without loading data or a model is checked first.
 
 from __future__ import annotations
 
-from fedprompt.build import build_parts, read_data_and_check_weights
+from fedprompt.build import build_parts, check_round_order, read_data_and_check_weights
 from fedprompt.errors import FedPromptError
 from fedprompt.run import RunArgs
 from fedprompt.run_folder import Interrupted, RunFolder, completed_run, open_run
@@ -80,6 +80,8 @@ def _check_arguments(mode: str, run: RunArgs) -> RunArgs:
         check_logger(run.log)
     if run.runtime == "flower":
         check_flower_runtime(run)
+    if mode == "fit":
+        check_round_order(run, run.runtime)
     return run
 
 

@@ -173,10 +173,41 @@ class SweepArgs:
     same_data: bool = False
     """Keep the config's data.seed for every seed (only prompt initialisation, client sampling and data order
     change)."""
+    configs: Optional[list[str]] = None
+    """A grid: fit configs, each a cell (crossed with --methods and --datasets); the sweep's flags apply to each.
+    Instead of --config."""
+    methods: Optional[list[str]] = None
+    """A grid: methods (short names or class paths), each replacing the config's method (settings it shares, such as
+    lr and n_ctx, are kept)."""
+    datasets: Optional[list[str]] = None
+    """A grid: data configs (YAML files with a data section, e.g. configs/datasets/dtd.yaml), each replacing the
+    config's data."""
+    launcher: Literal["local", "slurm", "submitit-local"] = "local"
+    """local: the runs as child processes of this command, --processes at a time; slurm: one SLURM job per run
+    through submitit (the slurm extra); submitit-local: the same jobs on this machine (submitit's local executor)."""
+    processes: int = 1
+    """local: runs at once (one per GPU: the k-th process sees GPU k when there are that many)."""
+    slurm: Optional[dict] = None
+    """slurm: submitit's executor parameters, e.g. {"slurm_partition": "gpu", "timeout_min": 600, "gpus_per_node": 1,
+    "cpus_per_task": 8}."""
+    wait: bool = True
+    """slurm / submitit-local: wait for the jobs, then write the tables (false: submit and return; the same command
+    later writes them)."""
+    command_line: Optional[list[str]] = None
+    """Not a flag: the command line that started the sweep (set by the CLI), whose run flags a grid applies to each
+    of --configs."""
+
+    #: fields that are not command-line flags
+    not_flags: ClassVar[tuple[str, ...]] = ("command_line",)
 
     def __post_init__(self):
         for n in self.seeds:  # each is also a data.seed
             check_seed("--seeds", n, DATA_SEED_MAX)
+        check_ranges("", self, processes=(1, None))
+        for name in ("configs", "methods", "datasets"):
+            values = getattr(self, name)
+            if values is not None and (not values or len(set(values)) != len(values)):
+                raise FedPromptError(f"--{name} must be a non-empty list without repeats, got {values}.")
 
 
 @dataclass(kw_only=True)
@@ -195,14 +226,18 @@ class TableArgs:
 
     runs: list[str] = field(default_factory=list)
     """Run directories (fedprompt fit) or sweep folders (fedprompt sweep); positional on the command line."""
-    columns: Literal["datasets", "metrics", "targets"] = "datasets"
+    columns: Literal["datasets", "metrics", "targets", "domains"] = "datasets"
     """datasets: one metric per dataset (and their average); metrics: --metrics per dataset (Local / Base / Novel
-    / HM by default); targets: the source's accuracy, each cross-dataset / cross-domain target and their mean."""
+    / HM (Base, Novel) by default); targets: the source's accuracy, each cross-dataset / cross-domain target and their
+    mean; domains: leave-one-domain-out runs, one column per held-out domain and their mean."""
     metric: str = "auto"
-    """The metric of --columns datasets, or the source's of --columns targets (a summary.json key: local_acc,
-    global_acc, hm, ...); auto: local_acc, own_classes_acc or global_acc (targets: global_acc first)."""
+    """The metric of --columns datasets or domains, or the source's of --columns targets (a summary.json key:
+    local_acc, global_acc, ece, local_acc_worst10, ...); auto: local_acc, own_classes_acc or global_acc (targets:
+    global_acc first; domains: target_acc)."""
     metrics: Optional[list[str]] = None
-    """The metrics of --columns metrics (default local_acc, base_acc, novel_acc, hm: those the runs have)."""
+    """The metrics of --columns metrics (default local_acc, base_acc, novel_acc, hm: those the runs have). Also:
+    hm_local_base_novel (3-way HM), cm, ece, many_acc / medium_acc / few_acc, and any accuracy's spread over
+    clients: <metric>_std, <metric>_worst, <metric>_worst10."""
     labels: Optional[dict[str, str]] = None
     """Row labels by run directory (default: the method's name, '(central)' added for federation.central)."""
     out: str = "table"

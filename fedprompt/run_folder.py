@@ -40,6 +40,7 @@ from fedprompt.files import write_problem
 from fedprompt.federation.checkpoint import append_jsonl, check_resume, load_checkpoint, read_jsonl, \
     save_checkpoint, write_json, write_jsonl, write_text
 from fedprompt.federation.round import SilentRounds
+from fedprompt.federation.eval_summaries import is_summary_key
 from fedprompt.federation.scenarios import scenario_keys, scenario_line
 from fedprompt.loggers import build_logger, log_client_table, logger_run_id, numeric_metrics, save_logger
 from fedprompt.paths import missing_dirs, remove_if_left_empty
@@ -336,7 +337,7 @@ class BestRoundSelector:
         best = max(rows, key=lambda r: r["val_acc"])  # the first round with the best validation accuracy
         keys = ("round", "val_acc", "local_acc", "local_acc_std", "own_classes_acc", "global_acc", "base_acc",
                 "novel_acc", "hm", "cm", "unseen_acc")
-        keys += tuple(scenario_keys(best))
+        keys += tuple(scenario_keys(best)) + tuple(k for k in best if is_summary_key(k))
         return {"model_selection": "round with the best mean validation accuracy (checkpoints/best.ckpt)",
                 "selected": {k: best[k] for k in keys if k in best}}
 
@@ -347,7 +348,8 @@ def run_summary(driver, row: dict, out_dir: Path, rounds: int) -> dict:
     keys = ("local_acc", "local_acc_std", "own_classes_acc", "own_classes_acc_std", "global_acc", "val_acc",
             "base_acc", "novel_acc", "hm", "cm", "unseen_acc", "set_acc", "client_acc",
             "client_base_acc", "client_novel_acc", "train_loss", "epsilon", "record_epsilon", "dp_noise_multiplier",
-            "benign_acc", "attack_success_rate", "malicious_clients") + tuple(scenario_keys(row))
+            "benign_acc", "attack_success_rate", "malicious_clients"
+            ) + tuple(scenario_keys(row)) + tuple(k for k in row if is_summary_key(k))
     clients = driver.clients
     return {"method": driver.method.name, "rounds": rounds, "model_selection": "last round (no test-set selection)",
             **{k: row[k] for k in keys if k in row}, "clients": [c.name for c in clients],
@@ -373,5 +375,8 @@ def print_clients(clients: list, client_acc: list[float] | None, summary: dict) 
     if "hm" in summary:
         line += (f"   base {summary['base_acc']:.4f} novel {summary['novel_acc']:.4f} hm {summary['hm']:.4f} "
                  f"cm {summary['cm']:.4f}")
+    for key in ("target_acc", "ece"):
+        if isinstance(summary.get(key), float):
+            line += f"   {key} {summary[key]:.4f}"
     extra = scenario_line({k: v for k, v in summary.items() if k != "global_acc"})
     print(line + (f"   {extra}" if extra else "") + f"   -> {summary['out_dir']}")

@@ -136,9 +136,9 @@ class RunLock:
     the path no longer names the file it holds and locks the new one, so two processes never both hold the folder.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, name: str = LOCK_FILE):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
+        self.path = self.folder / name
         self._fd: int | None = None
 
     def acquire(self) -> str | None:

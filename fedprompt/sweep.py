@@ -1,12 +1,15 @@
-"""``fedprompt sweep`` (:func:`fedprompt.commands.sweep`): run one config over several seeds and report the mean and standard deviation over seeds.
+"""``fedprompt sweep`` (:func:`fedprompt.commands.sweep`): run fit configs over several seeds and report the mean and standard deviation over seeds.
 
 The papers of this field report the mean over 3 seeds; their code (CoOp/Dassl style) runs one output folder per seed
 (``.../seed1``, ``seed2``, ``seed3``) and a script then averages the results. ``fedprompt sweep`` does the same in one
-command: each seed is an ordinary ``fedprompt fit`` run (a child process) in ``OUT/seed<N>``; then the table of every
-seed's final metrics with their mean +- std is printed and written to ``OUT/seeds.md`` and ``OUT/seeds.json``.
+command: each seed is an ordinary ``fedprompt fit`` run (a child process or a cluster job) in ``OUT/seed<N>``; then the
+table of every seed's final metrics with their mean +- std is printed and written to ``OUT/seeds.md`` and
+``OUT/seeds.json``. A grid of configs, methods and datasets (``--configs``, ``--methods``, ``--datasets``) makes one
+such sweep folder per cell, ``OUT/<cell>``, and the paper table of all of them (:mod:`fedprompt.grid`; how the runs
+are launched: :mod:`fedprompt.launchers`).
 
 Running the same command again continues: finished seeds are kept, an interrupted seed resumes from its
-``checkpoints/last.ckpt``, missing seeds run. So seeds can also run elsewhere (one cluster job per seed:
+``checkpoints/last.ckpt``, failed and missing seeds run. So seeds can also run elsewhere (one cluster job per seed:
 ``fedprompt fit --config OUT/sweep.yaml --seed N --data.seed N --out_dir OUT/seedN``) and ``fedprompt sweep`` with the
 same arguments then only writes the table.
 """
@@ -14,8 +17,6 @@ same arguments then only writes the table.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -23,6 +24,7 @@ import yaml
 from fedprompt import rundir
 from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError
+from fedprompt.federation.eval_summaries import is_summary_key
 from fedprompt.files import checked_writes, read_json, read_yaml, write_json, write_text
 from fedprompt.run import RunArgs, SweepArgs, run_config
 from fedprompt.run_folder import folder_state
@@ -37,33 +39,37 @@ PER_SEED_KEYS = ("seed", "out_dir", "resume", "overwrite", "federation.rounds", 
 
 
 def run_sweep(run: RunArgs, options: SweepArgs) -> dict:
-    """``fedprompt sweep`` (see :func:`fedprompt.commands.sweep`)."""
-    seeds, same_data = options.seeds, options.same_data
-    if run.method is None or run.data is None:
-        raise FedPromptError("sweep needs a fit config: --config FILE with method.class_path and data.class_path.")
+    """``fedprompt sweep`` (see :func:`fedprompt.commands.sweep`): the grid's cells prepared, their pending runs
+    launched, then the tables (:mod:`fedprompt.grid`)."""
+    from fedprompt.grid import grid_cells, is_grid, record_grid
+    from fedprompt.launchers import finish, launch
+
+    seeds = options.seeds
+    if not is_grid(options) and (run.method is None or run.data is None):
+        raise FedPromptError("sweep needs a fit config: --config FILE with method.class_path and data.class_path "
+                             "(or a grid: --configs, --methods, --datasets).")
     if run.resume:
         raise FedPromptError("sweep takes no --resume: run the same sweep command again to continue it.")
     if not seeds or len(set(seeds)) != len(seeds):
         raise FedPromptError(f"--seeds must be a non-empty list of distinct seeds, got {seeds}.")
-    config = run_config(run)
-    for key in ("seeds", "same_data"):
-        config.pop(key, None)
-    config.update(out_dir=None, resume=None, overwrite=False)
-    out = Path(run.out_dir or f"runs/{run.method.name.lower()}-seeds")
-    _prepare(out, config, seeds, run.overwrite)
-    try:
-        for n in seeds:
-            _run_seed(out, n, run.federation.rounds, same_data)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"sweep interrupted; run the same sweep command again to continue ({out}: finished "
-                                "seeds are kept, an interrupted seed resumes from its checkpoint).") from None
+    name = run.method.name.lower() if run.method is not None and not is_grid(options) else "grid"
+    out = Path(run.out_dir or f"runs/{name}-seeds")
+    cells = grid_cells(run, options, out)
+    for cell in cells:
+        _prepare(cell.folder, cell.config, seeds, run.overwrite)
+    if is_grid(options):
+        record_grid(out, cells, seeds)
+    results = launch(cells, seeds, options, out)
+    return finish(cells, seeds, results, out, is_grid(options))
+
+
+def write_seed_table(out: Path, seeds: list[int]) -> dict:
+    """The seed table of the sweep folder ``out`` (every seed finished), written as ``seeds.json`` and ``seeds.md``."""
     table = seed_table({n: out / f"seed{n}" for n in seeds})
     with checked_writes(out / "seeds.json", f"every seed's run is kept in {out}; free space or fix the folder, then "
                                             "run the same sweep command again (it only writes the table)."):
         write_json(out / "seeds.json", table)
         write_text(out / "seeds.md", markdown_table(table) + "\n")
-    print(markdown_table(table))
-    print(f"-> {out / 'seeds.md'}, {out / 'seeds.json'}")
     return table
 
 
@@ -105,28 +111,32 @@ def _read_sweep_config(path: Path) -> dict:
                                              "--overwrite true to delete the sweep's runs and start again")
 
 
-def _run_seed(out: Path, n: int, rounds: int, same_data: bool) -> None:
-    run = out / f"seed{n}"
+def seed_state(run: Path, rounds: int) -> str:
+    """``done`` (a summary of at least ``rounds`` rounds, or of a method that does not train, ZeroShot: a summary
+    without a checkpoint), ``resume`` (a checkpoint) or ``new``."""
     state = folder_state(run, rounds, _read_summary)
+    if state == "new" and (run / "summary.json").is_file():  # evaluated once, nothing to resume
+        return "done"
+    return state
+
+
+def seed_command(out: Path, n: int, same_data: bool) -> list[str] | None:
+    """The ``fedprompt`` arguments that run (or resume) seed ``n`` of the sweep folder ``out``; ``None`` when it is
+    complete. A resumed seed must have been run with the sweep's config."""
+    config = _read_sweep_config(out / "sweep.yaml")
+    rounds = int((config.get("federation") or {}).get("rounds") or 1)
+    run = out / f"seed{n}"
+    state = seed_state(run, rounds)
     if state == "done":
-        print(f"sweep: seed {n}: complete in {run}", flush=True)
-        return
-    command = [sys.executable, "-m", "fedprompt", "fit"]
+        return None
     if state == "resume":
-        command += ["--resume", str(run / "checkpoints" / "last.ckpt"), "--federation.rounds", str(rounds)]
-        saved = _read_sweep_config(run / "hyperparameters.yaml")
-        changed = config_differences(saved, _read_sweep_config(out / "sweep.yaml"))
+        changed = config_differences(_read_sweep_config(run / "hyperparameters.yaml"), config)
         if changed:
             raise FedPromptError(f"{run} was run with another config (it differs in {', '.join(changed)}); choose "
                                  "another --out_dir, or pass --overwrite true.")
-    else:
-        command += ["--config", str(out / "sweep.yaml"), "--seed", str(n), "--out_dir", str(run)]
-        command += [] if same_data else ["--data.seed", str(n)]
-    print(f"sweep: seed {n}: {' '.join(command[1:])}", flush=True)
-    code = subprocess.run(command).returncode
-    if code != 0:
-        raise FedPromptError(f"sweep: seed {n} stopped (exit status {code}; its message is above). Run the same "
-                             "sweep command again to continue: finished seeds are kept.")
+        return ["fit", "--resume", str(run / "checkpoints" / "last.ckpt"), "--federation.rounds", str(rounds)]
+    command = ["fit", "--config", str(out / "sweep.yaml"), "--seed", str(n), "--out_dir", str(run)]
+    return command + ([] if same_data else ["--data.seed", str(n)])
 
 
 def _read_summary(path: Path) -> dict:
@@ -139,7 +149,7 @@ def _read_summary(path: Path) -> dict:
 
 def _final_metrics(summary: dict) -> dict:
     chosen = summary.get("selected") or summary  # eval.select: val -> the selected round
-    keys = list(METRICS) + [k for k in chosen if k.startswith(METRIC_PREFIXES)]
+    keys = list(METRICS) + [k for k in chosen if k.startswith(METRIC_PREFIXES) or is_summary_key(k)]
     return {k: chosen[k] for k in keys if isinstance(chosen.get(k), (int, float))}
 
 

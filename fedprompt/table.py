@@ -1,7 +1,8 @@
 """``fedprompt table RUN_DIRS...`` (:func:`fedprompt.commands.table`): the paper table from run directories.
 
-Each directory is a ``fedprompt fit`` run (``summary.json`` + ``hyperparameters.yaml``) or a ``fedprompt sweep``
-folder (``seeds.json``, ``sweep.yaml`` and one ``seed<N>/`` run per seed). A run contributes one value per seed of
+Each directory is a ``fedprompt fit`` run (``summary.json`` + ``hyperparameters.yaml``), a ``fedprompt sweep``
+folder (``seeds.json``, ``sweep.yaml`` and one ``seed<N>/`` run per seed) or a sweep's grid folder (``grid.yaml``: each
+cell's sweep folder). A run contributes one value per seed of
 each metric (the selected round's with ``eval.select: val``, else the last round's); runs given separately that
 differ only in their seeds count as seeds of one cell. The table has one row per method (its name, ``(central)``
 for ``federation.central``, or a label given with ``--labels``) and its columns are, by ``--columns``:
@@ -14,7 +15,8 @@ for ``federation.central``, or a label given with ``--labels``) and its columns 
   target dataset of a cross-dataset / cross-domain run (``unseen/<target>``) and their mean (``unseen_acc``).
 
 A cell is the mean +- standard deviation over seeds (population std, as ``fedprompt sweep``), in %; the best mean of
-each column is marked (bold in Markdown, ``best`` in the CSV). The table is written as Markdown (``OUT.md``, also
+each column is marked (bold in Markdown, ``best`` in the CSV): the highest, or the lowest for an FPR (OOD
+detection's ``ood/<set>/<score>/fpr95``). The table is written as Markdown (``OUT.md``, also
 printed), CSV (``OUT.csv``, one row per cell: method, group, column, metric, mean, std, seeds, values, best) and
 drawn as a figure (``OUT.png``: one bar chart per column group, error bars = std; needs matplotlib, the ``plot``
 extra).
@@ -36,6 +38,7 @@ from fedprompt.config_keys import raw_keys
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.files import checked_writes, read_json, read_yaml, write_all
 from fedprompt.run import TableArgs
+from fedprompt.table_metrics import HM_LEGEND, derived, domain_columns, draw_reliability, metric_name, row_tallies
 
 #: config keys whose values differ between the seeds of one result
 PER_SEED = ("seed", "data.init_args.seed")
@@ -88,6 +91,10 @@ def dataset_name(data: dict) -> str:
         return dataset_name(args.get("source"))
     if reader == "Combined":
         return "+".join(dataset_name(d) for d in args.get("datasets") or [])
+    if reader == "LeaveOneDomainOut":  # one column per held-out domain
+        return f"{dataset_name(args.get('dataset'))}/{args.get('target')}"
+    if reader == "LongTailed":
+        return f"{dataset_name(args.get('dataset'))} LT (IF {1 / float(args.get('imbalance_factor') or 0.01):g})"
     if args.get("root"):
         return Path(str(args["root"])).name
     return str(args.get("dirname") or reader.lower())
@@ -107,7 +114,10 @@ class Result:
         """The metric of every seed (``None`` when a seed lacks it)."""
         out = []
         for summary in self.seeds.values():
-            value = (summary.get("selected") or summary).get(metric)
+            chosen = summary.get("selected") or summary
+            value = chosen.get(metric)
+            if value is None:  # a run folder from before the metric: derived from what its summary holds
+                value = derived(chosen, metric)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 return None
             out.append(float(value))
@@ -141,7 +151,13 @@ def _read_summary(path: Path, what: str) -> dict:
 
 
 def load(path: Path) -> list[tuple[Path, dict, int, dict]]:
-    """``(run dir, config, seed, summary)`` of a run directory, or of every seed of a sweep folder."""
+    """``(run dir, config, seed, summary)`` of a run directory, of every seed of a sweep folder, or of every cell of
+    a grid folder (``fedprompt sweep`` with ``--configs``, ``--methods`` or ``--datasets``)."""
+    from fedprompt.grid import grid_folders
+
+    cells = grid_folders(path)
+    if cells is not None:
+        return [item for cell in cells for item in load(cell)]
     if (path / "seeds.json").is_file():
         seeds = _read_json(path / "seeds.json").get("seeds") or []
         config = _read_yaml(path / "sweep.yaml")
@@ -151,7 +167,8 @@ def load(path: Path) -> list[tuple[Path, dict, int, dict]]:
         config = _read_yaml(path / "hyperparameters.yaml")
         return [(path, config, int(config.get("seed", 0) or 0), _read_summary(path / "summary.json", "the run"))]
     raise FedPromptError(f"table: {path} is neither a fedprompt run directory (summary.json) nor a sweep folder "
-                         "(seeds.json); give the folders fedprompt fit or fedprompt sweep wrote.")
+                         "(seeds.json) nor a grid folder (grid.yaml); give the folders fedprompt fit or fedprompt sweep "
+                         "wrote.")
 
 
 def row_label(path: Path, config: dict, summary: dict, labels: dict[str, str]) -> str:
@@ -220,7 +237,7 @@ class Column:
 def _display(metric: str) -> str:
     if metric.startswith(("unseen/", "domain/")):
         return metric.split("/", 1)[1]
-    return NAMES.get(metric, metric)
+    return metric_name(metric, NAMES)
 
 
 def known_metrics(results: list[Result]) -> list[str]:
@@ -238,7 +255,8 @@ def known_metrics(results: list[Result]) -> list[str]:
 def check_metric_names(results: list[Result], names: list[str], flag: str) -> None:
     """Every metric named with ``flag`` is one the runs have; else one line listing the ones they have."""
     known = known_metrics(results)
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names  # a metric an older run folder determines counts (table_metrics.derived)
+               if name not in known and all(r.values(name) is None for r in results)]
     if unknown:
         what = "this metric" if len(unknown) == 1 else "these metrics"
         raise FedPromptError(f"table: {flag} {', '.join(unknown)}: no run has {what}; the runs' metrics (summary.json "
@@ -261,6 +279,8 @@ def columns(results: list[Result], options: TableArgs) -> list[Column]:
     """The table's columns for ``options.columns`` (module docstring)."""
     datasets = list(dict.fromkeys(r.dataset for r in results))
     of = {d: [r for r in results if r.dataset == d] for d in datasets}
+    if options.columns == "domains":
+        return domain_columns(results, options.metric, Column)
     if options.columns == "datasets":
         metric = _auto_metric(results, AUTO_METRICS, options.metric)
         cols = [Column(_display(metric), d, d, metric) for d in datasets]
@@ -297,11 +317,32 @@ class Cell:
     best: bool = False
 
 
+#: metrics (a key's last part) where lower is better: a column's best is its minimum (OOD detection's FPR95, the
+#: calibration error); also every ``*_ece`` and every spread over clients ``<metric>_std``
+LOWER_IS_BETTER = ("fpr95", "ece")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a lower value of ``metric`` is better (``ood/<set>/<score>/fpr95``, ``ece``, ``target_ece``,
+    ``local_acc_std``)."""
+    name = metric.rsplit("/", 1)[-1]
+    return name in LOWER_IS_BETTER or name.endswith(("_ece", "_std"))
+
+
 def _stats(values: list[float] | None) -> Cell:
     if not values:
         return Cell(None, None, [])
     mean = sum(values) / len(values)
     return Cell(mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), values)
+
+
+def _lower_is_better(cols: list[Column], col: Column) -> bool:
+    """Whether the best of ``col`` is its lowest mean (an ECE or a spread; a mean column: of such columns only)."""
+    if col.metric not in ("average", "mean"):
+        return lower_is_better(col.metric)
+    parts = [c.metric for c in cols if c.metric not in ("average", "mean")
+             and (col.metric == "average" or c.group == col.group)]
+    return bool(parts) and all(lower_is_better(m) for m in parts)
 
 
 def build(results: list[Result], cols: list[Column]) -> tuple[list[str], dict[tuple[str, int], Cell]]:
@@ -311,14 +352,16 @@ def build(results: list[Result], cols: list[Column]) -> tuple[list[str], dict[tu
     cells: dict[tuple[str, int], Cell] = {}
     for j, col in enumerate(cols):
         for row in rows:
-            if col.metric == "average":
-                means = [cells[(row, i)].mean for i, c in enumerate(cols) if c.metric != "average"]
+            if col.metric in ("average", "mean"):  # of every column, or (mean) of the columns of its group
+                means = [cells[(row, i)].mean for i, c in enumerate(cols) if c.metric not in ("average", "mean")
+                         and (col.metric == "average" or c.group == col.group)]
                 cell = Cell(sum(means) / len(means), None, []) if None not in means else Cell(None, None, [])
             else:
                 result = index.get((row, col.dataset))
                 cell = _stats(result.values(col.metric) if result is not None else None)
             cells[(row, j)] = cell
-        best = max((c.mean for (_, i), c in cells.items() if i == j and c.mean is not None), default=None)
+        pick = min if _lower_is_better(cols, col) else max
+        best = pick((c.mean for (_, i), c in cells.items() if i == j and c.mean is not None), default=None)
         for row in rows:
             cell = cells[(row, j)]
             cell.best = best is not None and cell.mean is not None and abs(cell.mean - best) <= 1e-12
@@ -340,7 +383,9 @@ def markdown(rows: list[str], cols: list[Column], cells: dict, results: list[Res
     counts = " or ".join(str(n) for n in seeds)
     groups = list(dict.fromkeys(c.group for c in cols))
     caption = (f"{', '.join(groups)}: mean ± std over {counts} seed(s) (population std), in %; best per column in "
-               "bold.")
+               "bold" + (" (the lowest ECE, std or FPR95)." if any(_lower_is_better(cols, c) for c in cols) else "."))
+    legend = list(dict.fromkeys(HM_LEGEND[c.metric] for c in cols if c.metric in HM_LEGEND))
+    caption += "".join(f" {line}." for line in legend)
     lines = [caption, "", "| method | " + " | ".join(c.header for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for row in rows:
@@ -364,9 +409,9 @@ def csv_text(rows: list[str], cols: list[Column], cells: dict) -> str:
     return handle.getvalue()
 
 
-def figure(rows: list[str], cols: list[Column], cells: dict) -> bytes | None:
-    """One bar chart per column group (bars: methods; error bars: std), as PNG bytes; ``None`` without
-    matplotlib."""
+def figure(rows: list[str], cols: list[Column], cells: dict, tallies: dict | None = None) -> bytes | None:
+    """One bar chart per column group (bars: methods; error bars: std) and, with the rows' calibration ``tallies``,
+    their reliability diagram, as PNG bytes; ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -376,8 +421,11 @@ def figure(rows: list[str], cols: list[Column], cells: dict) -> bytes | None:
         return None
     groups = list(dict.fromkeys(c.group for c in cols))
     widths = [max(2.5, 0.9 * sum(c.group == g for c in cols) * max(1, len(rows)) * 0.35 + 1.5) for g in groups]
-    fig, axes = plt.subplots(1, len(groups), figsize=(sum(widths), 3.6), squeeze=False,
+    widths += [3.6] if tallies else []
+    fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths), 3.6), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
+    if tallies:
+        draw_reliability(axes[0][-1], tallies)
     bar = 0.8 / max(1, len(rows))
     for ax, group in zip(axes[0], groups):
         members = [(j, c) for j, c in enumerate(cols) if c.group == group]
@@ -430,7 +478,8 @@ def make_table(options: TableArgs) -> dict:
     rows, cells = build(results, cols)
     text = markdown(rows, cols, cells, results)
     written = write_table(Path(options.out), text, csv_text(rows, cols, cells),
-                          figure(rows, cols, cells) if options.figure else None, options.figure)
+                          figure(rows, cols, cells, row_tallies(results)) if options.figure else None,
+                          options.figure)
     print(text)
     print("-> " + ", ".join(str(p) for p in written))
     return {"rows": rows, "columns": [c.header for c in cols],

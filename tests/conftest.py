@@ -132,6 +132,30 @@ def run_parity_script(name: str, **options) -> dict:
     return ran
 
 
+def stacked_against_single(make_stacked, make_single, rates=(0.1, 0.05, 0.2), steps_of=(4, 2, 3)):
+    """A stacked optimiser (``make_stacked(params)``) over 3 slots and one torch optimiser per slot
+    (``make_single(params, lr)``) stepped with the same random gradients at per-slot ``rates``; slot k takes
+    ``steps_of[k]`` of the steps (an inactive slot has a zero gradient and its single takes no step). Returns the
+    start, the stacked values ``[3, 4, 5]`` and the singles' values."""
+    torch.manual_seed(0)
+    start = torch.randn(3, 4, 5)
+    stacked = torch.nn.Parameter(start.clone())
+    singles = [torch.nn.Parameter(start[k].clone()) for k in range(3)]
+    opt = make_stacked([stacked])
+    torch_opts = [make_single([p], r) for p, r in zip(singles, rates)]
+    for step in range(max(steps_of)):
+        grads = torch.randn(3, 4, 5)
+        active = torch.tensor([step < n for n in steps_of])
+        stacked.grad = grads * active.view(-1, 1, 1)  # an inactive client has no loss: zero gradient
+        opt.set_slots(active, torch.tensor(rates, dtype=torch.float64))
+        opt.step()
+        for k in range(3):
+            if active[k]:
+                singles[k].grad = grads[k].clone()
+                torch_opts[k].step()
+    return start, stacked.data, [p.data for p in singles]
+
+
 def snapshot(folder: Path) -> dict:
     """Every file below ``folder`` and its bytes (a refused command must leave a run folder byte-identical)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -7,7 +7,9 @@ same cases and compares (losses within 1e-5 relative, accuracies and every other
 within 1e-5). The reference in ``tests/data`` was recorded on main at cdfad7f, before the method interface was
 reshaped (issue 15); regenerate it only for a change that is meant to move numbers, and say so in the commit. A new
 method's cases join it with ``--add --cases NAME ...`` (the recorded cases stay as they are): FedPHA and FedMVP were
-added so (issue 27).
+added so (issue 27), and FedAPT, FOCoOp and PromptFL-ood (OOD detection in the evaluation) after them. Cases may
+also be recorded in their own files beside it (``smoke_digest_<topic>.pt``, e.g. ``--cases FedLoRA FedCLIP --write
+tests/data/smoke_digest_adapters.pt``: issue 26); the test reads every ``smoke_digest*.pt``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,21 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "FedMVP": ("fit", ["--method", "FedMVP", "--method.attributes", str(ROOT / "tests" / "data" /
                                                                          "synthetic_attributes.json"),
                        *optim(lr=0.05)]),
+    "FedAPT": ("fit", ["--method", "FedAPT", "--method.n_ctx", "2", "--method.domain_of", "client", *optim(lr=0.5)]),
+    "FOCoOp": ("fit", ["--method", "FOCoOp", "--method.n_ctx", "2", "--method.num_negatives", "4",
+                       "--method.negative_words", str(ROOT / "tests" / "data" / "negative_words"), *optim(lr=0.05)]),
+    "PromptFL-ood": ("fit", ["--method", "PromptFL", "--data.subsample_classes", "base", "--data.num_classes", "6",
+                             "--eval.ood", "[novel]", "--eval.ood_scores", "[msp,energy,mcm,neglabel]",
+                             "--eval.ood_negatives", str(ROOT / "tests" / "data" / "negative_words"),
+                             "--eval.ood_negative_count", "8"]),
+    # issue 26 (recorded in smoke_digest_adapters.pt): LoRA in both towers with dropout and AdamW; LoRA in the text
+    # tower only with SGD and the image feature cache; FedCLIP's adapter and Adam; pFedMMA in both towers
+    "FedLoRA": ("fit", ["--method", "FedLoRA", *optim(lr=0.01)]),
+    "FedLoRA-text-sgd-cached": ("fit", ["--method", "FedLoRA", "--method.encoder", "text", "--method.optimizer",
+                                        "sgd", "--train.feature_cache", "true", *optim(lr=0.05)]),
+    "FedCLIP": ("fit", ["--method", "FedCLIP", *optim(lr=0.001)]),
+    "PFedMMA": ("fit", ["--method", "PFedMMA", "--method.adapter_start", "1", "--method.adapter_end", "2",
+                        *optim(lr=0.01)]),
 }
 
 

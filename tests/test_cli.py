@@ -109,7 +109,7 @@ def test_bench_reports_progress(cli):
     (["--method.n_ctx", "four"], "--method.n_ctx four: invalid value 'four' for PromptFL (expected an integer or null)"),
     (["--method.lrr", "0.1"], "--method.lrr 0.1: PromptFL has no setting 'lrr'; its settings: lr, momentum"),
     (["--method", "NoSuch"],
-     "--method NoSuch: unknown method class 'NoSuch'; choose one of CoCoOp, DPFPL, FedMGP, FedMVP, FedOTP"),
+     "--method NoSuch: unknown method class 'NoSuch'; choose one of CoCoOp, DPFPL, FOCoOp, FedAPT, FedCLIP, FedLoRA, FedMGP"),
     (["--federation.roundz", "3"], "--federation.roundz 3: the federation group has no setting 'roundz'"),
     (["--seed", "x"], "--seed x: invalid value 'x' (expected an integer)"),
     (["--method", "FedOTP", "--method.ot", "dykstra"],

@@ -16,6 +16,7 @@ PAPER = [c for c in CONFIGS if Path(c).parent.name == "configs" and Path(c).name
                                                                                               "pfedmoap_",
                                                                                               "dpfpl_",
                                                                                               "fedpha_",
+                                                                                              "fedapt_",
                                                                                               *BASELINES))
          and not Path(c).stem.endswith("_flip") and c not in TRANSFER]  # the FLiP variants use the same data sections
 
@@ -209,3 +210,28 @@ def test_transfer_config_without_data_names_the_source_folder(cli, monkeypatch, 
     assert code == 2
     last = err.strip().splitlines()[-1]
     assert "data.source (ImageNet): data.root is not set" in last and "imagenet" in last, last
+
+
+def test_fedapt_and_focoop_configs_are_the_released_settings():
+    """FedAPT: --gctx 24 one client per domain, 16 five clients per domain (Dirichlet 0.5), t 0.01, lr 0.01, 50 rounds,
+    batch 256, ViT-B/32; FOCoOp: Dirichlet(0.1) over 10 clients, 8 shots, 10 rounds of 2 epochs, its three prompts,
+    DRO and OT on, Texture as the OOD set; PromptFL on FOCoOp's pair shares its data and schedule."""
+    for name, n_ctx, per_domain in (("fedapt_domainnet", 24, 1), ("fedapt_domainnet_device", 16, 5),
+                                    ("fedapt_office", 24, 1)):
+        cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        method, data = cfg["method"]["init_args"], cfg["data"]["init_args"]
+        assert (method["n_ctx"], method["temperature"], method["lr"], method["weight_decay"]) == (n_ctx, 0.01, 0.01,
+                                                                                                1e-5)
+        assert data["partition"]["init_args"]["clients_per_domain"] == per_domain
+        assert (cfg["federation"]["rounds"], cfg["train"]["batch_size"], cfg["backbone"]["model"]) == (50, 256,
+                                                                                                     "ViT-B-32")
+    loaded = {name: yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+              for name in ("focoop_cifar10", "focoop_cifar100", "promptfl_cifar10_ood")}
+    for name, cfg in loaded.items():
+        source = cfg["data"]["init_args"]["source"]["init_args"]
+        assert (source["num_shots"], source["seed"], source["partition"]["init_args"]) == (8, 21, {"num_clients": 10,
+                                                                                                  "alpha": 0.1})
+        assert (cfg["federation"]["rounds"], cfg["train"]["local_epochs"], cfg["eval"]["ood"]) == (10, 2, ["dtd"])
+    method = loaded["focoop_cifar10"]["method"]["init_args"]
+    assert (method["dro"], method["uot"], method["class_specific"], method["num_negatives"]) == (True, True, True, 100)
+    assert loaded["focoop_cifar10"]["data"] == {**loaded["promptfl_cifar10_ood"]["data"]}

@@ -66,8 +66,8 @@ def test_every_page_is_in_the_nav_and_every_nav_entry_exists():
 # ----------------------------------------------------------------------------------------------- runnable blocks
 @pytest.mark.parametrize("page", sorted(PAGES))
 def test_runnable_blocks(page, cli, tmp_path, monkeypatch):
-    """Every block marked runnable on the page, in order, in one scratch project folder (configs/ of this checkout;
-    ../shared beside it where it exists); each must succeed."""
+    """Every block marked runnable on the page, in order, in one scratch project folder (configs/ and tests/data/ of
+    this checkout; ../shared beside it where it exists); each must succeed."""
     blocks = PAGES[page]
     if any(block.offline for block in blocks):
         require(SHARED / "models" / "effl0-minilm")
@@ -75,6 +75,8 @@ def test_runnable_blocks(page, cli, tmp_path, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
     (project / "configs").symlink_to(ROOT / "configs")
+    (project / "tests").mkdir()
+    (project / "tests" / "data").symlink_to(ROOT / "tests" / "data")  # small inputs (FOCoOp's test word lists)
     if SHARED.exists():
         (tmp_path / "shared").symlink_to(SHARED)
     monkeypatch.chdir(project)

@@ -140,10 +140,14 @@ def fake_seed(out: Path, n: int, *args) -> None:
 
 
 def test_a_full_disk_while_writing_seeds_json_keeps_every_seed(cli, tmp_path, monkeypatch):
-    import fedprompt.sweep
+    import fedprompt.launchers
+
+    def fake_run(spec: dict) -> dict:  # the launcher's one run: the fit child process is not run
+        fake_seed(Path(spec["folder"]), spec["seed"])
+        return {"status": "ok", "code": 0}
 
     out = tmp_path / "sweep"
-    monkeypatch.setattr(fedprompt.sweep, "_run_seed", lambda folder, n, rounds, same: fake_seed(folder, n))
+    monkeypatch.setattr(fedprompt.launchers, "run_one", fake_run)
     monkeypatch.setattr(files_module, "_write_handle", full_disk_when(lambda data: b'"seeds"' in data))
     code, _, err = cli("sweep", "--config", SMOKE, "--seeds", "[1, 2]", "--out_dir", out)
     line = one_line(err)
@@ -151,7 +155,7 @@ def test_a_full_disk_while_writing_seeds_json_keeps_every_seed(cli, tmp_path, mo
     assert f"every seed's run is kept in {out}" in line and "run the same sweep command again" in line
     assert sorted(p.name for p in out.iterdir()) == ["seed1", "seed2", "sweep.yaml"]
     monkeypatch.undo()
-    monkeypatch.setattr(fedprompt.sweep, "_run_seed", lambda folder, n, rounds, same: None)
+    monkeypatch.setattr(fedprompt.launchers, "run_one", lambda spec: pytest.fail("a finished seed ran again"))
     code, _, err = cli("sweep", "--config", SMOKE, "--seeds", "[1, 2]", "--out_dir", out)
     assert code == 0, err
     assert strict_json((out / "seeds.json").read_text())["metrics"]["local_acc"]["values"] == [0.6, 0.7]

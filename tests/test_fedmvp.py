@@ -126,7 +126,8 @@ def test_the_promptformer_prompts_enter_the_image_tower_after_the_patches(tiny_b
 def test_settings_are_checked_in_one_line(attributes):
     for bad, match in [({"sentence": "{name}"}, "must hold"), ({"sentence": "{cls} {clause}"}, "may appear"),
                        ({"flip_probability": 2.0}, "flip_probability"), ({"heads": 0}, "must be >= 1"),
-                       ({"lora_threshold": 0.5}, "not built yet")]:
+                       ({"lora_threshold": float("inf")}, "lora_threshold must be a finite"),
+                       ({"lora_threshold": 0.5, "lora_rank": 0}, "lora_rank must be >= 1")]:
         with pytest.raises(FedPromptError, match=match):
             FedMVP(attributes=str(attributes), **bad)
 
@@ -154,10 +155,65 @@ def test_k_clients_in_lockstep_equal_one_at_a_time(cli, tmp_path, attributes):
     assert "global_acc" in rows_1[-1]  # every client holds the same PromptFormer
 
 
+def test_lora_switch_is_per_client_and_for_good(tiny_backbone, attributes):
+    """A client whose last loss fell below the threshold switches at its next round start and stays switched; only
+    it applies the LoRA factors (in training, not in evaluation, as the release); its cross-attention is held, the
+    others' LoRA factors are."""
+    client = FedMVP(attributes=str(attributes), lora_threshold=0.5).build_client(tiny_backbone, SYNTHETIC_NAMES[:3],
+                                                                                slots=3)
+    with torch.no_grad():
+        client.last_loss.copy_(torch.tensor([0.4, 0.6, float("inf")]))
+    client.on_round_start(None)
+    assert client.lora_on.tolist() == [1.0, 0.0, 0.0]
+    with torch.no_grad():
+        client.last_loss.fill_(0.9)
+    client.on_round_start(None)
+    assert client.lora_on.tolist() == [1.0, 0.0, 0.0]
+    groups = client.configure_optimizers().param_groups
+    assert [g["held"] for g in groups if "held" in g] == [[True, False, False], [False, True, True]]
+    assert len(groups[2]["params"]) == 6 and len(groups[1]["params"]) == 2  # the LoRA factors; the context map
+    image = torch.randn(2, 3, 32, 32)
+
+    def features(slot: int, switched: bool) -> torch.Tensor:
+        client._lora_slots = [switched] * 3
+        with client.stepping_for({"image": image, "slots": torch.tensor([slot]), "members": [slot], "sizes": [2]}):
+            return client.prompted_features(image)
+
+    client.train()
+    assert not torch.equal(features(0, True), features(0, False))  # LoRA (random factors) moves the prompts
+    client.eval()
+    assert torch.equal(features(0, True), features(0, False))  # evaluation without LoRA, as the release
+
+
+def test_lora_k_clients_in_lockstep_equal_one_at_a_time(cli, tmp_path, attributes):
+    """Clients in LoRA mode and clients not in the same lock-step step train as they would alone (the switch at a
+    threshold between the clients' first-round losses on the smoke data: 2 of 4 switch)."""
+    flags = ["--method", "FedMVP", "--method.attributes", str(attributes), "--method.lr", "0.05",
+             "--method.lora_threshold", "1.6"]
+    rows_1, ckpt_1 = fit(cli, tmp_path / "k1", *flags, "--federation.parallel_clients", "1")
+    rows_auto, ckpt_auto = fit(cli, tmp_path / "auto", *flags)
+    assert_same_run(rows_1, rows_auto, ckpt_1, ckpt_auto)
+    last = {int(cid): float(state["lora_on"]) for cid, state in ckpt_1["clients"].items()}
+    assert {last[int(cid)] for cid in rows_1[-1]["clients"]} == {0.0, 1.0}  # round 3 mixes both modes
+    size = sum(v.numel() * 4 for v in ckpt_1["global"].values())  # the PromptFormer and its LoRA factors
+    assert rows_1[1]["bytes_up"] == 3 * size and "lora_factors.value.B" in ckpt_1["global"]
+    assert "lora_on" not in ckpt_1["global"] and "last_loss" not in ckpt_1["global"]  # the switch is never sent
+
+
 def test_resume_gives_the_uninterrupted_run(tmp_path, attributes):
     cut, full = resumed_and_straight(FedMVP(attributes=str(attributes), lr=0.05), tmp_path)
     for key, value in full["global"].items():
         assert torch.equal(cut["global"][key], value), key
+
+
+def test_resume_with_lora_gives_the_uninterrupted_run(tmp_path, attributes):
+    cut, full = resumed_and_straight(FedMVP(attributes=str(attributes), lr=0.05, lora_threshold=1e9), tmp_path)
+    for key, value in full["global"].items():
+        assert torch.equal(cut["global"][key], value), key
+    for cid, state in full["clients"].items():
+        for key, value in state.items():
+            assert torch.equal(cut["clients"][cid][key], value), (cid, key)
+    assert any(float(state["lora_on"]) for state in full["clients"].values())
 
 
 def test_domain_generalisation_config_reads_each_domain_as_a_dataset(tmp_path):

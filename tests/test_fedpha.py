@@ -153,6 +153,7 @@ def test_official_fedpha_and_fedmvp_code_give_the_same_logits_loss_and_sgd_step(
     different local lengths in one lock-step step) and FedMVP model code and training step, read from local git
     mirrors, against fedprompt's clients on the same random CLIP weights and images (within 1e-5); skipped when the
     mirrors are absent."""
-    ran = run_parity_script("parity_official_2025")
+    ran = run_parity_script("parity_official_2025", methods=["FedPHA", "FedPHA-HE", "FedMVP", "FedMVP-LoRA"])
     assert all(ran.values()), ran
-    assert json.dumps(sorted(ran)) == json.dumps(sorted(k for k in ("FedMVP", "FedPHA", "FedPHA-HE") if k in ran))
+    assert json.dumps(sorted(ran)) == json.dumps(sorted(k for k in ("FedMVP", "FedMVP-LoRA", "FedPHA", "FedPHA-HE")
+                                                        if k in ran))

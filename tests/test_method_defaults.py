@@ -1,5 +1,5 @@
 """Every method runs on the smoke config with its defaults (``--method fedprompt.methods.X`` alone; FedMVP also needs
-its class attributes, a data file), deriving the nearest valid value, in one warning line, where an official default
+its class attributes and FOCoOp its word lists, data files; FedAPT one key per client), deriving the nearest valid value, in one warning line, where an official default
 cannot fit the tiny backbone; the official values stay wherever they fit (ViT-B/16 widths and depths). Method files
 never index by slot or sample owner."""
 
@@ -24,11 +24,18 @@ DERIVED = {
     "MaPLe": ["text_depth 2, not the official 9"],
     "PromptSRC": ["text_depth 2, not the official 9", "visual_depth 2, not the official 9"],
     "VPT": ["visual_depth 2, not the official 12: the image tower of 'fedprompt-tiny' has 2 layers"],
+    "PFedMMA": ["adapter_end 2, not the official 12: the text tower of 'fedprompt-tiny' has 2 layers",
+                "adapter_start 2, not the official 5"],
 }
 
 
-#: inputs a method cannot default (data files), not settings
-REQUIRED = {"FedMVP": ["--method.attributes", str(ROOT / "tests" / "data" / "synthetic_attributes.json")]}
+#: inputs a method cannot default (data files), not settings; FOCoOp's test word lists hold 50 words, too few for
+#: the release's 100 negative labels mined from WordNet's thousands, so the count comes with the file; FedAPT needs
+#: two domain keys at least, which the one-domain smoke data gives only as one key per client
+REQUIRED = {"FedAPT": ["--method.domain_of", "client"],
+            "FedMVP": ["--method.attributes", str(ROOT / "tests" / "data" / "synthetic_attributes.json")],
+            "FOCoOp": ["--method.negative_words", str(ROOT / "tests" / "data" / "negative_words"),
+                       "--method.num_negatives", "16"]}
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -35,7 +35,8 @@ def test_analysis_notebook_runs_on_a_run_directory(cli, tmp_path, monkeypatch, c
     assert cli(*command, "--config", SMOKE, *extra, "--out_dir", run)[0] == 0
     namespace = run_notebook(run, monkeypatch)
     assert len(namespace["rows"]) == rounds and namespace["summary"]["method"] == method
-    assert len(plt.get_fignums()) == 2
+    assert len(namespace["scored"]) == rounds and 0 <= namespace["scored"][-1]["ece"] <= 1  # the reliability diagram
+    assert len(plt.get_fignums()) == 3  # the curves, the per-client spread, calibration
     plt.close("all")
     assert os.environ["FEDPROMPT_RUN"] == str(run)
 
@@ -59,11 +60,11 @@ def test_notebook_cells_have_ids_and_it_reads_null_values(cli, tmp_path, monkeyp
     run = tmp_path / "runs" / "smoke"
     assert cli("fit", "--config", SMOKE, "--out_dir", run)[0] == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rows[0].update(train_loss=None, local_acc_std=None, epsilon=None)
+    rows[0].update(train_loss=None, local_acc_std=None, epsilon=None, ece=None, local_acc_worst=None)
     rows[-1]["client_acc"][0] = None
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "local_acc_std": None, "global_acc": None}))
     run_notebook(run, monkeypatch)
-    assert len(plt.get_fignums()) == 2
+    assert len(plt.get_fignums()) == 3
     plt.close("all")

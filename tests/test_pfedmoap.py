@@ -197,3 +197,52 @@ def test_bad_settings_are_one_line(cli, tmp_path):
     code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path, "--method", "PFedMoAP",
                        "--method.gating_heads", "3")
     assert code == 2 and "method.gating_heads" in err.strip().splitlines()[-1], err
+
+
+def test_compat_official_trains_each_round_in_the_release_order(cli, tmp_path, monkeypatch):
+    """Under compat official a round's clients train one at a time and each receives, just before its local round,
+    its experts from the pool as it is then: the prompts uploaded by the clients before it in the same round, the
+    previous rounds' prompts of the others. The pool each client sees is rebuilt here from the uploads in the order
+    they were shared; under compat fixed every client of a round sees the pool of the round's start."""
+    from fedprompt.federation.clients import ClientPool
+
+    seen, pool, expected = [], {}, []
+    train, share = ClientPool.train, MixtureOfPromptsServer.share
+
+    def spy_train(self, cids, round_idx, global_state, on_group=None):
+        for cid in cids:
+            state = self.states[cid]
+            seen.append((round_idx, cid, state["experts.ctx"][state["experts.valid"]].clone()))
+            reference = MixtureOfPromptsServer(3, "fixed_order")
+            reference.seed, reference.latest = self.aggregator.seed, dict(pool)
+            expected.append(torch.stack([pool[j] for j in reference.experts_for(cid)]) if reference.experts_for(cid)
+                            else state["experts.ctx"][:0])
+        return train(self, cids, round_idx, global_state, on_group)
+
+    def spy_share(self, client_id, upload):
+        pool[client_id] = upload[self.key].clone()
+        share(self, client_id, upload)
+
+    monkeypatch.setattr(ClientPool, "train", spy_train)
+    monkeypatch.setattr(MixtureOfPromptsServer, "share", spy_share)
+    code, _, err = cli("fit", "--config", SMOKE, "--out_dir", tmp_path / "run", "--federation.rounds", "3",
+                       *TINY_FLAGS, "--method.compat", "official")
+    assert code == 0, err
+    assert [(r, c) for r, c, _ in seen] == [(r, c) for r in (1, 2, 3) for c in range(4)]  # one at a time, in order
+    for (round_idx, cid, got), want in zip(seen, expected):
+        assert torch.equal(got, want), (round_idx, cid)
+    assert len(seen[5][2]) == 2  # round 2's client 1: experts 0 (retrained in round 2) and another
+    rows = read_rows(tmp_path / "run")
+    assert [r["parallel_clients"] for r in rows] == [1, 1, 1]
+
+
+def test_compat_official_order_refuses_what_cannot_run_it(cli, tmp_path):
+    """K > 1, several devices and the Flower runtime cannot train one client after another: one line, no folder."""
+    base = ["fit", "--config", SMOKE, "--out_dir", tmp_path / "run", *TINY_FLAGS, "--method.compat", "official"]
+    for extra, named in ((["--federation.parallel_clients", "2"], "--federation.parallel_clients 1"),
+                         (["--runtime", "flower"], "--runtime fabric"),
+                         (["--fabric.devices", "2"], "--fabric.devices 1")):
+        code, _, err = cli(*base, *extra)
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and named in line and "one at a time" in line, err
+        assert not (tmp_path / "run").exists()

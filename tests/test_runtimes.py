@@ -51,6 +51,21 @@ CASES = {
     "PromptFL-client-dp-bound-sign-flip": ["--method", "PromptFL", "--dp.noise_multiplier", "1", "--dp.clip_norm", "1",
                                            "--dp.delta", "0.01", "--robust.norm_bound", "0.02", "--attack.kind",
                                            "sign_flip"],
+    # kept multipliers, the OT server (FOCoOp); OOD detection's per-client AUROC / FPR95 in both runtimes' rows
+    "FOCoOp": ["--method", "FOCoOp", "--method.n_ctx", "2", "--method.num_negatives", "4", "--method.negative_words",
+               str(ROOT / "tests" / "data" / "negative_words"), "--method.lr", "0.05"],
+    "PromptFL-ood": ["--method", "PromptFL", "--data.subsample_classes", "base", "--data.num_classes", "6",
+                     "--eval.ood", "[novel]", "--eval.ood_scores", "[msp,energy,mcm,neglabel]", "--eval.ood_negatives",
+                     str(ROOT / "tests" / "data" / "negative_words"), "--eval.ood_negative_count", "8"],
+    # issue 26: LoRA in both towers (dropout, AdamW), FedCLIP's adapter, pFedMMA's shared projection (private parts)
+    "FedLoRA": ["--method", "FedLoRA", "--method.lr", "0.01"],
+    "FedCLIP": ["--method", "FedCLIP", "--method.lr", "0.001"],
+    "PFedMMA": ["--method", "PFedMMA", "--method.adapter_start", "1", "--method.adapter_end", "2",
+                "--method.lr", "0.01"],
+    # issue 27: FedMVP's per-client switch to LoRA (kept in the client state, never sent; 2 of 4 clients switch)
+    "FedMVP-LoRA": ["--method", "FedMVP", "--method.attributes", str(ROOT / "tests" / "data" /
+                                                                     "synthetic_attributes.json"),
+                    "--method.lr", "0.05", "--method.lora_threshold", "1.6", "--federation.rounds", "3"],
 }
 
 
@@ -120,6 +135,8 @@ def test_flower_runtime_equals_fabric_one_client_at_a_time(cli, tmp_path, case):
         assert all(len(row["robust_kept"]) == 2 for row in rows)
     if "bound" in case:
         assert all("robust_bounded" in row for row in rows) and any(row["robust_bounded"] for row in rows)
+    if case == "PromptFL-ood":
+        assert len(rows[-1]["client_ood/novel/neglabel/auroc"]) == 4 and "ood/novel/neglabel/auroc" in flower["summary"]
 
 
 def test_flower_runtime_killed_after_a_round_resumes_to_the_same_bits(cli, tmp_path, monkeypatch):
@@ -161,7 +178,7 @@ def test_evaluate_and_zeroshot_under_flower_equal_fabric(cli, tmp_path):
     for runtime in ("fabric", "flower"):
         out = tmp_path / f"zeroshot-{runtime}"
         code, _, err = cli("zeroshot", "--config", SMOKE, "--log.logger", "none", "--runtime", runtime,
-                           "--out_dir", out)
+                           "--federation.parallel_clients", "1", "--out_dir", out)  # Flower's order: one at a time
         assert code == 0, err
         summaries[runtime] = {k: v for k, v in json.loads((out / "summary.json").read_text()).items()
                               if k != "out_dir"}

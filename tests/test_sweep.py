@@ -79,9 +79,9 @@ def test_sweep_runs_each_seed_then_continues_and_writes_the_table(cli, tmp_path)
 
 
 def test_interrupted_sweep_says_how_to_continue(cli, tmp_path, monkeypatch):
-    import fedprompt.sweep
+    import fedprompt.launchers
 
-    monkeypatch.setattr(fedprompt.sweep, "_run_seed", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(fedprompt.launchers, "run_one", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     code, _, err = cli("sweep", "--config", SMOKE, "--out_dir", tmp_path)
     assert code == 130 and "run the same sweep command again" in err and str(tmp_path) in err
     assert (tmp_path / "sweep.yaml").is_file()

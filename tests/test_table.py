@@ -84,12 +84,20 @@ def test_metrics_columns_local_base_novel_hm(tmp_path):
     a = fake_run(tmp_path / "a", config(**b2n), local_acc=0.9, base_acc=0.8, novel_acc=0.6, hm=0.685, cm=0.7)
     b = fake_run(tmp_path / "b", config("FedPGP", **b2n), local_acc=0.95, base_acc=0.7, novel_acc=0.7, hm=0.7)
     out = table(tmp_path, a, b, columns="metrics")
-    assert out["columns"] == ["Local", "Base", "Novel", "HM"]
+    hm = "HM (Base, Novel)"  # the header says which HM: hm is the 2-way base/novel one
+    assert out["columns"] == ["Local", "Base", "Novel", hm]
     best = {col: [row for row in out["rows"] if out["cells"][row][col]["best"]] for col in out["columns"]}
-    assert best == {"Local": ["FedPGP"], "Base": ["PromptFL"], "Novel": ["FedPGP"], "HM": ["FedPGP"]}
+    assert best == {"Local": ["FedPGP"], "Base": ["PromptFL"], "Novel": ["FedPGP"], hm: ["FedPGP"]}
+    assert "HM (Base, Novel) = 2BN / (B + N)." in (tmp_path / "out" / "table.md").read_text()
     out = table(tmp_path, a, b, columns="metrics", metrics=["cm", "hm"])
-    assert out["columns"] == ["CM", "HM"] and out["cells"]["FedPGP"]["CM"]["mean"] is None  # shown as –
+    assert out["columns"] == ["CM", hm] and out["cells"]["FedPGP"]["CM"]["mean"] is None  # shown as –
     assert "| FedPGP | – | **70.00** |" in (tmp_path / "out" / "table.md").read_text()
+    # these run folders predate the two named HMs: hm_base_novel is their hm, the 3-way HM is computed
+    out = table(tmp_path, a, b, columns="metrics", metrics=["hm_base_novel", "hm_local_base_novel"])
+    assert out["columns"] == [hm, "HM (Local, Base, Novel)"]
+    assert out["cells"]["PromptFL"][hm]["mean"] == 0.685
+    assert math.isclose(out["cells"]["PromptFL"]["HM (Local, Base, Novel)"]["mean"], 3 / (1 / 0.9 + 1 / 0.8 + 1 / 0.6))
+    assert "HM (Local, Base, Novel) = 3 / (1/L + 1/B + 1/N)" in (tmp_path / "out" / "table.md").read_text()
 
 
 def test_targets_columns(tmp_path):
@@ -192,3 +200,13 @@ def test_table_command_on_small_runs(cli, tmp_path):
     assert (tmp_path / "t.md").is_file() and (tmp_path / "t.csv").is_file() and (tmp_path / "t.png").is_file()
     code, _, err = cli("table", "--out", tmp_path / "t")
     assert code == 2 and "runs" in err
+
+
+def test_ood_columns_mark_the_lowest_fpr_and_the_highest_auroc(tmp_path):
+    """OOD detection's keys (eval.ood) in the table: the best AUROC is the highest, the best FPR95 the lowest."""
+    keys = ["ood/dtd/energy/auroc", "ood/dtd/energy/fpr95"]
+    a = fake_run(tmp_path / "a", config(), **{keys[0]: 0.9, keys[1]: 0.3})
+    b = fake_run(tmp_path / "b", config("FOCoOp"), **{keys[0]: 0.8, keys[1]: 0.2})
+    out = table(tmp_path, a, b, columns="metrics", metrics=keys)
+    best = {col: [row for row in out["rows"] if out["cells"][row][col]["best"]] for col in out["columns"]}
+    assert best == {keys[0]: ["PromptFL"], keys[1]: ["FOCoOp"]}

@@ -10,7 +10,9 @@ Methods never touch open_clip themselves. They ask the backbone for
 - :meth:`Backbone.encode_image` and :meth:`Backbone.encode_image_tokens`: pooled image features and projected
   patch tokens (ViT), spatial positions (timm / ModifiedResNet towers);
 - :meth:`Backbone.encode_image_prompted`: pooled image features of a ViT tower that also sees learnable visual
-  prompt tokens (VPT / MaPLe style, shallow or deep), for several prompt sets in one call.
+  prompt tokens (VPT / MaPLe style, shallow or deep), for several prompt sets in one call;
+- :meth:`Backbone.encode_image_tuned` and ``encode_prompts(..., tuning=)``: a pass through a tower with per-client
+  LoRA and block adapters (:mod:`fedprompt.backbone.tuning`), each row with its own client's weights.
 
 Two kinds of text tower sit behind the same interface: open_clip's causal CLIP text transformer and a Hugging Face
 text tower (``CustomTextCLIP``), where prompts go in through ``inputs_embeds`` with the attention mask and the
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedprompt.backbone.loading import LoadedModel, load_open_clip
+from fedprompt.backbone.tuning import LORA_TARGETS, HF_LINEARS, TowerTuning, hf_layers, hf_tuning, run_tuned_blocks
 from fedprompt.errors import FedPromptError
 
 PLACEHOLDER = "X"
@@ -193,7 +196,7 @@ class Backbone(nn.Module):
         return self.token_embedding(ids[1: 1 + n].to(self.token_embedding.weight.device)).detach().clone()
 
     def encode_prompts(self, tokens: PromptTokens, ctx: torch.Tensor, class_specific: bool = False,
-                       deep: torch.Tensor | None = None) -> torch.Tensor:
+                       deep: torch.Tensor | None = None, tuning: TowerTuning | None = None) -> torch.Tensor:
         """Text features for learnable context vectors placed into the sentences of ``tokens``.
 
         Args:
@@ -209,6 +212,9 @@ class Backbone(nn.Module):
                 the tower's own (the context rows come before every end-of-text token, so end-of-text truncation
                 stays exact). ``None``, or J - 1 = 0 rows (depth 1), is the shallow path exactly; at most
                 :attr:`text_layers` - 1 deep layers.
+            tuning: LoRA and block adapters in the text tower (:class:`fedprompt.backbone.tuning.TowerTuning`) for
+                the ``prod(P) * C`` sentences of the call, in order (prompt-major: the C classes of prompt 0, then of
+                prompt 1, ...); its closures see the hidden states of all of them. Not together with ``deep``.
 
         Returns:
             [*P, C, E] unnormalised text features.
@@ -225,7 +231,14 @@ class Backbone(nn.Module):
         flat = x.reshape(-1, length, dim)
         repeat = flat.shape[0] // n_cls
         encode = self._compiled_text or self._encode_embeddings
-        if deep is not None and deep.shape[-3] > 0:
+        if tuning is not None:
+            if deep is not None and deep.shape[-3] > 0:
+                raise FedPromptError("backbone.encode_prompts: deep text prompts and a tower tuning cannot be "
+                                     "combined in one call.")
+            self.check_tunable("text", "backbone.encode_prompts")
+            features = self._encode_embeddings(flat, tokens.attention_mask.repeat(repeat, 1),
+                                               tokens.pool_index.repeat(repeat), tuning=tuning)
+        elif deep is not None and deep.shape[-3] > 0:
             deep = self._deep_text_prompts(deep, lead, tokens.n_ctx, dim, n_cls)
             features = encode(flat, tokens.attention_mask.repeat(repeat, 1), tokens.pool_index.repeat(repeat), deep)
         else:
@@ -276,17 +289,23 @@ class Backbone(nn.Module):
                                                         dynamic=False)
 
     def _encode_embeddings(self, x: torch.Tensor, mask: torch.Tensor, pool_index: torch.Tensor,
-                           deep: torch.Tensor | None = None) -> torch.Tensor:
+                           deep: torch.Tensor | None = None, tuning: TowerTuning | None = None) -> torch.Tensor:
         if self.is_hf_text:
             text = self.model.text
-            out = text.transformer(inputs_embeds=x, attention_mask=mask)
+            if tuning is None:
+                out = text.transformer(inputs_embeds=x, attention_mask=mask)
+            else:
+                with hf_tuning(hf_layers(text), tuning, self.name):
+                    out = text.transformer(inputs_embeds=x, attention_mask=mask)
             return text.proj(text.pooler(out, mask))
         m = self.model
         length = x.shape[1]
         cast = m.transformer.get_cast_dtype()
         x = x.to(cast) + m.positional_embedding[:length].to(cast)
         attn_mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
-        if deep is None:
+        if tuning is not None:
+            x = run_tuned_blocks(m.transformer, x, attn_mask, tuning, "text", self.name)
+        elif deep is None:
             x = m.transformer(x, attn_mask=attn_mask)
         else:
             rows = x.shape[0] // deep.shape[0]  # the classes of each prompt
@@ -331,6 +350,65 @@ class Backbone(nn.Module):
         if kind == "ModifiedResNet":
             return self._resnet_tokens(visual, images)
         raise FedPromptError(f"backbone: patch tokens are not available for image tower {kind}.")
+
+    # ------------------------------------------------------------------------- tuned towers (LoRA, adapters)
+    def tunable_layers(self, tower: str) -> int:
+        """The transformer blocks of ``tower`` (``text`` or ``visual``) that LoRA and block adapters can enter (0 when
+        the tower has none: timm CNNs, ModifiedResNet, or a Hugging Face text tower that is not BERT-like)."""
+        if tower == "text":
+            if self.is_hf_text:
+                layers = hf_layers(self.model.text)
+                return 0 if layers is None else len(layers)
+            return len(self.model.transformer.resblocks)
+        visual = self.model.visual
+        return len(visual.transformer.resblocks) if type(visual).__name__ == "VisionTransformer" else 0
+
+    def check_tunable(self, tower: str, setting: str, fix: str | None = None) -> None:
+        """One error line naming ``setting`` (and what to do: ``fix``) when ``tower`` has no transformer blocks to
+        tune."""
+        if self.tunable_layers(tower) == 0:
+            kind = type(self.model.text if tower == "text" and self.is_hf_text else
+                        self.model if tower == "text" else self.model.visual).__name__
+            fix = fix or f"leave the {tower} tower out of this setting"
+            raise FedPromptError(f"{setting}: LoRA and block adapters enter the {tower} tower's transformer blocks, "
+                                 f"but '{self.name}' has a {kind} {tower} tower without such blocks; {fix} "
+                                 "(adapters on pooled features still apply).")
+
+    def tower_width(self, tower: str) -> int:
+        """The width of the hidden states of ``tower``'s blocks (768 for ViT-B/16's image tower, 512 for its text)."""
+        self.check_tunable(tower, f"backbone.tower_width({tower!r})")
+        if tower == "visual":
+            return int(self.model.visual.transformer.width)
+        if self.is_hf_text:
+            return int(self.model.text.config.hidden_size)
+        return int(self.model.transformer.width)
+
+    def lora_features(self, tower: str, target: str) -> tuple[int, int]:
+        """``(in_features, out_features)`` of the linear layer ``target`` (:data:`LORA_TARGETS`) in ``tower``'s
+        blocks (the same in every block)."""
+        if target not in LORA_TARGETS:
+            raise FedPromptError(f"LoRA target {target!r}: choose from {', '.join(LORA_TARGETS)}.")
+        self.check_tunable(tower, f"LoRA on the {tower} tower")
+        if tower == "text" and self.is_hf_text:
+            layer = hf_layers(self.model.text)[0].get_submodule(HF_LINEARS[target])
+            return int(layer.in_features), int(layer.out_features)
+        width = self.tower_width(tower)
+        blocks = (self.model.visual.transformer if tower == "visual" else self.model.transformer).resblocks
+        hidden = int(blocks[0].mlp.c_fc.out_features)
+        return {"mlp_in": (width, hidden), "mlp_out": (hidden, width)}.get(target, (width, width))
+
+    def encode_image_tuned(self, images: torch.Tensor, tuning: TowerTuning) -> torch.Tensor:
+        """Pooled, projected, unnormalised image features ``[B, E]`` of a ViT tower run with ``tuning`` (LoRA and
+        block adapters, each image with its own client's weights: the tuning's closures say how); the tower's own
+        embedding, pooling and projection (with an empty tuning this is :meth:`encode_image`)."""
+        self.check_tunable("visual", "backbone.encode_image_tuned")
+        visual = self.model.visual
+        x = visual._embeds(images)
+        x = run_tuned_blocks(visual.transformer, x, None, tuning, "visual", self.name)
+        pooled, _ = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return pooled
 
     # ------------------------------------------------------------------------------- visual prompt tokens
     @property

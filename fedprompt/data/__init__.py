@@ -8,9 +8,11 @@ command line builds its parser quickly. Modules by concept:
 - :mod:`~fedprompt.data.reader`: :class:`FederatedData` (the reader base class) and the shared protocol;
 - readers: :mod:`~fedprompt.data.folders` (``DomainFolders``, ``SplitFolders``), :mod:`~fedprompt.data.cifar`,
   :mod:`~fedprompt.data.synthetic`, :mod:`~fedprompt.data.coop` (the CoOp-format datasets),
-  :mod:`~fedprompt.data.fedbn` (DomainNet, Office-Caltech10), :mod:`~fedprompt.data.imagenet` (ImageNet and its
-  variants), :mod:`~fedprompt.data.combined` (several datasets), :mod:`~fedprompt.data.transfer` (train on one
-  dataset, evaluate on others);
+  :mod:`~fedprompt.data.fedbn` (DomainNet, Office-Caltech10), :mod:`~fedprompt.data.domainbed` (PACS, VLCS,
+  Office-Home in DomainBed's layout), :mod:`~fedprompt.data.imagenet` (ImageNet and its variants),
+  :mod:`~fedprompt.data.combined` (several datasets), :mod:`~fedprompt.data.transfer` (train on one dataset, evaluate
+  on others), :mod:`~fedprompt.data.lodo` (leave one domain out), :mod:`~fedprompt.data.longtail` (long-tailed
+  train splits);
 - :mod:`~fedprompt.data.scenarios`: the evaluation scenarios' sets (global, per domain) and the centralised split;
 - :mod:`~fedprompt.data.partition` (client partitions, few-shot sampling), :mod:`~fedprompt.data.protocols`
   (base/novel, validation);
@@ -40,6 +42,8 @@ EXPORTS = {
     "Caltech101": "coop", "DTD": "coop", "EuroSAT": "coop", "FGVCAircraft": "coop", "Flowers102": "coop",
     "Food101": "coop", "OxfordPets": "coop", "StanfordCars": "coop", "SUN397": "coop", "UCF101": "coop",
     "DomainNet": "fedbn", "OfficeCaltech10": "fedbn",
+    "PACS": "domainbed", "VLCS": "domainbed", "OfficeHome": "domainbed",
+    "LeaveOneDomainOut": "lodo", "LongTailed": "longtail",
     "Combined": "combined", "Transfer": "transfer",
     "ImageNet": "imagenet", "ImageNetA": "imagenet", "ImageNetR": "imagenet", "ImageNetSketch": "imagenet",
     "ImageNetV2": "imagenet",

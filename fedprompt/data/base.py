@@ -150,6 +150,9 @@ class FederatedSplits:
     bad_images: list[tuple[str, str]] = field(default_factory=list)
     """``(path, reason)`` of the unreadable image files left out (``on_bad_image: skip``); written by ``fit`` to
     the run directory's ``bad_images.txt``."""
+    class_groups: dict[str, list[int]] | None = None
+    """Labels of the many / medium / few-shot classes (long-tailed data, :class:`fedprompt.data.LongTailed`): the
+    evaluation then reports each group's accuracy."""
 
     @property
     def loader(self):

@@ -4,6 +4,8 @@
   classes, scored with the aggregated prompt (FLiP's ``global``).
 - :func:`domain_sets`: ``eval.domains``: that split cut by domain (FLiP's and FedMGP's multi-domain DomainNet: every
   domain's test set).
+- :func:`ood_sets`: ``eval.ood``: out-of-distribution images (held-out classes, or another dataset) for OOD
+  detection.
 - :func:`centralize`: ``federation.central``: every client's training data pooled into one client (the centralised
   upper bound).
 
@@ -49,6 +51,28 @@ def domain_sets(sets: list[EvalSet]) -> list[EvalSet]:
                              "use multi-domain data (DomainNet, Office-Caltech10, PACS as DomainFolders) or set "
                              "eval.domains false.")
     return out
+
+
+def ood_sets(splits: FederatedSplits, names: list[str]) -> list[EvalSet]:
+    """The out-of-distribution sets ``names`` (``eval.ood``), each ``ood/<name>`` (split ``ood``) of OOD images to
+    be scored among the federation's classes: ``novel``, the test images of the held-out classes of a base/novel
+    split; or an unseen dataset's name (a target of :class:`fedprompt.data.Transfer`), its test images. An unknown
+    name is one error listing the known ones."""
+    known: dict[str, list[Sample]] = {}
+    seen = {e.dataset for e in splits.eval_sets if e.seen}
+    novel = [e for e in splits.eval_sets if e.split == "novel" and e.seen]
+    if len(novel) == 1 and len(seen) == 1:
+        known["novel"] = novel[0].samples
+    for item in splits.eval_sets:
+        if not item.seen:
+            known[item.dataset] = item.samples
+    missing = [name for name in names if name not in known]
+    if missing:
+        hint = ("novel (the held-out classes of a base/novel split: data.subsample_classes base, one training "
+                "dataset) or the name of a target of data: Transfer")
+        raise FedPromptError(f"eval.ood: no OOD set {', '.join(map(repr, missing))}; known here: "
+                             f"{sorted(known) or 'none'}. Name {hint}.")
+    return [EvalSet(f"ood/{name}", list(splits.classnames), known[name], "ood", name, seen=False) for name in names]
 
 
 def _unique(samples: list[Sample]) -> list[Sample]:

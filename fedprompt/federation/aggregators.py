@@ -48,7 +48,10 @@ class Aggregator:
         ``averages_uploads``: ``aggregate`` is a (weighted) mean of the uploads, keyed and shaped like the global
         state, and nothing else is kept of them (client-level DP may replace the mean by its noised, clipped one);
         ``aggregates_empty_rounds``: ``aggregate`` runs also in a round without any upload (DP-FedAvg releases its
-        noise every round, also when Poisson sampling picked no client).
+        noise every round, also when Poisson sampling picked no client);
+        ``in_turn``: the round's clients train one at a time and each later client receives, before its local
+        round, what the earlier ones of the same round uploaded (:meth:`share`; pFedMoAP under ``compat:
+        official``, the release's order); the round then runs with K = 1 on one process.
     """
 
     reduce: bool = False
@@ -56,6 +59,7 @@ class Aggregator:
     per_client_download: bool = False
     averages_uploads: bool = False
     aggregates_empty_rounds: bool = False
+    in_turn: bool = False
 
     def __init__(self, shared_prefixes: tuple[str, ...] = ()):
         self.shared_prefixes = tuple(shared_prefixes)
@@ -72,6 +76,10 @@ class Aggregator:
     def download(self, global_state: dict[str, torch.Tensor], client_id: int) -> dict[str, torch.Tensor]:
         """What a client receives from the server."""
         return global_state
+
+    def share(self, client_id: int, upload: dict[str, torch.Tensor]) -> None:
+        """``in_turn`` rules: keep client ``client_id``'s upload for the downloads of the round's later clients
+        (the round's aggregation still sees every upload). Nothing by default."""
 
     def apply(self, client_state: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
               client_id: int) -> dict[str, torch.Tensor]:

@@ -110,6 +110,8 @@ class ClientPool:
         lists: dict[tuple, int] = {}
         for split in clients:
             lists[tuple(split.classnames or classnames)] = lists.get(tuple(split.classnames or classnames), 0) + 1
+        if method.trains_in_turn:  # one client at a time (checked before the run: auto or 1)
+            parallel_clients = 1
         self.group = resolve_parallel_clients(parallel_clients, max(lists.values()), fabric.world_size)
         self.module_slots = self.group.size  # the slots of every client module (K may shrink, never grow)
         self.trainer = LockstepTrainer(fabric, feed, timer)

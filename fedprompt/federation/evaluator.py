@@ -24,8 +24,11 @@ from typing import Callable
 
 import torch
 
+from fedprompt.calibration import CalibrationTally
+from fedprompt.federation.eval_summaries import CALIBRATION, COUNTS, SUMMARIES
+from fedprompt.federation.ood_eval import OODDetection, ood_row
 from fedprompt.federation.scenarios import scenario_summary
-from fedprompt.metrics import accuracy_metric, harmonic_mean, summarize
+from fedprompt.metrics import accuracy_metric, class_counts, class_counts_metric, harmonic_mean, summarize
 from fedprompt.timing import NoTimer
 
 Scores = dict[str, float]
@@ -39,18 +42,35 @@ class ClientMetric:
         name: the key's prefix (``acc`` gives ``acc:test``, ``acc:val``, ``acc:set/<name>``).
         build: a fresh torchmetrics metric for a list of ``num_classes`` classes.
         inputs: what the metric is updated with, from the float logits ``[n, C]`` (default: the predicted class).
+        value: the score from the metric's ``compute()`` and the number of classes: a float (default), or a list of
+            floats (a tally or counts that add up over clients; a Flower ``MetricRecord`` carries it as it is).
+            A list-valued metric has no score on an empty sample list.
     """
 
     name: str
     build: Callable[[int], object]
     inputs: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits.argmax(1)
+    value: Callable[[torch.Tensor, int], float | list] = lambda result, classes: float(result)
 
+    @property
+    def listed(self) -> bool:
+        """Whether the score is a list of floats (this metric's ``value`` is not the default)."""
+        return self.value is not ClientMetric.__dataclass_fields__["value"].default
+
+
+#: the calibration tally of the top-1 softmax confidences (ECE per client and over clients: eval_summaries)
+CALIBRATION_METRIC = ClientMetric(CALIBRATION, lambda classes: CalibrationTally(), inputs=lambda logits: logits,
+                                  value=lambda result, classes: result.flatten().tolist())
+#: per-class (correct, total) counts, measured on long-tailed data (many / medium / few-shot accuracy)
+COUNTS_METRIC = ClientMetric(COUNTS, class_counts_metric, value=lambda result, classes: class_counts(result, classes))
 
 #: what the evaluator measures on every sample list (one pass over the logits for all of them)
-CLIENT_METRICS: tuple[ClientMetric, ...] = (ClientMetric("acc", lambda classes: accuracy_metric(max(2, classes))),)
+CLIENT_METRICS: tuple[ClientMetric, ...] = (ClientMetric("acc", lambda classes: accuracy_metric(max(2, classes))),
+                                            CALIBRATION_METRIC)
 
 #: row entries computed from every client's scores after the built-in summary: ``f(evaluator, scores, row) -> dict``
-ROW_SUMMARIES: list[Callable] = []
+#: (calibration, fairness, both HMs, the held-out domain, the long-tailed groups: eval_summaries; OOD detection)
+ROW_SUMMARIES: list[Callable] = [*SUMMARIES, ood_row]
 
 
 def key(metric: str, name: str) -> str:
@@ -67,14 +87,22 @@ class Evaluator:
         eval_args: the evaluation settings (``mode``, ``batch_size``, ``every``).
         eval_sets: the evaluation sets beyond each client's own data.
         global_model: whether every client holds the same model (the method's ``global_model``).
+        class_groups: the many / medium / few-shot classes of long-tailed data
+            (:attr:`fedprompt.data.FederatedSplits.class_groups`): clients then also report per-class counts.
+        detection: OOD detection (``eval.ood``), measured with each client's own data
+            (:mod:`fedprompt.federation.ood_eval`).
     """
 
-    def __init__(self, clients: list, classnames: list[str], eval_args, eval_sets: list, global_model: bool):
+    def __init__(self, clients: list, classnames: list[str], eval_args, eval_sets: list, global_model: bool,
+                 class_groups: dict | None = None, detection: OODDetection | None = None):
         self.clients = clients
         self.classnames = classnames
         self.eval = eval_args
         self.eval_sets = list(eval_sets)
         self.global_model = global_model
+        self.class_groups = class_groups
+        self.metrics = CLIENT_METRICS + ((COUNTS_METRIC,) if class_groups else ())
+        self.detection = detection
 
     def scheduled(self, round_idx: int, rounds: int) -> bool:
         """Whether ``round_idx`` is evaluated (every ``eval.every`` rounds, and the last round)."""
@@ -100,7 +128,7 @@ class Evaluator:
         for members in by_classes.values():
             for chunk in pool.chunks(members):
                 self._score_chunk(pool, list(pool.classnames_of(chunk[0])), chunk,
-                                  {name: name for name in lists}, out)
+                                  {name: name for name in lists}, out, detect=True)
                 if bar is not None:
                     bar.update(len(chunk))
         groups: dict[tuple, list] = {}
@@ -112,9 +140,10 @@ class Evaluator:
                                   out)
         return out
 
-    def _score_chunk(self, pool, classnames: list[str], cids: list[int], lists: dict[str, str], out: dict) -> None:
+    def _score_chunk(self, pool, classnames: list[str], cids: list[int], lists: dict[str, str], out: dict,
+                     detect: bool = False) -> None:
         """Score the clients ``cids`` (one lock-step group) on every sample list of ``lists`` (score name -> the
-        feed's list name; ``test``/``val`` name the clients' own)."""
+        feed's list name; ``test``/``val`` name the clients' own), and (``detect``) their OOD detection."""
         client = pool.module_for(classnames)
         client.eval()
         client.timer = NoTimer()  # evaluation is timed as a whole
@@ -127,6 +156,9 @@ class Evaluator:
                 feed_list = f"{feed_list}:{cid}" if feed_list in ("test", "val") else feed_list
                 scores = self._measure(pool, client, text, slots, pos, feed_list)
                 out.setdefault(cid, {}).update({key(m, name): v for m, v in scores.items()})
+        if detect and self.detection is not None:
+            for cid, scores in self.detection.client_scores(self, pool, client, text, slots, cids).items():
+                out.setdefault(cid, {}).update(scores)
 
     @staticmethod
     @torch.no_grad()
@@ -136,21 +168,28 @@ class Evaluator:
 
     @torch.no_grad()
     def _measure(self, pool, client, text, slots: torch.Tensor, position: int, name: str) -> dict[str, float]:
-        """Every :data:`CLIENT_METRICS` value of the client at ``slots[position]`` (its text side precomputed in
-        ``text``) on list ``name`` (NaN for an empty list)."""
+        """Every value of :attr:`metrics` (:data:`CLIENT_METRICS`, and the counts on long-tailed data) of the client
+        at ``slots[position]`` (its text side precomputed in ``text``) on list ``name`` (NaN for an empty list)."""
         if not pool.feed.lists.get(name):
-            return {m.name: math.nan for m in CLIENT_METRICS}
+            return {m.name: math.nan for m in self.metrics if not m.listed}
+        count = len(client.classnames)
+        metrics = [(m, m.build(count).to(pool.fabric.device)) for m in self.metrics]
+        for logits, label in self.eval_logits(pool, client, text, slots, position, name):
+            for spec, metric in metrics:  # columns past the classes: a model's own negative labels (FOCoOp)
+                metric.update(spec.inputs(logits[:, :count].float()), label)
+        return {spec.name: spec.value(metric.compute(), count) for spec, metric in metrics}
+
+    @torch.no_grad()
+    def eval_logits(self, pool, client, text, slots: torch.Tensor, position: int, name: str):
+        """``(logits, labels)`` of each evaluation batch of feed list ``name`` for the client at ``slots[position]``
+        (its text side precomputed in ``text``)."""
         fabric = pool.fabric
-        metrics = [(m, m.build(len(client.classnames)).to(fabric.device)) for m in CLIENT_METRICS]
         for batch in pool.feed.eval_batches(name, self.eval.batch_size):
             batch = pool.feed.finish(fabric.to_device(batch))
             n = batch["label"].shape[0]
             batch.update(slots=slots, owner=torch.full((n,), position, dtype=torch.long, device=fabric.device))
             with fabric.autocast():
-                logits = client.predict_logits(batch, text)
-            for spec, metric in metrics:
-                metric.update(spec.inputs(logits.float()), batch["label"])
-        return {spec.name: float(metric.compute()) for spec, metric in metrics}
+                yield client.predict_logits(batch, text), batch["label"]
 
     # ------------------------------------------------------------------------------------------ summarising
     def summarize(self, scores: dict[int, Scores]) -> dict:

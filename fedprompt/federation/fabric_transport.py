@@ -15,10 +15,11 @@ from __future__ import annotations
 import time
 
 import torch.distributed as dist
-from fedprompt.progress import tqdm
 
+from fedprompt.errors import FedPromptError
 from fedprompt.federation.checkpoint import require_client_states
 from fedprompt.federation.sampling import place
+from fedprompt.progress import tqdm
 
 
 def all_gather_objects(fabric, obj) -> list:
@@ -58,7 +59,10 @@ class FabricTransport:
     def train(self, round_idx: int, cids: list[int]) -> dict:
         mine = self._mine(cids)
         bar = tqdm(total=len(mine), desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
-        self._local = self.pool.train(mine, round_idx, self.server.global_state, on_group=bar.update)
+        if getattr(self.server.aggregator, "in_turn", False):
+            self._local = self._train_in_turn(round_idx, mine, bar.update)
+        else:
+            self._local = self.pool.train(mine, round_idx, self.server.global_state, on_group=bar.update)
         bar.close()
         tic = time.perf_counter()
         reports: dict = {}
@@ -75,6 +79,23 @@ class FabricTransport:
         if self.pool.timer is not None:
             self.pool.timer.add("communication", time.perf_counter() - tic)
         return dict(sorted(reports.items()))
+
+    def _train_in_turn(self, round_idx: int, cids: list[int], on_group) -> dict:
+        """The round's clients one at a time, in the sampler's order: each receives the server's download as it is
+        then (with the uploads of the clients before it in this round) and shares its own upload at once (an
+        ``in_turn`` rule; K = 1 on one process, checked before the run by
+        :func:`fedprompt.build.check_round_order`)."""
+        if self.fabric.world_size > 1 or self.pool.group_size > 1:
+            raise FedPromptError(f"{self.pool.method.name}: the release's client order trains a round's clients one "
+                                 "at a time on one process; run it with --federation.parallel_clients 1 on one "
+                                 "device.")
+        results: dict = {}
+        for cid in cids:
+            self.pool.receive(cid, self.server.download(cid))
+            results.update(self.pool.train([cid], round_idx, self.server.global_state, on_group=on_group))
+            if results[cid].report.failure is None:
+                self.server.share(cid, results[cid].upload)
+        return results
 
     def merge(self, round_idx: int, ok: list[int]) -> None:
         if self.server.form == "uploads":

@@ -44,7 +44,8 @@ class ClientModule(Protocol):
         """The text side of the clients in ``slots`` (for an evaluation)."""
 
     def predict_logits(self, batch: dict, text: Any = None) -> torch.Tensor:
-        """Logits ``[n, C]`` for evaluation."""
+        """Logits ``[n, C]`` for evaluation (or ``[n, C + M]``: a model's own M negative labels after the C classes,
+        FOCoOp's OOD prompts; accuracy reads the first C columns)."""
 
 
 class MethodSpec(Protocol):

@@ -35,7 +35,7 @@ def scenario_summary(eval_sets: list, per_set: dict[str, float], results: dict,
     """
     out: dict = {}
     for item in eval_sets:
-        if not item.seen:
+        if not item.seen and item.split != "target":  # a held-out domain is target_acc (eval_summaries)
             out[f"unseen/{item.dataset}"] = per_set[item.name]
     global_sets = [e for e in eval_sets if e.split == "global"]
     if global_sets:
@@ -57,7 +57,7 @@ def scenario_summary(eval_sets: list, per_set: dict[str, float], results: dict,
 #: summary.json / selected-round entries of the scenarios (besides the per-target and per-domain keys)
 SUMMARY_KEYS = ("global_acc", "client_global_acc", "dual_hm", "unseen_acc", "multidomain_acc")
 #: prefixes of the per-target and per-domain metric keys
-KEY_PREFIXES = ("unseen/", "domain/")
+KEY_PREFIXES = ("unseen/", "domain/", "ood/")
 
 
 def scenario_keys(row: dict) -> list[str]:
@@ -66,12 +66,14 @@ def scenario_keys(row: dict) -> list[str]:
 
 
 def evaluation_sets(splits, eval_args) -> list:
-    """The evaluation sets the round loop scores besides each client's own test data: the data's base / novel sets
-    and unseen datasets, then the global sets (``eval.mode: global`` / ``dual``) and the per-domain sets
-    (``eval.domains``)."""
+    """The evaluation sets the round loop scores for accuracy besides each client's own test data: the data's base /
+    novel sets and unseen datasets (not those named in ``eval.ood``: :func:`fedprompt.data.scenarios.ood_sets`),
+    then the global sets (``eval.mode: global`` / ``dual``) and the per-domain sets (``eval.domains``)."""
     from fedprompt.data.scenarios import domain_sets, global_sets
 
-    sets = [e for e in splits.eval_sets if e.split in ("base", "novel") or not e.seen]
+    ood = set(eval_args.ood)  # sets named as OOD sets are scored for detection only, never for accuracy
+    sets = [e for e in splits.eval_sets if e.split == "base" or (e.split == "novel" and "novel" not in ood)
+            or (not e.seen and e.dataset not in ood)]
     whole = global_sets(splits)
     if eval_args.mode != "personal":
         sets += whole

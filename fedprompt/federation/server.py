@@ -76,6 +76,11 @@ class Server:
         """What client ``cid`` receives of the current global state (nothing before any global state exists)."""
         return self.aggregator.download(self.global_state, cid) if self.global_state else {}
 
+    def share(self, cid: int, upload: State) -> None:
+        """An ``in_turn`` rule's mid-round step: client ``cid``'s upload reaches the downloads of the round's later
+        clients (:meth:`fedprompt.federation.aggregators.Aggregator.share`)."""
+        self.aggregator.share(cid, upload)
+
     def bytes_down(self, cids: list[int]) -> int:
         return sum(state_bytes(self.download(cid)) for cid in cids) if self.global_state else 0
 

@@ -23,7 +23,7 @@ require_flower()  # one clear line without the flower extra
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedprompt.build import build_parts, read_data_and_check_weights
+from fedprompt.build import build_parts, check_round_order, read_data_and_check_weights
 from fedprompt.errors import FedPromptError
 from fedprompt.flower.node import one_at_a_time, run_key, single_fabric
 from fedprompt.flower.options import AppOptions
@@ -48,6 +48,8 @@ class FlowerServer:
         self.splits = splits
         self.mode = mode
         self.announce = announce
+        if mode == "fit":
+            check_round_order(run, "flower")
         single = one_at_a_time(run)
         if not announce:  # in a fedprompt command: its rounds bar, as the command line asked
             single = replace(single, log=replace(single.log, progress=run.log.progress))

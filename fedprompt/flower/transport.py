@@ -199,7 +199,8 @@ class FlowerTransport:
                 continue
             self.restoring.pop(cid, None)
             if "metrics" in reply.content.metric_records:
-                scores[cid] = {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
+                scores[cid] = {k: [float(x) for x in v] if isinstance(v, list) else float(v)  # tallies, counts
+                               for k, v in reply.content.metric_records["metrics"].items()}
             if "state" in reply.content.array_records:
                 self.reported[cid] = reply.content.array_records["state"].to_torch_state_dict()
         return scores if evaluate else None

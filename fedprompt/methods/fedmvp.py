@@ -24,22 +24,28 @@ datasets) or the raw attributes' (``context: attributes``, the release for Offic
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from fedprompt.backbone.adapters import StackedLoRA
 from fedprompt.errors import FedPromptError
 from fedprompt.federation.aggregators import Aggregator, WeightedMean
-from fedprompt.methods.base import PromptClient
+from fedprompt.methods.base import PromptClient, total_loss
+from fedprompt.optim import StackedSGD
 from fedprompt.methods.method import TrainedMethod
 from fedprompt.prompts import PromptFormer, SlotStacked
 
 #: sentences encoded per text-tower call when a class list's attributes are encoded
 ENCODE_CHUNK = 1024
 #: a dataset name (normalised: lower case, letters and digits) -> the released attribute file's stem, for folders
+#: the attention inputs FedMVP's optional LoRA adapts (the release's query, key and value factors)
+LORA_ROLES = ("query", "key", "value")
 RELEASE_STEMS = {"imagenet": "imagenet", "pacs": "pacs", "officehome": "officehome", "vlcs": "vlcs",
                  "terra": "terraincognita", "domainnet": "domainnet"}
 
@@ -120,9 +126,48 @@ class FedMVPClient(PromptClient):
                                  "and adds visual prompts to its sequence, but this backbone's image tower is a "
                                  f"{type(backbone.model.visual).__name__} without a token sequence; use a ViT backbone "
                                  "(ViT-B-16).")
+        self.lora = settings.lora_threshold is not None
         template = PromptFormer(backbone.visual_width, backbone.embed_dim, settings.heads, settings.ff_mult,
                                 settings.visual_tokens)
         self.former = SlotStacked(template, slots)
+        if self.lora:  # the release's unscaled factors, both N(0, 0.02^2), on the attention's inputs (shared)
+            width = backbone.visual_width
+            self.lora_factors = nn.ModuleDict({role: StackedLoRA(width, width, settings.lora_rank, slots=slots,
+                                                                 scale=1.0, init="normal") for role in LORA_ROLES})
+            # each client's own switch and the loss of its last step (client state, never sent)
+            self.register_buffer("lora_on", torch.zeros(slots))
+            self.register_buffer("last_loss", torch.full((slots,), math.inf))
+        self._lora_slots = [False] * slots  # host copy of lora_on, set at the start of a round
+
+    def on_round_start(self, global_state) -> None:
+        """A client whose last step of its previous round had a loss below ``lora_threshold`` switches to LoRA
+        (for good): from now on it trains the LoRA factors and the context map, and holds the cross-attention."""
+        if not self.lora:
+            return
+        with torch.no_grad():
+            self.lora_on.copy_(torch.maximum(self.lora_on, (self.last_loss < self.settings.lora_threshold).float()))
+        self._lora_slots = [bool(flag) for flag in self.lora_on.tolist()]  # one host read per round
+
+    def configure_optimizers(self):
+        """SGD as every method; with LoRA, three groups: the cross-attention (held for switched clients), the
+        context map (always trained) and the LoRA factors (held for the others), so a client steps the same in a
+        lock-step group as alone."""
+        if not self.lora:
+            return super().configure_optimizers()
+        params = dict(self.former.named_parameters())
+        context = [params.pop(name) for name in list(params) if name.startswith("context.")]
+        switched = list(self._lora_slots)
+        optim = self.optim
+        return StackedSGD([{"params": list(params.values()), "held": switched}, {"params": context},
+                           {"params": list(self.lora_factors.parameters()), "held": [not on for on in switched]}],
+                          lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+    def backward(self, losses, backward) -> None:
+        """The default backward; with LoRA the active clients' losses are kept first (the switch reads the last)."""
+        if self.lora:
+            with torch.no_grad():
+                self.last_loss[self.step.slots] = total_loss(losses).detach().float()
+        super().backward(losses, backward)
 
     def class_data(self, classnames: list[str]) -> dict:
         """The attribute sentences' features ``descriptions`` [M, E], the class of each (``class_of`` [M]), the
@@ -152,11 +197,19 @@ class FedMVPClient(PromptClient):
         prompts, start = [], 0
         for slot, size in zip(self.host_slots(), self.sample_sizes()):
             if size:
-                prompts.append(self.former.single(slot, patches[start:start + size], context))
+                adapt = self.lora_adapter(slot) if self.lora and self.training and self._lora_slots[slot] else None
+                prompts.append(self.former.single(slot, patches[start:start + size], context, adapt))
             start += size
         index = torch.arange(images.shape[0], device=images.device)
         feats = self.backbone.encode_image_prompted(images, torch.cat(prompts), index)
         return F.normalize(feats.float(), dim=-1)
+
+    def lora_adapter(self, slot: int):
+        """``adapt(role, x)`` for the PromptFormer of ``slot``: ``x + x A B`` with that client's factors of ``role``."""
+        def adapt(role: str, x: torch.Tensor) -> torch.Tensor:
+            index = torch.full(x.shape[:1], slot, device=x.device)
+            return x + self.lora_factors[role].delta(x, index).to(x.dtype)
+        return adapt
 
     def flipped(self, images: torch.Tensor) -> torch.Tensor:
         """The images each client's consistency term sees: flipped horizontally with ``flip_probability``, one
@@ -216,7 +269,8 @@ class FedMVP(TrainedMethod):
     the dataset's class order (the release follows the JSON file's key order); one sentence template for every
     client and target (the release words some datasets per domain, e.g. "a sketch of a ..."); the PromptFormer in
     the run's precision (the release casts it to fp16); each client gets a fresh optimizer every round. The
-    release's optional LoRA on the PromptFormer's attention inputs is not built yet (``lora_threshold``).
+    release's optional LoRA (``lora_threshold``): a switched client trains it from its next round on (the release's
+    switching step already holds the cross-attention); as in the release, evaluation runs without it.
     """
 
     attributes: Optional[str] = None
@@ -241,8 +295,12 @@ class FedMVP(TrainedMethod):
     weighted: bool = False
     """Sample-weighted mean instead of the released unweighted one."""
     lora_threshold: Optional[float] = None
-    """The release's switch to LoRA on the PromptFormer's attention inputs once a client's loss falls below this
-    (0.5 in the release); not built yet: leave null."""
+    """The release's LoRA for clients that learn fast (0.5: the release, where it is always armed; null: off): a
+    client whose loss on the last step of a round is below this trains, from its next round on, LoRA factors on the
+    PromptFormer's attention inputs (and the context map) with the cross-attention held; the factors are shared
+    like the rest, the switch is the client's own."""
+    lora_rank: int = 8
+    """Rank of those LoRA factors (the release: 8)."""
     lr: float = 0.003
     """Local SGD learning rate (0.003)."""
     weight_decay: float = 1e-5
@@ -255,12 +313,13 @@ class FedMVP(TrainedMethod):
     """The cosine's T_max in epochs (the release: the rounds, 100 by default; set it to the rounds x local epochs)."""
 
     client_class = FedMVPClient
-    shared_prefixes = ("former.",)
+    shared_prefixes = ("former.", "lora_factors.")
     frozen_image_tower = False
     image_inputs = ()
 
     def build_aggregator(self) -> Aggregator:
-        return WeightedMean(self.shared_prefixes, weighted=self.weighted, reduce=True)
+        # the reduce path needs whole states shared; the LoRA switch keeps two local keys per client
+        return WeightedMean(self.shared_prefixes, weighted=self.weighted, reduce=self.lora_threshold is None)
 
     # ------------------------------------------------------------------------------------- attribute files
     def attribute_file(self, dataset: str) -> Path:
@@ -314,6 +373,8 @@ class FedMVP(TrainedMethod):
         if not (0 <= self.flip_probability <= 1 and self.alpha >= 0):
             raise FedPromptError(f"method.flip_probability must be in [0, 1] and method.alpha >= 0, got "
                                  f"{self.flip_probability} and {self.alpha}")
-        if self.lora_threshold is not None:
-            raise FedPromptError("method.lora_threshold: FedMVP's optional LoRA on the PromptFormer is not built yet "
-                                 "in fedprompt; leave it null.")
+        if self.lora_threshold is not None and not math.isfinite(self.lora_threshold):
+            raise FedPromptError(f"method.lora_threshold must be a finite loss value (the release: 0.5) or null, got "
+                                 f"{self.lora_threshold}")
+        if self.lora_rank < 1:
+            raise FedPromptError(f"method.lora_rank must be >= 1, got {self.lora_rank}")

@@ -164,7 +164,9 @@ class Method:
         ``shared_prefixes``: state-dict key prefixes sent to the server;
         ``image_inputs``: the frozen image outputs the client uses (what the feature cache stores);
         ``frozen_image_tower``: whether the image side is the frozen tower alone, so its outputs can be cached
-        (False for methods with visual prompts).
+        (False for methods with visual prompts);
+        ``trains_in_turn``: a round's clients train one at a time, each after the previous one's upload reached the
+        server (pFedMoAP under ``compat: official``): K = 1 on one process, under ``--runtime fabric`` only.
     """
 
     client_class: ClassVar[type] = None
@@ -175,6 +177,10 @@ class Method:
     shared_prefixes: ClassVar[tuple[str, ...]] = ()
     #: frozen image-tower outputs the client reads: "features" (pooled) and/or "tokens" (patch tokens)
     image_inputs: ClassVar[tuple[str, ...]] = ("features",)
+    #: the client's evaluation logits have columns of its own negative labels after the classes (FOCoOp's OOD
+    #: prompts), which OOD detection's NegLabel reads
+    own_negative_labels: ClassVar[bool] = False
+    trains_in_turn: ClassVar[bool] = False
 
     def __post_init__(self):
         self.check()

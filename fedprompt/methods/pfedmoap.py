@@ -76,16 +76,23 @@ class MixtureOfPromptsServer(WeightedMean):
       seed (the released code's only selection, ``random``);
     - ``random``: a fresh random order for each aggregation round.
 
+    ``in_turn`` (``compat: official``): the release's order. The round's clients train one at a time and each
+    upload joins the pool at once (:meth:`share`), so a client later in the round receives experts that earlier
+    clients already retrained in that round.
+
     The download is a function of the server state, so the bytes the loop counts at the start of a round are what
-    the clients received at the end of the previous one; the state (every client's latest prompt, the round) is
+    the clients received at the end of the previous one (under ``in_turn`` a client that the round's earlier uploads
+    give more experts receives more than that count); the state (every client's latest prompt, the round) is
     checkpointed.
     """
 
     per_client_download = True
     averages_uploads = False  # it keeps every client's own upload to send to others
 
-    def __init__(self, num_experts: int, selection: str = "knn", weighted: bool = True, key: str = "prompt.ctx"):
+    def __init__(self, num_experts: int, selection: str = "knn", weighted: bool = True, key: str = "prompt.ctx",
+                 in_turn: bool = False):
         super().__init__((key,), weighted=weighted)
+        self.in_turn = in_turn
         self.key = key
         self.num_experts = num_experts
         self.selection = selection
@@ -97,6 +104,9 @@ class MixtureOfPromptsServer(WeightedMean):
             self.latest[cid] = uploads[cid][self.key].detach().clone()
         self.last_round = round_idx
         return super().aggregate(uploads, weights, round_idx)
+
+    def share(self, client_id, upload):
+        self.latest[client_id] = upload[self.key].detach().clone()
 
     def _rank(self, cid: int, other: int) -> tuple:
         if self.selection == "knn":
@@ -301,18 +311,18 @@ class PFedMoAP(TrainedMethod):
     experts the server holds for it then (the release tests each of a round's trained clients right after its local
     training, with the experts it trained with).
 
-    **Expert order.** fedprompt's experts are the other clients' prompts as the server holds them at the start of
-    the round. The release trains a round's clients one after another and stores each one's prompt in its pool right
-    after its training (``federated_main.py:357-387``), so a client later in the round receives experts that earlier
-    clients already retrained in that round (and, in its first rounds, more of them). That order makes each client's
-    local round depend on the result of the previous one: it can only be reproduced with the round's clients trained
-    one at a time (K = 1, on one process) and a download from the server between two clients' local rounds. Neither
-    ``compat`` value reproduces it: fedprompt's round trains its clients independently (lock-step groups, several
-    processes) and the server sends once per round; ``docs/method-notes.md`` says what a round driver would need.
+    **Expert order.** Under ``compat: fixed`` a client's experts are the other clients' prompts as the server holds
+    them at the start of the round, so the round's clients are independent (lock-step groups of K, several
+    processes, the same result for every K). The release trains a round's clients one after another and stores each
+    one's prompt in its pool right after its training (``federated_main.py:357-387``), so a client later in the
+    round receives experts that earlier clients already retrained in that round (and, in its first rounds, more of
+    them). ``compat: official`` runs that order: the round's clients train one at a time, in increasing id order (the
+    release's is ``np.random.choice``'s), each receiving its experts from the pool as it is just before its local
+    round; that needs K = 1 on one process (``parallel_clients: auto`` becomes 1; any other setting, several
+    devices or ``--runtime flower`` are refused in one line before the run).
 
-    ``compat: official`` reproduces what changes numbers in ``train.sh`` and fits that round: ``--ctx_init False`` is
-    the *string* "False", so the prompt is one token initialised from the word "false", and the fixed random expert
-    order.
+    ``compat: official`` also reproduces what changes numbers in ``train.sh``: ``--ctx_init False`` is the *string*
+    "False", so the prompt is one token initialised from the word "false", and the fixed random expert order.
     """
 
     n_ctx: Optional[int] = 16
@@ -368,6 +378,12 @@ class PFedMoAP(TrainedMethod):
         if self.compat not in ("fixed", "official"):
             raise FedPromptError(f"method.compat must be fixed or official, got {self.compat!r}")
 
+    @property
+    def trains_in_turn(self) -> bool:
+        """``compat: official`` trains a round's clients one at a time in the release's order (see the class
+        docstring)."""
+        return self.compat == "official"
+
     def derived_settings(self, backbone):
         if self.gating_dim is not None:
             return {}
@@ -377,4 +393,4 @@ class PFedMoAP(TrainedMethod):
 
     def build_aggregator(self):
         selection = "fixed_order" if self.compat == "official" else self.selection
-        return MixtureOfPromptsServer(self.num_experts, selection, self.weighted)
+        return MixtureOfPromptsServer(self.num_experts, selection, self.weighted, in_turn=self.trains_in_turn)

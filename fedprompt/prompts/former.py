@@ -17,6 +17,10 @@ Parameters for ViT-B/16 (width 768, E 512, 4 heads, ff_mult 4): 9,845,760 = cont
 768) + two attention LayerNorms 3,072 + attention in-projection 1,771,776 (3 x 768 x 768 + 2,304) +
 out-projection 590,592 + feed-forward LayerNorm 1,536 + W1 4,724,736 (768 x 6,144 + 6,144) + W2 2,360,064
 (3,072 x 768 + 768).
+
+FedMVP's optional LoRA acts on the attention's inputs: :meth:`PromptFormer.forward` takes ``adapt(role, x)``, called on
+the queries (``role`` "query", before their LayerNorm), the keys' and the values' context ("key", before its
+LayerNorm; "value") -- the factors themselves live with the client (:class:`fedprompt.backbone.adapters.StackedLoRA`).
 """
 
 from __future__ import annotations
@@ -56,13 +60,17 @@ class PromptFormer(nn.Module):
         self.ff = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * ff_mult * width), GEGLU(),
                                 nn.Linear(ff_mult * width, width))
 
-    def forward(self, patches: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, attributes: torch.Tensor, adapt=None) -> torch.Tensor:
         """Visual prompt tokens ``[B, tokens, width]`` of patch embeddings ``[B, N, width]`` (N >= tokens) given
-        attribute features ``[K, embed_dim]`` (shared by the batch)."""
+        attribute features ``[K, embed_dim]`` (shared by the batch); ``adapt(role, x)``, if given, changes the
+        attention's inputs first (role "query", "key" or "value")."""
         context = self.context(attributes.to(self.context.weight.dtype))
         batch = patches.shape[0]
-        keys = self.norm_context(context).expand(batch, -1, -1)
-        values = context.expand(batch, -1, -1)
-        x, _ = self.attn(self.norm_queries(patches.to(context.dtype)), keys, values, need_weights=False)
+        queries, keys, values = patches.to(context.dtype), context, context
+        if adapt is not None:
+            queries, keys, values = adapt("query", queries), adapt("key", keys), adapt("value", values)
+        keys = self.norm_context(keys).expand(batch, -1, -1)
+        values = values.expand(batch, -1, -1)
+        x, _ = self.attn(self.norm_queries(queries), keys, values, need_weights=False)
         x = x + self.ff(x)
         return F.adaptive_avg_pool1d(x.transpose(1, 2), self.tokens).transpose(1, 2)
