@@ -130,7 +130,7 @@ def test_a_backdoor_run_reports_its_success_beside_clean_accuracy_and_caches_ser
     for a, b in zip(without_timings(files), without_timings(cached)):
         assert a.keys() == b.keys()
         for key in a:
-            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key  # calibration holds sums near 16
 
 
 def test_a_label_flip_run_reports_the_flipped_predictions(cli, tmp_path):
