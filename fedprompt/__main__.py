@@ -1,8 +1,10 @@
-"""The ``fedprompt`` command line: ``fit``, ``evaluate``, ``zeroshot``, ``sweep``, ``partition``, ``bench``, ``table``.
+"""The ``fedprompt`` command line: ``fit``, ``evaluate``, ``zeroshot``, ``sweep``, ``partition``, ``bench``, ``table``,
+``audit``.
 
 Every command takes ``--config FILE.yaml`` (flat YAML; ``class_path`` selects method and data), flags that override
 it (``--data.root``, ``--federation.rounds``, ...) and ``--print_config``. ``fit`` and ``evaluate`` with ``--resume
-DIR/checkpoints/last.ckpt`` and no ``--config`` read the run's own ``DIR/hyperparameters.yaml``.
+DIR/checkpoints/last.ckpt`` and no ``--config`` read the run's own ``DIR/hyperparameters.yaml``, as ``audit RUN_DIR``
+does.
 
 The parser is built with jsonargparse's public API: one sub-parser per command, each with the run settings
 (:class:`fedprompt.run.RunArgs`, flat) and the command's own options (:data:`fedprompt.commands.COMMANDS`); the
@@ -63,6 +65,8 @@ def with_run_config(argv: list[str]) -> list[str]:
     --out_dir DIR`` right after the subcommand, so the run's own settings are the defaults that flags override."""
     from fedprompt.rundir import run_dir_of
 
+    if argv and argv[0] == "audit":
+        return with_audited_run(argv)
     if not argv or argv[0] not in RESUMING:
         return argv
     rest = argv[1:]
@@ -79,6 +83,33 @@ def with_run_config(argv: list[str]) -> list[str]:
                              f"of the checkpoint ({config or Path(resume).parent / '..'}); pass the run's config "
                              "with --config.")
     return [argv[0], "--config", str(config), "--out_dir", str(run), *rest]
+
+
+def first_positional(args: list[str]) -> str | None:
+    """The first argument of ``args`` that is neither a flag nor a flag's value."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg.startswith("--") and "=" not in arg and arg not in ("--help", "--print_config")
+        else:
+            return arg
+    return None
+
+
+def with_audited_run(argv: list[str]) -> list[str]:
+    """``audit RUN_DIR`` without ``--config``: put ``--config RUN_DIR/hyperparameters.yaml`` right after the
+    subcommand, so the run's own settings are the defaults that flags override."""
+    rest = argv[1:]
+    run = first_positional(rest)
+    if run is None or _flag_value(rest, "--config") is not None or any(a in ("-h", "--help") for a in rest):
+        return argv
+    config = Path(run) / "hyperparameters.yaml"
+    if not config.is_file():
+        raise FedPromptError(f"audit {run}: no hyperparameters.yaml there; pass the run directory of a fedprompt fit "
+                             "run (or its settings with --config).")
+    return [argv[0], "--config", str(config), *rest]
 
 
 def first_sentence(text: str | None) -> str:
@@ -323,20 +354,25 @@ def without_method_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def parsing_settings() -> None:
+    """jsonargparse's settings for fedprompt's parsers: the settings' attribute docstrings are their ``--help``;
+    methods are dataclasses selected by class_path."""
+    from jsonargparse import set_parsing_settings
+
+    from fedprompt.methods.method import Method
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[Method])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fedprompt`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:  # before anything else is imported: it must stay instant
         print(f"fedprompt {version()}")
         return
-    from jsonargparse import set_parsing_settings
-
-    from fedprompt.methods.method import Method
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # bench's profiler: no start/stop chatter (read when torch loads)
-    # the settings' attribute docstrings -> --help; methods are dataclasses selected by class_path
-    set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[Method])
+    parsing_settings()
     try:
         argv = with_run_config(argv)
         asks_method_help = any(arg.partition("=")[0] == "--method.help" for arg in argv[1:])

@@ -21,6 +21,7 @@ from fedprompt.data.reader import FederatedData
 from fedprompt.data.scenarios import ood_sets
 from fedprompt.data.transforms import clip_transforms
 from fedprompt.errors import FedPromptError, warn
+from fedprompt.federation.attacks import plan_attack
 from fedprompt.federation.clients import ClientPool
 from fedprompt.federation.evaluator import Evaluator
 from fedprompt.federation.fabric_transport import FabricTransport
@@ -30,6 +31,7 @@ from fedprompt.federation.round import RoundDriver
 from fedprompt.federation.sampler import Sampler
 from fedprompt.federation.scenarios import central_train, evaluation_sets
 from fedprompt.federation.privacy import warn_record_privacy
+from fedprompt.federation.robust import install_norm_bound
 from fedprompt.federation.server import Server
 from fedprompt.methods.method import Method
 from fedprompt.run import RunArgs
@@ -90,6 +92,8 @@ def build_parts(fabric, run: RunArgs, splits=None, timer=None, feed_clients: lis
     ``feed_clients``: the clients whose images this process reads, default all: a deployed node reads only its own
     client's, a server none; ``quiet``: no warnings about the settings, which another process gives)."""
     splits = splits if splits is not None else read_data_and_check_weights(run)
+    attack = plan_attack(run, splits)  # malicious clients (a function of the seed): their data poisoned here
+    splits = attack.poison(splits) if attack is not None else splits
     aggregator = _build_aggregator(fabric, run, len(splits.clients), quiet or fabric.global_rank != 0)
     warn_record_privacy(run.method, splits.clients, quiet=quiet or fabric.global_rank != 0)
     train_args: TrainArgs = run.train
@@ -109,18 +113,22 @@ def build_parts(fabric, run: RunArgs, splits=None, timer=None, feed_clients: lis
     train_tf, test_tf = clip_transforms(backbone.preprocess_cfg, train_args.augment)
     # evaluation sets beyond each client's own test data: base / novel classes, unseen datasets, global, domains
     eval_sets = evaluation_sets(splits, run.eval)
+    attack_sets = attack.eval_sets(splits) if attack is not None else []  # the attack's success rate
     ood = ood_sets(splits, run.eval.ood) if run.eval.ood else []  # OOD detection's sets (eval.ood)
-    method.prepare_data(splits, eval_sets)  # per-dataset side data (FedMVP's attributes), checked before any write
-    extra = {e.name: e.samples for e in eval_sets + ood}
+    method.prepare_data(splits, eval_sets + attack_sets)  # per-dataset side data (FedMVP's attributes), checked
+    extra = {e.name: e.samples for e in eval_sets + attack_sets + ood}
     feed = _build_feed(fabric, run, splits, extra, backbone, train_tf, test_tf, feed_clients)
     pool = ClientPool(fabric, method, backbone, splits.classnames, splits.clients, feed, aggregator, sampler,
                       run.federation.parallel_clients, run.seed, timer)
     if eval_sets:
         _check_set_evaluation(pool, eval_sets)
     detection = build_detection(run.eval, ood, backbone, splits.classnames, pool.client, method)
-    evaluator = Evaluator(splits.clients, splits.classnames, run.eval, eval_sets, method.global_model,
+    evaluator = Evaluator(splits.clients, splits.classnames, run.eval, eval_sets + attack_sets, method.global_model,
                           class_groups=splits.class_groups, detection=detection)
     server = Server(method, aggregator, sizes, run.federation, sampler, train_args)
+    install_norm_bound(server)  # robust.norm_bound: a server step over single uploads
+    if attack is not None:
+        attack.install(pool, evaluator)  # the malicious clients' update step; the rows' attack entries
     initial = pool.initial_state()
     pool.start(initial)
     server.start(initial)
@@ -149,13 +157,19 @@ def check_round_order(run: RunArgs, runtime: str) -> None:
 
 def _build_aggregator(fabric, run: RunArgs, num_clients: int, quiet: bool):
     """The method's server rule, seeded with the run seed (aggregators with random choices, such as FedMGP's group
-    selection, follow it), inside the client-level DP server (DP-FedAvg) when ``run.dp`` is on."""
+    selection, follow it), inside the client-level DP server (DP-FedAvg) when ``run.dp`` is on, inside the robust
+    server (median, trimmed mean, Krum, norm bounding) when ``run.robust`` is on."""
     aggregator = run.method.build_aggregator()
     if run.dp.enabled:
         from fedprompt.federation.privacy import build_private_aggregator
 
         aggregator = build_private_aggregator(run.dp, run.method, aggregator, num_clients, run.federation,
                                               quiet=quiet)
+    if run.robust.enabled:
+        from fedprompt.federation.robust import build_robust_aggregator
+
+        aggregator = build_robust_aggregator(run.robust, run.method, aggregator, num_clients, run.federation,
+                                             run.dp.enabled, quiet=quiet)
     aggregator.seed = run.seed
     return aggregator
 

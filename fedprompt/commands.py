@@ -20,6 +20,7 @@ its ``--help`` text (the first sentence is its summary in ``fedprompt --help``).
 from __future__ import annotations
 
 from fedprompt.run import COMMAND_OPTIONS, BenchArgs, PartitionArgs, RunArgs, SweepArgs, TableArgs
+from fedprompt.threats import AuditArgs
 
 
 def fit(run: RunArgs | None = None, **settings) -> dict:
@@ -127,8 +128,31 @@ def table(options: TableArgs | None = None, **settings) -> dict:
     return make_table(options or TableArgs(**settings))
 
 
+def audit(run: RunArgs | None = None, options: AuditArgs | None = None, **settings) -> dict:
+    """Measure what a finished run's prompts leak about their training images (fedprompt audit RUN_DIR): the
+    loss-threshold and likelihood-ratio (LiRA) membership-inference attacks, with shadow federations trained by the
+    run's method on its protocol; AUC and TPR at 1 % and 0.1 % FPR, overall and per client, written to
+    RUN_DIR/audit/.
+
+    The run settings are read from RUN_DIR/hyperparameters.yaml (flags override them, e.g. --data.root where the
+    images moved); the run's own files are never changed (--overwrite true replaces an earlier audit). Members are
+    each client's train images, non-members as many of its test images; see docs/audit.md.
+
+    Args:
+        run: the run's settings (default: read from the run directory's hyperparameters.yaml), or its fields as
+            keywords.
+        options: the run directory and the audit's options.
+    """
+    from fedprompt.audit import run_audit, run_settings
+
+    options = options or AuditArgs()
+    if run is None:
+        run = RunArgs(**settings) if settings else run_settings(options.run_dir[0])
+    return run_audit(run, options)
+
+
 #: subcommand -> (function, its options class or None); an options class with ``takes_run = False`` gets no run
 #: settings (the function takes the options alone), and its ``positional`` fields are positional arguments
 COMMANDS = {name: (function, COMMAND_OPTIONS[name]) for name, function in (
     ("fit", fit), ("evaluate", evaluate), ("zeroshot", zeroshot), ("sweep", sweep), ("partition", partition),
-    ("bench", bench), ("table", table))}
+    ("bench", bench), ("table", table), ("audit", audit))}

@@ -3,7 +3,8 @@
 :class:`RunArgs` is what every command takes (``fit``, ``zeroshot``, ``evaluate``, ``bench``, ``sweep``,
 ``partition``): the method, the data, and the groups of :mod:`fedprompt.args` (:class:`~fedprompt.args.BackboneArgs`,
 :class:`~fedprompt.args.FederationArgs`, :class:`~fedprompt.args.TrainArgs`, :class:`~fedprompt.args.EvalArgs`,
-:class:`~fedprompt.args.LogArgs`, :class:`~fedprompt.args.FabricArgs`, :class:`~fedprompt.args.DPArgs`), plus
+:class:`~fedprompt.args.LogArgs`, :class:`~fedprompt.args.FabricArgs`, :class:`~fedprompt.args.DPArgs`, and
+:class:`~fedprompt.threats.AttackArgs`, :class:`~fedprompt.threats.RobustArgs`), plus
 ``out_dir``, ``resume``, ``seed`` and ``overwrite``. On the command line its fields are flat (``--method``,
 ``--backbone.model``, ``--seed``); a command's own options are a dataclass of their own (:class:`BenchArgs`,
 :class:`SweepArgs`, :class:`PartitionArgs`, :class:`TableArgs`; ``fedprompt table`` reads finished runs and takes no
@@ -21,6 +22,7 @@ from fedprompt.args import DATA_SEED_MAX, SEED_MAX, BackboneArgs, DPArgs, EvalAr
 from fedprompt.data.reader import FederatedData
 from fedprompt.errors import FedPromptError
 from fedprompt.methods.method import Method
+from fedprompt.threats import AttackArgs, AuditArgs, RobustArgs
 
 
 #: the runtimes of a run (``--runtime``)
@@ -44,6 +46,12 @@ class RunArgs:
     dp: DPArgs = field(default_factory=DPArgs)
     """Client-level differential privacy (DP-FedAvg with an RDP accountant); off unless dp.noise_multiplier or
     dp.target_epsilon is set."""
+    attack: AttackArgs = field(default_factory=AttackArgs)
+    """Malicious clients (label flipping, a backdoor, scaled or sign-flipped updates); off unless attack.kind is
+    set."""
+    robust: RobustArgs = field(default_factory=RobustArgs)
+    """Robust aggregation (median, trimmed mean, Krum, norm bounding); off unless robust.rule or robust.norm_bound
+    is set."""
     runtime: Literal["fabric", "flower"] = "fabric"
     """How a round's states travel: fabric (this process and Lightning Fabric's collectives, one process per device,
     K clients in lock-step) or flower (a Flower app in this process: the ServerApp and one ClientApp node per client,
@@ -247,4 +255,5 @@ class TableArgs:
 #: each command's own options class (``None``: the run settings alone), paired with the command functions in
 #: :data:`fedprompt.commands.COMMANDS`
 COMMAND_OPTIONS: dict[str, type | None] = {"fit": None, "evaluate": None, "zeroshot": None, "sweep": SweepArgs,
-                                           "partition": PartitionArgs, "bench": BenchArgs, "table": TableArgs}
+                                           "partition": PartitionArgs, "bench": BenchArgs, "table": TableArgs,
+                                           "audit": AuditArgs}

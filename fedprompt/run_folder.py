@@ -347,7 +347,8 @@ def run_summary(driver, row: dict, out_dir: Path, rounds: int) -> dict:
     sizes, the class names and the run directory."""
     keys = ("local_acc", "local_acc_std", "own_classes_acc", "own_classes_acc_std", "global_acc", "val_acc",
             "base_acc", "novel_acc", "hm", "cm", "unseen_acc", "set_acc", "client_acc",
-            "client_base_acc", "client_novel_acc", "train_loss", "epsilon", "record_epsilon", "dp_noise_multiplier"
+            "client_base_acc", "client_novel_acc", "train_loss", "epsilon", "record_epsilon", "dp_noise_multiplier",
+            "benign_acc", "attack_success_rate", "malicious_clients"
             ) + tuple(scenario_keys(row)) + tuple(k for k in row if is_summary_key(k))
     clients = driver.clients
     return {"method": driver.method.name, "rounds": rounds, "model_selection": "last round (no test-set selection)",

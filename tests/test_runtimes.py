@@ -36,6 +36,21 @@ CASES = {
     "PromptFL-drop": ["--method", "PromptFL", "--federation.drop_rate", "0.5", "--federation.rounds", "3"],
     "FedOTP-dual": ["--method", "FedOTP", "--method.n_ctx", "4", "--method.lr", "0.5", "--eval.mode", "dual"],
     "PromptFL-central": ["--method", "PromptFL", "--federation.central", "true"],
+    # malicious clients and robust rules (issue 29): every attack kind and every rule once
+    "PromptFL-backdoor-median-bound": ["--method", "PromptFL", "--attack.kind", "backdoor", "--attack.fraction", "0.5",
+                                       "--attack.target_class", "1", "--attack.trigger_size", "0.25",
+                                       "--attack.scale", "2", "--robust.rule", "median", "--robust.norm_bound", "0.5"],
+    "PromptFL-label-flip-trimmed-mean": ["--method", "PromptFL", "--attack.kind", "label_flip", "--robust.rule",
+                                         "trimmed_mean", "--robust.trim", "0.34"],
+    "FedMGP-scale-krum": ["--method", "FedMGP", "--method.n_ctx", "2", "--method.lr", "0.01", "--attack.kind", "scale",
+                          "--attack.scale", "3", "--robust.rule", "krum", "--robust.malicious", "0",
+                          "--robust.keep", "2"],  # Krum in front of a selection rule
+    "FedTPG-sign-flip-krum-bound": ["--method", "FedTPG", "--method.lr", "0.01", "--attack.kind", "sign_flip",
+                                    "--attack.scale", "2", "--robust.rule", "krum", "--robust.malicious", "0",
+                                    "--robust.keep", "2", "--robust.norm_bound", "0.05"],  # a reduce rule, gathered
+    "PromptFL-client-dp-bound-sign-flip": ["--method", "PromptFL", "--dp.noise_multiplier", "1", "--dp.clip_norm", "1",
+                                           "--dp.delta", "0.01", "--robust.norm_bound", "0.02", "--attack.kind",
+                                           "sign_flip"],
     # kept multipliers, the OT server (FOCoOp); OOD detection's per-client AUROC / FPR95 in both runtimes' rows
     "FOCoOp": ["--method", "FOCoOp", "--method.n_ctx", "2", "--method.num_negatives", "4", "--method.negative_words",
                str(ROOT / "tests" / "data" / "negative_words"), "--method.lr", "0.05"],
@@ -113,6 +128,13 @@ def test_flower_runtime_equals_fabric_one_client_at_a_time(cli, tmp_path, case):
         assert all(len(row["dropped_clients"]) for row in rows)
     if case == "FedOTP-dual":
         assert {"local_acc", "global_acc", "dual_hm"} <= rows[-1].keys()
+    if "--attack.kind" in flags:
+        assert rows[-1]["malicious_clients"] and "benign_acc" in rows[-1]
+        assert ("attack_success_rate" in rows[-1]) == any(kind in case for kind in ("backdoor", "label-flip"))
+    if "krum" in case:
+        assert all(len(row["robust_kept"]) == 2 for row in rows)
+    if "bound" in case:
+        assert all("robust_bounded" in row for row in rows) and any(row["robust_bounded"] for row in rows)
     if case == "PromptFL-ood":
         assert len(rows[-1]["client_ood/novel/neglabel/auroc"]) == 4 and "ood/novel/neglabel/auroc" in flower["summary"]
 
@@ -245,7 +267,9 @@ def test_every_flower_node_gone_is_told_and_stops_the_run(tmp_path, capfd):
 
 
 @pytest.mark.parametrize("flags, rule", [(CASES["PFedMoAP"], "MixtureOfPromptsServer"),
-                                         (CASES["DPFPL"] + ["--method.compat", "official"], "ReleasedNoiseServer")])
+                                         (CASES["DPFPL"] + ["--method.compat", "official"], "ReleasedNoiseServer"),
+                                         (CASES["PromptFL"] + ["--robust.norm_bound", "1"], "RobustAggregator"),
+                                         (CASES["PromptFL"] + ["--robust.rule", "median"], "RobustAggregator")])
 def test_secure_aggregation_refuses_rules_that_need_more_than_the_sum(tmp_path, capfd, flags, rule):
     """SecAgg+ gives the server the weighted mean only: a rule that keeps the uploads or adds to the mean would
     silently lose that, so it is refused in one line before any round."""

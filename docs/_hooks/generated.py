@@ -117,7 +117,7 @@ def settings_table(path: str) -> str:
 def on_pre_build(config, **kwargs) -> None:
     """Run the help commands in parallel once per build."""
     _help_cache.clear()
-    commands = ["-", "fit", "evaluate", "zeroshot", "sweep", "partition", "bench", "table"]
+    commands = ["-", "fit", "evaluate", "zeroshot", "sweep", "partition", "bench", "table", "audit"]
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(help_text, commands))
 

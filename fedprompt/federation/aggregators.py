@@ -108,6 +108,34 @@ class Aggregator:
         """Restore :meth:`state_dict`."""
 
 
+class WrappingAggregator(Aggregator):
+    """A server rule in front of another (``inner``, the method's): the client side (``upload``, ``download``,
+    ``apply``) and the run seed are the inner rule's; a subclass replaces the server's merge (client-level DP's
+    :class:`~fedprompt.federation.privacy.PrivateAggregator`, the robust rules'
+    :class:`~fedprompt.federation.robust.RobustAggregator`)."""
+
+    def __init__(self, inner: Aggregator):
+        super().__init__(inner.shared_prefixes)
+        self.inner = inner
+
+    @property
+    def seed(self) -> int:
+        return self.inner.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self.inner.seed = value
+
+    def upload(self, client_id, state, round_idx):
+        return self.inner.upload(client_id, state, round_idx)
+
+    def download(self, global_state, client_id):
+        return self.inner.download(global_state, client_id)
+
+    def apply(self, client_state, received, client_id):
+        return self.inner.apply(client_state, received, client_id)
+
+
 class WeightedMean(Aggregator):
     """FedAvg: the mean of the uploaded tensors weighted by the clients' train-sample counts.
 

@@ -43,7 +43,7 @@ import torch
 
 from fedprompt.errors import FedPromptError, warn
 from fedprompt.federation.accounting import ClientAccountant, RoundShape, calibrate_noise_multiplier
-from fedprompt.federation.aggregators import Aggregator
+from fedprompt.federation.aggregators import Aggregator, WrappingAggregator
 from fedprompt.federation.sampling import derive_seed
 
 State = dict[str, torch.Tensor]
@@ -108,7 +108,7 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
 
 
 # ------------------------------------------------------------------------------------------------ the server
-class PrivateAggregator(Aggregator):
+class PrivateAggregator(WrappingAggregator):
     """A method's aggregator with DP-FedAvg's merge rule (see the module docstring): ``upload``, ``download`` and
     ``apply`` are the method's; ``aggregate`` (and the reduce path's ``partial_sum`` / ``finish``) is the clipped,
     uniform, noised mean of the updates; ``sample`` draws Poisson samples; the state (the inner aggregator's, the
@@ -130,8 +130,7 @@ class PrivateAggregator(Aggregator):
     def __init__(self, inner: Aggregator, noise_multiplier: float, clip_norm: float, delta: float,
                  shape: RoundShape, adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
                  count_stddev: float | None = None):
-        super().__init__(inner.shared_prefixes)
-        self.inner = inner
+        super().__init__(inner)
         self.reduce = inner.reduce
         self.noise_multiplier = float(noise_multiplier)
         self.clip_norm = float(clip_norm)
@@ -149,15 +148,6 @@ class PrivateAggregator(Aggregator):
     def poisson_sampling(self) -> bool:
         """Whether a round's clients are drawn by Poisson sampling (a sample of varying size, maybe empty)."""
         return self.shape.sampling == "poisson" and self.shape.rate < 1
-
-    # the run seed reaches the inner aggregator too
-    @property
-    def seed(self) -> int:
-        return self.inner.seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        self.inner.seed = value
 
     def sigma_b(self, round_idx: int) -> float:
         """The count noise sigma_b (default: the expected clients of the round / 20, as Andrew et al.)."""
@@ -180,15 +170,6 @@ class PrivateAggregator(Aggregator):
         self.reference = dict(global_state)
         self._metrics = {}
         self.inner.begin_round(round_idx, global_state)
-
-    def upload(self, client_id, state, round_idx):
-        return self.inner.upload(client_id, state, round_idx)
-
-    def download(self, global_state, client_id):
-        return self.inner.download(global_state, client_id)
-
-    def apply(self, client_state, received, client_id):
-        return self.inner.apply(client_state, received, client_id)
 
     def _delta(self, upload: State, reference: State) -> State:
         return {k: v.to(torch.float64) - (reference[k].to(torch.float64) if k in reference else 0.0)

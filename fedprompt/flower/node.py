@@ -48,13 +48,16 @@ def single_fabric(run, accelerator: str | None = None):
 
 def fingerprint(parts) -> dict:
     """What must agree between a node and the server: the method, its settings, the shared keys, the shape of every
-    prompt tensor, the number of clients and their train sizes (the aggregation weights), the seed."""
+    prompt tensor, the number of clients and their train sizes (the aggregation weights), the seed, the malicious
+    clients and what they do."""
+    from fedprompt.federation.attacks import attack_fingerprint
+
     init = parts.initial
     method, server = parts.method, parts.server
     return {"method": method.name, "hparams": method.hparams(), "shapes": state_shapes(init),
             "shared": sorted(server.aggregator.upload(0, init, 1)) if method.communicates else [],
             "num_clients": len(parts.clients), "num_train": [len(c.train) for c in parts.clients],
-            "seed": parts.pool.seed}
+            "seed": parts.pool.seed, "attack": attack_fingerprint(parts)}
 
 
 def differences(server: dict, node: dict) -> list[str]:
