@@ -91,11 +91,25 @@ def test_failed_run_is_reported_then_retried_and_a_claimed_run_left_to_its_holde
     assert (out / "table.md").is_file()
 
 
-def test_submitit_local_executor(cli, tmp_path):
+def sweep_in_a_process(*args) -> tuple[int, str, str]:
+    """``fedprompt sweep ARGS`` in a child process: submitit's executor, its controller processes and their signals
+    stay out of the test process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "fedprompt", "sweep", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=1200)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_submitit_local_executor(tmp_path):
     pytest.importorskip("submitit")
     out = tmp_path / "sweep"
-    code, stdout, err = cli("sweep", "--config", SMOKE, "--federation.rounds", "1", "--seeds", "[1, 2]",
-                            "--launcher", "submitit-local", "--slurm", '{"timeout_min": 20}', "--out_dir", out)
+    code, stdout, err = sweep_in_a_process("--config", SMOKE, "--federation.rounds", "1", "--seeds", "[1, 2]",
+                                           "--launcher", "submitit-local", "--slurm", '{"timeout_min": 20}',
+                                           "--out_dir", out)
     assert code == 0, err
     assert "seed 1: job" in stdout and "(local;" in stdout
     table = json.loads((out / "seeds.json").read_text())
@@ -105,9 +119,9 @@ def test_submitit_local_executor(cli, tmp_path):
     logs = list((out / "submitit").rglob("*_log.out"))
     assert len(logs) == 2 and any("fedprompt fit --config" in p.read_text() for p in logs)
     # a bad executor parameter is one line
-    code, _, err = cli("sweep", "--config", SMOKE, "--seeds", "[3]", "--launcher", "submitit-local", "--slurm",
-                       '{"no_such_parameter": 1}', "--out_dir", out)
-    assert code == 2 and err.count("\n") == 1 and "--slurm" in err
+    code, _, err = sweep_in_a_process("--config", SMOKE, "--seeds", "[3]", "--launcher", "submitit-local", "--slurm",
+                                      '{"no_such_parameter": 1}', "--out_dir", out)
+    assert code == 2 and err.count("\n") == 1 and "--slurm" in err, err
 
 
 def test_seed_state(tmp_path):
