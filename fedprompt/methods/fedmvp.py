@@ -166,7 +166,7 @@ class FedMVPClient(PromptClient):
         """The default backward; with LoRA the active clients' losses are kept first (the switch reads the last)."""
         if self.lora:
             with torch.no_grad():
-                self.last_loss[self.step.slots] = total_loss(losses).detach().float()
+                self.set_active(self.last_loss, total_loss(losses).detach().float())
         super().backward(losses, backward)
 
     def class_data(self, classnames: list[str]) -> dict:
