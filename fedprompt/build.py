@@ -135,6 +135,16 @@ def build_parts(fabric, run: RunArgs, splits=None, timer=None, feed_clients: lis
     return Parts(fabric, method, splits.classnames, splits.clients, sampler, server, pool, evaluator, feed, initial)
 
 
+def on_one_device(run: RunArgs) -> bool:
+    """The run's Fabric settings ask for one device on one node (``devices`` 1 or auto)."""
+    return str(run.fabric.devices) in ("1", "auto") and run.fabric.num_nodes == 1
+
+
+def one_client_per_step(run: RunArgs) -> bool:
+    """``federation.parallel_clients`` allows K = 1 (1, or auto, which the caller then sets to 1)."""
+    return run.federation.parallel_clients in ("auto", 1)
+
+
 def check_round_order(run: RunArgs, runtime: str) -> None:
     """A method whose round trains its clients one at a time (``trains_in_turn``: pFedMoAP under ``compat:
     official``) runs under ``--runtime fabric`` with K = 1 on one device; one line for anything else, before the
@@ -147,10 +157,10 @@ def check_round_order(run: RunArgs, runtime: str) -> None:
         raise FedPromptError(f"{why}; the Flower runtime sends each round's downloads at once: run it with "
                              "--runtime fabric, or use method.compat fixed.")
     fab, parallel = run.fabric, run.federation.parallel_clients
-    if str(fab.devices) not in ("1", "auto") or fab.num_nodes != 1:
+    if not on_one_device(run):
         raise FedPromptError(f"{why}; it runs on one device: pass --fabric.devices 1 --fabric.num_nodes 1 (not "
                              f"{fab.devices} x {fab.num_nodes}), or use method.compat fixed.")
-    if parallel not in ("auto", 1):
+    if not one_client_per_step(run):
         raise FedPromptError(f"{why}: pass --federation.parallel_clients 1 (or auto), not {parallel}, or use "
                              "method.compat fixed.")
 

@@ -11,7 +11,8 @@ Everything that can be checked without loading data or a model is checked first.
 
 from __future__ import annotations
 
-from fedprompt.build import build_parts, check_round_order, read_data_and_check_weights
+from fedprompt.build import (build_parts, check_round_order, on_one_device, one_client_per_step,
+                             read_data_and_check_weights)
 from fedprompt.errors import FedPromptError
 from fedprompt.run import RunArgs
 from fedprompt.run_folder import Interrupted, RunFolder, completed_run, open_run
@@ -91,11 +92,11 @@ def check_flower_runtime(run: RunArgs) -> None:
     from fedprompt.flower import require_flower
 
     fab, parallel = run.fabric, run.federation.parallel_clients
-    if str(fab.devices) not in ("1", "auto") or fab.num_nodes != 1:
+    if not on_one_device(run):
         raise FedPromptError(f"--runtime flower runs in one process on one device (each client on its own node); "
                              f"it cannot use --fabric.devices {fab.devices} --fabric.num_nodes {fab.num_nodes}: pass "
                              "--fabric.devices 1 --fabric.num_nodes 1, or --runtime fabric.")
-    if parallel not in ("auto", 1):
+    if not one_client_per_step(run):
         raise FedPromptError(f"--federation.parallel_clients {parallel}: under --runtime flower each client trains "
                              "alone on its node (K = 1); pass --federation.parallel_clients 1 (or auto), or "
                              "--runtime fabric.")
